@@ -1,0 +1,169 @@
+"""The worker directory: what a peer knows about workers, from gossip and the DHT.
+
+A sans-IO store. Gossip announcements and DHT capability records go in (as bytes
+or as already-verified records); the merged list of workers for a model comes
+out, one row per (worker, model), the freshest information first. It enforces
+per-origin replay protection and rate limits and bounds its own memory.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from . import announcement as ann_mod
+from .announcement import Announcement
+from .capability import CapabilityRecord
+from .errors import ForeignKey, RateLimited, ReplayedMessage
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerOffer:
+    """One worker's offer of one model, as merged from every source."""
+
+    peer_id: bytes
+    model_id: bytes
+    addrs: tuple[str, ...]
+    backend: str
+    gpu: str
+    price_nanoton: int
+    unit: str
+    capacity: int
+    free_capacity: int | None  # None: only known from the DHT, which carries no load
+    running_jobs: int | None
+    issued_at_ms: int
+    expires_at_ms: int
+    sources: frozenset[str]  # {"gossip", "dht"}
+    gpu_memory_mb: int | None = None
+    max_batch: int | None = None
+
+
+@dataclass
+class _Origin:
+    announcement: Announcement
+    accepted_at_ms: int
+
+
+@dataclass
+class WorkerDirectory:
+    """Known workers, keyed by PeerId. ``min_interval_ms`` is the fastest rate
+    at which one origin's announcements are accepted; ``max_workers`` bounds memory."""
+
+    max_workers: int = 10_000
+    min_interval_ms: int = 200
+    _origins: dict[bytes, _Origin] = field(default_factory=dict)
+    _records: dict[tuple[bytes, bytes], CapabilityRecord] = field(default_factory=dict)
+
+    def receive_announcement(self, data: bytes, *, origin: bytes | None, now_ms: int) -> Announcement:
+        """Verify and store a gossiped announcement.
+
+        ``origin`` is the PeerId that gossipsub says authored the message; it must
+        be the announcement's own PeerId (nobody re-publishes another's
+        announcement under their own name). Raises a RemoteProtocolError
+        subclass when the message must be rejected.
+        """
+        ann = ann_mod.decode(data, now_ms=now_ms)
+        if origin is not None and origin != ann.peer_id:
+            raise ForeignKey("announcement published by a peer other than its signer")
+        known = self._origins.get(ann.peer_id)
+        if known is not None:
+            if ann.issued_at_ms <= known.announcement.issued_at_ms:
+                raise ReplayedMessage("announcement is not newer than the one already held")
+            if now_ms - known.accepted_at_ms < self.min_interval_ms:
+                raise RateLimited("origin announces faster than allowed")
+        elif len(self._origins) >= self.max_workers:
+            self.expire(now_ms)
+            if len(self._origins) >= self.max_workers:
+                oldest = min(self._origins, key=lambda p: self._origins[p].announcement.expires_at_ms)
+                del self._origins[oldest]
+        self._origins[ann.peer_id] = _Origin(ann, now_ms)
+        return ann
+
+    def add_record(self, rec: CapabilityRecord) -> None:
+        """Store a verified DHT capability record, keeping the newest per key."""
+        key = (rec.peer_id, rec.model_id)
+        held = self._records.get(key)
+        if held is None or rec.issued_at_ms > held.issued_at_ms:
+            if held is None and len(self._records) >= self.max_workers * 4:
+                oldest = min(self._records, key=lambda k: self._records[k].expires_at_ms)
+                del self._records[oldest]
+            self._records[key] = rec
+
+    def expire(self, now_ms: int) -> None:
+        """Forget whatever has expired."""
+        self._origins = {p: o for p, o in self._origins.items() if o.announcement.expires_at_ms > now_ms}
+        self._records = {k: r for k, r in self._records.items() if r.expires_at_ms > now_ms}
+
+    def forget(self, peer_id: bytes) -> None:
+        """Drop everything known about a peer (e.g. when it is banned)."""
+        self._origins.pop(peer_id, None)
+        self._records = {k: r for k, r in self._records.items() if k[0] != peer_id}
+
+    def announcement_of(self, peer_id: bytes) -> Announcement | None:
+        origin = self._origins.get(peer_id)
+        return origin.announcement if origin else None
+
+    def known_peers(self, now_ms: int) -> list[Announcement]:
+        """Live announcements, freshest first (candidates to connect to)."""
+        live = [o.announcement for o in self._origins.values() if o.announcement.expires_at_ms > now_ms]
+        return sorted(live, key=lambda a: -a.issued_at_ms)
+
+    def workers_for(self, model_id: bytes, *, now_ms: int, extra: Iterable[CapabilityRecord] = ()) -> list[WorkerOffer]:
+        """All live offers of ``model_id``, gossip and DHT merged per worker.
+
+        The fresher source supplies the offer's terms; the gossip source alone
+        supplies live load. Sorted freshest first, then by PeerId for stability.
+        """
+        for rec in extra:
+            self.add_record(rec)
+        rows: dict[bytes, WorkerOffer] = {}
+        for origin in self._origins.values():
+            a = origin.announcement
+            if a.expires_at_ms <= now_ms:
+                continue
+            for o in a.offers:
+                if o.model_id == model_id:
+                    rows[a.peer_id] = WorkerOffer(
+                        peer_id=a.peer_id,
+                        model_id=model_id,
+                        addrs=a.addrs,
+                        backend=o.backend,
+                        gpu=o.gpu,
+                        price_nanoton=o.price_nanoton,
+                        unit=o.unit,
+                        capacity=o.capacity,
+                        free_capacity=o.free_capacity,
+                        running_jobs=a.running_jobs,
+                        issued_at_ms=a.issued_at_ms,
+                        expires_at_ms=a.expires_at_ms,
+                        sources=frozenset({"gossip"}),
+                    )
+        for (peer_id, mid), r in self._records.items():
+            if mid != model_id or r.expires_at_ms <= now_ms:
+                continue
+            have = rows.get(peer_id)
+            from_dht = WorkerOffer(
+                peer_id=peer_id,
+                model_id=model_id,
+                addrs=r.addrs,
+                backend=r.backend,
+                gpu=r.gpu,
+                price_nanoton=r.price_nanoton,
+                unit=r.unit,
+                capacity=r.capacity,
+                free_capacity=have.free_capacity if have else None,
+                running_jobs=have.running_jobs if have else None,
+                issued_at_ms=r.issued_at_ms,
+                expires_at_ms=r.expires_at_ms,
+                sources=frozenset({"dht"}) | (have.sources if have else frozenset()),
+                gpu_memory_mb=r.gpu_memory_mb,
+                max_batch=r.max_batch,
+            )
+            if have is None or r.issued_at_ms > have.issued_at_ms:
+                rows[peer_id] = from_dht
+            else:
+                rows[peer_id] = dataclasses.replace(
+                    have, sources=from_dht.sources, gpu_memory_mb=r.gpu_memory_mb, max_batch=r.max_batch
+                )
+        return sorted(rows.values(), key=lambda w: (-w.issued_at_ms, w.peer_id))

@@ -1,0 +1,68 @@
+"""Building a py-libp2p host the way cocoon-p2p needs it (trio side).
+
+Each work-around for a py-libp2p 0.8.1 defect lives here, named and explained:
+
+* **Noise only, yamux only.** ``new_host()`` otherwise also accepts TLS, secio
+  and plaintext, and mplex failed a 1 MiB full-duplex echo here.
+* **Connect in ~7 ms, not 251 ms.** ``Swarm.dial_peer`` starts a dial, then waits
+  ``_HAPPY_EYEBALLS_DELAY`` (250 ms) before trying the next address, and its
+  event fires only on failure, so a *successful* dial still waits the full
+  delay. The wait is cut short when the dial reaches
+  ``max_connections_per_peer``; setting that to 1 (we never want parallel
+  connections to one peer: yamux multiplexes) ends it as soon as one dial succeeds.
+* **Quiet logs.** py-libp2p logs hundreds of empty "Failed to read DHT message"
+  lines and LifecycleError tracebacks at shutdown; :func:`quiet_libp2p_logs`
+  raises its loggers' thresholds (they stay reachable for debugging).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+from libp2p import new_host
+from libp2p.abc import IHost
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.network.config import ConnectionConfig
+from libp2p.peer.id import ID
+from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
+from libp2p.security.noise.transport import Transport as NoiseTransport
+from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
+from libp2p.stream_muxer.yamux.yamux import Yamux
+from multiaddr import Multiaddr
+
+from .identity import Identity
+
+# Loggers whose INFO/WARNING output is routine noise for an operator.
+_NOISY_LOGGERS = {
+    "libp2p": logging.ERROR,
+    "libp2p.kad_dht": logging.CRITICAL,
+    "libp2p.pubsub": logging.CRITICAL,
+    "libp2p.tools.anyio_service": logging.CRITICAL,
+    "async_service": logging.CRITICAL,
+    "multiaddr": logging.ERROR,
+}
+
+
+def quiet_libp2p_logs() -> None:
+    """Raise py-libp2p's log thresholds (a process-wide logging setting)."""
+    for name, level in _NOISY_LOGGERS.items():
+        logging.getLogger(name).setLevel(level)
+
+
+def build_host(identity: Identity, *, announce_addrs: Sequence[str] = ()) -> IHost:
+    """A libp2p host for ``identity``: TCP, Noise only, yamux only, fast dials."""
+    key_pair = create_new_key_pair(identity.seed)
+    host_id = ID.from_pubkey(key_pair.public_key)
+    if host_id.to_bytes() != identity.peer_id:  # our PeerId derivation must agree with libp2p's
+        raise AssertionError("libp2p derived a different PeerId from the same key")
+    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    return new_host(
+        key_pair=key_pair,
+        sec_opt={NOISE_PROTOCOL_ID: noise},
+        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        announce_addrs=[Multiaddr(a) for a in announce_addrs] or None,
+    )

@@ -1,0 +1,1 @@
+"""Node programs for operators: the ``cocoon-node`` command line."""

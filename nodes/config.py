@@ -1,0 +1,51 @@
+"""Role configuration: a TOML file, overridden by command-line flags."""
+
+from __future__ import annotations
+
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cocoon_p2p.errors import ConfigError
+
+DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+
+
+@dataclass
+class RoleConfig:
+    """Settings common to every role, plus the worker's offer."""
+
+    data_dir: Path = Path("cocoon-data")
+    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    announce: list[str] = field(default_factory=list)
+    bootstrap: list[str] = field(default_factory=list)
+    log_json: bool = False
+    log_level: str = "INFO"
+    announce_interval_s: float = 10.0
+    models: list[Path] = field(default_factory=list)
+    price_nanoton: int = 1000
+    unit: str = "item"
+    capacity: int = 4
+    backend: str = "onnxruntime"
+
+
+def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
+    """Read ``path`` (if given) and apply the non-empty ``overrides`` (flags)."""
+    values: dict[str, Any] = {}
+    if path is not None:
+        try:
+            values = tomllib.loads(Path(path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"cannot read config {path}: {exc}") from exc
+    known = set(RoleConfig.__dataclass_fields__)
+    unknown = set(values) - known
+    if unknown:
+        raise ConfigError(f"unknown config keys in {path}: {', '.join(sorted(unknown))}")
+    for key, value in overrides.items():
+        if value not in (None, [], ()):
+            values[key] = value
+    cfg = RoleConfig(**values)
+    cfg.data_dir = Path(cfg.data_dir)
+    cfg.models = [Path(m) for m in cfg.models]
+    return cfg
