@@ -92,6 +92,8 @@ class CapabilityRecord:
             wire.expect_int(getattr(self, name), name)
         for name in ("max_batch", "capacity"):
             wire.expect_int(getattr(self, name), name, lo=1, hi=1 << 20)
+        if not isinstance(self.addrs, tuple):
+            raise MalformedMessage("addrs: expected a tuple of multiaddrs")
         wire.expect_str_list(list(self.addrs), "addrs", max_items=MAX_ADDRS, max_len=MAX_ADDR_LEN)
 
     def encode(self) -> bytes:
@@ -121,7 +123,7 @@ def decode(data: bytes, *, now_ms: int) -> CapabilityRecord:
         price_nanoton=obj[7],
         unit=obj[8],
         capacity=obj[9],
-        addrs=tuple(obj[10]) if isinstance(obj[10], list) else obj[10],
+        addrs=wire.expect_str_list(obj[10], "addrs", max_items=MAX_ADDRS, max_len=MAX_ADDR_LEN),
         issued_at_ms=wire.expect_int(obj[11], "issued_at_ms"),
         expires_at_ms=wire.expect_int(obj[12], "expires_at_ms"),
         signature=wire.expect_bytes(obj[13], "signature", min_len=64, max_len=64),

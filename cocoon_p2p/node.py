@@ -31,6 +31,7 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.pubsub.gossipsub import GossipSub
 from libp2p.pubsub.pb import rpc_pb2
 from libp2p.pubsub.pubsub import Pubsub
+from libp2p.pubsub.rpc_queue import OutBoundQueueSize
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
@@ -45,6 +46,8 @@ from .peerscore import DisconnectPeer, PeerScores
 from .peerset import PeerSet
 
 log = logging.getLogger("cocoon_p2p.node")
+# Publish waits while a peer's outbound queue is this full (py-libp2p drops at 32).
+OUTBOUND_HIGH_WATER = OutBoundQueueSize - 4
 
 
 def _now_ms() -> int:
@@ -98,10 +101,43 @@ class NodeStats:
     announcements_rejected: int = 0
     rejected_by_code: dict[str, int] = field(default_factory=dict)
     gossip_drained: int = 0
+    gossip_overflows: int = 0
     events_dropped: int = 0
     dials_ok: int = 0
     dials_failed: int = 0
     peers_disconnected: int = 0
+
+
+class Subscription:
+    """Messages of one gossip topic, in a bounded queue of our own.
+
+    py-libp2p's subscription queue holds 32 messages and drops the rest without
+    a trace; a pump task moves each message into this queue as it arrives and
+    counts what does not fit in ``dropped``.
+    """
+
+    def __init__(self, topic: str, size: int) -> None:
+        self.topic = topic
+        self.dropped = 0
+        self.received = 0
+        self._send, self._recv = trio.open_memory_channel[tuple[bytes, bytes]](size)
+
+    def _offer(self, origin: bytes, data: bytes) -> None:
+        try:
+            self._send.send_nowait((origin, data))
+            self.received += 1
+        except trio.WouldBlock:
+            self.dropped += 1
+
+    async def receive(self) -> tuple[bytes, bytes]:
+        """The next (origin PeerId, payload). Cancelled: nothing is consumed."""
+        return await self._recv.receive()
+
+    def __aiter__(self) -> Subscription:
+        return self
+
+    async def __anext__(self) -> tuple[bytes, bytes]:
+        return await self.receive()
 
 
 @dataclass(frozen=True)
@@ -262,6 +298,38 @@ class Node:
         self.directory.expire(now)
         return self.directory.workers_for(model_id, now_ms=now, extra=records)
 
+    async def subscribe(self, topic: str, *, queue_size: int = 1024) -> Subscription:
+        """Subscribe to a gossip topic; messages arrive in a queue of ``queue_size``
+        with a visible drop counter. The pump stops with the node."""
+        assert self.pubsub is not None and self._nursery is not None, "node is not running"
+        raw = await self.pubsub.subscribe(topic)
+        sub = Subscription(topic, queue_size)
+
+        async def pump() -> None:
+            while True:
+                msg = await raw.get()
+                sub._offer(bytes(msg.from_id), bytes(msg.data))
+
+        self._nursery.start_soon(pump)
+        return sub
+
+    async def publish(self, topic: str, data: bytes, *, max_wait_s: float = 1.0) -> None:
+        """Publish ``data`` on a gossip topic (signed by this node's key).
+
+        py-libp2p queues at most 32 outbound RPCs per peer and drops the rest
+        silently, so a burst waits (up to ``max_wait_s``) for room in every
+        peer's queue; a publish that still finds a full queue is counted in
+        ``stats.gossip_overflows``, since some peer will likely miss it.
+        """
+        assert self.pubsub is not None, "node is not running"
+        queues = self.pubsub.peer_queues
+        with trio.move_on_after(max_wait_s):
+            while any(len(q) >= OUTBOUND_HIGH_WATER for q in queues.values()):
+                await trio.sleep(0.001)
+        if any(len(q) >= OutBoundQueueSize for q in queues.values()):
+            self.stats.gossip_overflows += 1
+        await self.pubsub.publish(topic, data)
+
     async def events(self) -> AsyncIterator[NodeEvent]:
         """Node events (workers seen, peers banned). The queue is bounded: when
         the consumer lags, new events are dropped and counted in
@@ -409,7 +477,7 @@ class Node:
     async def _announce(self) -> None:
         assert self.pubsub is not None
         data = self._announcement(_now_ms()).encode()
-        await self.pubsub.publish(protocols.ANNOUNCE_TOPIC, data)
+        await self.publish(protocols.ANNOUNCE_TOPIC, data)
         self.stats.announcements_sent += 1
 
     async def _publish_records(self) -> None:

@@ -1,0 +1,95 @@
+"""The worker directory and announcements: table-driven, no I/O."""
+
+import dataclasses
+
+import pytest
+
+from cocoon_p2p import announcement as ann_mod
+from cocoon_p2p.directory import WorkerDirectory
+from cocoon_p2p.errors import BadSignature, ExpiredMessage, ForeignKey, MalformedMessage, RateLimited, ReplayedMessage
+
+from .helpers import MODEL, MODEL_B, NOW, announcement, ident, offer, record
+
+
+def test_announcement_round_trip_and_limits() -> None:
+    a = announcement(ident(1), offers=(offer(), offer(MODEL_B, price_nanoton=5)))
+    assert ann_mod.decode(a.encode(), now_ms=NOW) == a
+    with pytest.raises(MalformedMessage):  # free capacity above capacity
+        announcement(ident(1), offers=(offer(free_capacity=9),))
+    too_many = tuple(offer(bytes([i]) * 32) for i in range(ann_mod.MAX_OFFERS + 1))
+    with pytest.raises(MalformedMessage):
+        ann_mod.decode(dataclasses.replace(a, offers=too_many).encode(), now_ms=NOW)
+
+
+def test_tampered_announcement() -> None:
+    a = announcement(ident(1))
+    with pytest.raises(BadSignature):
+        ann_mod.decode(dataclasses.replace(a, running_jobs=0).encode(), now_ms=NOW)
+
+
+@pytest.mark.parametrize(
+    ("steps", "expected"),
+    [
+        # (sender, issued_at offset, receive-time offset, origin) -> outcome
+        ([(1, 0, 0, 1)], ["ok"]),
+        ([(1, 0, 0, 1), (1, 0, 1000, 1)], ["ok", ReplayedMessage]),
+        ([(1, 0, 0, 1), (1, -5, 1000, 1)], ["ok", ReplayedMessage]),
+        ([(1, 0, 0, 1), (1, 10, 10, 1)], ["ok", RateLimited]),
+        ([(1, 0, 0, 1), (1, 300, 300, 1)], ["ok", "ok"]),
+        ([(1, 0, 0, 2)], [ForeignKey]),
+        ([(1, 0, 40_000, 1)], [ExpiredMessage]),
+        ([(1, 0, 0, 1), (2, 0, 0, 2)], ["ok", "ok"]),
+    ],
+)
+def test_receive_announcement_table(steps: list[tuple[int, int, int, int]], expected: list[object]) -> None:
+    d = WorkerDirectory()
+    for (sender, issued, received, origin), want in zip(steps, expected, strict=True):
+        data = announcement(ident(sender), now=NOW + issued).encode()
+        if want == "ok":
+            d.receive_announcement(data, origin=ident(origin).peer_id, now_ms=NOW + received)
+        else:
+            with pytest.raises(want):  # type: ignore[call-overload]
+                d.receive_announcement(data, origin=ident(origin).peer_id, now_ms=NOW + received)
+
+
+def test_merge_gossip_and_dht_freshest_first() -> None:
+    d = WorkerDirectory()
+    a, b, c = ident(1), ident(2), ident(3)
+    d.receive_announcement(announcement(a, now=NOW).encode(), origin=a.peer_id, now_ms=NOW)
+    d.receive_announcement(announcement(b, now=NOW + 10).encode(), origin=b.peer_id, now_ms=NOW + 10)
+    recs = [
+        record(a, now=NOW + 50, price_nanoton=777),  # newer than a's announcement: its terms win
+        record(b, now=NOW - 100, price_nanoton=1),  # older than b's announcement: gossip terms stay
+        record(c, now=NOW + 5),  # only in the DHT
+        record(c, now=NOW + 5, model=MODEL_B),  # another model: not listed
+    ]
+    rows = d.workers_for(MODEL, now_ms=NOW + 60, extra=recs)
+    assert [r.peer_id for r in rows] == [a.peer_id, b.peer_id, c.peer_id]
+    by = {r.peer_id: r for r in rows}
+    assert by[a.peer_id].price_nanoton == 777 and by[a.peer_id].free_capacity == 3
+    assert by[a.peer_id].sources == {"gossip", "dht"}
+    assert by[b.peer_id].price_nanoton == 1000 and by[b.peer_id].sources == {"gossip", "dht"}
+    assert by[c.peer_id].free_capacity is None and by[c.peer_id].sources == {"dht"}
+    assert len(d.workers_for(MODEL, now_ms=NOW + 60, extra=recs)) == 3  # the same records twice: no duplicates
+
+
+def test_expiry_and_forget() -> None:
+    d = WorkerDirectory()
+    a = ident(1)
+    d.receive_announcement(announcement(a, ttl=1000).encode(), origin=a.peer_id, now_ms=NOW)
+    d.add_record(record(a, ttl=5000))
+    assert len(d.workers_for(MODEL, now_ms=NOW + 500)) == 1
+    assert d.workers_for(MODEL, now_ms=NOW + 2000)[0].sources == {"dht"}
+    assert d.workers_for(MODEL, now_ms=NOW + 6000) == []
+    d.add_record(record(a, ttl=5000))
+    d.forget(a.peer_id)
+    assert d.workers_for(MODEL, now_ms=NOW) == []
+
+
+def test_memory_is_bounded() -> None:
+    d = WorkerDirectory(max_workers=3)
+    for n in range(1, 6):
+        who = ident(n)
+        d.receive_announcement(announcement(who, now=NOW + n).encode(), origin=who.peer_id, now_ms=NOW + n)
+    assert len(d.known_peers(NOW + 10)) == 3
+    assert [a.peer_id for a in d.known_peers(NOW + 10)] == [ident(n).peer_id for n in (5, 4, 3)]
