@@ -20,6 +20,7 @@ from dataclasses import dataclass
 
 import trio
 from libp2p.kad_dht.kad_dht import KadDHT
+from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import PeerInfo
 from libp2p.records.validator import Validator
 
@@ -84,7 +85,7 @@ async def find_providers(dht: KadDHT, model_id: bytes) -> dict[bytes, PeerInfo]:
     closest = await dht.peer_routing.find_closest_peers_network(key)
     limiter = trio.Semaphore(ALPHA)
 
-    async def ask(peer: object) -> None:
+    async def ask(peer: ID) -> None:
         async with limiter:
             try:
                 with trio.move_on_after(5):

@@ -25,6 +25,7 @@ from typing import Any
 
 import trio
 from libp2p.abc import IHost
+from libp2p.custom_types import TProtocol
 from libp2p.kad_dht.kad_dht import DHTMode, KadDHT
 from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
@@ -217,7 +218,7 @@ class Node:
         try:
             await stack.enter_async_context(self.host.run([Multiaddr(a) for a in self.config.listen_addrs]))
             gossipsub = GossipSub(
-                protocols=[protocols.GOSSIPSUB_PROTOCOL],
+                protocols=[TProtocol(protocols.GOSSIPSUB_PROTOCOL)],
                 degree=self.config.gossip_degree,
                 degree_low=self.config.gossip_degree_low,
                 degree_high=self.config.gossip_degree_high,
@@ -234,7 +235,7 @@ class Node:
             self.dht.register_validator(protocols.DHT_NAMESPACE, dht.CapabilityValidator(self.dht_stats))
             await stack.enter_async_context(background_trio_service(self.dht))
             await self.pubsub.wait_until_ready()
-            self.host.set_stream_handler(protocols.INFO_PROTOCOL, self._handle_info)
+            self.host.set_stream_handler(TProtocol(protocols.INFO_PROTOCOL), self._handle_info)
             self.pubsub.set_topic_validator(protocols.ANNOUNCE_TOPIC, self._validate_announcement, False)
             subscription = await self.pubsub.subscribe(protocols.ANNOUNCE_TOPIC)
             self._nursery = await stack.enter_async_context(trio.open_nursery())
@@ -406,9 +407,9 @@ class Node:
                     self.peerset.on_disconnected(pid, now)
                 connected = current
                 if self.pubsub is not None:
-                    for pid in list(self.pubsub.blacklisted_peers):
-                        if not self.scores.is_banned(pid.to_bytes(), now):
-                            self.pubsub.remove_from_blacklist(pid)
+                    for banned in list(self.pubsub.blacklisted_peers):
+                        if not self.scores.is_banned(banned.to_bytes(), now):
+                            self.pubsub.remove_from_blacklist(banned)
                 for dial in self.peerset.poll(now, connected_total=len(current)):
                     dials.start_soon(self._dial, dial.peer_id, dial.addrs)
                 await trio.sleep(0.25)

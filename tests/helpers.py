@@ -42,8 +42,9 @@ def offer(model: bytes = MODEL, **over: Any) -> Offer:
     return Offer(**fields)
 
 
-def announcement(who: Identity, *, now: int = NOW, ttl: int = 30_000, offers: tuple[Offer, ...] | None = None,
-                 running_jobs: int = 1) -> Announcement:
+def announcement(
+    who: Identity, *, now: int = NOW, ttl: int = 30_000, offers: tuple[Offer, ...] | None = None, running_jobs: int = 1
+) -> Announcement:
     return Announcement.create(
         who,
         now_ms=now,

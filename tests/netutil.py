@@ -51,8 +51,14 @@ async def open_raw_peer(ident: Identity) -> AsyncIterator[tuple[object, Pubsub, 
     host = build_host(ident)
     async with AsyncExitStack() as stack:
         await stack.enter_async_context(host.run([Multiaddr("/ip4/127.0.0.1/tcp/0")]))
-        gs = GossipSub(protocols=[protocols.GOSSIPSUB_PROTOCOL], degree=6, degree_low=4, degree_high=12,
-                       heartbeat_interval=1, spam_protection_enabled=False)
+        gs = GossipSub(
+            protocols=[protocols.GOSSIPSUB_PROTOCOL],
+            degree=6,
+            degree_low=4,
+            degree_high=12,
+            heartbeat_interval=1,
+            spam_protection_enabled=False,
+        )
         pubsub = Pubsub(host, gs)
         await stack.enter_async_context(background_trio_service(pubsub))
         await stack.enter_async_context(background_trio_service(gs))

@@ -89,7 +89,9 @@ def test_non_canonical_encoding_is_rejected() -> None:
     rec = record(ident(1))
     fields = msgpack.unpackb(rec.encode())
     # same values, but the version as a uint64 instead of a fixint
-    body = b"\x9e" + b"\xcf" + (1).to_bytes(8, "big") + b"".join(msgpack.packb(f, use_bin_type=True) for f in fields[1:])
+    body = (
+        b"\x9e" + b"\xcf" + (1).to_bytes(8, "big") + b"".join(msgpack.packb(f, use_bin_type=True) for f in fields[1:])
+    )
     with pytest.raises(MalformedMessage, match="canonical"):
         decode(body, now_ms=NOW)
 

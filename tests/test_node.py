@@ -164,7 +164,9 @@ async def test_dht_refuses_forged_records() -> None:
 
 
 @pytest.mark.parametrize(("queue", "expect_got", "expect_dropped"), [(1024, 60, 0), (10, 10, 50)])
-async def test_gossip_burst_is_not_capped_and_drops_are_counted(queue: int, expect_got: int, expect_dropped: int) -> None:
+async def test_gossip_burst_is_not_capped_and_drops_are_counted(
+    queue: int, expect_got: int, expect_dropped: int
+) -> None:
     # py-libp2p's default spam protection silently drops a publisher's own
     # messages beyond 10/s, and its 32-slot subscription queue drops silently
     # too. Our nodes turn the former off (rate limits are per origin, in the

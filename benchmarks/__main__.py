@@ -1,0 +1,68 @@
+"""Run the benchmarks: ``python -m benchmarks [--quick] [--only NAME] [--out FILE]``.
+
+Prints one table and writes the figures as JSON (default
+benchmarks/results/overlay.json). Comparisons (ours vs baseline) are always
+measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from cocoon_p2p.host import quiet_libp2p_logs
+
+from . import overlay
+
+GOALS = {
+    "connect_ms_p50": ("<=", 10.0),
+    "stream_vs_baseline": (">=", 0.8),
+}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m benchmarks")
+    ap.add_argument("--quick", action="store_true", help="fewer iterations")
+    ap.add_argument("--only", action="append", help="run only these (repeatable)")
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overlay.json")
+    args = ap.parse_args()
+    quiet_libp2p_logs()
+    results: dict[str, Any] = {}
+    for name, bench in overlay.BENCHES:
+        if args.only and name not in args.only:
+            continue
+        print(f"running {name} ...", file=sys.stderr, flush=True)
+        t = time.perf_counter()
+        figures = trio.run(bench, args.quick)
+        print(f"  done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
+        results.update(figures)
+    print(f"\n{'metric':40} {'value':>12}  goal")
+    for key, value in results.items():
+        goal = GOALS.get(key)
+        mark = ""
+        if goal:
+            ok = value <= goal[1] if goal[0] == "<=" else value >= goal[1]
+            mark = f"{goal[0]} {goal[1]}  {'met' if ok else 'MISSED'}"
+        shown = f"{value:12.3f}" if isinstance(value, float) else f"{value:>12}"
+        print(f"{key:40} {shown}  {mark}")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    meta = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "quick": args.quick,
+        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
+    }
+    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"\nwrote {args.out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,213 @@
+"""Overlay-core benchmarks: connect, stream RPC, throughput, DHT lookup, gossip."""
+
+from __future__ import annotations
+
+import hashlib
+import statistics
+import time
+from collections.abc import Callable
+from contextlib import AsyncExitStack
+from typing import Any
+
+import trio
+from libp2p import new_host
+from libp2p.crypto.ed25519 import create_new_key_pair
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from multiaddr import Multiaddr
+
+from cocoon_p2p.node import ModelCapability, Node, NodeConfig
+
+from . import noise_baseline
+
+ECHO = TProtocol("/cocoon/bench-echo/1")
+SINK = TProtocol("/cocoon/bench-sink/1")
+LOOPBACK = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
+
+
+def pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def _cfg(**over: Any) -> NodeConfig:
+    cfg = NodeConfig(announce_interval_s=1.0, announce_ttl_s=10.0)
+    for k, v in over.items():
+        setattr(cfg, k, v)
+    return cfg
+
+
+async def bench_connect(n: int) -> dict[str, float]:
+    """Time to connect (TCP + Noise + yamux) to a fresh peer, ours vs py-libp2p defaults."""
+    ours: list[float] = []
+    stock: list[float] = []
+    async with Node(_cfg()) as target:
+        addr = info_from_p2p_addr(Multiaddr(target.addrs[0]))
+        for _ in range(n):
+            async with Node(_cfg()) as dialer:
+                t = time.perf_counter()
+                await dialer.connect(target.addrs[0])
+                ours.append((time.perf_counter() - t) * 1000)
+        for _ in range(max(3, n // 4)):
+            host = new_host(key_pair=create_new_key_pair())
+            async with host.run(LOOPBACK):
+                t = time.perf_counter()
+                await host.connect(addr)
+                stock.append((time.perf_counter() - t) * 1000)
+    return {
+        "connect_ms_p50": statistics.median(ours),
+        "connect_ms_p99": pct(ours, 99),
+        "connect_ms_p50_pylibp2p_default": statistics.median(stock),
+    }
+
+
+async def bench_stream_rpc(n: int) -> dict[str, float]:
+    """New stream + protocol negotiation + 200 B round trip, on one connection."""
+    async with Node(_cfg()) as a, Node(_cfg()) as b:
+
+        async def echo(stream: Any) -> None:
+            data = await stream.read(200)
+            await stream.write(data)
+            await stream.close()
+
+        b.host.set_stream_handler(ECHO, echo)
+        await a.connect(b.addrs[0])
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            s = await a.host.new_stream(ID(b.peer_id), [ECHO])
+            await s.write(b"x" * 200)
+            got = b""
+            while len(got) < 200:
+                got += await s.read(200 - len(got))
+            await s.close()
+            times.append((time.perf_counter() - t) * 1000)
+    return {"rpc_ms_p50": statistics.median(times), "rpc_ms_p99": pct(times, 99)}
+
+
+async def bench_throughput(total: int) -> dict[str, float]:
+    """One libp2p stream (Noise + yamux) vs bare trio + noiseprotocol XX, same bytes."""
+    async with Node(_cfg()) as a, Node(_cfg()) as b:
+        done = trio.Event()
+        got = [0]
+
+        async def sink(stream: Any) -> None:
+            while got[0] < total:
+                chunk = await stream.read(1 << 20)
+                if not chunk:
+                    break
+                got[0] += len(chunk)
+            await stream.write(b"ok")
+            done.set()
+
+        b.host.set_stream_handler(SINK, sink)
+        await a.connect(b.addrs[0])
+        s = await a.host.new_stream(ID(b.peer_id), [SINK])
+        chunk = b"\x5a" * 65536
+        t = time.perf_counter()
+        sent = 0
+        while sent < total:
+            await s.write(chunk)
+            sent += len(chunk)
+        await s.read(2)
+        elapsed = time.perf_counter() - t
+        await done.wait()
+    base = await noise_baseline.measure(total)
+    ours = total / elapsed / 1e6
+    return {
+        "stream_mb_s": ours,
+        "baseline_mb_s": base["mb_per_s"],
+        "stream_vs_baseline": ours / base["mb_per_s"],
+        "baseline_handshake_ms": base["handshake_ms"],
+    }
+
+
+async def _network(stack: AsyncExitStack, n: int) -> list[Node]:
+    first = await stack.enter_async_context(Node(_cfg()))
+    nodes = [first]
+    for _ in range(n - 1):
+        nodes.append(await stack.enter_async_context(Node(_cfg(bootstrap=[first.addrs[0]]))))
+    with trio.fail_after(60):
+        while not all(x.pubsub and x.pubsub.peers for x in nodes):
+            await trio.sleep(0.05)
+    await trio.sleep(2)  # heartbeats: meshes form
+    return nodes
+
+
+async def bench_dht(n_peers: int, lookups: int) -> dict[str, float]:
+    """Publish capability records from 3 workers, then time lookups from the others."""
+    async with AsyncExitStack() as stack:
+        nodes = await _network(stack, n_peers)
+        model = hashlib.sha256(b"bench model").digest()
+        for w in nodes[1:4]:
+            w.set_capabilities([ModelCapability(model_id=model, backend="onnxruntime", price_nanoton=1, unit="item")])
+        with trio.fail_after(60):
+            while sum(w.dht_stats.records_published for w in nodes[1:4]) < 3:
+                await trio.sleep(0.05)
+        times, found = [], []
+        for i in range(lookups):
+            client = nodes[4 + i % (n_peers - 4)]
+            client.directory.forget(b"")  # keep gossip out: measure the DHT path alone
+            t = time.perf_counter()
+            records = await _dht_only(client, model)
+            times.append((time.perf_counter() - t) * 1000)
+            found.append(records)
+    return {
+        "dht_lookup_ms_p50": statistics.median(times),
+        "dht_lookup_ms_p99": pct(times, 99),
+        "dht_workers_found_min": min(found),
+        "dht_peers": n_peers,
+    }
+
+
+async def _dht_only(node: Node, model: bytes) -> int:
+    from cocoon_p2p import dht
+
+    assert node.dht is not None
+    return len(await dht.lookup(node.dht, model, node.dht_stats))
+
+
+async def bench_gossip(n_peers: int, rate: float, seconds: float) -> dict[str, float]:
+    """One publisher at ``rate`` msg/s; delivery count and latency at every other peer."""
+    topic = "/cocoon/bench/1"
+    async with AsyncExitStack() as stack:
+        nodes = await _network(stack, n_peers)
+        subs = [await n.subscribe(topic, queue_size=4096) for n in nodes]
+        await trio.sleep(2.5)
+        latencies: list[float] = []
+        count = int(rate * seconds)
+
+        async def collect(sub: Any) -> None:
+            while True:
+                _origin, data = await sub.receive()
+                latencies.append((time.time() - float(data.split(b"|")[1])) * 1000)
+
+        async with trio.open_nursery() as nursery:
+            for sub in subs[1:]:
+                nursery.start_soon(collect, sub)
+            start = trio.current_time()
+            for i in range(count):
+                await trio.sleep_until(start + i / rate)
+                await nodes[0].publish(topic, f"{i}|{time.time()!r}".encode())
+            with trio.move_on_after(10):
+                while len(latencies) < count * (n_peers - 1):
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        expected = count * (n_peers - 1)
+    return {
+        f"gossip_{int(rate)}_delivered": len(latencies) / expected,
+        f"gossip_{int(rate)}_ms_p50": statistics.median(latencies) if latencies else -1,
+        f"gossip_{int(rate)}_ms_p99": pct(latencies, 99) if latencies else -1,
+        f"gossip_{int(rate)}_messages": expected,
+    }
+
+
+BENCHES: list[tuple[str, Callable[[bool], Any]]] = [
+    ("connect", lambda quick: bench_connect(10 if quick else 40)),
+    ("stream_rpc", lambda quick: bench_stream_rpc(100 if quick else 500)),
+    ("throughput", lambda quick: bench_throughput((8 if quick else 32) << 20)),
+    ("dht_20", lambda quick: bench_dht(20, 10 if quick else 30)),
+    ("gossip_20_at_10", lambda quick: bench_gossip(20, 10, 3 if quick else 10)),
+    ("gossip_20_at_100", lambda quick: bench_gossip(20, 100, 2 if quick else 5)),
+]
