@@ -63,6 +63,9 @@ def build_host(identity: Identity, *, announce_addrs: Sequence[str] = ()) -> IHo
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-        connection_config=ConnectionConfig(max_connections_per_peer=1),
+        # min_connections/low_watermark 0: py-libp2p's auto-connector would otherwise
+        # dial every peer it has heard of (up to 200) from both sides at once; our
+        # PeerSet decides whom to dial.
+        connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
         announce_addrs=[Multiaddr(a) for a in announce_addrs] or None,
     )

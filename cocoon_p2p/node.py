@@ -227,6 +227,7 @@ class Node:
                 # throttles our own and every relay's traffic at 10/s and drops the rest
                 # silently. Rate limits are enforced per *origin* in WorkerDirectory.
                 spam_protection_enabled=False,
+                do_px=True,  # pruned peers learn others to connect to
             )
             self.pubsub = Pubsub(self.host, gossipsub)
             await stack.enter_async_context(background_trio_service(self.pubsub))
@@ -395,6 +396,7 @@ class Node:
 
     async def _maintain_peers(self) -> None:
         connected: set[bytes] = set()
+        next_fill = 0
         async with trio.open_nursery() as dials:
             while True:
                 now = _now_ms()
@@ -410,9 +412,33 @@ class Node:
                     for banned in list(self.pubsub.blacklisted_peers):
                         if not self.scores.is_banned(banned.to_bytes(), now):
                             self.pubsub.remove_from_blacklist(banned)
+                if len(current) < self.config.target_peers and now >= next_fill:
+                    # A star around the bootstrap peer starves gossipsub: its mesh
+                    # keeps D of the peers and the rest only hear lossy IHAVE gossip.
+                    # Fill up to target_peers from peers the DHT and identify taught us.
+                    next_fill = now + 2000
+                    dials.start_soon(self._learn_candidates)
                 for dial in self.peerset.poll(now, connected_total=len(current)):
                     dials.start_soon(self._dial, dial.peer_id, dial.addrs)
                 await trio.sleep(0.25)
+
+    async def _learn_candidates(self) -> None:
+        if self.dht is not None:
+            try:  # Kademlia's join step: a lookup of our own id meets our neighbours
+                with trio.move_on_after(10):
+                    await self.dht.peer_routing.find_closest_peers_network(self.peer_id)
+            except Exception as exc:
+                log.debug("self-lookup failed: %s", exc)
+        store = self.host.get_peerstore()
+        for pid in store.peers_with_addrs():
+            raw = pid.to_bytes()
+            # Only the lower PeerId dials: two peers dialling each other at once end
+            # up with two connections, and py-libp2p closes one of them (we allow one
+            # per peer), killing the streams that ran on it.
+            if raw <= self.peer_id or self.scores.is_banned(raw, _now_ms()):
+                continue
+            addrs = tuple(f"{a}/p2p/{pid}" for a in store.addrs(pid) if "/p2p/" not in str(a))
+            self.peerset.add_candidate(raw, addrs)
 
     async def _dial(self, peer_id: bytes, addrs: tuple[str, ...]) -> None:
         for addr in addrs:
