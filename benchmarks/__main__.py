@@ -27,6 +27,13 @@ GOALS = {
 }
 
 
+def _leaf(exc: BaseException) -> BaseException:
+    """The first real exception inside nested exception groups."""
+    while isinstance(exc, BaseExceptionGroup):
+        exc = exc.exceptions[0]
+    return exc
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
@@ -40,7 +47,12 @@ def main() -> int:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
         t = time.perf_counter()
-        figures = trio.run(bench, args.quick)
+        try:
+            figures = trio.run(bench, args.quick)
+        except Exception as exc:  # one failed benchmark must not hide the others' figures
+            leaf = _leaf(exc)
+            print(f"  FAILED: {leaf!r}", file=sys.stderr, flush=True)
+            figures = {f"{name}_error": repr(leaf)[:300]}
         print(f"  done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
         results.update(figures)
     print(f"\n{'metric':40} {'value':>12}  goal")
@@ -50,7 +62,7 @@ def main() -> int:
         if goal:
             ok = value <= goal[1] if goal[0] == "<=" else value >= goal[1]
             mark = f"{goal[0]} {goal[1]}  {'met' if ok else 'MISSED'}"
-        shown = f"{value:12.3f}" if isinstance(value, float) else f"{value:>12}"
+        shown = f"{value:12.3f}" if isinstance(value, float) else f"{value!s:>12}"
         print(f"{key:40} {shown}  {mark}")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
