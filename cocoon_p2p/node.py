@@ -437,8 +437,8 @@ class Node:
             # per peer), killing the streams that ran on it.
             if raw <= self.peer_id or self.scores.is_banned(raw, _now_ms()):
                 continue
-            addrs = tuple(f"{a}/p2p/{pid}" for a in store.addrs(pid) if "/p2p/" not in str(a))
-            self.peerset.add_candidate(raw, addrs)
+            # transport addresses as stored; _dial appends /p2p/<PeerId> itself
+            self.peerset.add_candidate(raw, tuple(str(a) for a in store.addrs(pid)))
 
     async def _dial(self, peer_id: bytes, addrs: tuple[str, ...]) -> None:
         for addr in addrs:
