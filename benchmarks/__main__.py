@@ -12,6 +12,7 @@ import json
 import platform
 import sys
 import time
+import traceback
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +39,7 @@ def main() -> int:
     ap = argparse.ArgumentParser(prog="python -m benchmarks")
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     ap.add_argument("--only", action="append", help="run only these (repeatable)")
+    ap.add_argument("--verbose", action="store_true", help="print the traceback of a failed benchmark")
     ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overlay.json")
     args = ap.parse_args()
     quiet_libp2p_logs()
@@ -52,6 +54,8 @@ def main() -> int:
         except Exception as exc:  # one failed benchmark must not hide the others' figures
             leaf = _leaf(exc)
             print(f"  FAILED: {leaf!r}", file=sys.stderr, flush=True)
+            if args.verbose:
+                traceback.print_exception(leaf)
             figures = {f"{name}_error": repr(leaf)[:300]}
         print(f"  done in {time.perf_counter() - t:.1f} s", file=sys.stderr, flush=True)
         results.update(figures)

@@ -18,6 +18,7 @@ Each work-around for a py-libp2p 0.8.1 defect lives here, named and explained:
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Sequence
 
 from libp2p import new_host
@@ -41,6 +42,13 @@ _NOISY_LOGGERS = {
     "libp2p.kad_dht": logging.CRITICAL,
     "libp2p.pubsub": logging.CRITICAL,
     "libp2p.tools.anyio_service": logging.CRITICAL,
+    # Per-connection failures (a peer hung up mid-negotiation) are routine in a
+    # churning network and logged at ERROR with multi-line dumps; Node counts them.
+    "libp2p.host.basic_host": logging.CRITICAL,
+    "libp2p.network.swarm": logging.CRITICAL,
+    "libp2p.stream_muxer": logging.CRITICAL,
+    "libp2p.protocol_muxer": logging.CRITICAL,
+    "libp2p.transport.tcp": logging.CRITICAL,
     "async_service": logging.CRITICAL,
     "multiaddr": logging.ERROR,
 }
@@ -58,14 +66,37 @@ def build_host(identity: Identity, *, announce_addrs: Sequence[str] = ()) -> IHo
     host_id = ID.from_pubkey(key_pair.public_key)
     if host_id.to_bytes() != identity.peer_id:  # our PeerId derivation must agree with libp2p's
         raise AssertionError("libp2p derived a different PeerId from the same key")
+    # py-libp2p's yamux sends a WINDOW_UPDATE frame after every read (its
+    # PY_YAMUX_RELEASE_ON_READ knob, on by default): one extra encrypted frame and
+    # syscall per message. Off, it releases credit at half a window as go-yamux does;
+    # 20 gossip peers in one process then deliver every message instead of ~70%.
+    # Read at call time by py-libp2p, so an operator's own setting wins.
+    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
     noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
-    return new_host(
+    host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
         muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
-        # min_connections/low_watermark 0: py-libp2p's auto-connector would otherwise
-        # dial every peer it has heard of (up to 200) from both sides at once; our
-        # PeerSet decides whom to dial.
         connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
         announce_addrs=[Multiaddr(a) for a in announce_addrs] or None,
     )
+    disable_auto_connector(host)
+    return host
+
+
+def disable_auto_connector(host: IHost) -> None:
+    """Keep py-libp2p's auto-connector from starting on this host.
+
+    It aims at the midpoint of the watermarks (150 connections by default, and
+    no watermark setting brings that to zero without also pruning every idle
+    connection), dials every peer in the peerstore from both sides at once, and
+    py-libp2p then closes one of each pair of simultaneous connections together
+    with its streams. Our PeerSet decides whom to dial instead.
+    """
+    connector = getattr(host.get_network(), "auto_connector", None)
+    if connector is not None:
+
+        async def stay_stopped() -> None:
+            return None
+
+        connector.start = stay_stopped  # instance attribute: this host only

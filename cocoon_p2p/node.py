@@ -235,6 +235,10 @@ class Node:
             self.dht = KadDHT(self.host, DHTMode.SERVER if self.config.dht_server else DHTMode.CLIENT)
             self.dht.register_validator(protocols.DHT_NAMESPACE, dht.CapabilityValidator(self.dht_stats))
             await stack.enter_async_context(background_trio_service(self.dht))
+            # On exit, hang up on every peer before the services above stop: py-libp2p's
+            # pubsub keeps reading open streams and spawns into its closed nursery
+            # otherwise ("Nursery is closed to new arrivals" out of the host's tasks).
+            stack.push_async_callback(self._close_network)
             await self.pubsub.wait_until_ready()
             self.host.set_stream_handler(TProtocol(protocols.INFO_PROTOCOL), self._handle_info)
             self.pubsub.set_topic_validator(protocols.ANNOUNCE_TOPIC, self._validate_announcement, False)
@@ -257,6 +261,21 @@ class Node:
         stack, self._stack, self._nursery = self._stack, None, None
         if stack is not None:
             await stack.__aexit__(exc_type, exc, tb)
+
+    async def _close_network(self) -> None:
+        # Connections only: listeners stay open until the host exits, because
+        # gossipsub reads their sockets for our addresses while it winds down.
+        network = self.host.get_network()
+        gate = getattr(network, "connection_gate", None)
+        if gate is not None:  # and no new ones, in or out, while the services stop
+
+            async def refuse(_addr: Multiaddr) -> bool:
+                return False
+
+            gate.is_allowed = refuse
+        with trio.move_on_after(5):
+            for peer in list(network.connections):  # type: ignore[attr-defined]
+                await network.close_peer(peer)
 
     # ---- public API -------------------------------------------------------------
 

@@ -202,3 +202,38 @@ def test_clean_shutdown_prints_no_tracebacks() -> None:
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "done"
     assert "Traceback" not in out.stderr and "LifecycleError" not in out.stderr, out.stderr
+
+
+async def test_shutdown_while_gossip_flows() -> None:
+    # Peers that leave while messages still arrive: py-libp2p's pubsub stopped
+    # before the host's connection tasks did and spawned into its closed nursery
+    # ("Nursery is closed to new arrivals"). Node now hangs up first.
+    for _ in range(3):
+        async with open_nodes(4) as nodes:
+            topic = "/cocoon/test/1"
+            for n in nodes:
+                await n.subscribe(topic, queue_size=4096)
+            await trio.sleep(1.2)
+            async with trio.open_nursery() as nursery:
+
+                async def flood(n: Node) -> None:
+                    while True:
+                        await n.publish(topic, b"x" * 200)
+                        await trio.sleep(0.002)
+
+                for n in nodes:
+                    nursery.start_soon(flood, n)
+                await trio.sleep(0.3)
+                nursery.cancel_scope.cancel()
+
+
+async def test_py_libp2p_auto_connector_stays_off() -> None:
+    # Left on, it dials up to 150 peers from the peerstore, from both sides at
+    # once; the resulting duplicate connections get closed with their streams.
+    async with open_nodes(3) as nodes:
+        for n in nodes:
+            connector = n.host.get_network().auto_connector  # type: ignore[attr-defined]
+            assert connector._started is False
+            await connector.maybe_connect()  # what a disconnect would trigger: a no-op
+        await trio.sleep(1)
+        assert all(len(n.connected_peers()) <= 2 for n in nodes)
