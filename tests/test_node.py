@@ -204,6 +204,12 @@ def test_clean_shutdown_prints_no_tracebacks() -> None:
     assert "Traceback" not in out.stderr and "LifecycleError" not in out.stderr, out.stderr
 
 
+async def _flood(node: Node, topic: str) -> None:
+    while True:
+        await node.publish(topic, b"x" * 200)
+        await trio.sleep(0.002)
+
+
 async def test_shutdown_while_gossip_flows() -> None:
     # Peers that leave while messages still arrive: py-libp2p's pubsub stopped
     # before the host's connection tasks did and spawned into its closed nursery
@@ -215,14 +221,8 @@ async def test_shutdown_while_gossip_flows() -> None:
                 await n.subscribe(topic, queue_size=4096)
             await trio.sleep(1.2)
             async with trio.open_nursery() as nursery:
-
-                async def flood(n: Node) -> None:
-                    while True:
-                        await n.publish(topic, b"x" * 200)
-                        await trio.sleep(0.002)
-
                 for n in nodes:
-                    nursery.start_soon(flood, n)
+                    nursery.start_soon(_flood, n, topic)
                 await trio.sleep(0.3)
                 nursery.cancel_scope.cancel()
 
