@@ -274,7 +274,7 @@ class Node:
 
             gate.is_allowed = refuse
         with trio.move_on_after(5):
-            for peer in list(network.connections):  # type: ignore[attr-defined]
+            for peer in list(network.connections):
                 await network.close_peer(peer)
 
     # ---- public API -------------------------------------------------------------
