@@ -38,13 +38,17 @@ from multiaddr import Multiaddr
 
 from . import dht, protocols
 from .announcement import Announcement, Offer
+from .backends import Backend
 from .capability import CapabilityRecord
 from .directory import WorkerDirectory, WorkerOffer
 from .errors import ConfigError, ProtocolError
 from .host import build_host, quiet_libp2p_logs
 from .identity import Identity, load_or_create_identity, peer_id_to_str
+from .jobs import InferenceResult, JobClient, JobWorker
+from .models import ModelSpec
 from .peerscore import DisconnectPeer, PeerScores
 from .peerset import PeerSet
+from .tensors import Tensor
 
 log = logging.getLogger("cocoon_p2p.node")
 # Publish waits while a peer's outbound queue is this full (py-libp2p drops at 32).
@@ -89,6 +93,7 @@ class NodeConfig:
     gossip_degree_high: int = 12
     gossip_heartbeat_s: int = 1
     event_queue_size: int = 256
+    job_capacity: int = 8  # jobs a worker admits at once before answering "busy"
     quiet_logs: bool = True
     seed: int | None = None  # for the backoff jitter; None: from the OS
 
@@ -192,6 +197,8 @@ class Node:
         self.host: IHost = build_host(self.identity, announce_addrs=self.config.announce_addrs)
         self.pubsub: Pubsub | None = None
         self.dht: KadDHT | None = None
+        self.job_worker: JobWorker | None = None
+        self.job_client: JobClient | None = None
 
     # ---- identity and addresses -------------------------------------------------
 
@@ -245,6 +252,9 @@ class Node:
             subscription = await self.pubsub.subscribe(protocols.ANNOUNCE_TOPIC)
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(self._nursery.cancel_scope.cancel)  # runs before the nursery exits
+            self.job_client = JobClient(
+                self.host, self._nursery, self._job_offers, rng=random.Random(self.config.seed)
+            )
             self._nursery.start_soon(self._drain_gossip, subscription)
             self._nursery.start_soon(self._maintain_peers)
             self._nursery.start_soon(self._advertise)
@@ -305,6 +315,65 @@ class Node:
             self._running_jobs = running_jobs
             self._free.update(free_capacity)
             self._changed.set()
+
+    # ---- jobs ---------------------------------------------------------------------
+
+    def serve_model(self, spec: ModelSpec, backend: Backend, *, price_nanoton: int, gpu: str = "cpu") -> None:
+        """Serve a hash-checked model: accept its jobs and advertise it (gossip + DHT)."""
+        worker = self._job_worker()
+        worker.serve(spec, backend, price_nanoton=price_nanoton)
+        caps = [c for c in self._capabilities if c.model_id != spec.model_id]
+        caps.append(
+            ModelCapability(
+                model_id=spec.model_id,
+                backend=backend.name,
+                gpu=gpu if backend.device != "cpu" else "cpu",
+                max_batch=spec.max_batch,
+                price_nanoton=price_nanoton,
+                unit=spec.unit,
+                capacity=worker.capacity,
+            )
+        )
+        self.set_capabilities(caps)
+
+    def stop_accepting_jobs(self) -> None:
+        """New jobs are refused with ``shutting-down``; running ones finish."""
+        if self.job_worker is not None:
+            self.job_worker.accepting = False
+
+    async def infer(
+        self,
+        model_id: bytes,
+        *,
+        inputs: tuple[Tensor, ...] = (),
+        texts: tuple[str, ...] = (),
+        max_price_nanoton: int,
+        timeout_s: float = 30.0,
+    ) -> InferenceResult:
+        """Run one job on the network: the router picks a worker for ``model_id``
+        at no more than ``max_price_nanoton`` per unit; retried elsewhere on failure.
+        Raises :class:`~.jobs.JobFailed`."""
+        assert self.job_client is not None, "node is not running"
+        return await self.job_client.infer(
+            model_id, inputs=inputs, texts=texts, max_price=max_price_nanoton, timeout_s=timeout_s
+        )
+
+    async def _job_offers(self, model_id: bytes) -> list[WorkerOffer]:
+        offers = await self.find_workers(model_id, use_dht=False)
+        return offers or await self.find_workers(model_id, use_dht=True, timeout_s=5.0)
+
+    def _job_worker(self) -> JobWorker:
+        if self.job_worker is None:
+            assert self._nursery is not None, "node is not running"
+            self.job_worker = JobWorker(self.host, self._nursery, capacity=self.config.job_capacity)
+            worker = self.job_worker
+
+            def report() -> None:
+                free = max(0, worker.capacity - worker.running)
+                self.set_load(running_jobs=worker.running, free_capacity={m: free for m in worker.models})
+
+            worker.on_load_change = report
+        return self.job_worker
 
     async def find_workers(
         self, model_id: bytes, *, use_dht: bool = True, timeout_s: float = 10.0

@@ -5,7 +5,7 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cocoon_p2p import announcement, capability
+from cocoon_p2p import announcement, capability, jobconn, jobframes, tensors
 from cocoon_p2p.directory import WorkerDirectory
 from cocoon_p2p.errors import RemoteProtocolError
 
@@ -67,3 +67,47 @@ def test_mutated_valid_messages(flips: list[tuple[int, int]]) -> None:
 def test_random_dht_keys(key: str, value: bytes) -> None:
     _check(lambda v: capability.decode_for_key(key, v, now_ms=NOW), value)
     _check(lambda k: capability.decode_for_key(k, VALID_RECORD, now_ms=NOW), key)  # type: ignore[arg-type]
+
+
+# ---- job frames and the job connection ------------------------------------------------
+
+_JOB_REQ = jobframes.encode_frame(
+    jobframes.JobRequest(
+        job_id=3,
+        model_id=bytes(32),
+        inputs=(tensors.Tensor("x", "float32", (2, 2), bytes(16)),),
+        deadline_ms=1,
+        max_price_nanoton=1,
+    )
+)[4:]
+
+
+@FUZZ
+@given(st.binary(max_size=300))
+def test_job_frame_random_bytes(data: bytes) -> None:
+    _check(jobframes.decode_frame, data)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6))
+def test_job_frame_mutations(flips: list[tuple[int, int]]) -> None:
+    _check(jobframes.decode_frame, _mutate(_JOB_REQ, flips))
+
+
+@FUZZ
+@given(msgpack_values)
+def test_job_frame_structured_garbage(value: object) -> None:
+    _check(jobframes.decode_frame, msgpack.packb(value, use_bin_type=True))
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=64), max_size=8), st.sampled_from([jobconn.Role.CLIENT, jobconn.Role.WORKER]))
+def test_job_connection_stream_garbage(chunks: list[bytes], role: jobconn.Role) -> None:
+    conn = jobconn.JobConnection(role, max_frame=4096)
+    try:
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            while conn.next_event() is not jobconn.NEED_DATA:
+                pass
+    except RemoteProtocolError:
+        assert conn.errored is not None

@@ -16,6 +16,12 @@ PURE_MODULES = [
     "cocoon_p2p.peerscore",
     "cocoon_p2p.peerset",
     "cocoon_p2p.protocols",
+    "cocoon_p2p.tensors",
+    "cocoon_p2p.jobframes",
+    "cocoon_p2p.jobconn",
+    "cocoon_p2p.batching",
+    "cocoon_p2p.routing",
+    "cocoon_p2p.models",
 ]
 
 

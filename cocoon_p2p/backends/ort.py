@@ -1,0 +1,59 @@
+"""The onnxruntime backend: CPU everywhere, CUDA where onnxruntime-gpu finds a GPU."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from . import BackendError, IOSpec
+
+# onnxruntime type strings -> numpy dtype names
+_ORT_TYPES = {
+    "tensor(float)": "float32",
+    "tensor(float16)": "float16",
+    "tensor(int64)": "int64",
+    "tensor(int32)": "int32",
+    "tensor(int8)": "int8",
+    "tensor(uint8)": "uint8",
+    "tensor(bool)": "bool",
+}
+
+
+def _spec(arg: Any) -> IOSpec:
+    dtype = _ORT_TYPES.get(arg.type)
+    if dtype is None:
+        raise BackendError(f"{arg.name}: unsupported type {arg.type}")
+    return IOSpec(arg.name, dtype, tuple(d if isinstance(d, int) else None for d in arg.shape))
+
+
+class OnnxRuntimeBackend:
+    """One onnxruntime InferenceSession. ``threads`` 0: onnxruntime's default (all cores)."""
+
+    name = "onnxruntime"
+
+    def __init__(self, path: Path, *, threads: int = 0) -> None:
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = threads
+        opts.log_severity_level = 3
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
+        try:
+            self.session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
+        except Exception as exc:  # onnxruntime raises its own untyped errors
+            raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
+        self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        self.inputs = tuple(_spec(a) for a in self.session.get_inputs())
+        self.outputs = tuple(_spec(a) for a in self.session.get_outputs())
+
+    def run(self, feeds: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+        try:
+            results = self.session.run(None, feeds)
+        except Exception as exc:
+            raise BackendError(f"onnxruntime failed: {exc}") from exc
+        return {spec.name: np.asarray(r) for spec, r in zip(self.outputs, results, strict=True)}
+
+    def close(self) -> None:
+        del self.session

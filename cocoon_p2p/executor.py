@@ -1,0 +1,100 @@
+"""Runs job requests on a loaded model: input checks, batching across jobs, usage.
+
+Synchronous (the worker service calls it in a thread). Kinds:
+
+* ``tensor``: the request's named tensors feed the model; jobs whose inputs agree
+  in everything but axis 0 are concatenated into one run and split afterwards;
+  usage = rows (items).
+* ``embedding``: the request's texts are tokenized (padding, truncation at the
+  model's max_seq), embedded in one run per batch; usage = texts (items).
+
+A request that does not fit the model fails alone in :meth:`Executor.check`,
+before it can spoil a batch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from .backends import Backend, check_feeds
+from .errors import MalformedMessage
+from .jobframes import BAD_INPUT, JobRequest
+from .models import ModelSpec
+from .tensors import Tensor, from_numpy, to_numpy
+
+
+@dataclass(frozen=True)
+class Outcome:
+    outputs: tuple[Tensor, ...]
+    units: int
+
+
+class Executor:
+    """One model on one backend."""
+
+    def __init__(self, spec: ModelSpec, backend: Backend) -> None:
+        self.spec = spec
+        self.backend = backend
+        self.tokenizer: Any = None
+        if spec.kind == "embedding":
+            from tokenizers import Tokenizer
+
+            assert spec.tokenizer is not None
+            tok = Tokenizer.from_file(str(spec.tokenizer))
+            tok.enable_truncation(max_length=spec.max_seq)
+            tok.enable_padding()
+            self.tokenizer = tok
+        elif spec.kind != "tensor":
+            raise MalformedMessage(f"{spec.kind} models are not served by this executor")
+
+    def check(self, req: JobRequest) -> object:
+        """Validate ``req`` against the model; return its batch key (jobs with equal keys batch)."""
+        if self.spec.kind == "embedding":
+            if req.inputs or not req.texts:
+                raise MalformedMessage("an embedding job carries texts, not tensors", code=BAD_INPUT)
+            if len(req.texts) > self.spec.max_batch * 8:
+                raise MalformedMessage("too many texts in one job", code=BAD_INPUT)
+            return "texts"
+        if req.texts or not req.inputs:
+            raise MalformedMessage("a tensor job carries tensors, not texts", code=BAD_INPUT)
+        feeds = {t.name: to_numpy(t) for t in req.inputs}
+        if len(feeds) != len(req.inputs):
+            raise MalformedMessage("duplicate input names", code=BAD_INPUT)
+        check_feeds(self.backend.inputs, feeds)
+        return tuple((t.name, t.dtype, t.shape[1:]) for t in sorted(req.inputs, key=lambda t: t.name))
+
+    def run(self, requests: list[JobRequest]) -> list[Outcome]:
+        """Run checked requests with one key together; one Outcome per request, in order."""
+        if self.spec.kind == "embedding":
+            return self._run_texts(requests)
+        return self._run_tensors(requests)
+
+    def _run_tensors(self, requests: list[JobRequest]) -> list[Outcome]:
+        rows = [req.inputs[0].shape[0] for req in requests]
+        feeds: dict[str, np.ndarray[Any, Any]] = {}
+        for spec in self.backend.inputs:
+            parts = [to_numpy(next(t for t in req.inputs if t.name == spec.name)) for req in requests]
+            feeds[spec.name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
+        out = self.backend.run(feeds)
+        return self._split(out, rows)
+
+    def _run_texts(self, requests: list[JobRequest]) -> list[Outcome]:
+        texts = [t for req in requests for t in req.texts]
+        enc = self.tokenizer.encode_batch(texts)
+        ids = np.array([e.ids for e in enc], dtype=np.int64)
+        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
+        available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
+        feeds = {spec.name: available[spec.name] for spec in self.backend.inputs}
+        out = self.backend.run(feeds)
+        return self._split(out, [len(req.texts) for req in requests])
+
+    def _split(self, out: dict[str, np.ndarray[Any, Any]], rows: list[int]) -> list[Outcome]:
+        outcomes, start = [], 0
+        for n in rows:
+            tensors = tuple(from_numpy(name, arr[start : start + n]) for name, arr in out.items())
+            outcomes.append(Outcome(tensors, n))
+            start += n
+        return outcomes

@@ -1,0 +1,94 @@
+"""Client-side choice of a worker for a job (pure; randomness passed in).
+
+The COCOON proxy rule: among the workers that serve the model at no more than
+the client's price cap, prefer the one with the least expected wait, i.e. the
+lowest (jobs running + 1) x average job time. A client does not see other
+clients' jobs except through gossiped load, so many clients applying the rule
+to the same view would all pick the same worker; *power of two choices* breaks
+the herd: sample two eligible workers at random and take the better of those.
+
+The router learns from its own jobs: running count and an exponentially
+weighted average of job time per worker. A worker that refused or failed is
+avoided for a short cool-down.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from .directory import WorkerOffer
+
+DEFAULT_JOB_S = 0.05  # assumed job time for a worker we have no figures for
+EWMA_ALPHA = 0.2
+COOLDOWN_S = 5.0
+
+
+@dataclass
+class WorkerStats:
+    running: int = 0
+    avg_job_s: float = DEFAULT_JOB_S
+    jobs_ok: int = 0
+    jobs_failed: int = 0
+    avoid_until: float = 0.0
+
+
+class Router:
+    """Chooses workers and keeps the per-worker figures the choice needs."""
+
+    def __init__(self, *, rng: random.Random, choices: int = 2) -> None:
+        self.rng = rng
+        self.choices = choices
+        self.stats: dict[bytes, WorkerStats] = {}
+
+    def cost(self, offer: WorkerOffer) -> float:
+        """Expected wait for one more job on this worker, in seconds."""
+        s = self.stats.get(offer.peer_id, WorkerStats())
+        running = s.running
+        if offer.running_jobs is not None:  # gossiped load includes other clients' jobs
+            running = max(running, offer.running_jobs)
+        return (running + 1) * s.avg_job_s
+
+    def eligible(
+        self, offers: Iterable[WorkerOffer], *, max_price: int, now: float, exclude: frozenset[bytes] = frozenset()
+    ) -> list[WorkerOffer]:
+        out = []
+        for o in offers:
+            s = self.stats.get(o.peer_id)
+            if o.price_nanoton > max_price or o.peer_id in exclude:
+                continue
+            if s is not None and s.avoid_until > now:
+                continue
+            out.append(o)
+        return out
+
+    def choose(
+        self, offers: Iterable[WorkerOffer], *, max_price: int, now: float, exclude: frozenset[bytes] = frozenset()
+    ) -> WorkerOffer | None:
+        """The worker for the next job, or None when no offer is eligible."""
+        pool = self.eligible(offers, max_price=max_price, now=now, exclude=exclude)
+        if not pool:
+            # Every worker is cooling down: better a recently failed one than none.
+            pool = [o for o in offers if o.price_nanoton <= max_price and o.peer_id not in exclude]
+            if not pool:
+                return None
+        sample = self.rng.sample(pool, min(self.choices, len(pool)))  # random order breaks ties too
+        return min(sample, key=lambda o: (self.cost(o), o.price_nanoton))
+
+    # ---- feedback from the client's own jobs -------------------------------------
+
+    def started(self, peer_id: bytes) -> None:
+        self.stats.setdefault(peer_id, WorkerStats()).running += 1
+
+    def finished(self, peer_id: bytes, elapsed_s: float) -> None:
+        s = self.stats.setdefault(peer_id, WorkerStats())
+        s.running = max(0, s.running - 1)
+        s.jobs_ok += 1
+        s.avg_job_s += EWMA_ALPHA * (elapsed_s - s.avg_job_s)
+
+    def failed(self, peer_id: bytes, now: float, *, cooldown_s: float = COOLDOWN_S) -> None:
+        s = self.stats.setdefault(peer_id, WorkerStats())
+        s.running = max(0, s.running - 1)
+        s.jobs_failed += 1
+        s.avoid_until = now + cooldown_s

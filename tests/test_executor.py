@@ -1,0 +1,97 @@
+"""Models and backends: hash checks, the onnxruntime backend, batching equals single runs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cocoon_p2p import jobframes as jf
+from cocoon_p2p.backends import BackendError, backend_choice, open_backend
+from cocoon_p2p.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.backends.trt import tensorrt_unavailable_reason
+from cocoon_p2p.errors import MalformedMessage
+from cocoon_p2p.executor import Executor
+from cocoon_p2p.models import ModelError, ModelSpec, load_model
+from cocoon_p2p.tensors import from_numpy, to_numpy
+from cocoon_p2p.tinymodel import BIAS, WEIGHTS, build_tiny_model
+
+
+def reference(x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
+    return np.maximum(x @ np.array(WEIGHTS, dtype=np.float32) + np.array(BIAS, dtype=np.float32), 0)
+
+
+def job(job_id: int, x: np.ndarray) -> jf.JobRequest:  # type: ignore[type-arg]
+    return jf.JobRequest(
+        job_id=job_id, model_id=bytes(32), inputs=(from_numpy("x", x),), deadline_ms=1, max_price_nanoton=1
+    )
+
+
+def test_model_id_is_the_file_hash_and_is_checked(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    assert tiny_model.model_id == hashlib.sha256(tiny_model.path.read_bytes()).digest()
+    again = build_tiny_model(tmp_path / "again.onnx")  # a deterministic build: the same id
+    assert load_model(again).model_id == tiny_model.model_id
+    with pytest.raises(ModelError):
+        load_model(again, expected_id=bytes(32))
+    with pytest.raises(ModelError):
+        load_model(tmp_path / "missing.onnx")
+    with pytest.raises(ModelError):
+        load_model(again, kind="embedding")  # no tokenizer
+
+
+def test_onnxruntime_matches_reference_and_batches_split_back(tiny_model: ModelSpec) -> None:
+    ex = Executor(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1))
+    rng = np.random.default_rng(3)
+    xs = [rng.standard_normal((n, 4)).astype(np.float32) for n in (1, 3, 2)]
+    reqs = [job(i, x) for i, x in enumerate(xs)]
+    keys = {ex.check(r) for r in reqs}
+    assert len(keys) == 1
+    together = ex.run(reqs)
+    for x, out in zip(xs, together, strict=True):
+        assert out.units == len(x)
+        np.testing.assert_allclose(to_numpy(out.outputs[0]), reference(x), rtol=1e-6, atol=1e-6)
+        (alone,) = ex.run([job(9, x)])
+        assert to_numpy(alone.outputs[0]).tobytes() == to_numpy(out.outputs[0]).tobytes()
+
+
+@pytest.mark.parametrize(
+    "bad",
+    [
+        from_numpy("x", np.zeros((2, 5), dtype=np.float32)),  # wrong width
+        from_numpy("x", np.zeros((2, 4), dtype=np.int32)),  # wrong dtype
+        from_numpy("x", np.zeros((4,), dtype=np.float32)),  # wrong rank
+        from_numpy("y", np.zeros((2, 4), dtype=np.float32)),  # wrong name
+        from_numpy("x", np.zeros((0, 4), dtype=np.float32)),  # empty
+    ],
+)
+def test_inputs_that_do_not_fit_the_model_are_bad_input(tiny_model: ModelSpec, bad: object) -> None:
+    ex = Executor(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1))
+    req = jf.JobRequest(job_id=1, model_id=bytes(32), inputs=(bad,), deadline_ms=1, max_price_nanoton=1)  # type: ignore[arg-type]
+    with pytest.raises(MalformedMessage) as err:
+        ex.check(req)
+    assert err.value.code == jf.BAD_INPUT
+
+
+def test_backend_choice_explains_itself(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    name, why = backend_choice("auto")
+    reason = tensorrt_unavailable_reason()
+    assert (name == "tensorrt") == (reason is None)
+    if reason is not None:
+        assert why == reason
+    with pytest.raises(BackendError):
+        backend_choice("cuda-magic")
+    with pytest.raises(BackendError):
+        OnnxRuntimeBackend(tmp_path / "nothing.onnx")
+
+
+@pytest.mark.skipif(tensorrt_unavailable_reason() is not None, reason=f"TensorRT: {tensorrt_unavailable_reason()}")
+def test_tensorrt_matches_onnxruntime(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    trt = open_backend("tensorrt", tiny_model.path, model_id=tiny_model.model_id, cache_dir=tmp_path, max_batch=8)
+    ort = OnnxRuntimeBackend(tiny_model.path)
+    x = np.random.default_rng(5).standard_normal((5, 4)).astype(np.float32)
+    np.testing.assert_allclose(trt.run({"x": x})["y"], ort.run({"x": x})["y"], rtol=1e-3, atol=1e-3)
+    assert list(tmp_path.glob("*.engine"))  # cached: a second load skips the build
+    again = open_backend("tensorrt", tiny_model.path, model_id=tiny_model.model_id, cache_dir=tmp_path, max_batch=8)
+    np.testing.assert_allclose(again.run({"x": x})["y"], ort.run({"x": x})["y"], rtol=1e-3, atol=1e-3)

@@ -1,0 +1,77 @@
+"""Job frames: round trips, limits, and rejection of malformed input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cocoon_p2p import jobframes as jf
+from cocoon_p2p.errors import LocalProtocolError, MalformedMessage, MessageTooLarge
+from cocoon_p2p.tensors import Tensor, from_numpy, to_numpy
+from cocoon_p2p.wire import pack
+
+MODEL = bytes(range(32))
+X = from_numpy("x", np.arange(8, dtype=np.float32).reshape(2, 4))
+
+FRAMES: list[jf.Frame] = [
+    jf.JobRequest(job_id=1, model_id=MODEL, inputs=(X,), deadline_ms=10**13, max_price_nanoton=5),
+    jf.JobRequest(job_id=2, model_id=MODEL, texts=("hi", "yo"), max_tokens=16, deadline_ms=1, max_price_nanoton=0),
+    jf.JobAccepted(job_id=1, price_nanoton=3, unit="item"),
+    jf.JobChunk(job_id=1, seq=0, token_ids=(5, 6), text="hi"),
+    jf.JobResult(job_id=1, outputs=(X,), usage_units=2, cost_nanoton=6, compute_us=10),
+    jf.JobError(job_id=1, code=jf.BUSY, message="full"),
+    jf.JobCancel(job_id=1),
+]
+
+
+@pytest.mark.parametrize("frame", FRAMES, ids=lambda f: type(f).__name__)
+def test_round_trip(frame: jf.Frame) -> None:
+    data = jf.encode_frame(frame)
+    assert int.from_bytes(data[:4], "big") == len(data) - 4
+    assert jf.decode_frame(data[4:]) == frame
+
+
+def test_tensor_round_trip_keeps_values() -> None:
+    a = np.random.default_rng(1).standard_normal((3, 5)).astype(np.float32)
+    assert np.array_equal(to_numpy(from_numpy("a", a)), a)
+    big_endian = a.astype(">f4")
+    assert np.array_equal(to_numpy(from_numpy("a", big_endian)), a)
+
+
+@pytest.mark.parametrize(
+    ("wire", "what"),
+    [
+        ([99, 1], "unknown type"),
+        ([1, 1, MODEL[:31], [], [], 0, 0, 0], "short model id"),
+        ([1, -1, MODEL, [], [], 0, 0, 0], "negative job id"),
+        ([1, 1, MODEL, [["x", "float32", [2, 4], b"\0" * 31]], [], 0, 0, 0], "tensor bytes do not match shape"),
+        ([1, 1, MODEL, [["x", "complex64", [1], b"\0" * 8]], [], 0, 0, 0], "unsupported dtype"),
+        ([1, 1, MODEL, [["x", "float32", [1] * 9, b"\0" * 4]], [], 0, 0, 0], "rank above limit"),
+        ([1, 1, MODEL, [], [""], 0, 0, 0], "empty text"),
+        ([1, 1, MODEL, [], [], jf.MAX_TOKENS + 1, 0, 0], "too many tokens"),
+        ([5, 1, "no-such-code", ""], "unknown error code"),
+        ([3, 1, 0, ["a"], ""], "token id not int"),
+        ([4, 1, [], 1, True, 0], "bool as int"),
+        ({"a": 1}, "not an array"),
+    ],
+)
+def test_malformed_frames_are_rejected(wire: object, what: str) -> None:
+    with pytest.raises(MalformedMessage):
+        jf.decode_frame(pack(wire))
+
+
+def test_size_limits() -> None:
+    with pytest.raises(MessageTooLarge):
+        jf.decode_frame(b"\x90" * 100, max_frame=50)
+    big = from_numpy("x", np.zeros((1024, 1024), dtype=np.float32))
+    req = jf.JobRequest(job_id=1, model_id=MODEL, inputs=(big,), deadline_ms=1, max_price_nanoton=1)
+    with pytest.raises(LocalProtocolError) as err:
+        jf.encode_frame(req, max_frame=1 << 20)
+    assert err.value.code == jf.TOO_LARGE
+
+
+def test_tensor_checks_itself() -> None:
+    with pytest.raises(LocalProtocolError):
+        Tensor("x", "float32", (2,), b"\0" * 4)
+    with pytest.raises(LocalProtocolError):
+        jf.JobError(job_id=1, code="made-up")

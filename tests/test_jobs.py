@@ -1,0 +1,189 @@
+"""Jobs between real peers on 127.0.0.1: Noise + yamux streams, real onnxruntime."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+
+from cocoon_p2p import jobframes as jf
+from cocoon_p2p.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.jobs import JobFailed, now_ms
+from cocoon_p2p.models import ModelSpec
+from cocoon_p2p.node import Node
+from cocoon_p2p.protocols import JOB_PROTOCOL
+from cocoon_p2p.tensors import from_numpy, to_numpy
+
+from .netutil import fast_config, wait_for
+from .test_executor import reference
+
+PRICE = 7
+
+
+@asynccontextmanager
+async def network(
+    spec: ModelSpec, workers: int = 2, *, capacity: int = 8, prices: list[int] | None = None
+) -> AsyncIterator[tuple[Node, list[Node], list[trio.CancelScope]]]:
+    """A client and ``workers`` workers serving ``spec``; each worker runs under its
+    own cancel scope so a test can kill it."""
+    async with Node(fast_config()) as client, trio.open_nursery() as nursery:
+        nodes: list[Node] = []
+        scopes: list[trio.CancelScope] = []
+
+        async def run_worker(i: int, task_status: trio.TaskStatus[None]) -> None:
+            with trio.CancelScope() as scope:
+                scopes.append(scope)
+                async with Node(fast_config(bootstrap=[client.addrs[0]], job_capacity=capacity)) as w:
+                    price = (prices or [PRICE] * workers)[i]
+                    w.serve_model(spec, OnnxRuntimeBackend(spec.path, threads=1), price_nanoton=price)
+                    nodes.append(w)
+                    task_status.started()
+                    await trio.sleep_forever()
+
+        for i in range(workers):
+            await nursery.start(run_worker, i)
+        await wait_for(lambda: len(client.directory.workers_for(spec.model_id, now_ms=now_ms())) == workers)
+        yield client, nodes, scopes
+        nursery.cancel_scope.cancel()
+
+
+def x_rows(n: int, seed: int = 0) -> np.ndarray:  # type: ignore[type-arg]
+    return np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
+
+
+async def test_infer_runs_on_a_worker_and_pays_price_times_usage(tiny_model: ModelSpec) -> None:
+    async with network(tiny_model) as (client, workers, _):
+        x = x_rows(3)
+        r = await client.infer(tiny_model.model_id, inputs=(from_numpy("x", x),), max_price_nanoton=10)
+        np.testing.assert_allclose(to_numpy(r.output("y")), reference(x), rtol=1e-6, atol=1e-6)
+        assert r.usage_units == 3 and r.price_nanoton == PRICE and r.cost_nanoton == 3 * PRICE
+        served_by = next(w for w in workers if w.peer_id == r.worker)
+        assert served_by.job_worker is not None and served_by.job_worker.stats.earned_nanoton == 3 * PRICE
+
+
+async def test_jobs_share_one_stream_per_worker(tiny_model: ModelSpec) -> None:
+    async with network(tiny_model) as (client, _workers, _):
+        assert client.job_client is not None
+        for i in range(10):
+            await client.infer(tiny_model.model_id, inputs=(from_numpy("x", x_rows(1, i)),), max_price_nanoton=10)
+        links = dict(client.job_client.links)
+        assert 1 <= len(links) <= 2
+        for i in range(10):
+            await client.infer(tiny_model.model_id, inputs=(from_numpy("x", x_rows(1, i)),), max_price_nanoton=10)
+        assert all(client.job_client.links[p] is link for p, link in links.items())  # no new streams
+
+
+async def test_cheapest_eligible_price_and_cap(tiny_model: ModelSpec) -> None:
+    async with network(tiny_model, prices=[5, 50]) as (client, workers, _):
+        for _ in range(5):
+            r = await client.infer(tiny_model.model_id, inputs=(from_numpy("x", x_rows(1)),), max_price_nanoton=10)
+            assert r.worker == workers[0].peer_id  # the one under the cap
+        with pytest.raises(JobFailed) as err:
+            await client.infer(tiny_model.model_id, inputs=(from_numpy("x", x_rows(1)),), max_price_nanoton=4)
+        assert err.value.code == "no-workers"
+
+
+async def test_typed_refusals_and_the_worker_keeps_serving(tiny_model: ModelSpec) -> None:
+    async with network(tiny_model, workers=1) as (client, workers, _):
+        assert client.job_client is not None
+        (offer,) = client.directory.workers_for(tiny_model.model_id, now_ms=now_ms())
+        good = (from_numpy("x", x_rows(2)),)
+
+        async def attempt(**kw: object) -> str:
+            args: dict[str, object] = dict(
+                model_id=tiny_model.model_id, inputs=good, max_price=10, deadline_ms=now_ms() + 10_000
+            )
+            args.update(kw)
+            try:
+                await client.job_client.run_on(offer, **args)  # type: ignore[union-attr, arg-type]
+            except JobFailed as exc:
+                return exc.code
+            return "ok"
+
+        assert await attempt(model_id=bytes(32)) == jf.UNKNOWN_MODEL
+        assert await attempt(max_price=1) == jf.PRICE
+        assert await attempt(deadline_ms=now_ms() - 1) == jf.DEADLINE
+        assert await attempt(inputs=(from_numpy("x", np.zeros((2, 5), np.float32)),)) == jf.BAD_INPUT
+        assert await attempt(inputs=(), texts=("not a tensor model",)) == jf.BAD_INPUT
+        assert await attempt() == "ok"
+        stats = workers[0].job_worker.stats  # type: ignore[union-attr]
+        assert stats.refused == {jf.UNKNOWN_MODEL: 1, jf.PRICE: 1, jf.DEADLINE: 1, jf.BAD_INPUT: 2}
+        assert stats.jobs_ok == 1 and stats.earned_nanoton == 2 * PRICE
+
+
+async def test_garbage_on_a_job_stream_does_not_stop_the_worker(tiny_model: ModelSpec) -> None:
+    async with network(tiny_model, workers=1) as (client, workers, _):
+        w = workers[0]
+        for junk in (b"\xff\xff\xff\xff" + b"x" * 64, b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1", b"\x00" * 3):
+            stream = await client.host.new_stream(ID(w.peer_id), [TProtocol(JOB_PROTOCOL)])
+            await stream.write(junk)
+            await stream.close()
+        r = await client.infer(tiny_model.model_id, inputs=(from_numpy("x", x_rows(1)),), max_price_nanoton=10)
+        assert r.worker == w.peer_id
+
+
+async def test_busy_worker_refuses_and_the_client_goes_elsewhere(slow_model: ModelSpec) -> None:
+    async with network(slow_model, capacity=1) as (client, workers, _):
+        big = (from_numpy("x", x_rows(8192)),)
+        results = []
+
+        async def one() -> None:
+            results.append(await client.infer(slow_model.model_id, inputs=big, max_price_nanoton=10))
+
+        async with trio.open_nursery() as n:
+            for _ in range(2):
+                n.start_soon(one)
+        assert {r.worker for r in results} == {w.peer_id for w in workers}
+        refused = sum(w.job_worker.stats.refused.get(jf.BUSY, 0) for w in workers)  # type: ignore[union-attr]
+        retries = client.job_client.stats.retries  # type: ignore[union-attr]
+        assert retries == refused  # every busy refusal was retried on the other worker
+
+
+async def test_cancel_stops_the_job_on_the_worker_and_costs_nothing(slow_model: ModelSpec) -> None:
+    async with network(slow_model, workers=1) as (client, workers, _):
+        stats = workers[0].job_worker.stats  # type: ignore[union-attr]
+        big = (from_numpy("x", x_rows(8192)),)
+        with trio.move_on_after(0.05):
+            await client.infer(slow_model.model_id, inputs=big, max_price_nanoton=10)
+        await wait_for(lambda: stats.jobs_failed == 1)
+        assert stats.jobs_ok == 0 and stats.earned_nanoton == 0
+        assert workers[0].job_worker.running == 0  # type: ignore[union-attr]
+
+
+async def test_worker_killed_mid_job_the_client_retries_and_pays_once(slow_model: ModelSpec) -> None:
+    async with network(slow_model) as (client, workers, scopes):
+        big = (from_numpy("x", x_rows(8192)),)
+        job_client = client.job_client
+        assert job_client is not None
+        result = []
+
+        async def run() -> None:
+            result.append(await client.infer(slow_model.model_id, inputs=big, max_price_nanoton=10))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(run)
+            await wait_for(lambda: any(w.job_worker.running for w in workers))  # type: ignore[union-attr]
+            victim = next(i for i, w in enumerate(workers) if w.job_worker.running)  # type: ignore[union-attr]
+            scopes[victim].cancel()
+        (r,) = result
+        assert r.worker != workers[victim].peer_id and r.attempts == 2
+        assert job_client.stats.paid_nanoton == r.cost_nanoton == 8192 * PRICE
+
+
+async def test_concurrent_jobs_are_batched(tiny_model: ModelSpec) -> None:
+    async with network(tiny_model, workers=1, capacity=32) as (client, workers, _):
+
+        async def one(i: int) -> None:
+            await client.infer(tiny_model.model_id, inputs=(from_numpy("x", x_rows(1, i)),), max_price_nanoton=10)
+
+        async with trio.open_nursery() as n:
+            for i in range(24):
+                n.start_soon(one, i)
+        stats = workers[0].job_worker.stats  # type: ignore[union-attr]
+        assert stats.jobs_ok == 24 and stats.batched_items == 24
+        assert stats.batches < 24

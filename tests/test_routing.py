@@ -1,0 +1,70 @@
+"""Router: price cap, least expected wait, power of two choices, cool-down after failure."""
+
+from __future__ import annotations
+
+import random
+from collections import Counter
+
+from cocoon_p2p.directory import WorkerOffer
+from cocoon_p2p.routing import Router
+
+
+def offer(n: int, *, price: int = 1, running: int | None = 0) -> WorkerOffer:
+    return WorkerOffer(
+        peer_id=bytes([n]) * 38,
+        model_id=bytes(32),
+        addrs=(),
+        backend="onnxruntime",
+        gpu="cpu",
+        price_nanoton=price,
+        unit="item",
+        capacity=4,
+        free_capacity=4,
+        running_jobs=running,
+        issued_at_ms=0,
+        expires_at_ms=1,
+        sources=frozenset({"gossip"}),
+    )
+
+
+def test_price_cap_and_exclusion() -> None:
+    r = Router(rng=random.Random(1))
+    offers = [offer(1, price=10), offer(2, price=3)]
+    assert r.choose(offers, max_price=5, now=0).peer_id == offer(2).peer_id  # type: ignore[union-attr]
+    assert r.choose(offers, max_price=5, now=0, exclude=frozenset({offer(2).peer_id})) is None
+
+
+def test_prefers_less_loaded_and_faster_workers() -> None:
+    r = Router(rng=random.Random(1))
+    slow, fast = offer(1), offer(2)
+    for _ in range(20):
+        r.started(slow.peer_id)
+        r.finished(slow.peer_id, 0.5)
+        r.started(fast.peer_id)
+        r.finished(fast.peer_id, 0.01)
+    assert r.choose([slow, fast], max_price=1, now=0) == fast
+    busy = offer(3, running=10)
+    idle = offer(4, running=0)
+    assert r.choose([busy, idle], max_price=1, now=0) == idle
+
+
+def test_two_choices_spread_load_over_equal_workers() -> None:
+    r = Router(rng=random.Random(7))
+    offers = [offer(i) for i in range(1, 9)]
+    picks: Counter[bytes] = Counter()
+    for _ in range(800):  # jobs pile up (never finish): load must spread evenly
+        o = r.choose(offers, max_price=1, now=0)
+        assert o is not None
+        r.started(o.peer_id)
+        picks[o.peer_id] += 1
+    assert max(picks.values()) - min(picks.values()) <= 3
+
+
+def test_failed_worker_cools_down() -> None:
+    r = Router(rng=random.Random(1))
+    a, b = offer(1), offer(2)
+    r.started(a.peer_id)
+    r.failed(a.peer_id, now=10.0)
+    assert all(r.choose([a, b], max_price=1, now=11.0) == b for _ in range(10))
+    assert r.choose([a], max_price=1, now=11.0) == a  # the only one: better than none
+    assert {r.choose([a, b], max_price=1, now=20.0) for _ in range(30)} == {a, b}
