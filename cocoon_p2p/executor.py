@@ -7,6 +7,8 @@ Synchronous (the worker service calls it in a thread). Kinds:
   usage = rows (items).
 * ``embedding``: the request's texts are tokenized (padding, truncation at the
   model's max_seq), embedded in one run per batch; usage = texts (items).
+* ``generation``: one prompt, greedy decoding with the KV cache, token by token
+  (:meth:`Executor.token_stream`); usage = prompt + generated tokens.
 
 A request that does not fit the model fails alone in :meth:`Executor.check`,
 before it can spoil a batch.
@@ -21,6 +23,7 @@ import numpy as np
 
 from .backends import Backend, check_feeds
 from .errors import MalformedMessage
+from .generation import TokenStream, greedy_tokens
 from .jobframes import BAD_INPUT, JobRequest
 from .models import ModelSpec
 from .tensors import Tensor, from_numpy, to_numpy
@@ -47,11 +50,18 @@ class Executor:
             tok.enable_truncation(max_length=spec.max_seq)
             tok.enable_padding()
             self.tokenizer = tok
-        elif spec.kind != "tensor":
-            raise MalformedMessage(f"{spec.kind} models are not served by this executor")
+        elif spec.kind == "generation":
+            from tokenizers import Tokenizer
+
+            assert spec.tokenizer is not None
+            self.tokenizer = Tokenizer.from_file(str(spec.tokenizer))
 
     def check(self, req: JobRequest) -> object:
         """Validate ``req`` against the model; return its batch key (jobs with equal keys batch)."""
+        if self.spec.kind == "generation":
+            if req.inputs or len(req.texts) != 1 or req.max_tokens < 1:
+                raise MalformedMessage("a generation job carries one prompt and max_tokens >= 1", code=BAD_INPUT)
+            return "prompt"
         if self.spec.kind == "embedding":
             if req.inputs or not req.texts:
                 raise MalformedMessage("an embedding job carries texts, not tensors", code=BAD_INPUT)
@@ -71,6 +81,23 @@ class Executor:
         if self.spec.kind == "embedding":
             return self._run_texts(requests)
         return self._run_tensors(requests)
+
+    def token_stream(self, req: JobRequest) -> tuple[TokenStream, int]:
+        """A generation job's tokens, and the prompt's length in tokens (billed too)."""
+        spec = self.spec
+        prompt_ids = self.tokenizer.encode(req.texts[0], add_special_tokens=False).ids
+        if not prompt_ids or len(prompt_ids) + req.max_tokens > spec.max_context:
+            raise MalformedMessage(f"prompt of {len(prompt_ids)} tokens does not fit the context", code=BAD_INPUT)
+        tokens = greedy_tokens(
+            self.backend.run,
+            prompt_ids,
+            req.max_tokens,
+            eos=spec.eos,
+            layers=spec.layers,
+            kv_heads=spec.kv_heads,
+            head_dim=spec.head_dim,
+        )
+        return TokenStream(self.tokenizer, tokens, eos=spec.eos), len(prompt_ids)
 
     def _run_tensors(self, requests: list[JobRequest]) -> list[Outcome]:
         rows = [req.inputs[0].shape[0] for req in requests]

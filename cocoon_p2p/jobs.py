@@ -75,6 +75,8 @@ class InferenceResult:
     price_nanoton: int
     latency_s: float
     attempts: int
+    token_ids: tuple[int, ...] = ()  # generation: every token, in order
+    text: str = ""  # generation: the decoded text
 
     def output(self, name: str | None = None) -> Tensor:
         return self.outputs[0] if name is None else next(t for t in self.outputs if t.name == name)
@@ -206,6 +208,9 @@ class JobWorker:
         self.running += 1
         self.on_load_change()
         await link.send(jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit))
+        if served.spec.kind == "generation":  # token by token, never batched
+            self.nursery.start_soon(self._run_generation, served, job)
+            return
         for batch in served.batcher.add(key, job, trio.current_time()):
             self.nursery.start_soon(self._run_batch, served, batch.items)
         served.wake.set()
@@ -256,6 +261,37 @@ class JobWorker:
                 await self._finish(job, error=(jf.CANCELLED, "cancelled by the client"))
             else:
                 await self._finish(job, outcome=outcome, price=served.price_nanoton, compute_us=compute_us)
+
+    async def _run_generation(self, served: _Served, job: _WorkerJob) -> None:
+        """Stream tokens as they come; stop between tokens on cancel, deadline or a lost client."""
+        t0 = time.perf_counter()
+        try:
+            stream, prompt_tokens = served.executor.token_stream(job.req)
+        except ProtocolError as exc:
+            return await self._finish(job, error=(jf.BAD_INPUT, str(exc)))
+        seq = 0
+        while True:
+            if job.cancelled:
+                return await self._finish(job, error=(jf.CANCELLED, "cancelled by the client"))
+            if job.req.deadline_ms <= now_ms():
+                return await self._finish(job, error=(jf.DEADLINE, f"deadline passed after {seq} tokens"))
+            try:
+                step = await trio.to_thread.run_sync(stream.next_or_none)
+            except Exception as exc:
+                log.warning("generation failed on %s: %s", served.spec.name, exc)
+                return await self._finish(job, error=(jf.BACKEND, str(exc)[:200]))
+            if step is None:
+                break
+            token, text = step
+            try:
+                await job.link.send(jf.JobChunk(job_id=job.req.job_id, seq=seq, token_ids=(token,), text=text))
+            except Exception:  # the client is gone: stop generating for nobody
+                job.cancelled = True
+                continue
+            seq += 1
+        units = prompt_tokens + seq
+        compute_us = int((time.perf_counter() - t0) * 1e6)
+        await self._finish(job, outcome=Outcome((), units), price=served.price_nanoton, compute_us=compute_us)
 
     async def _finish(
         self,
@@ -389,10 +425,13 @@ class JobClient:
         model_id: bytes,
         inputs: tuple[Tensor, ...] = (),
         texts: tuple[str, ...] = (),
+        max_tokens: int = 0,
         max_price: int,
         deadline_ms: int,
+        on_chunk: Callable[[jf.JobChunk], None] | None = None,
     ) -> tuple[jf.JobResult, int]:
-        """One attempt on one worker: (result, agreed price per unit). Raises JobFailed."""
+        """One attempt on one worker: (result, agreed price per unit). Raises JobFailed.
+        Streamed chunks go to ``on_chunk`` as they arrive."""
         try:
             link = await self._link(offer)
         except Exception as exc:
@@ -406,6 +445,7 @@ class JobClient:
             model_id=model_id,
             inputs=inputs,
             texts=texts,
+            max_tokens=max_tokens,
             deadline_ms=deadline_ms,
             max_price_nanoton=max_price,
         )
@@ -425,6 +465,9 @@ class JobClient:
                     price = item.price_nanoton
                     if price > max_price:  # the protocol lets us check, so we do
                         raise JobFailed(jf.PRICE, "worker accepted above our cap", worker=offer.peer_id)
+                elif isinstance(item, jf.JobChunk):
+                    if on_chunk is not None:
+                        on_chunk(item)
                 elif isinstance(item, jf.JobError):
                     done = True
                     raise JobFailed(item.code, item.message, worker=offer.peer_id)
@@ -449,14 +492,25 @@ class JobClient:
         *,
         inputs: tuple[Tensor, ...] = (),
         texts: tuple[str, ...] = (),
+        max_tokens: int = 0,
         max_price: int,
         timeout_s: float = 30.0,
         attempts: int = 3,
+        on_chunk: Callable[[jf.JobChunk], None] | None = None,
     ) -> InferenceResult:
         """Run a job on the best worker for ``model_id``; retry elsewhere when that fails.
 
-        Raises JobFailed (``no-workers`` when none is eligible, else the last error).
+        A job that already streamed chunks to ``on_chunk`` is not retried (the caller
+        has seen part of one answer). Raises JobFailed (``no-workers`` when none is
+        eligible, else the last error).
         """
+        chunks: list[jf.JobChunk] = []
+
+        def collect(chunk: jf.JobChunk) -> None:
+            chunks.append(chunk)
+            if on_chunk is not None:
+                on_chunk(chunk)
+
         t0 = time.perf_counter()
         deadline_ms = now_ms() + int(timeout_s * 1000)
         tried: set[bytes] = set()
@@ -478,13 +532,15 @@ class JobClient:
                         model_id=model_id,
                         inputs=inputs,
                         texts=texts,
+                        max_tokens=max_tokens,
                         max_price=max_price,
                         deadline_ms=deadline_ms,
+                        on_chunk=collect,
                     )
                 except JobFailed as exc:
                     self.router.failed(offer.peer_id, trio.current_time())
                     last = exc
-                    if not exc.retryable:
+                    if not exc.retryable or chunks:
                         break
                     self.stats.retries += 1
                     continue
@@ -502,6 +558,8 @@ class JobClient:
                     price_nanoton=price,
                     latency_s=time.perf_counter() - t0,
                     attempts=attempt,
+                    token_ids=tuple(t for c in chunks for t in c.token_ids),
+                    text="".join(c.text for c in chunks),
                 )
         self.stats.jobs_failed += 1
         raise last or JobFailed("no-workers", f"no eligible worker for model {model_id.hex()[:16]}")

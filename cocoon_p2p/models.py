@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from .errors import CocoonError
@@ -42,6 +42,12 @@ class ModelSpec:
     tokenizer: Path | None = None
     max_batch: int = 8
     max_seq: int = 256
+    # generation models: the KV-cache layout of the exported decoder
+    layers: int = 0
+    kv_heads: int = 0
+    head_dim: int = 0
+    eos: tuple[int, ...] = ()
+    max_context: int = 2048
 
     @property
     def unit(self) -> str:
@@ -84,7 +90,7 @@ def load_manifest(folder: Path) -> ModelSpec:
     """A model built by :mod:`cocoon_p2p.export`: ``model.json`` beside the files, hash checked."""
     meta = json.loads((folder / "model.json").read_text())
     tok = folder / meta["tokenizer"] if meta.get("tokenizer") else None
-    return load_model(
+    spec = load_model(
         folder / meta["onnx"],
         name=meta["name"],
         kind=meta["kind"],
@@ -92,3 +98,12 @@ def load_manifest(folder: Path) -> ModelSpec:
         tokenizer=tok,
         max_batch=int(meta.get("max_batch", 8)),
     )
+    if spec.kind == "generation":
+        spec = replace(
+            spec,
+            layers=int(meta["layers"]),
+            kv_heads=int(meta["kv_heads"]),
+            head_dim=int(meta["head_dim"]),
+            eos=tuple(int(t) for t in meta["eos"]),
+        )
+    return spec

@@ -14,6 +14,7 @@ outlives the block. The key file is the only state the node writes.
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
 from collections.abc import AsyncIterator
@@ -44,7 +45,8 @@ from .directory import WorkerDirectory, WorkerOffer
 from .errors import ConfigError, ProtocolError
 from .host import build_host, quiet_libp2p_logs
 from .identity import Identity, load_or_create_identity, peer_id_to_str
-from .jobs import InferenceResult, JobClient, JobWorker
+from .jobframes import JobChunk
+from .jobs import InferenceResult, JobClient, JobFailed, JobWorker
 from .models import ModelSpec
 from .peerscore import DisconnectPeer, PeerScores
 from .peerset import PeerSet
@@ -357,6 +359,52 @@ class Node:
         return await self.job_client.infer(
             model_id, inputs=inputs, texts=texts, max_price=max_price_nanoton, timeout_s=timeout_s
         )
+
+    async def generate(
+        self,
+        model_id: bytes,
+        prompt: str,
+        *,
+        max_tokens: int,
+        max_price_nanoton: int,
+        timeout_s: float = 120.0,
+    ) -> AsyncIterator[JobChunk | InferenceResult]:
+        """Generate text: yields each :class:`~.jobframes.JobChunk` as the worker
+        streams it, then the :class:`~.jobs.InferenceResult` (usage and cost).
+
+        ``prompt`` is the full model input (for chat models see
+        :func:`~.generation.chatml_prompt`). Leaving the loop early cancels the job
+        on the worker. Raises :class:`~.jobs.JobFailed`.
+        """
+        assert self.job_client is not None and self._nursery is not None, "node is not running"
+        client = self.job_client
+        send, recv = trio.open_memory_channel[JobChunk | InferenceResult | JobFailed](math.inf)
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            with scope, send:
+                try:
+                    result = await client.infer(
+                        model_id,
+                        texts=(prompt,),
+                        max_tokens=max_tokens,
+                        max_price=max_price_nanoton,
+                        timeout_s=timeout_s,
+                        on_chunk=send.send_nowait,
+                    )
+                    send.send_nowait(result)
+                except JobFailed as exc:
+                    send.send_nowait(exc)
+
+        self._nursery.start_soon(run)
+        try:
+            async with recv:
+                async for item in recv:
+                    if isinstance(item, JobFailed):
+                        raise item
+                    yield item
+        finally:
+            scope.cancel()  # synchronous: safe even when the generator is finalised late
 
     async def _job_offers(self, model_id: bytes) -> list[WorkerOffer]:
         offers = await self.find_workers(model_id, use_dht=False)
