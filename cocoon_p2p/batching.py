@@ -1,10 +1,12 @@
 """Worker-side batching of concurrent jobs for the same model (pure, time passed in).
 
-Jobs wait at most ``max_wait_s`` for company; a batch leaves as soon as it holds
-``max_batch`` items or its oldest job has waited long enough. The trio worker
-service calls :meth:`Batcher.add` when a job arrives and :meth:`Batcher.due`
-when the timer it sets from :meth:`Batcher.next_deadline` fires; the simulator
-does the same with a virtual clock.
+A model runs one batch at a time; jobs that arrive meanwhile queue up and leave
+together as the next batch (up to ``max_batch``, jobs with equal keys only). So
+batching costs an idle worker no latency, and a loaded one gets big batches.
+``max_wait_s`` > 0 additionally holds a lone job that long for company.
+
+The trio worker calls :meth:`Batcher.add` as jobs arrive and :meth:`Batcher.take`
+whenever the model is free; the simulator does the same in virtual time.
 """
 
 from __future__ import annotations
@@ -14,11 +16,12 @@ from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
 T = TypeVar("T")
+_EPS = 1e-9  # absorbs float error in now - since when a timer fires at since + wait
 
 
 @dataclass(frozen=True)
 class Batch(Generic[T]):
-    """Items to run together on one model. ``key`` names the model (and its shape class)."""
+    """Items to run together on one model. ``key`` names their shape class."""
 
     key: object
     items: tuple[T, ...]
@@ -34,35 +37,36 @@ class _Queue(Generic[T]):
 
 
 class Batcher(Generic[T]):
-    """Collects items per key into batches of at most ``max_batch``."""
+    """Queues items per key; hands out batches of at most ``max_batch``, oldest key first."""
 
-    def __init__(self, *, max_batch: int, max_wait_s: float) -> None:
+    def __init__(self, *, max_batch: int, max_wait_s: float = 0.0) -> None:
         if max_batch < 1 or max_wait_s < 0:
             raise ValueError("max_batch >= 1 and max_wait_s >= 0")
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queues: dict[object, _Queue[T]] = {}
 
-    def add(self, key: object, item: T, now: float) -> list[Batch[T]]:
-        """Queue ``item``; return the batches that are ready now (full ones)."""
-        q = self._queues.setdefault(key, _Queue())
-        q.items.append((now, item))
-        out = []
-        while len(q.items) >= self.max_batch:
-            out.append(Batch(key, tuple(q.items.popleft()[1] for _ in range(self.max_batch))))
+    def add(self, key: object, item: T, now: float) -> None:
+        self._queues.setdefault(key, _Queue()).items.append((now, item))
+
+    def take(self, now: float) -> Batch[T] | None:
+        """The next batch to run, or None when nothing is ready (see :meth:`next_deadline`).
+
+        Ready: the oldest key's queue is full, or its oldest item has waited ``max_wait_s``.
+        """
+        if not self._queues:
+            return None
+        key, q = min(self._queues.items(), key=lambda kv: kv[1].since)
+        if len(q.items) < self.max_batch and now - q.since < self.max_wait_s - _EPS:
+            full = [(k, fq) for k, fq in self._queues.items() if len(fq.items) >= self.max_batch]
+            if not full:
+                return None
+            key, q = full[0]
+        n = min(self.max_batch, len(q.items))
+        items = tuple(q.items.popleft()[1] for _ in range(n))
         if not q.items:
             del self._queues[key]
-        elif self.max_wait_s == 0:
-            out.extend(self._flush(key))
-        return out
-
-    def due(self, now: float) -> list[Batch[T]]:
-        """Batches whose oldest item has waited ``max_wait_s`` or more."""
-        out: list[Batch[T]] = []
-        # The epsilon absorbs float error in now - since (timers fire at since + wait).
-        for key in [k for k, q in self._queues.items() if now - q.since >= self.max_wait_s - 1e-9]:
-            out.extend(self._flush(key))
-        return out
+        return Batch(key, items)
 
     def remove(self, key: object, item: T) -> bool:
         """Take a waiting item back (its job was cancelled); False if not waiting."""
@@ -78,14 +82,10 @@ class Batcher(Generic[T]):
         return True
 
     def next_deadline(self) -> float | None:
-        """When :meth:`due` will next return something; None when nothing waits."""
+        """When :meth:`take` will next return a batch without new arrivals; None when empty."""
         if not self._queues:
             return None
         return min(q.since for q in self._queues.values()) + self.max_wait_s
 
     def waiting(self) -> int:
         return sum(len(q.items) for q in self._queues.values())
-
-    def _flush(self, key: object) -> list[Batch[T]]:
-        q = self._queues.pop(key)
-        return [Batch(key, tuple(item for _, item in q.items))]

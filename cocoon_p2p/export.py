@@ -262,3 +262,20 @@ def _export_smollm2(src: Path, out: Path, progress: Callable[[str], None] | None
         "eos": [int(cfg.eos_token_id)],
         "check_tokens": len(got),
     }
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m cocoon_p2p.export [minilm|smollm2|all]``: build into the cache, print the ids."""
+    which = (argv if argv is not None else sys.argv[1:]) or ["all"]
+    builders = {"minilm": ensure_minilm, "smollm2": ensure_smollm2}
+    for name in builders if which == ["all"] else which:
+        if name not in builders:
+            print(f"unknown model {name!r}: one of {', '.join(builders)} or all", file=sys.stderr)
+            return 2
+        spec = builders[name]()
+        print(f"{spec.name}\t{spec.kind}\t{spec.id_hex}\t{spec.path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

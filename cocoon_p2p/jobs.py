@@ -17,6 +17,7 @@ with the node. A caller cancelled while waiting for a job sends a best-effort
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -44,6 +45,8 @@ from .tensors import Tensor
 
 log = logging.getLogger("cocoon_p2p.jobs")
 READ_SIZE = 1 << 16
+INLINE_RUN_S = 0.0005  # batches faster than this run on the event loop's thread
+FLUSH_ACCEPTED_S = 0.05  # batches slower than this send JobAccepted before they run
 
 
 def now_ms() -> int:
@@ -92,6 +95,8 @@ class _Served:
     price_nanoton: int
     batcher: Batcher[_WorkerJob]
     wake: trio.Event = field(default_factory=trio.Event)
+    avg_run_s: float = 0.01  # EWMA of one batch's run time; assume slow until measured
+    busy: bool = False  # a batch of this model is running
 
 
 @dataclass(eq=False)
@@ -110,6 +115,12 @@ class _WorkerLink:
         self.conn = JobConnection(Role.WORKER)
         self.lock = trio.Lock()
         self.jobs: dict[int, _WorkerJob] = {}
+        self.pending = bytearray()  # frames held back to share the next write
+
+    def send_later(self, frame: jf.Frame) -> None:
+        """Queue ``frame`` to go out with the next :meth:`send` or :meth:`flush`:
+        a fast job's JobAccepted then shares one encrypted write with its result."""
+        self.pending += self.conn.send(frame)
 
     async def send(self, frame: jf.Frame) -> None:
         async with self.lock:
@@ -117,7 +128,15 @@ class _WorkerLink:
                 data = self.conn.send(frame)
             except LocalProtocolError:  # e.g. the job already ended: nothing to send
                 return
+            if self.pending:
+                data, self.pending = bytes(self.pending) + data, bytearray()
             await self.stream.write(data)
+
+    async def flush(self) -> None:
+        async with self.lock:
+            if self.pending:
+                data, self.pending = bytes(self.pending), bytearray()
+                await self.stream.write(data)
 
 
 @dataclass
@@ -133,7 +152,7 @@ class WorkerStats:
 class JobWorker:
     """Serves models on a node's host. ``capacity``: jobs admitted at once (then ``busy``)."""
 
-    def __init__(self, host: Any, nursery: trio.Nursery, *, capacity: int = 8, max_wait_s: float = 0.002) -> None:
+    def __init__(self, host: Any, nursery: trio.Nursery, *, capacity: int = 8, max_wait_s: float = 0.0) -> None:
         self.host = host
         self.nursery = nursery
         self.capacity = capacity
@@ -207,12 +226,21 @@ class JobWorker:
         link.jobs[req.job_id] = job
         self.running += 1
         self.on_load_change()
-        await link.send(jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit))
+        accepted = jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit)
         if served.spec.kind == "generation":  # token by token, never batched
+            await link.send(accepted)
             self.nursery.start_soon(self._run_generation, served, job)
             return
-        for batch in served.batcher.add(key, job, trio.current_time()):
-            self.nursery.start_soon(self._run_batch, served, batch.items)
+        link.send_later(accepted)  # flushed when the batch starts, if it will take a while
+        if not served.busy and not served.batcher.waiting() and served.avg_run_s < INLINE_RUN_S:
+            served.busy = True  # idle and quick: run it here, without waking the model loop
+            try:
+                await self._run_batch(served, (job,))
+            finally:
+                served.busy = False
+                served.wake.set()  # jobs that queued meanwhile
+            return
+        served.batcher.add(key, job, trio.current_time())
         served.wake.set()
 
     async def _cancel(self, link: _WorkerLink, job_id: int) -> None:
@@ -225,14 +253,20 @@ class JobWorker:
             await self._finish(job, error=(jf.CANCELLED, "cancelled by the client"))
 
     async def _model_loop(self, served: _Served) -> None:
-        """Flushes batches whose wait expired; full batches start in ``_admit``."""
+        """Runs the model's batches one at a time; jobs queue meanwhile and form the next."""
         while True:
+            batch = None if served.busy else served.batcher.take(trio.current_time())
+            if batch is not None:
+                served.busy = True
+                try:
+                    await self._run_batch(served, batch.items)
+                finally:
+                    served.busy = False
+                continue
             deadline = served.batcher.next_deadline()
             with trio.move_on_at(deadline if deadline is not None else math.inf):
                 await served.wake.wait()
             served.wake = trio.Event()
-            for batch in served.batcher.due(trio.current_time()):
-                self.nursery.start_soon(self._run_batch, served, batch.items)
 
     async def _run_batch(self, served: _Served, jobs: tuple[_WorkerJob, ...]) -> None:
         live = []
@@ -247,15 +281,28 @@ class JobWorker:
             return
         self.stats.batches += 1
         self.stats.batched_items += len(live)
-        t0 = time.perf_counter()
+        quick = served.avg_run_s < INLINE_RUN_S
+        if served.avg_run_s > FLUSH_ACCEPTED_S:  # a long run: the client hears "accepted" now
+            for link in {job.link for job in live}:
+                with contextlib.suppress(Exception):
+                    await link.flush()
+        requests = [j.req for j in live]
+
+        def timed_run() -> tuple[list[Outcome], float]:  # the run alone, without the thread hop
+            t0 = time.perf_counter()
+            outcomes = served.executor.run(requests)
+            return outcomes, time.perf_counter() - t0
+
         try:
-            outcomes = await trio.to_thread.run_sync(served.executor.run, [j.req for j in live])
+            # A sub-millisecond model runs inline: a thread hop would cost more than the run.
+            outcomes, elapsed = timed_run() if quick else await trio.to_thread.run_sync(timed_run)
         except Exception as exc:  # a backend failure fails these jobs, not the worker
             log.warning("backend failed on %s: %s", served.spec.name, exc)
             for job in live:
                 await self._finish(job, error=(jf.BACKEND, str(exc)[:200]))
             return
-        compute_us = int((time.perf_counter() - t0) * 1e6)
+        served.avg_run_s += 0.2 * (elapsed - served.avg_run_s)
+        compute_us = int(elapsed * 1e6)
         for job, outcome in zip(live, outcomes, strict=True):
             if job.cancelled:  # stopped while running: no result, no charge
                 await self._finish(job, error=(jf.CANCELLED, "cancelled by the client"))

@@ -55,6 +55,8 @@ from .tensors import Tensor
 log = logging.getLogger("cocoon_p2p.node")
 # Publish waits while a peer's outbound queue is this full (py-libp2p drops at 32).
 OUTBOUND_HIGH_WATER = OutBoundQueueSize - 4
+# The shortest gap between two of our announcements; receivers refuse gaps under 0.2 s.
+MIN_ANNOUNCE_GAP_S = 0.5
 
 
 def _now_ms() -> int:
@@ -634,8 +636,10 @@ class Node:
                 published = self._capabilities
                 next_publish = trio.current_time() + self.config.record_ttl_s / 2
                 await self._publish_records()
-            # Load changes may come in bursts: at most one announcement per interval/10.
-            await trio.sleep(self.config.announce_interval_s / 10)
+            # Load changes come in bursts (every job start and end): announce at most
+            # once per gap, well above the receivers' per-origin limit (the
+            # directory's min_interval_ms), as gossip delivery can bunch messages.
+            await trio.sleep(max(self.config.announce_interval_s / 10, MIN_ANNOUNCE_GAP_S))
 
     async def _announce(self) -> None:
         assert self.pubsub is not None

@@ -18,7 +18,9 @@ PENALTIES: dict[str, float] = {
     "too-large": 25.0,
     "bad-peer-id": 25.0,
     "version": 5.0,
-    "rate-limited": 10.0,
+    # Small: the forwarder of a bursty origin gets this too; only a flood
+    # (dozens a minute) should add up to a ban.
+    "rate-limited": 2.0,
     "expired": 5.0,
     "replayed": 2.0,
 }

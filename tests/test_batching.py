@@ -1,30 +1,49 @@
-"""Batcher: full batches leave at once, partial ones after the wait; cancellation."""
+"""Batcher: no added latency when idle, full batches under load, optional wait, cancellation."""
 
 from cocoon_p2p.batching import Batch, Batcher
 
 
-def test_full_batch_leaves_at_once_and_rest_waits() -> None:
-    b: Batcher[int] = Batcher(max_batch=3, max_wait_s=0.01)
-    assert b.add("m", 1, now=0.0) == []
-    assert b.add("m", 2, now=0.001) == []
-    assert b.add("m", 3, now=0.002) == [Batch("m", (1, 2, 3))]
-    assert b.add("m", 4, now=0.003) == []
-    assert b.next_deadline() == 0.003 + 0.01
-    assert b.due(0.005) == []
-    assert b.due(0.013) == [Batch("m", (4,))]
-    assert b.next_deadline() is None and b.waiting() == 0
+def test_idle_model_runs_a_lone_job_at_once() -> None:
+    b: Batcher[int] = Batcher(max_batch=4)
+    b.add("m", 1, now=0.0)
+    assert b.take(0.0) == Batch("m", (1,))
+    assert b.take(0.0) is None and b.next_deadline() is None
 
 
-def test_keys_batch_separately_and_removal() -> None:
-    b: Batcher[str] = Batcher(max_batch=4, max_wait_s=0.01)
+def test_jobs_queued_while_busy_leave_together_in_order() -> None:
+    b: Batcher[int] = Batcher(max_batch=3)
+    for i in range(7):
+        b.add("m", i, now=i * 0.001)
+    assert b.take(0.01) == Batch("m", (0, 1, 2))
+    assert b.take(0.01) == Batch("m", (3, 4, 5))
+    assert b.take(0.01) == Batch("m", (6,))
+    assert b.waiting() == 0
+
+
+def test_keys_batch_separately_oldest_first() -> None:
+    b: Batcher[str] = Batcher(max_batch=4)
     b.add("a", "a1", 0.0)
-    b.add("b", "b1", 0.005)
-    b.add("a", "a2", 0.006)
-    assert b.remove("a", "a2") and not b.remove("a", "a2")
-    assert b.due(0.011) == [Batch("a", ("a1",))]
-    assert b.due(0.015) == [Batch("b", ("b1",))]
+    b.add("b", "b1", 0.001)
+    b.add("a", "a2", 0.002)
+    assert b.take(0.003) == Batch("a", ("a1", "a2"))
+    assert b.take(0.003) == Batch("b", ("b1",))
 
 
-def test_zero_wait_runs_everything_now() -> None:
-    b: Batcher[int] = Batcher(max_batch=8, max_wait_s=0)
-    assert b.add("m", 1, 0.0) == [Batch("m", (1,))]
+def test_optional_wait_for_company() -> None:
+    b: Batcher[int] = Batcher(max_batch=3, max_wait_s=0.01)
+    b.add("m", 1, now=0.0)
+    assert b.take(0.005) is None
+    assert b.next_deadline() == 0.01
+    b.add("m", 2, now=0.006)
+    assert b.take(0.01) == Batch("m", (1, 2))
+    for i in range(3):
+        b.add("m", i, now=0.02)
+    assert b.take(0.02) == Batch("m", (0, 1, 2))  # full: no wait
+
+
+def test_cancelled_item_is_taken_back() -> None:
+    b: Batcher[str] = Batcher(max_batch=4)
+    b.add("a", "x", 0.0)
+    b.add("a", "y", 0.0)
+    assert b.remove("a", "x") and not b.remove("a", "x") and not b.remove("zz", "x")
+    assert b.take(0.0) == Batch("a", ("y",))

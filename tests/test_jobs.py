@@ -187,3 +187,8 @@ async def test_concurrent_jobs_are_batched(tiny_model: ModelSpec) -> None:
         stats = workers[0].job_worker.stats  # type: ignore[union-attr]
         assert stats.jobs_ok == 24 and stats.batched_items == 24
         assert stats.batches < 24
+        # A busy worker's load changes with every job; its announcements must stay
+        # under the receivers' per-origin rate limit (it was once banned for this).
+        await trio.sleep(1)
+        assert client.stats.rejected_by_code.get("rate-limited", 0) == 0
+        assert workers[0].peer_id in client.connected_peers()

@@ -1,0 +1,183 @@
+"""Job benchmarks: network jobs against direct local onnxruntime calls, in the same run.
+
+* dispatch: the tiny model, one row, sequential jobs: network p50 minus local p50
+  is what the overlay adds per job (goal <= 1 ms on loopback).
+* minilm: one sentence per job, network vs a direct Executor call (goal <= 1.2x).
+* batching: 32 clients' worth of concurrent MiniLM jobs, worker with max_batch 32 vs 1.
+* generation: SmolLM2 tokens/s streamed over the network vs local greedy decoding
+  (goal >= 0.9x).
+
+Client and worker share this process (and its interpreter), as on a loopback test.
+"""
+
+from __future__ import annotations
+
+import statistics
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from dataclasses import replace
+from pathlib import Path
+from tempfile import TemporaryDirectory
+from typing import Any
+
+import numpy as np
+import trio
+
+from cocoon_p2p.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.executor import Executor
+from cocoon_p2p.export import ensure_minilm, ensure_smollm2
+from cocoon_p2p.generation import chatml_prompt, greedy_tokens
+from cocoon_p2p.jobframes import JobChunk, JobRequest
+from cocoon_p2p.jobs import InferenceResult, now_ms
+from cocoon_p2p.models import ModelSpec, load_model
+from cocoon_p2p.node import Node, NodeConfig
+from cocoon_p2p.tensors import from_numpy
+from cocoon_p2p.tinymodel import build_tiny_model
+
+from .overlay import pct
+
+SENTENCE = "Decentralized inference spreads jobs over the GPUs that are free at that moment."
+
+
+@asynccontextmanager
+async def _pair(spec: ModelSpec, *, capacity: int = 64) -> AsyncIterator[Node]:
+    """A client connected to one worker serving ``spec``; yields the client."""
+    cfg = NodeConfig(announce_interval_s=0.5)
+    async with Node(cfg) as client:
+        wcfg = NodeConfig(announce_interval_s=0.5, bootstrap=[client.addrs[0]], job_capacity=capacity)
+        async with Node(wcfg) as worker:
+            worker.serve_model(spec, OnnxRuntimeBackend(spec.path), price_nanoton=1)
+            with trio.fail_after(30):
+                while not client.directory.workers_for(spec.model_id, now_ms=now_ms()):
+                    await trio.sleep(0.05)
+            yield client
+
+
+def _local(run: Callable[[], Any], n: int) -> list[float]:
+    run()  # warm
+    times = []
+    for _ in range(n):
+        t = time.perf_counter()
+        run()
+        times.append((time.perf_counter() - t) * 1000)
+    return times
+
+
+async def bench_dispatch(n: int) -> dict[str, float]:
+    with TemporaryDirectory() as d:
+        spec = load_model(build_tiny_model(Path(d) / "tiny.onnx"))
+        x = (from_numpy("x", np.ones((1, 4), np.float32)),)
+        backend = OnnxRuntimeBackend(spec.path, threads=1)
+        local = _local(lambda: backend.run({"x": np.ones((1, 4), np.float32)}), n)
+        async with _pair(spec) as client:
+            await client.infer(spec.model_id, inputs=x, max_price_nanoton=1)  # opens the stream
+            times = []
+            for _ in range(n):
+                t = time.perf_counter()
+                await client.infer(spec.model_id, inputs=x, max_price_nanoton=1)
+                times.append((time.perf_counter() - t) * 1000)
+    return {
+        "job_tiny_ms_p50": statistics.median(times),
+        "job_tiny_ms_p99": pct(times, 99),
+        "job_tiny_local_ms_p50": statistics.median(local),
+        "job_dispatch_overhead_ms_p50": statistics.median(times) - statistics.median(local),
+    }
+
+
+async def bench_minilm(n: int) -> dict[str, float]:
+    spec = ensure_minilm()
+    ex = Executor(spec, OnnxRuntimeBackend(spec.path))
+    req = JobRequest(job_id=0, model_id=spec.model_id, texts=(SENTENCE,), deadline_ms=0, max_price_nanoton=1)
+    local = _local(lambda: ex.run([req]), n)
+    async with _pair(spec) as client:
+        await client.infer(spec.model_id, texts=(SENTENCE,), max_price_nanoton=1)
+        times = []
+        for _ in range(n):
+            t = time.perf_counter()
+            await client.infer(spec.model_id, texts=(SENTENCE,), max_price_nanoton=1)
+            times.append((time.perf_counter() - t) * 1000)
+    return {
+        "minilm_job_ms_p50": statistics.median(times),
+        "minilm_local_ms_p50": statistics.median(local),
+        "minilm_network_vs_local": statistics.median(times) / statistics.median(local),
+    }
+
+
+async def _throughput(spec: ModelSpec, jobs: int, concurrency: int) -> tuple[float, float]:
+    async with _pair(spec, capacity=concurrency) as client:
+        await client.infer(spec.model_id, texts=(SENTENCE,), max_price_nanoton=1)
+        worker_stats: list[Any] = []
+        remaining = [jobs]
+
+        async def lane() -> None:
+            while remaining[0] > 0:
+                remaining[0] -= 1
+                await client.infer(spec.model_id, texts=(SENTENCE,), max_price_nanoton=1)
+
+        t = time.perf_counter()
+        async with trio.open_nursery() as nursery:
+            for _ in range(concurrency):
+                nursery.start_soon(lane)
+        elapsed = time.perf_counter() - t
+        del worker_stats
+    return jobs / elapsed, elapsed
+
+
+async def bench_batching(jobs: int) -> dict[str, float]:
+    spec = ensure_minilm()
+    batched, _ = await _throughput(replace(spec, max_batch=32), jobs, 32)
+    single, _ = await _throughput(replace(spec, max_batch=1), jobs, 32)
+    return {
+        "minilm_jobs_per_s_batched": batched,
+        "minilm_jobs_per_s_unbatched": single,
+        "batching_speedup": batched / single,
+    }
+
+
+async def bench_generation(tokens: int) -> dict[str, float]:
+    spec = ensure_smollm2()
+    prompt = chatml_prompt([{"role": "user", "content": "Write a long story about a lighthouse keeper."}])
+    from tokenizers import Tokenizer
+
+    ids = Tokenizer.from_file(str(spec.tokenizer)).encode(prompt, add_special_tokens=False).ids
+    backend = OnnxRuntimeBackend(spec.path)
+    kv = {"layers": spec.layers, "kv_heads": spec.kv_heads, "head_dim": spec.head_dim}
+    t = time.perf_counter()
+    stream = greedy_tokens(backend.run, ids, tokens, eos=spec.eos, **kv)
+    first = next(stream)
+    t_first_local = time.perf_counter() - t
+    t = time.perf_counter()
+    local_n = 1 + sum(1 for _ in stream)
+    local_decode = (local_n - 1) / (time.perf_counter() - t)
+    async with _pair(spec) as client:
+        t0 = time.perf_counter()
+        t_first = t_last = 0.0
+        n = 0
+        result: InferenceResult | None = None
+        async for item in client.generate(spec.model_id, prompt, max_tokens=tokens, max_price_nanoton=1):
+            if isinstance(item, JobChunk):
+                n += 1
+                t_last = time.perf_counter()
+                if n == 1:
+                    t_first = t_last
+            else:
+                result = item
+        assert result is not None and result.token_ids[0] == first
+    net_decode = (n - 1) / (t_last - t_first)
+    return {
+        "gen_tokens": n,
+        "gen_local_first_token_ms": t_first_local * 1000,
+        "gen_network_first_token_ms": (t_first - t0) * 1000,
+        "gen_local_tok_s": local_decode,
+        "gen_network_tok_s": net_decode,
+        "gen_network_vs_local": net_decode / local_decode,
+    }
+
+
+BENCHES: list[tuple[str, Callable[[bool], Any]]] = [
+    ("job_dispatch", lambda quick: bench_dispatch(100 if quick else 500)),
+    ("job_minilm", lambda quick: bench_minilm(30 if quick else 200)),
+    ("job_batching", lambda quick: bench_batching(128 if quick else 512)),
+    ("job_generation", lambda quick: bench_generation(32 if quick else 128)),
+]
