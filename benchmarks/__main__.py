@@ -30,6 +30,7 @@ GOALS = {
     "job_dispatch_overhead_ms_p50": ("<=", 1.0),
     "minilm_network_vs_local": ("<=", 1.2),
     "gen_network_vs_local": (">=", 0.9),
+    "gen_q4_vs_fp32": (">=", 2.0),
 }
 
 

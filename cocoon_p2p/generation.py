@@ -105,3 +105,39 @@ class TokenStream:
     def next_or_none(self) -> tuple[int, str] | None:
         """``next(self)`` or None at the end (for ``trio.to_thread.run_sync``)."""
         return next(self, None)
+
+
+def teacher_forced_agreement(
+    run: Any,
+    prompt_ids: Sequence[int],
+    reference: Sequence[int],
+    *,
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+) -> float:
+    """Share of positions where ``run``'s greedy choice equals ``reference``'s token
+    when both continue the same prefix (the reference tokens are fed back in).
+    Compares a quantized decoder with the fp32 one without compounding divergence."""
+    past = {
+        f"past.{i}.{kv}": np.zeros((1, kv_heads, 0, head_dim), dtype=np.float32)
+        for i in range(layers)
+        for kv in ("key", "value")
+    }
+    ids = np.array([list(prompt_ids)], dtype=np.int64)
+    pos = agree = 0
+    for want in reference:
+        n = ids.shape[1]
+        out = run(
+            {
+                "input_ids": ids,
+                "attention_mask": np.ones((1, pos + n), dtype=np.int64),
+                "position_ids": np.arange(pos, pos + n, dtype=np.int64)[None, :],
+                **past,
+            }
+        )
+        agree += int(np.argmax(out["logits"][0])) == want
+        past = {f"past.{k[len('present.'):]}": v for k, v in out.items() if k.startswith("present.")}
+        pos += n
+        ids = np.array([[want]], dtype=np.int64)
+    return agree / max(1, len(reference))

@@ -7,7 +7,7 @@ import pytest
 
 from cocoon_p2p.backends.ort import OnnxRuntimeBackend
 from cocoon_p2p.executor import Executor
-from cocoon_p2p.export import SAMPLE_SENTENCES, ensure_minilm, ensure_smollm2
+from cocoon_p2p.export import SAMPLE_SENTENCES, ensure_minilm, ensure_smollm2, ensure_smollm2_q4
 from cocoon_p2p.generation import chatml_prompt, greedy_tokens
 from cocoon_p2p.jobframes import JobChunk, JobRequest
 from cocoon_p2p.models import ModelSpec, file_sha256
@@ -106,3 +106,17 @@ def smollm2_prompt_ids(spec: ModelSpec, prompt: str) -> list[int]:
     from tokenizers import Tokenizer
 
     return list(Tokenizer.from_file(str(spec.tokenizer)).encode(prompt, add_special_tokens=False).ids)
+
+
+async def test_four_bit_variant_is_a_model_of_its_own_and_serves(smollm2: ModelSpec) -> None:
+    import json
+
+    q4 = ensure_smollm2_q4()
+    meta = json.loads((q4.path.parent / "model.json").read_text())
+    assert q4.model_id != smollm2.model_id and meta["base_sha256"] == smollm2.id_hex
+    assert 0.5 <= meta["fp32_top1_agreement"] <= 1.0  # measured at export; reported in the note
+    prompt = chatml_prompt([{"role": "user", "content": "What is the capital of France?"}])
+    async with network(q4, workers=1) as (client, _workers, _):
+        results = [r async for r in client.generate(q4.model_id, prompt, max_tokens=10, max_price_nanoton=10)]
+        final = results[-1]
+        assert not isinstance(final, JobChunk) and len(final.token_ids) >= 1
