@@ -7,16 +7,18 @@
 * generation: SmolLM2 tokens/s streamed over the network vs local greedy decoding
   (goal >= 0.9x), and the 4-bit variant's local decode speed vs fp32 (goal >= 2x).
 
-Client and worker share this process (and its interpreter), as on a loopback test.
+Each worker runs in a process of its own (benchmarks/worker_proc.py), as in a
+deployment; client and worker talk over 127.0.0.1. Local baselines run in this process.
 """
 
 from __future__ import annotations
 
 import statistics
+import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import replace
 from pathlib import Path
 from tempfile import TemporaryDirectory
 from typing import Any
@@ -41,17 +43,32 @@ SENTENCE = "Decentralized inference spreads jobs over the GPUs that are free at 
 
 
 @asynccontextmanager
-async def _pair(spec: ModelSpec, *, capacity: int = 64) -> AsyncIterator[Node]:
-    """A client connected to one worker serving ``spec``; yields the client."""
-    cfg = NodeConfig(announce_interval_s=0.5)
-    async with Node(cfg) as client:
-        wcfg = NodeConfig(announce_interval_s=0.5, bootstrap=[client.addrs[0]], job_capacity=capacity)
-        async with Node(wcfg) as worker:
-            worker.serve_model(spec, OnnxRuntimeBackend(spec.path), price_nanoton=1)
+async def _pair(kind: str, model_id: bytes) -> AsyncIterator[Node]:
+    """A client connected to a worker process serving ``kind``; yields the client."""
+    proc = await trio.lowlevel.open_process(
+        [sys.executable, "-m", "benchmarks.worker_proc", kind], stdin=subprocess.PIPE, stdout=subprocess.PIPE
+    )
+    try:
+        assert proc.stdout is not None and proc.stdin is not None
+        line = b""
+        with trio.fail_after(120):  # the first run may export the model
+            while not line.endswith(b"\n"):
+                chunk = await proc.stdout.receive_some(1)
+                if not chunk:
+                    raise RuntimeError(f"worker process for {kind} exited")
+                line += chunk
+        async with Node(NodeConfig(announce_interval_s=0.5, bootstrap=[line.decode().strip()])) as client:
             with trio.fail_after(30):
-                while not client.directory.workers_for(spec.model_id, now_ms=now_ms()):
+                while not client.directory.workers_for(model_id, now_ms=now_ms()):
                     await trio.sleep(0.05)
             yield client
+        await proc.stdin.aclose()
+        with trio.move_on_after(10):
+            await proc.wait()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
 
 
 def _local(run: Callable[[], Any], n: int) -> list[float]:
@@ -70,7 +87,7 @@ async def bench_dispatch(n: int) -> dict[str, float]:
         x = (from_numpy("x", np.ones((1, 4), np.float32)),)
         backend = OnnxRuntimeBackend(spec.path, threads=1)
         local = _local(lambda: backend.run({"x": np.ones((1, 4), np.float32)}), n)
-        async with _pair(spec) as client:
+        async with _pair("tiny", spec.model_id) as client:
             await client.infer(spec.model_id, inputs=x, max_price_nanoton=1)  # opens the stream
             times = []
             for _ in range(n):
@@ -90,7 +107,7 @@ async def bench_minilm(n: int) -> dict[str, float]:
     ex = Executor(spec, OnnxRuntimeBackend(spec.path))
     req = JobRequest(job_id=0, model_id=spec.model_id, texts=(SENTENCE,), deadline_ms=0, max_price_nanoton=1)
     local = _local(lambda: ex.run([req]), n)
-    async with _pair(spec) as client:
+    async with _pair("minilm", spec.model_id) as client:
         await client.infer(spec.model_id, texts=(SENTENCE,), max_price_nanoton=1)
         times = []
         for _ in range(n):
@@ -104,8 +121,8 @@ async def bench_minilm(n: int) -> dict[str, float]:
     }
 
 
-async def _throughput(spec: ModelSpec, jobs: int, concurrency: int) -> tuple[float, float]:
-    async with _pair(spec, capacity=concurrency) as client:
+async def _throughput(kind: str, spec: ModelSpec, jobs: int, concurrency: int) -> tuple[float, float]:
+    async with _pair(kind, spec.model_id) as client:
         await client.infer(spec.model_id, texts=(SENTENCE,), max_price_nanoton=1)
         worker_stats: list[Any] = []
         remaining = [jobs]
@@ -126,8 +143,8 @@ async def _throughput(spec: ModelSpec, jobs: int, concurrency: int) -> tuple[flo
 
 async def bench_batching(jobs: int) -> dict[str, float]:
     spec = ensure_minilm()
-    batched, _ = await _throughput(replace(spec, max_batch=32), jobs, 32)
-    single, _ = await _throughput(replace(spec, max_batch=1), jobs, 32)
+    batched, _ = await _throughput("minilm", spec, jobs, 32)
+    single, _ = await _throughput("minilm-b1", spec, jobs, 32)
     return {
         "minilm_jobs_per_s_batched": batched,
         "minilm_jobs_per_s_unbatched": single,
@@ -150,7 +167,7 @@ async def bench_generation(tokens: int) -> dict[str, float]:
     t = time.perf_counter()
     local_n = 1 + sum(1 for _ in stream)
     local_decode = (local_n - 1) / (time.perf_counter() - t)
-    async with _pair(spec) as client:
+    async with _pair("smollm2", spec.model_id) as client:
         t0 = time.perf_counter()
         t_first = t_last = 0.0
         n = 0
