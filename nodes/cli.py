@@ -1,6 +1,6 @@
 """``cocoon-node``: run cocoon peers from the command line.
 
-Subcommands: keygen, bootstrap, worker, find, demo. Each long-running role
+Subcommands: keygen, bootstrap, worker, client, find, demo. Each long-running role
 prints its full multiaddrs (``listening /ip4/.../p2p/<PeerId>``) as soon as it
 listens, and stops cleanly on SIGINT or SIGTERM.
 """
@@ -17,14 +17,22 @@ from typing import Any
 
 import trio
 
+from cocoon_p2p.backends import BACKENDS, open_backend
 from cocoon_p2p.errors import CocoonError
+from cocoon_p2p.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
+from cocoon_p2p.generation import chatml_prompt
 from cocoon_p2p.identity import load_or_create_identity
-from cocoon_p2p.node import ModelCapability, Node, NodeConfig
+from cocoon_p2p.jobs import InferenceResult
+from cocoon_p2p.models import ModelSpec, load_model
+from cocoon_p2p.node import Node, NodeConfig
+from cocoon_p2p.tensors import to_numpy
 
 from . import config as config_mod
 from . import demo, logs
 
 KEY_FILE = "node.key"
+BUILTIN_MODELS = {"minilm": ensure_minilm, "smollm2": ensure_smollm2, "smollm2-q4": ensure_smollm2_q4}
+DRAIN_S = 10.0  # on SIGTERM, how long running jobs may take to finish
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -49,11 +57,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("worker", help="run a worker that advertises models")
     _common(p)
-    p.add_argument("--model", action="append", type=Path, dest="models", help="ONNX file to serve (repeatable)")
+    p.add_argument(
+        "--model",
+        action="append",
+        dest="models",
+        help=f"ONNX file to serve, or a built-in model: {', '.join(BUILTIN_MODELS)} (repeatable)",
+    )
+    p.add_argument("--backend", choices=BACKENDS, help="execution backend (default auto: TensorRT if present)")
     p.add_argument("--price-nanoton", type=int, help="price per unit of work")
-    p.add_argument("--unit", help="what a unit of work is (item, token)")
-    p.add_argument("--capacity", type=int, help="jobs run at once")
+    p.add_argument("--capacity", type=int, help="jobs run at once; more are refused as busy")
     p.add_argument("--announce-interval-s", type=float, help="seconds between announcements")
+
+    p = sub.add_parser("client", help="run one job on the network and print what it cost")
+    _common(p)
+    p.add_argument("task", choices=["embed", "chat"], help="embed texts (MiniLM) or chat (SmolLM2)")
+    p.add_argument("text", nargs="+", help="texts to embed, or the chat prompt")
+    p.add_argument("--model", dest="job_model", help="model id (hex) or built-in name (default: by task)")
+    p.add_argument("--max-price-nanoton", type=int, default=10_000, help="most to pay per unit")
+    p.add_argument("--max-tokens", type=int, default=128, help="chat: tokens to generate at most")
+    p.add_argument("--wait-s", type=float, default=15.0, help="seconds to wait for a worker to appear")
 
     p = sub.add_parser("find", help="list the workers that serve a model")
     _common(p)
@@ -73,7 +95,16 @@ def _node_config(cfg: config_mod.RoleConfig) -> NodeConfig:
         bootstrap=cfg.bootstrap,
         announce_interval_s=cfg.announce_interval_s,
         announce_ttl_s=max(3 * cfg.announce_interval_s, 5.0),
+        job_capacity=cfg.capacity,
     )
+
+
+def resolve_model(name: str) -> ModelSpec:
+    """A built-in model (exported on first use) or an ONNX file (kind ``tensor``), hash-checked."""
+    builder = BUILTIN_MODELS.get(name)
+    if builder is not None:
+        return builder(progress=lambda m: print(m, file=sys.stderr, flush=True))
+    return load_model(Path(name))
 
 
 def model_id_of(path: Path) -> bytes:
@@ -91,16 +122,63 @@ async def _until_signalled() -> None:
             return
 
 
-async def run_peer(cfg: config_mod.RoleConfig, capabilities: list[ModelCapability]) -> None:
+async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
+    """A bootstrap peer (no models) or a worker: serve until SIGINT/SIGTERM, then stop
+    taking jobs and let the running ones finish (up to ``DRAIN_S``)."""
+    engines = cfg.data_dir / "engines"
+    backends = [
+        open_backend(cfg.backend, m.path, model_id=m.model_id, cache_dir=engines, max_batch=m.max_batch)
+        for m in models
+    ]
     async with Node(_node_config(cfg)) as node:
         for addr in node.addrs:
             print(f"listening {addr}", flush=True)
-        if capabilities:
-            node.set_capabilities(capabilities)
-            for c in capabilities:
-                print(f"serving {c.model_id.hex()} price={c.price_nanoton}/{c.unit}", flush=True)
+        for spec, backend in zip(models, backends, strict=True):
+            node.serve_model(spec, backend, price_nanoton=cfg.price_nanoton)
+            print(f"serving {spec.id_hex} {spec.name} {backend.name}/{backend.device} "
+                  f"price={cfg.price_nanoton}/{spec.unit}", flush=True)
         await _until_signalled()
         print("stopping", flush=True)
+        node.stop_accepting_jobs()
+        if node.job_worker is not None:
+            with trio.move_on_after(DRAIN_S):
+                while node.job_worker.running:
+                    await trio.sleep(0.05)
+            stats = node.job_worker.stats
+            print(f"served {stats.jobs_ok} jobs, earned {stats.earned_nanoton} nanoton", flush=True)
+
+
+async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> int:
+    name = args.job_model or {"embed": "minilm", "chat": "smollm2"}[args.task]
+    model_id = bytes.fromhex(name) if len(name) == 64 and name not in BUILTIN_MODELS else resolve_model(name).model_id
+    async with Node(_node_config(cfg)) as node:
+        with trio.move_on_after(args.wait_s):
+            while not await node.find_workers(model_id, use_dht=False):
+                await trio.sleep(0.1)
+        if args.task == "embed":
+            r = await node.infer(model_id, texts=tuple(args.text), max_price_nanoton=args.max_price_nanoton)
+            emb = to_numpy(r.output())
+            for text, row in zip(args.text, emb, strict=True):
+                print(f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:4])}, ...] ({len(row)} dims)")
+        else:
+            prompt = chatml_prompt([{"role": "user", "content": " ".join(args.text)}])
+            result = None
+            async for item in node.generate(
+                model_id, prompt, max_tokens=args.max_tokens, max_price_nanoton=args.max_price_nanoton
+            ):
+                if isinstance(item, InferenceResult):
+                    result = item
+                else:
+                    print(item.text, end="", flush=True)
+            print()
+            assert result is not None
+            r = result
+    print(
+        f"served by {_pid(r.worker)}: {r.usage_units} units x {r.price_nanoton} = {r.cost_nanoton} nanoton, "
+        f"{r.latency_s * 1000:.0f} ms, {r.attempts} attempt(s)",
+        file=sys.stderr,
+    )
+    return 0
 
 
 async def run_find(cfg: config_mod.RoleConfig, model: str, wait_s: float, as_json: bool) -> int:
@@ -162,17 +240,10 @@ def _dispatch(args: argparse.Namespace) -> int:
     logs.setup(cfg.log_level, cfg.log_json)
     if args.command == "find":
         return trio.run(run_find, cfg, args.model, args.wait_s, args.json)
-    capabilities = [
-        ModelCapability(
-            model_id=model_id_of(m),
-            backend=cfg.backend,
-            price_nanoton=cfg.price_nanoton,
-            unit=cfg.unit,
-            capacity=cfg.capacity,
-        )
-        for m in (cfg.models if args.command == "worker" else [])
-    ]
-    trio.run(run_peer, cfg, capabilities)
+    if args.command == "client":
+        return trio.run(run_client, cfg, args)
+    models = [resolve_model(m) for m in (cfg.models if args.command == "worker" else [])]
+    trio.run(run_peer, cfg, models)
     return 0
 
 

@@ -23,11 +23,10 @@ class RoleConfig:
     log_json: bool = False
     log_level: str = "INFO"
     announce_interval_s: float = 10.0
-    models: list[Path] = field(default_factory=list)
+    models: list[str] = field(default_factory=list)  # ONNX paths or built-in names
     price_nanoton: int = 1000
-    unit: str = "item"
-    capacity: int = 4
-    backend: str = "onnxruntime"
+    capacity: int = 8
+    backend: str = "auto"
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
@@ -47,5 +46,5 @@ def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
             values[key] = value
     cfg = RoleConfig(**values)
     cfg.data_dir = Path(cfg.data_dir)
-    cfg.models = [Path(m) for m in cfg.models]
+    cfg.models = [str(m) for m in cfg.models]
     return cfg

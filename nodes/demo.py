@@ -1,9 +1,10 @@
 """``cocoon-node demo``: a local network on this machine, start to finish.
 
-Today it shows the overlay core: a bootstrap peer and N worker processes on
-127.0.0.1, and a client that discovers every worker of two models through
-gossip and through the DHT, then checks both agree. Jobs and payments join
-the demo as those parts land.
+A bootstrap peer and N worker processes on 127.0.0.1 serving two real models
+(MiniLM embeddings, SmolLM2 chat); a client that discovers every worker through
+gossip and through the DHT, then runs M jobs of both models spread over the
+workers (chat answers streamed token by token) and reports latency, cost and
+who earned what. Payments on the local chain join when that part lands.
 """
 
 from __future__ import annotations
@@ -19,17 +20,31 @@ from typing import Any
 
 import trio
 
+from cocoon_p2p.export import ensure_minilm, ensure_smollm2
+from cocoon_p2p.generation import chatml_prompt
 from cocoon_p2p.identity import peer_id_to_str
+from cocoon_p2p.jobs import InferenceResult, JobFailed
+from cocoon_p2p.models import ModelSpec
 from cocoon_p2p.node import Node, NodeConfig
 
-DEMO_MODELS = ("embed", "chat")
+PRICE_NANOTON = 1000
+MAX_PRICE = 2000
+EMBED_TEXTS = [
+    ("GPU owners earn Toncoin by running inference.", "Workers are paid per job."),
+    ("The overlay finds workers through gossip and the DHT.",),
+    ("Every job travels encrypted end to end.", "No central server sees it.", "Noise secures the streams."),
+]
+CHAT_PROMPTS = ["What is the capital of France?", "Name three colours of the rainbow.", "What is 2 + 2?"]
 
 
 def add_parser(sub: Any) -> None:
     p = sub.add_parser("demo", help="run a local network and show it working")
     p.add_argument("--workers", type=int, default=3, help="worker processes (default 3)")
     p.add_argument("--data-dir", type=Path, help="where the peers keep their keys (default: a temp dir)")
-    p.add_argument("--timeout-s", type=float, default=60.0, help="give up after this long")
+    p.add_argument("--jobs", type=int, default=30, help="jobs to run, half embeddings, half chat (default 30)")
+    p.add_argument("--concurrency", type=int, default=3, help="jobs in flight at once (default 3)")
+    p.add_argument("--max-tokens", type=int, default=16, help="tokens per chat answer (default 16)")
+    p.add_argument("--timeout-s", type=float, default=60.0, help="give up discovery after this long")
     p.add_argument("--json", action="store_true", help="print one JSON object as the summary")
 
 
@@ -67,11 +82,9 @@ async def _drain(stream: trio.abc.ReceiveStream) -> None:
 
 async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
     cli = [sys.executable, "-m", "nodes.cli"]
-    models = {}
-    for name in DEMO_MODELS:
-        path = root / f"{name}.model"
-        path.write_bytes(f"cocoon demo model {name}\n".encode() * 64)
-        models[name] = path
+    _progress("preparing the models (exported from the installed wheels on first use)")
+    models = {"embed": ensure_minilm(progress=_progress), "chat": ensure_smollm2(progress=_progress)}
+    builtin = {"embed": "minilm", "chat": "smollm2"}
     procs: list[trio.Process] = []
     result: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
@@ -94,72 +107,49 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     "--announce-interval-s",
                     "2",
                     "--price-nanoton",
-                    str(1000 + 100 * i),
+                    str(PRICE_NANOTON + 100 * i),
+                    "--capacity",
+                    "4",
                     "--log-level",
                     "WARNING",
                 ]
-                for path in models.values():
-                    cmd += ["--model", str(path)]
+                for name in models:
+                    cmd += ["--model", builtin[name]]
                 proc, addrs = await _start(cmd, nursery)
                 procs.append(proc)
                 worker_ids.append(addrs[0].rsplit("/p2p/", 1)[1])
                 _progress(f"worker {i + 1}/{args.workers} up: {addrs[0]}")
-            from .cli import model_id_of
-
             async with Node(NodeConfig(bootstrap=boot_addrs)) as client:
                 _progress("client joined; discovering workers over gossip and the DHT")
-                seen_at: dict[str, dict[str, float]] = {}
-                t0 = time.perf_counter()
-                with trio.move_on_after(args.timeout_s):
-                    while True:
-                        for name, path in models.items():
-                            for w in await client.find_workers(model_id_of(path), use_dht=False):
-                                seen_at.setdefault(name, {}).setdefault(
-                                    peer_id_to_str(w.peer_id), time.perf_counter() - t0
-                                )
-                        if all(len(seen_at.get(n, {})) >= args.workers for n in models):
-                            break
-                        await trio.sleep(0.05)
-                # Workers publish their DHT records as they start: retry the lookup
-                # until every worker shows up there too, or time runs out.
-                via: dict[str, list[dict[str, Any]]] = {}
-                with trio.move_on_after(args.timeout_s):
-                    for name, path in models.items():
-                        tries = 0
-                        while True:
-                            tries += 1
-                            t = time.perf_counter()
-                            workers = await client.find_workers(model_id_of(path))
-                            lookup_ms = (time.perf_counter() - t) * 1000
-                            via[name] = [
-                                {
-                                    "peer_id": peer_id_to_str(w.peer_id),
-                                    "price_nanoton": w.price_nanoton,
-                                    "sources": sorted(w.sources),
-                                    "lookup_ms": round(lookup_ms, 1),
-                                }
-                                for w in workers
-                            ]
-                            if sum("dht" in w.sources for w in workers) >= args.workers:
-                                break
-                            await trio.sleep(0.2)
-                        _progress(f"{name}: {len(workers)} worker(s), DHT lookup {lookup_ms:.0f} ms (try {tries})")
-            both = {n: sum(1 for w in via.get(n, []) if w["sources"] == ["dht", "gossip"]) for n in models}
+                discovery = await _discover(client, models, args)
+                _progress(f"running {args.jobs} jobs (embeddings and chat) spread over the workers")
+                jobs = await _jobs(client, models, args)
+            ok_jobs = [j for j in jobs if j["ok"]]
+            latencies = sorted(j["latency_ms"] for j in ok_jobs)
+            per_worker: dict[str, dict[str, int]] = {w: {"jobs": 0, "earned_nanoton": 0} for w in worker_ids}
+            for j in ok_jobs:
+                row = per_worker.setdefault(j["worker"], {"jobs": 0, "earned_nanoton": 0})
+                row["jobs"] += 1
+                row["earned_nanoton"] += j["cost_nanoton"]
             result = {
                 "workers": args.workers,
                 "worker_ids": worker_ids,
-                "discovered_gossip": {n: len(seen_at.get(n, {})) for n in models},
-                "discovered_both_sources": both,
-                "gossip_discovery_s_max": round(max((t for d in seen_at.values() for t in d.values()), default=-1), 3),
-                "models": via,
-                "ok": all(v == args.workers for v in both.values()),
+                **discovery,
+                "jobs_ok": len(ok_jobs),
+                "jobs_failed": len(jobs) - len(ok_jobs),
+                "latency_ms_p50": round(_pct(latencies, 50), 1),
+                "latency_ms_p99": round(_pct(latencies, 99), 1),
+                "paid_nanoton": sum(j["cost_nanoton"] for j in ok_jobs),
+                "per_worker": per_worker,
+                "sample_chat": next((j["text"] for j in ok_jobs if j["kind"] == "chat"), ""),
+                "ok": discovery["discovery_ok"] and len(ok_jobs) == len(jobs),
                 "wall_s": round(time.perf_counter() - started, 2),
             }
         finally:
             for proc in procs:
                 if proc.returncode is None:
                     proc.terminate()
-            with trio.move_on_after(10):
+            with trio.move_on_after(15):
                 for proc in procs:
                     await proc.wait()
             for proc in procs:
@@ -167,6 +157,90 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     proc.kill()
             nursery.cancel_scope.cancel()
     return result
+
+
+def _pct(values: list[float], p: float) -> float:
+    if not values:
+        return -1.0
+    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
+
+
+async def _discover(client: Node, models: dict[str, ModelSpec], args: argparse.Namespace) -> dict[str, Any]:
+    """Every worker of every model through gossip, then through the DHT too."""
+    seen_at: dict[str, dict[str, float]] = {}
+    t0 = time.perf_counter()
+    with trio.move_on_after(args.timeout_s):
+        while True:
+            for name, spec in models.items():
+                for w in await client.find_workers(spec.model_id, use_dht=False):
+                    seen_at.setdefault(name, {}).setdefault(peer_id_to_str(w.peer_id), time.perf_counter() - t0)
+            if all(len(seen_at.get(n, {})) >= args.workers for n in models):
+                break
+            await trio.sleep(0.05)
+    # Workers publish their DHT records as they start: retry the lookup until
+    # every worker shows up there too, or time runs out.
+    both: dict[str, int] = {}
+    with trio.move_on_after(args.timeout_s):
+        for name, spec in models.items():
+            tries = 0
+            while True:
+                tries += 1
+                t = time.perf_counter()
+                workers = await client.find_workers(spec.model_id)
+                lookup_ms = (time.perf_counter() - t) * 1000
+                both[name] = sum(1 for w in workers if w.sources == {"dht", "gossip"})
+                if both[name] >= args.workers:
+                    break
+                await trio.sleep(0.2)
+            _progress(f"{name}: {len(workers)} worker(s) via gossip + DHT, lookup {lookup_ms:.0f} ms (try {tries})")
+    return {
+        "discovered_gossip": {n: len(seen_at.get(n, {})) for n in models},
+        "discovered_both_sources": both,
+        "gossip_discovery_s_max": round(max((t for d in seen_at.values() for t in d.values()), default=-1), 3),
+        "discovery_ok": all(both.get(n, 0) == args.workers for n in models),
+    }
+
+
+async def _jobs(client: Node, models: dict[str, ModelSpec], args: argparse.Namespace) -> list[dict[str, Any]]:
+    """``args.jobs`` jobs, alternating embeddings and chat, ``args.concurrency`` at a time."""
+    results: list[dict[str, Any]] = []
+    todo = list(range(args.jobs))
+
+    async def lane() -> None:
+        while todo:
+            i = todo.pop(0)
+            kind = "embed" if i % 2 == 0 else "chat"
+            row: dict[str, Any] = {"job": i, "kind": kind, "ok": False, "cost_nanoton": 0, "text": ""}
+            t = time.perf_counter()
+            try:
+                if kind == "embed":
+                    r = await client.infer(
+                        models[kind].model_id, texts=EMBED_TEXTS[i % len(EMBED_TEXTS)], max_price_nanoton=MAX_PRICE
+                    )
+                else:
+                    prompt = chatml_prompt([{"role": "user", "content": CHAT_PROMPTS[i % len(CHAT_PROMPTS)]}])
+                    r = await _chat(client, models[kind].model_id, prompt, args.max_tokens)
+                    row["text"] = r.text
+                row |= {"ok": True, "worker": peer_id_to_str(r.worker), "cost_nanoton": r.cost_nanoton}
+            except JobFailed as exc:
+                row["error"] = str(exc)
+            row["latency_ms"] = (time.perf_counter() - t) * 1000
+            results.append(row)
+            if len(results) % 5 == 0 or len(results) == args.jobs:
+                failed = sum(not r["ok"] for r in results)
+                _progress(f"  {len(results)}/{args.jobs} jobs done, {failed} failed")
+
+    async with trio.open_nursery() as nursery:
+        for _ in range(args.concurrency):
+            nursery.start_soon(lane)
+    return results
+
+
+async def _chat(client: Node, model_id: bytes, prompt: str, max_tokens: int) -> InferenceResult:
+    async for item in client.generate(model_id, prompt, max_tokens=max_tokens, max_price_nanoton=MAX_PRICE):
+        if isinstance(item, InferenceResult):
+            return item
+    raise JobFailed("worker-lost", "generation ended without a result")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,9 +254,11 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"\n{result['workers']} workers, discovered in {result['gossip_discovery_s_max']} s over gossip")
-        for name, rows in result["models"].items():
-            print(f"  model {name}:")
-            for r in rows:
-                print(f"    {r['peer_id']}  {r['price_nanoton']} nanoton/item  via {'+'.join(r['sources'])}")
-        print("OK" if result["ok"] else "FAILED: not every worker was found through both gossip and the DHT")
+        print(f"jobs: {result['jobs_ok']} ok, {result['jobs_failed']} failed; "
+              f"latency p50 {result['latency_ms_p50']} ms, p99 {result['latency_ms_p99']} ms")
+        print(f"paid {result['paid_nanoton']} nanoton in all")
+        for peer, row in result["per_worker"].items():
+            print(f"  {peer}: {row['jobs']} jobs, earned {row['earned_nanoton']} nanoton")
+        print(f"a chat answer: {result['sample_chat']!r}")
+        print("OK" if result["ok"] else "FAILED")
     return 0 if result.get("ok") else 1
