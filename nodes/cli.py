@@ -79,7 +79,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("find", help="list the workers that serve a model")
     _common(p)
-    p.add_argument("model", help="model id (64 hex digits) or path of the model file")
+    p.add_argument("model", help="model id (64 hex digits), path of the model file, or a built-in name")
     p.add_argument("--wait-s", type=float, default=3.0, help="seconds to listen to gossip first")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -182,7 +182,10 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
 
 
 async def run_find(cfg: config_mod.RoleConfig, model: str, wait_s: float, as_json: bool) -> int:
-    model_id = model_id_of(Path(model)) if Path(model).exists() else bytes.fromhex(model)
+    if model in BUILTIN_MODELS:
+        model_id = resolve_model(model).model_id
+    else:
+        model_id = model_id_of(Path(model)) if Path(model).exists() else bytes.fromhex(model)
     async with Node(_node_config(cfg)) as node:
         await trio.sleep(wait_s)
         workers = await node.find_workers(model_id)
