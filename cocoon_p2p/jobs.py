@@ -162,6 +162,8 @@ class JobWorker:
         self.accepting = True
         self.stats = WorkerStats()
         self.on_load_change: Callable[[], None] = lambda: None
+        # (peer, error) for a peer that broke the protocol: the node scores it down.
+        self.on_misbehaviour: Callable[[bytes, ProtocolError], None] = lambda peer, err: None
         host.set_stream_handler(TProtocol(JOB_PROTOCOL), self._handle_stream)
 
     def serve(self, spec: ModelSpec, backend: Backend, *, price_nanoton: int) -> None:
@@ -190,6 +192,7 @@ class JobWorker:
                         await self._cancel(link, frame.job_id)
         except RemoteProtocolError as exc:
             log.info("client broke the job protocol: %s", exc)
+            self.on_misbehaviour(_remote_peer(stream), exc)
         except Exception as exc:  # the stream broke: its jobs are abandoned
             log.debug("job stream ended: %r", exc)
         finally:
@@ -377,6 +380,10 @@ class JobWorker:
 # ---- client --------------------------------------------------------------------------------
 
 
+def _remote_peer(stream: Any) -> bytes:
+    return bytes(stream.muxed_conn.peer_id.to_bytes())
+
+
 class _ClientLink:
     """The client's end of the stream to one worker, shared by all jobs to it."""
 
@@ -387,6 +394,7 @@ class _ClientLink:
         self.lock = trio.Lock()
         self.waiters: dict[int, trio.MemorySendChannel[jf.Frame | JobFailed]] = {}
         self.broken: JobFailed | None = None
+        self.on_misbehaviour: Callable[[bytes, ProtocolError], None] = lambda peer, err: None
 
     async def send(self, frame: jf.Frame) -> None:
         async with self.lock:
@@ -407,6 +415,7 @@ class _ClientLink:
             self.broken = exc
         except RemoteProtocolError as exc:
             self.broken = JobFailed("worker-lost", f"worker broke the protocol: {exc}", worker=self.peer_id)
+            self.on_misbehaviour(self.peer_id, exc)
         except Exception as exc:
             self.broken = JobFailed("worker-lost", repr(exc), worker=self.peer_id)
         finally:
@@ -445,6 +454,7 @@ class JobClient:
         self._opening: dict[bytes, trio.Lock] = {}
         self._next_id = 1
         self.stats = ClientStats()
+        self.on_misbehaviour: Callable[[bytes, ProtocolError], None] = lambda peer, err: None
 
     async def _link(self, offer: WorkerOffer) -> _ClientLink:
         link = self.links.get(offer.peer_id)
@@ -461,6 +471,7 @@ class JobClient:
                 self.host.get_peerstore().add_addrs(pid, addrs, 3600)
             stream = await self.host.new_stream(pid, [TProtocol(JOB_PROTOCOL)])
             link = _ClientLink(offer.peer_id, stream)
+            link.on_misbehaviour = self.on_misbehaviour
             self.links[offer.peer_id] = link
             self.nursery.start_soon(link.read_loop)
             return link

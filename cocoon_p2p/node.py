@@ -259,6 +259,7 @@ class Node:
             self.job_client = JobClient(
                 self.host, self._nursery, self._job_offers, rng=random.Random(self.config.seed)
             )
+            self.job_client.on_misbehaviour = lambda peer, err: self._punish(peer, err, _now_ms())
             self._nursery.start_soon(self._drain_gossip, subscription)
             self._nursery.start_soon(self._maintain_peers)
             self._nursery.start_soon(self._advertise)
@@ -423,6 +424,7 @@ class Node:
                 self.set_load(running_jobs=worker.running, free_capacity={m: free for m in worker.models})
 
             worker.on_load_change = report
+            worker.on_misbehaviour = lambda peer, err: self._punish(peer, err, _now_ms())
         return self.job_worker
 
     async def find_workers(

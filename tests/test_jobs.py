@@ -125,6 +125,7 @@ async def test_garbage_on_a_job_stream_does_not_stop_the_worker(tiny_model: Mode
             await stream.close()
         r = await client.infer(tiny_model.model_id, inputs=(from_numpy("x", x_rows(1)),), max_price_nanoton=10)
         assert r.worker == w.peer_id
+        assert w.scores.score(client.peer_id, now_ms()) < 0  # the sender of garbage is scored down
 
 
 async def test_busy_worker_refuses_and_the_client_goes_elsewhere(slow_model: ModelSpec) -> None:
