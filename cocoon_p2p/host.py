@@ -22,7 +22,8 @@ import os
 from collections.abc import Sequence
 
 from libp2p import new_host
-from libp2p.abc import IHost
+from libp2p.abc import IHost, IRawConnection, ISecureConn
+from libp2p.connection_types import ConnectionType
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
@@ -54,6 +55,59 @@ _NOISY_LOGGERS = {
 }
 
 
+READ_AHEAD = 1 << 16
+
+
+class ReadAheadConnection(IRawConnection):
+    """A raw connection whose reads fetch up to ``READ_AHEAD`` bytes at once.
+
+    py-libp2p's Noise reader asks the socket for each message's 2-byte length,
+    then for its body: two receive calls (and two trio waits) per message.
+    Reading ahead serves both, and the messages behind them, from memory
+    (measured: an echo on an open stream 0.67 -> 0.60 ms p50).
+    """
+
+    def __init__(self, conn: IRawConnection) -> None:
+        self._conn = conn
+        self.is_initiator = conn.is_initiator
+        self._buf = b""
+        self._pos = 0
+
+    async def read(self, n: int | None = None) -> bytes:
+        if self._pos >= len(self._buf):
+            self._buf = await self._conn.read(max(n or 0, READ_AHEAD))
+            self._pos = 0
+        end = len(self._buf) if n is None else self._pos + n
+        data = self._buf[self._pos : end]
+        self._pos += len(data)
+        return data
+
+    async def write(self, data: bytes) -> None:
+        await self._conn.write(data)
+
+    async def close(self) -> None:
+        await self._conn.close()
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return self._conn.get_remote_address()
+
+    def get_transport_addresses(self) -> list[Multiaddr]:
+        return self._conn.get_transport_addresses()
+
+    def get_connection_type(self) -> ConnectionType:
+        return self._conn.get_connection_type()
+
+
+class ReadAheadNoiseTransport(NoiseTransport):
+    """py-libp2p's Noise transport over :class:`ReadAheadConnection`."""
+
+    async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
+        return await super().secure_inbound(ReadAheadConnection(conn))
+
+    async def secure_outbound(self, conn: IRawConnection, peer_id: ID) -> ISecureConn:
+        return await super().secure_outbound(ReadAheadConnection(conn), peer_id)
+
+
 def quiet_libp2p_logs() -> None:
     """Raise py-libp2p's log thresholds (a process-wide logging setting)."""
     for name, level in _NOISY_LOGGERS.items():
@@ -72,7 +126,7 @@ def build_host(identity: Identity, *, announce_addrs: Sequence[str] = ()) -> IHo
     # 20 gossip peers in one process then deliver every message instead of ~70%.
     # Read at call time by py-libp2p, so an operator's own setting wins.
     os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
-    noise = NoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    noise = ReadAheadNoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},

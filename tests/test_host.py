@@ -1,0 +1,50 @@
+"""The read-ahead under py-libp2p's Noise reader: same bytes, fewer receive calls."""
+
+from __future__ import annotations
+
+import trio
+import trio.testing
+from libp2p.connection_types import ConnectionType
+from libp2p.network.connection.raw_connection import RawConnection
+
+from cocoon_p2p.host import ReadAheadConnection
+
+
+class _Stream:
+    """A trio stream as py-libp2p's ReadWriteCloser, counting receive calls."""
+
+    def __init__(self, stream: trio.abc.Stream) -> None:
+        self.stream = stream
+        self.reads = 0
+
+    async def read(self, n: int | None = None) -> bytes:
+        self.reads += 1
+        return await self.stream.receive_some(n)
+
+    async def write(self, data: bytes) -> None:
+        await self.stream.send_all(data)
+
+    async def close(self) -> None:
+        await self.stream.aclose()
+
+    def get_remote_address(self) -> tuple[str, int] | None:
+        return ("127.0.0.1", 1)
+
+
+async def test_small_reads_are_served_from_one_receive() -> None:
+    left, right = trio.testing.memory_stream_pair()
+    raw = _Stream(right)
+    conn = ReadAheadConnection(RawConnection(raw, initiator=False))  # type: ignore[arg-type]
+    frames = b"".join(len(body).to_bytes(2, "big") + body for body in (b"a" * 10, b"b" * 300, b"c"))
+    await left.send_all(frames)
+    got = []
+    for _ in range(3):  # what the Noise reader does: a 2-byte length, then the body
+        size = int.from_bytes(await conn.read(2), "big")
+        got.append(await conn.read(size))
+    assert got == [b"a" * 10, b"b" * 300, b"c"]
+    assert raw.reads == 1
+    await left.send_all(b"xyz")
+    assert await conn.read(None) == b"xyz"  # a read without a size returns what is there
+    assert conn.is_initiator is False and conn.get_connection_type() == ConnectionType.DIRECT
+    await left.aclose()
+    assert await conn.read(5) == b""  # end of stream passes through
