@@ -35,12 +35,17 @@ class Outcome:
     units: int
 
 
+class _NotBatchAligned(Exception):
+    """The outputs' first axis is not the inputs' batch axis: results cannot be split."""
+
+
 class Executor:
     """One model on one backend."""
 
     def __init__(self, spec: ModelSpec, backend: Backend) -> None:
         self.spec = spec
         self.backend = backend
+        self.batchable = True  # until a batched run shows otherwise
         self.tokenizer: Any = None
         if spec.kind == "embedding":
             from tokenizers import Tokenizer
@@ -77,9 +82,20 @@ class Executor:
         return tuple((t.name, t.dtype, t.shape[1:]) for t in sorted(req.inputs, key=lambda t: t.name))
 
     def run(self, requests: list[JobRequest]) -> list[Outcome]:
-        """Run checked requests with one key together; one Outcome per request, in order."""
+        """Run checked requests with one key together; one Outcome per request, in order.
+
+        A model whose outputs turn out not to follow the batch axis (a different
+        number of rows than went in) runs each request alone, from then on.
+        """
         if self.spec.kind == "embedding":
             return self._run_texts(requests)
+        if len(requests) > 1 and self.batchable:
+            try:
+                return self._run_tensors(requests)
+            except _NotBatchAligned:
+                self.batchable = False
+        if len(requests) > 1:
+            return [self._run_tensors([r])[0] for r in requests]
         return self._run_tensors(requests)
 
     def token_stream(self, req: JobRequest) -> tuple[TokenStream, int]:
@@ -119,6 +135,10 @@ class Executor:
         return self._split(out, [len(req.texts) for req in requests])
 
     def _split(self, out: dict[str, np.ndarray[Any, Any]], rows: list[int]) -> list[Outcome]:
+        if len(rows) == 1:  # one request: its outputs whole, whatever their shapes
+            return [Outcome(tuple(from_numpy(name, arr) for name, arr in out.items()), rows[0])]
+        if any(arr.ndim == 0 or arr.shape[0] != sum(rows) for arr in out.values()):
+            raise _NotBatchAligned
         outcomes, start = [], 0
         for n in rows:
             tensors = tuple(from_numpy(name, arr[start : start + n]) for name, arr in out.items())

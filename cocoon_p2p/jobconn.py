@@ -125,11 +125,12 @@ class JobConnection:
     def send(self, frame: Frame) -> bytes:
         """Bytes for ``frame``; LocalProtocolError if the rules forbid sending it now."""
         self._check_usable()
+        data = encode_frame(frame, max_frame=self.max_frame)  # too large: refused, state untouched
         try:
             self._apply(frame, sender=self.role, incoming=False)
         except RemoteProtocolError as exc:  # the same rule, broken by us
             raise LocalProtocolError(str(exc), code=exc.code) from exc
-        return encode_frame(frame, max_frame=self.max_frame)
+        return data
 
     def open_job_ids(self) -> list[int]:
         return list(self.jobs)

@@ -356,17 +356,23 @@ class JobWorker:
             return
         self.running -= 1
         self.on_load_change()
+        frame: jf.Frame
         if outcome is not None:
-            cost = outcome.units * price
-            self.stats.jobs_ok += 1
-            self.stats.earned_nanoton += cost
-            frame: jf.Frame = jf.JobResult(
+            frame = jf.JobResult(
                 job_id=job.req.job_id,
                 outputs=outcome.outputs,
                 usage_units=outcome.units,
-                cost_nanoton=cost,
+                cost_nanoton=outcome.units * price,
                 compute_us=compute_us,
             )
+            if _maybe_large(outcome):
+                try:
+                    jf.encode_frame(frame)
+                except LocalProtocolError:  # a result too large to send: the job fails, unpaid
+                    error, outcome = (jf.TOO_LARGE, "the result exceeds the frame limit"), None
+        if outcome is not None:
+            self.stats.jobs_ok += 1
+            self.stats.earned_nanoton += outcome.units * price
         else:
             assert error is not None
             self.stats.jobs_failed += 1
@@ -378,6 +384,11 @@ class JobWorker:
 
 
 # ---- client --------------------------------------------------------------------------------
+
+
+def _maybe_large(outcome: Outcome) -> bool:
+    """Whether a result could exceed the frame limit (only then is it encoded twice)."""
+    return sum(len(t.data) for t in outcome.outputs) > jf.MAX_FRAME // 2
 
 
 def _remote_peer(stream: Any) -> bytes:
@@ -512,6 +523,9 @@ class JobClient:
         try:
             try:
                 await link.send(req)
+            except LocalProtocolError as exc:  # e.g. too large to send: this job only, no retry
+                done = True
+                raise JobFailed(exc.code, str(exc), worker=offer.peer_id) from exc
             except Exception as exc:
                 link.broken = JobFailed("worker-lost", repr(exc), worker=offer.peer_id)
                 raise link.broken from exc

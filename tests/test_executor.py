@@ -95,3 +95,24 @@ def test_tensorrt_matches_onnxruntime(tiny_model: ModelSpec, tmp_path: Path) -> 
     assert list(tmp_path.glob("*.engine"))  # cached: a second load skips the build
     again = open_backend("tensorrt", tiny_model.path, model_id=tiny_model.model_id, cache_dir=tmp_path, max_batch=8)
     np.testing.assert_allclose(again.run({"x": x})["y"], ort.run({"x": x})["y"], rtol=1e-3, atol=1e-3)
+
+
+def test_outputs_off_the_batch_axis_are_not_split(tmp_path: Path) -> None:
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(  # y = the sum of every row: one row out, whatever came in
+        [helper.make_node("ReduceSum", ["x"], ["y"], keepdims=1)],
+        "total",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 1])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "total.onnx"))
+    spec = load_model(tmp_path / "total.onnx")
+    ex = Executor(spec, OnnxRuntimeBackend(spec.path, threads=1))
+    xs = [np.full((n, 4), n, dtype=np.float32) for n in (1, 2, 3)]
+    outs = ex.run([job(i, x) for i, x in enumerate(xs)])
+    assert [float(to_numpy(o.outputs[0])[0, 0]) for o in outs] == [4.0, 16.0, 36.0]
+    assert not ex.batchable

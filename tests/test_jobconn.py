@@ -95,3 +95,22 @@ def test_oversized_length_prefix_fails_before_buffering() -> None:
     worker = JobConnection(Role.WORKER, max_frame=1024)
     with pytest.raises(MalformedMessage):
         deliver((4096).to_bytes(4, "big") + b"x", worker)
+
+
+def test_a_frame_too_large_to_send_leaves_no_trace() -> None:
+    import numpy as np
+
+    from cocoon_p2p.tensors import from_numpy
+
+    client = JobConnection(Role.CLIENT, max_frame=1024)
+    big = jf.JobRequest(
+        job_id=1,
+        model_id=MODEL,
+        inputs=(from_numpy("x", np.zeros((1024,), np.float32)),),
+        deadline_ms=1,
+        max_price_nanoton=1,
+    )
+    with pytest.raises(LocalProtocolError) as err:
+        client.send(big)
+    assert err.value.code == jf.TOO_LARGE and client.jobs == {}
+    client.send(req(1))  # the id was not used up, and the connection still works

@@ -110,6 +110,8 @@ async def test_typed_refusals_and_the_worker_keeps_serving(tiny_model: ModelSpec
         assert await attempt(deadline_ms=now_ms() - 1) == jf.DEADLINE
         assert await attempt(inputs=(from_numpy("x", np.zeros((2, 5), np.float32)),)) == jf.BAD_INPUT
         assert await attempt(inputs=(), texts=("not a tensor model",)) == jf.BAD_INPUT
+        huge = (from_numpy("x", np.zeros((600_000, 4), np.float32)),)  # 9.6 MB: over the frame limit
+        assert await attempt(inputs=huge) == jf.TOO_LARGE  # refused before sending; the stream lives on
         assert await attempt() == "ok"
         stats = workers[0].job_worker.stats  # type: ignore[union-attr]
         assert stats.refused == {jf.UNKNOWN_MODEL: 1, jf.PRICE: 1, jf.DEADLINE: 1, jf.BAD_INPUT: 2}
@@ -193,3 +195,31 @@ async def test_concurrent_jobs_are_batched(tiny_model: ModelSpec) -> None:
         await trio.sleep(1)
         assert client.stats.rejected_by_code.get("rate-limited", 0) == 0
         assert workers[0].peer_id in client.connected_peers()
+
+
+async def test_a_result_too_large_to_send_fails_that_job_unpaid(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    from cocoon_p2p.models import load_model
+
+    repeats = numpy_helper.from_array(np.array([1000, 1], dtype=np.int64), "r")
+    graph = helper.make_graph(
+        [helper.make_node("Tile", ["x", "r"], ["y"])],
+        "blow_up",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["m", 4])],
+        initializer=[repeats],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    model.ir_version = 8
+    onnx.save(model, str(tmp_path / "blow_up.onnx"))
+    spec = load_model(tmp_path / "blow_up.onnx")
+    async with network(spec, workers=1) as (client, workers, _):
+        with pytest.raises(JobFailed) as err:
+            await client.infer(spec.model_id, inputs=(from_numpy("x", x_rows(1024)),), max_price_nanoton=10)
+        assert err.value.code == jf.TOO_LARGE
+        stats = workers[0].job_worker.stats  # type: ignore[union-attr]
+        assert stats.jobs_failed == 1 and stats.earned_nanoton == 0
+        r = await client.infer(spec.model_id, inputs=(from_numpy("x", x_rows(2)),), max_price_nanoton=10)
+        assert r.output().shape == (2000, 4)  # small results still flow on the same stream
