@@ -75,3 +75,17 @@ def test_tensor_checks_itself() -> None:
         Tensor("x", "float32", (2,), b"\0" * 4)
     with pytest.raises(LocalProtocolError):
         jf.JobError(job_id=1, code="made-up")
+
+
+def test_golden_vectors() -> None:
+    """The exact bytes of each frame type: the wire format may not drift without a
+    version bump (other implementations test against tests/vectors/jobframes.json)."""
+    import json
+    from pathlib import Path
+
+    vec = json.loads((Path(__file__).parent / "vectors" / "jobframes.json").read_text())
+    assert [v["type"] for v in vec["frames"]] == [type(f).__name__ for f in FRAMES]
+    for v, frame in zip(vec["frames"], FRAMES, strict=True):
+        data = bytes.fromhex(v["hex"])
+        assert jf.encode_frame(frame) == data
+        assert jf.decode_frame(data[4:]) == frame
