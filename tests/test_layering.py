@@ -22,6 +22,7 @@ PURE_MODULES = [
     "cocoon_p2p.batching",
     "cocoon_p2p.routing",
     "cocoon_p2p.models",
+    "cocoon_p2p.vouchers",
 ]
 
 

@@ -1,0 +1,196 @@
+"""Off-chain payment-channel states of the official TON payment channel (sans-IO).
+
+The layouts follow the contract (ton-blockchain/payment-channels, async-channel.func)
+and tonweb's PaymentUtils.js, bit for bit:
+
+    SemiChannelBody  = seqno:uint64 sent:Coins conditionals:(HashmapE 32 ConditionalPayment)
+    SemiChannel      = tag:0x43685374 channel_id:uint128 body:SemiChannelBody
+                       counterparty:(Maybe ^SemiChannelBody)
+    SignedSemiChannel = signature:bits512 state:SemiChannel
+
+A party signs the SHA-256 representation hash of its SemiChannel cell with the
+Ed25519 key the channel was deployed with. ``sent`` is cumulative: each new state
+of A says "A has sent B this much in all".
+
+A *voucher* is what the client (A) hands the worker (B) after each job: its newest
+signed SemiChannel. :class:`VoucherBook` is the worker's side: it accepts only
+vouchers that are signed by A, name this channel, raise the seqno, never lower
+``sent``, stay within A's deposit, and keep the contract able to finish an
+uncooperative close (see :func:`finish_is_possible`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
+from pytoniq_core import Builder, Cell, begin_cell
+
+from .errors import BadSignature, LocalProtocolError, MalformedMessage, RemoteProtocolError, ReplayedMessage
+
+TAG_STATE = 0x43685374
+MAX_COINS = (1 << 120) - 1  # Coins is VarUInteger 16: at most 15 bytes
+
+
+class ChannelRuleBroken(RemoteProtocolError):
+    """A state the channel's rules forbid: over the deposit, or unfinishable on chain."""
+
+    code = "channel-rule"
+
+
+@dataclass(frozen=True, slots=True)
+class SemiChannelBody:
+    """One party's side: its state number and all it has sent the other, in nanoton."""
+
+    seqno: int
+    sent: int
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.seqno < 1 << 64 or not 0 <= self.sent <= MAX_COINS:
+            raise LocalProtocolError(f"seqno {self.seqno} or sent {self.sent} out of range")
+
+    def store(self, b: Builder) -> Builder:
+        # No conditional payments: an empty HashmapE is a single 0 bit.
+        return b.store_uint(self.seqno, 64).store_coins(self.sent).store_bit(0)
+
+    def cell(self) -> Cell:
+        return self.store(begin_cell()).end_cell()
+
+
+@dataclass(frozen=True, slots=True)
+class SemiChannel:
+    """A party's state in one channel, with what it last saw of the counterparty."""
+
+    channel_id: int
+    body: SemiChannelBody
+    counterparty: SemiChannelBody | None = None
+
+    def cell(self) -> Cell:
+        b = begin_cell().store_uint(TAG_STATE, 32).store_uint(self.channel_id, 128)
+        self.body.store(b)
+        b.store_maybe_ref(self.counterparty.cell() if self.counterparty is not None else None)
+        return b.end_cell()
+
+    def sign(self, key: SigningKey) -> SignedSemiChannel:
+        return SignedSemiChannel(self, key.sign(self.cell().hash).signature)
+
+
+@dataclass(frozen=True, slots=True)
+class SignedSemiChannel:
+    state: SemiChannel
+    signature: bytes
+
+    def cell(self) -> Cell:
+        """The ``SignedSemiChannel`` cell the contract takes in close and challenge messages."""
+        return begin_cell().store_bytes(self.signature).store_cell(self.state.cell()).end_cell()
+
+    def verify(self, key: VerifyKey) -> None:
+        """BadSignature unless ``key`` signed exactly this state."""
+        try:
+            key.verify(self.state.cell().hash, self.signature)
+        except BadSignatureError as exc:
+            raise BadSignature("voucher signature does not verify under the channel key") from exc
+
+    def to_boc(self) -> bytes:
+        return bytes(self.cell().to_boc(hash_crc32=True))  # with a CRC, as @ton/core and tonweb write
+
+    @classmethod
+    def from_boc(cls, data: bytes, *, max_size: int = 1024) -> SignedSemiChannel:
+        """Parse a voucher BOC; MalformedMessage on anything but a well-formed SignedSemiChannel."""
+        if len(data) > max_size:
+            raise MalformedMessage(f"voucher BOC of {len(data)} bytes exceeds {max_size}")
+        try:
+            root = Cell.one_from_boc(data)
+            s = root.begin_parse()
+            signature = s.load_bytes(64)
+            if s.load_uint(32) != TAG_STATE:
+                raise MalformedMessage("voucher: not a SemiChannel state")
+            channel_id = s.load_uint(128)
+            body = SemiChannelBody(s.load_uint(64), s.load_coins())
+            if s.load_bit():
+                raise MalformedMessage("voucher: conditional payments are not accepted")
+            counterparty = None
+            if s.load_bit():
+                c = s.load_ref().begin_parse()
+                counterparty = SemiChannelBody(c.load_uint(64), c.load_coins())
+                if c.load_bit() or c.remaining_bits or c.remaining_refs:
+                    raise MalformedMessage("voucher: malformed counterparty body")
+            if s.remaining_bits or s.remaining_refs:
+                raise MalformedMessage("voucher: trailing data")
+        except RemoteProtocolError:
+            raise
+        except Exception as exc:  # pytoniq-core raises assorted errors on bad bytes
+            raise MalformedMessage(f"voucher: not a valid BOC ({exc.__class__.__name__})") from exc
+        return cls(SemiChannel(channel_id, body, counterparty), signature)
+
+
+def finish_is_possible(*, balance_a: int, sent_a: int, balance_b: int, sent_b: int, fine: int = 0) -> bool:
+    """Whether ``finish_uncooperative_close`` can pay out these states.
+
+    The contract computes A's payout as balance_A + sent_B - sent_A - fine and
+    fails (every time, funds locked until both sign a cooperative close) when that
+    is negative; the same holds for B. A state that allows this is never accepted.
+    """
+    return sent_a + fine <= balance_a + sent_b and sent_b + fine <= balance_b + sent_a
+
+
+@dataclass
+class VoucherBook:
+    """The worker's (B's) record of one channel's vouchers from the client (A).
+
+    Pure: :meth:`check` validates without changing anything, so the caller can
+    make the voucher durable (write-ahead, fsync) and only then :meth:`commit` it
+    and acknowledge. A crash between the two loses nothing: on restart the book is
+    rebuilt from the durable log, where the voucher already is.
+    """
+
+    channel_id: int
+    payer_key: VerifyKey
+    deposit_a: int  # A's balance in the channel contract
+    deposit_b: int = 0
+    sent_b: int = 0  # what B has sent A (zero for a pure worker)
+    fine: int = 0  # the contract's misbehaviour fine, from its config
+    best: SignedSemiChannel | None = None
+
+    @property
+    def seqno(self) -> int:
+        return self.best.state.body.seqno if self.best else 0
+
+    @property
+    def received(self) -> int:
+        """All A has sent B so far, in nanoton, by the newest accepted voucher."""
+        return self.best.state.body.sent if self.best else 0
+
+    def check(self, voucher: SignedSemiChannel, *, expect_at_least: int = 0) -> int:
+        """Validate ``voucher``; return the amount it adds. Raises a RemoteProtocolError.
+
+        ``expect_at_least``: the amount the voucher must add (the job's cost).
+        """
+        state = voucher.state
+        if state.channel_id != self.channel_id:
+            raise MalformedMessage(f"voucher for channel {state.channel_id:x}, not {self.channel_id:x}")
+        voucher.verify(self.payer_key)
+        if state.body.seqno <= self.seqno:
+            raise ReplayedMessage(f"voucher seqno {state.body.seqno} is not above {self.seqno}")
+        added = state.body.sent - self.received
+        if added < 0:
+            raise ChannelRuleBroken(f"voucher lowers sent from {self.received} to {state.body.sent}")
+        if added < expect_at_least:
+            raise ChannelRuleBroken(f"voucher adds {added} nanoton, {expect_at_least} are due")
+        if state.body.sent > self.deposit_a + self.sent_b:
+            raise ChannelRuleBroken(f"voucher sends {state.body.sent}, more than A holds ({self.deposit_a})")
+        payouts_ok = finish_is_possible(
+            balance_a=self.deposit_a,
+            sent_a=state.body.sent,
+            balance_b=self.deposit_b,
+            sent_b=self.sent_b,
+            fine=self.fine,
+        )
+        if not payouts_ok:
+            raise ChannelRuleBroken("voucher would leave the channel unable to close uncooperatively")
+        return added
+
+    def commit(self, voucher: SignedSemiChannel) -> None:
+        """Record a voucher that passed :meth:`check` (and is durable)."""
+        self.best = voucher
