@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m benchmarks [--quick] [--suite overlay|jobs|all] [--only NAME]``.
+"""Run the benchmarks: ``python -m benchmarks [--quick] [--suite overlay|jobs|payments|all] [--only NAME]``.
 
 Prints one table and writes the figures as JSON (default
 benchmarks/results/overlay.json). Comparisons (ours vs baseline) are always
@@ -20,9 +20,9 @@ import trio
 
 from cocoon_p2p.host import quiet_libp2p_logs
 
-from . import jobs, overlay
+from . import jobs, overlay, payments
 
-SUITES = {"overlay": overlay.BENCHES, "jobs": jobs.BENCHES}
+SUITES = {"overlay": overlay.BENCHES, "jobs": jobs.BENCHES, "payments": payments.BENCHES}
 
 GOALS = {
     "connect_ms_p50": ("<=", 10.0),
@@ -31,6 +31,9 @@ GOALS = {
     "minilm_network_vs_local": ("<=", 1.2),
     "gen_network_vs_local": (">=", 0.9),
     "gen_q4_vs_fp32": (">=", 2.0),
+    "vouchers_created_per_s": (">=", 30_000.0),
+    "vouchers_verified_per_s": (">=", 15_000.0),
+    "vouchers_persisted_per_s_group_64": (">=", 10_000.0),
 }
 
 

@@ -21,6 +21,7 @@ uncooperative close (see :func:`finish_is_possible`).
 
 from __future__ import annotations
 
+import hashlib
 from dataclasses import dataclass
 
 from nacl.exceptions import BadSignatureError
@@ -37,6 +38,39 @@ class ChannelRuleBroken(RemoteProtocolError):
     """A state the channel's rules forbid: over the deposit, or unfinishable on chain."""
 
     code = "channel-rule"
+
+
+class _Bits:
+    """A bit string as an int, for hashing leaf cells without building them."""
+
+    __slots__ = ("value", "length")
+
+    def __init__(self) -> None:
+        self.value = 0
+        self.length = 0
+
+    def push(self, value: int, width: int) -> _Bits:
+        self.value = (self.value << width) | value
+        self.length += width
+        return self
+
+    def push_coins(self, amount: int) -> _Bits:
+        size = (amount.bit_length() + 7) // 8
+        return self.push(size, 4).push(amount, 8 * size)
+
+    def cell_repr_hash(self, refs: tuple[tuple[int, bytes], ...] = ()) -> bytes:
+        """Representation hash of an ordinary cell with these bits and (depth, hash) refs."""
+        n = self.length
+        value, padded = self.value, n
+        if n % 8:  # completion tag: a 1 bit, then zeros to the byte boundary
+            pad = 8 - n % 8
+            value = (value << pad) | (1 << (pad - 1))
+            padded += pad
+        d1 = len(refs)
+        d2 = n // 8 + (n + 7) // 8
+        data = bytes((d1, d2)) + value.to_bytes(padded // 8, "big")
+        data += b"".join(depth.to_bytes(2, "big") for depth, _ in refs) + b"".join(h for _, h in refs)
+        return hashlib.sha256(data).digest()
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,6 +91,9 @@ class SemiChannelBody:
     def cell(self) -> Cell:
         return self.store(begin_cell()).end_cell()
 
+    def push(self, bits: _Bits) -> _Bits:
+        return bits.push(self.seqno, 64).push_coins(self.sent).push(0, 1)
+
 
 @dataclass(frozen=True, slots=True)
 class SemiChannel:
@@ -72,8 +109,17 @@ class SemiChannel:
         b.store_maybe_ref(self.counterparty.cell() if self.counterparty is not None else None)
         return b.end_cell()
 
+    def hash(self) -> bytes:
+        """The cell's representation hash, computed directly (equal to ``cell().hash``,
+        tested against @ton/core's vectors): vouchers are signed and checked on a hot path."""
+        bits = self.body.push(_Bits().push(TAG_STATE, 32).push(self.channel_id, 128))
+        if self.counterparty is None:
+            return bits.push(0, 1).cell_repr_hash()
+        ref = self.counterparty.push(_Bits()).cell_repr_hash()
+        return bits.push(1, 1).cell_repr_hash(((0, ref),))
+
     def sign(self, key: SigningKey) -> SignedSemiChannel:
-        return SignedSemiChannel(self, key.sign(self.cell().hash).signature)
+        return SignedSemiChannel(self, key.sign(self.hash()).signature)
 
 
 @dataclass(frozen=True, slots=True)
@@ -88,9 +134,30 @@ class SignedSemiChannel:
     def verify(self, key: VerifyKey) -> None:
         """BadSignature unless ``key`` signed exactly this state."""
         try:
-            key.verify(self.state.cell().hash, self.signature)
+            key.verify(self.state.hash(), self.signature)
         except BadSignatureError as exc:
             raise BadSignature("voucher signature does not verify under the channel key") from exc
+
+    def to_record(self) -> bytes:
+        """A compact, exact encoding for the write-ahead log (the BOC is rebuilt from it
+        when the chain needs it): channel id, seqno, sent, optional counterparty, signature."""
+        st, cp = self.state, self.state.counterparty
+        out = st.channel_id.to_bytes(16, "big") + st.body.seqno.to_bytes(8, "big") + st.body.sent.to_bytes(15, "big")
+        if cp is not None:
+            out += b"\x01" + cp.seqno.to_bytes(8, "big") + cp.sent.to_bytes(15, "big")
+        else:
+            out += b"\x00"
+        return out + self.signature
+
+    @classmethod
+    def from_record(cls, data: bytes) -> SignedSemiChannel:
+        if len(data) not in (104, 127) or data[39] not in (0, 1) or (data[39] == 1) != (len(data) == 127):
+            raise MalformedMessage("voucher record: bad length or flag")
+        cp = None
+        if data[39] == 1:
+            cp = SemiChannelBody(int.from_bytes(data[40:48], "big"), int.from_bytes(data[48:63], "big"))
+        body = SemiChannelBody(int.from_bytes(data[16:24], "big"), int.from_bytes(data[24:39], "big"))
+        return cls(SemiChannel(int.from_bytes(data[:16], "big"), body, cp), data[-64:])
 
     def to_boc(self) -> bytes:
         return bytes(self.cell().to_boc(hash_crc32=True))  # with a CRC, as @ton/core and tonweb write

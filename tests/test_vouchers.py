@@ -35,6 +35,7 @@ def test_cells_and_signatures_match_ton_core(case: dict[str, object]) -> None:
         SemiChannelBody(int(cp[0]), int(cp[1])) if cp else None,  # type: ignore[index]
     )
     assert state.cell().hash.hex() == case["state_hash"]
+    assert state.hash().hex() == case["state_hash"]  # the direct hash, without building cells
     signed = state.sign(key)
     assert signed.signature.hex() == case["signature"]  # Ed25519 is deterministic
     assert signed.to_boc().hex() == case["signed_boc"]
@@ -122,3 +123,25 @@ def test_mutated_vouchers_are_rejected_or_fail_the_signature(flips: list[tuple[i
     if parsed != voucher(7, 700):
         with pytest.raises(RemoteProtocolError):
             book().check(parsed)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.integers(0, (1 << 128) - 1),
+    st.integers(0, (1 << 64) - 1),
+    st.integers(0, (1 << 120) - 1),
+    st.none() | st.tuples(st.integers(0, (1 << 64) - 1), st.integers(0, (1 << 120) - 1)),
+)
+def test_direct_hash_equals_the_cell_hash(channel: int, seqno: int, sent: int, cp: tuple[int, int] | None) -> None:
+    state = SemiChannel(channel, SemiChannelBody(seqno, sent), SemiChannelBody(*cp) if cp else None)
+    assert state.hash() == state.cell().hash
+
+
+def test_log_records_round_trip_exactly() -> None:
+    for v in (voucher(9, 12345), SemiChannel(CHANNEL, SemiChannelBody(3, 7), SemiChannelBody(2, 1)).sign(A)):
+        rec = v.to_record()
+        assert SignedSemiChannel.from_record(rec) == v
+        SignedSemiChannel.from_record(rec).verify(A.verify_key)
+    for bad in (b"", b"\x00" * 103, b"\x00" * 39 + b"\x02" + b"\x00" * 64):
+        with pytest.raises(MalformedMessage):
+            SignedSemiChannel.from_record(bad)
