@@ -7,9 +7,10 @@ vouchers/s, while a batch of everything that arrived meanwhile keeps the same
 guarantee at a fraction of the cost.
 
 Record: 4-byte big-endian length, 4-byte CRC32 of the payload, the payload (a
-voucher, :meth:`~.vouchers.SignedSemiChannel.to_record`). On open, the log is replayed; a torn last record (the crash came
-mid-write, so it was never acknowledged) is cut off, while a bad record followed
-by good ones means the file was damaged and is refused.
+voucher's :meth:`~.vouchers.SignedSemiChannel.to_record`). On open, the log is
+replayed; a torn last record (the crash came mid-write, so it was never
+acknowledged) is cut off, while a bad record followed by good ones means the
+file was damaged and is refused.
 """
 
 from __future__ import annotations
