@@ -23,6 +23,7 @@ PURE_MODULES = [
     "cocoon_p2p.routing",
     "cocoon_p2p.models",
     "cocoon_p2p.vouchers",
+    "cocoon_p2p.channel_messages",
 ]
 
 
