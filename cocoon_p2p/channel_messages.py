@@ -11,7 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from nacl.signing import SigningKey
-from pytoniq_core import Cell, begin_cell
+from pytoniq_core import Address, Cell, begin_cell
 
 from .vouchers import SignedSemiChannel
 
@@ -29,6 +29,29 @@ TAG_COOPERATIVE_CLOSE = 0x436C6F73
 TAG_COOPERATIVE_COMMIT = 0x43436D74
 TAG_START_UNCOOPERATIVE_CLOSE = 0x556E436C
 TAG_CHALLENGE_STATE = 0x43686751
+
+
+def initial_data(
+    *,
+    channel_id: int,
+    key_a: bytes,
+    key_b: bytes,
+    addr_a: Address,
+    addr_b: Address,
+    quarantine_s: int = 3600,
+    misbehavior_fine: int = 0,
+    conditional_close_s: int = 0,
+    excess_fee: int = 0,
+) -> Cell:
+    """The contract's data at deployment (tonweb's createDataCell): not yet initialised,
+    zero balances, both parties' keys and payout addresses, and the closing rules."""
+    closing = begin_cell().store_uint(quarantine_s, 32).store_coins(misbehavior_fine)
+    closing.store_uint(conditional_close_s, 32)
+    payment = begin_cell().store_coins(excess_fee).store_address(addr_a).store_address(addr_b).end_cell()
+    b = begin_cell().store_bit(0).store_coins(0).store_coins(0).store_bytes(key_a).store_bytes(key_b)
+    b.store_uint(channel_id, 128).store_ref(closing.end_cell())
+    b.store_uint(0, 32).store_uint(0, 32).store_bit(0)  # committed seqnos, no quarantine
+    return b.store_ref(payment).end_cell()
 
 
 def top_up(add_a: int, add_b: int) -> Cell:
