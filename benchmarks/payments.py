@@ -1,7 +1,8 @@
 """Payment benchmarks: vouchers created, verified, and verified + durably persisted.
 
 Durable persistence compares one fsync per voucher (the baseline) with group
-commit (one fsync per batch of vouchers that arrived together), same run.
+commit (one fsync per batch of vouchers that arrived together), same run. Gas per
+contract operation comes from the official code run in TON's emulator.
 """
 
 from __future__ import annotations
@@ -63,6 +64,49 @@ async def bench_vouchers(n: int) -> dict[str, float]:
     }
 
 
+async def bench_gas(_quick: bool) -> dict[str, float]:
+    """Gas of each contract operation, run by TON's emulator on the official code."""
+    from pytoniq_core import Address
+
+    from cocoon_p2p import channel_messages as m
+    from cocoon_p2p.contract_code import payment_channel_code
+    from cocoon_p2p.emulator import ContractEmulator
+
+    a, b = CLIENT, SigningKey(bytes([6]) * 32)
+    ton = 1_000_000_000
+    data = m.initial_data(
+        channel_id=CHANNEL,
+        key_a=bytes(a.verify_key),
+        key_b=bytes(b.verify_key),
+        addr_a=Address("0:" + "aa" * 32),
+        addr_b=Address("0:" + "bb" * 32),
+        quarantine_s=60,
+    )
+    c = ContractEmulator(payment_channel_code(), data, address="0:" + "cc" * 32, now=1_790_000_000)
+    gas: dict[str, float] = {}
+
+    def run(name: str, body: Any, value: int = ton // 100) -> None:
+        out = c.send(body, value)
+        if out.exit_code != 0:
+            raise RuntimeError(f"{name} failed with exit code {out.exit_code}")
+        gas[f"gas_{name}"] = out.gas_used
+
+    run("top_up", m.top_up(5 * ton, 0), 5 * ton + ton // 100)
+    run("init_channel", m.init_channel(CHANNEL, 5 * ton, 0, key=a, is_a=True))
+    commit = m.CommitTerms(CHANNEL, 10, 1)
+    sigs = m.sign_body(commit.body(), a), m.sign_body(commit.body(), b)
+    run("cooperative_commit", m.cooperative_commit(commit, *sigs))
+    sa = SemiChannel(CHANNEL, SemiChannelBody(11, ton)).sign(a)
+    sb = SemiChannel(CHANNEL, SemiChannelBody(2, 0), SemiChannelBody(11, ton)).sign(b)
+    run("start_uncooperative_close", m.start_uncooperative_close(CHANNEL, sa, sb, key=a, is_a=True))
+    sa2 = SemiChannel(CHANNEL, SemiChannelBody(12, 2 * ton)).sign(a)
+    run("challenge_quarantined_state", m.challenge_quarantined_state(CHANNEL, sa2, sb, key=b, is_a=False))
+    c.now += 61
+    run("finish_uncooperative_close", m.finish_uncooperative_close())
+    return gas
+
+
 BENCHES: list[tuple[str, Callable[[bool], Any]]] = [
     ("vouchers", lambda quick: bench_vouchers(4000 if quick else 20000)),
+    ("contract_gas", bench_gas),
 ]
