@@ -1,0 +1,202 @@
+"""Chain access through the toncenter v2 HTTP API: real TON or the local chain, one client.
+
+:class:`TonCenter` speaks the subset cocoon needs (sendBoc, runGetMethod,
+getAddressInformation, getTransactions), so an operator points it at a public
+endpoint (with an API key) or at their own node, and the tests and the demo at
+:func:`open_local_chain`, which runs ``nodes/localchain/server.mjs`` (@ton/sandbox)
+on 127.0.0.1 and installs its npm packages on first use.
+
+:class:`Wallet` is a v4r2 wallet from ``tonsdk`` (keys and transfer messages),
+which funds and drives channels; cells cross between tonsdk and pytoniq-core as BOC.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pytoniq_core import Cell, begin_cell
+
+from .errors import CocoonError
+
+LOCALCHAIN_DIR = Path(__file__).resolve().parent.parent / "nodes" / "localchain"
+
+
+class ChainError(CocoonError):
+    """The chain endpoint failed or refused a request."""
+
+
+class TonCenter:
+    """A toncenter v2 client (synchronous; call it from a thread in trio code)."""
+
+    def __init__(self, endpoint: str, *, api_key: str | None = None, timeout_s: float = 30.0) -> None:
+        self.endpoint = endpoint.rstrip("/")
+        self.api_key = api_key
+        self.timeout_s = timeout_s
+
+    def _call(self, path: str, *, query: dict[str, Any] | None = None, body: dict[str, Any] | None = None) -> Any:
+        url = self.endpoint + path + ("?" + urllib.parse.urlencode(query) if query else "")
+        headers = {"content-type": "application/json"}
+        if self.api_key:
+            headers["X-API-Key"] = self.api_key
+        data = json.dumps(body).encode() if body is not None else None
+        request = urllib.request.Request(url, data=data, headers=headers, method="POST" if data else "GET")
+        try:
+            with urllib.request.urlopen(request, timeout=self.timeout_s) as resp:
+                payload = json.loads(resp.read(1 << 22))
+        except urllib.error.HTTPError as exc:
+            try:
+                payload = json.loads(exc.read(1 << 16))
+            except ValueError:
+                raise ChainError(f"{path}: HTTP {exc.code}") from exc
+        except (urllib.error.URLError, OSError, ValueError) as exc:
+            raise ChainError(f"{path}: {exc}") from exc
+        if not payload.get("ok"):
+            raise ChainError(f"{path}: {payload.get('error', 'failed')}")
+        return payload["result"]
+
+    def send_boc(self, boc: bytes) -> None:
+        self._call("/api/v2/sendBoc", body={"boc": base64.b64encode(boc).decode()})
+
+    def run_get_method(self, address: str, method: str, stack: list[int] | None = None) -> list[Any]:
+        """The method's result stack: ints as int, cells as pytoniq Cells."""
+        args = [["num", hex(x)] for x in stack or []]
+        res = self._call("/api/v2/runGetMethod", body={"address": address, "method": method, "stack": args})
+        if res["exit_code"] not in (0, 1):
+            raise ChainError(f"{method} on {address} exited with {res['exit_code']}")
+        out: list[Any] = []
+        for kind, value in res["stack"]:
+            if kind == "num":
+                out.append(int(value, 16))
+            elif kind == "cell":
+                out.append(Cell.one_from_boc(base64.b64decode(value["bytes"])))
+            else:
+                out.append(None)
+        return out
+
+    def balance(self, address: str) -> int:
+        return int(self._call("/api/v2/getAddressInformation", query={"address": address})["balance"])
+
+    def state(self, address: str) -> str:
+        return str(self._call("/api/v2/getAddressInformation", query={"address": address})["state"])
+
+    def transactions(self, address: str, limit: int = 20) -> list[dict[str, Any]]:
+        return list(self._call("/api/v2/getTransactions", query={"address": address, "limit": limit}))
+
+
+class LocalChain(TonCenter):
+    """The local chain's client, with its test-only faucet and clock."""
+
+    def fund(self, address: str, amount: int) -> None:
+        self._call("/cocoon/fund", body={"address": address, "amount": str(amount)})
+
+    def advance(self, seconds: int) -> int:
+        return int(self._call("/cocoon/advance", body={"seconds": seconds})["now"])
+
+    def now(self) -> int:
+        return int(self._call("/cocoon/now")["now"])
+
+
+def ensure_localchain_packages() -> None:
+    """``npm ci`` in nodes/localchain once (its lock file pins @ton/sandbox and friends)."""
+    if (LOCALCHAIN_DIR / "node_modules" / "@ton" / "sandbox").is_dir():
+        return
+    if shutil.which("npm") is None:
+        raise ChainError("the local chain needs Node.js and npm")
+    out = subprocess.run(["npm", "ci", "--silent"], cwd=LOCALCHAIN_DIR, capture_output=True, text=True, timeout=600)
+    if out.returncode != 0:
+        raise ChainError(f"npm ci for the local chain failed: {out.stderr[-500:]}")
+
+
+@contextmanager
+def open_local_chain() -> Iterator[LocalChain]:
+    """Start the local chain on a free port; stop it when the block ends."""
+    ensure_localchain_packages()
+    proc = subprocess.Popen(
+        ["node", "server.mjs"], cwd=LOCALCHAIN_DIR, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proc.stdout is not None
+        line = proc.stdout.readline()
+        if not line.startswith("listening "):
+            raise ChainError(f"local chain did not start: {line!r}")
+        yield LocalChain(line.split()[1])
+    finally:
+        if proc.stdin is not None:
+            proc.stdin.close()  # the server exits when its stdin ends
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
+def state_init(code: Cell, data: Cell) -> Cell:
+    """StateInit with code and data only (no split depth, special or libraries)."""
+    return begin_cell().store_uint(0b00110, 5).store_ref(code).store_ref(data).end_cell()
+
+
+def address_of(init: Cell, workchain: int = 0) -> str:
+    """The raw address a contract with this StateInit is deployed at."""
+    return f"{workchain}:{init.hash.hex()}"
+
+
+@dataclass
+class Wallet:
+    """A v4r2 wallet (tonsdk): deploys itself, sends transfers with bodies and StateInits."""
+
+    contract: Any
+    secret_key: bytes
+
+    @classmethod
+    def create(cls) -> Wallet:
+        from tonsdk.contract.wallet import Wallets, WalletVersionEnum
+
+        _mnemonics, _pub, priv, contract = Wallets.create(WalletVersionEnum.v4r2, workchain=0)
+        return cls(contract, priv)
+
+    @property
+    def address(self) -> str:
+        return str(self.contract.address.to_string(False, False, False))
+
+    def seqno(self, chain: TonCenter) -> int:
+        if chain.state(self.address) != "active":
+            return 0
+        return int(chain.run_get_method(self.address, "seqno")[0])
+
+    def deploy(self, chain: TonCenter) -> None:
+        chain.send_boc(bytes(self.contract.create_init_external_message()["message"].to_boc(False)))
+
+    def transfer(
+        self, chain: TonCenter, to: str, amount: int, *, body: Cell | None = None, init: Cell | None = None
+    ) -> None:
+        """Send ``amount`` nanoton to ``to`` with an optional body and StateInit (deploys a contract)."""
+        from tonsdk.boc import Cell as TonsdkCell
+
+        def convert(cell: Cell | None) -> Any:
+            return TonsdkCell.one_from_boc(bytes(cell.to_boc())) if cell is not None else None
+
+        msg = self.contract.create_transfer_message(
+            to, amount, self.seqno(chain), payload=convert(body), state_init=convert(init)
+        )
+        chain.send_boc(bytes(msg["message"].to_boc(False)))
+
+
+def wait_until(check: Any, *, timeout_s: float = 10.0) -> None:
+    """Poll ``check()`` until true (a real chain confirms asynchronously; the local one at once)."""
+    deadline = time.monotonic() + timeout_s
+    while not check():
+        if time.monotonic() > deadline:
+            raise ChainError("timed out waiting for the chain")
+        time.sleep(0.2)

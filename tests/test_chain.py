@@ -1,0 +1,58 @@
+"""Payment channels on the local chain (@ton/sandbox) through the toncenter API: open, pay, close."""
+
+from __future__ import annotations
+
+import shutil
+
+import pytest
+from nacl.signing import SigningKey
+from pytoniq_core import Address
+
+from cocoon_p2p import channel_messages as m
+from cocoon_p2p.chain import Wallet, address_of, open_local_chain, state_init
+from cocoon_p2p.contract_code import payment_channel_code
+from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody, VoucherBook
+
+pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="the local chain needs Node.js")
+TON = 1_000_000_000
+FEE = TON // 20  # attached to control messages for gas
+
+
+def test_open_pay_and_cooperatively_close_on_chain() -> None:
+    with open_local_chain() as chain:
+        client, worker = Wallet.create(), Wallet.create()
+        for w, amount in ((client, 10 * TON), (worker, TON)):
+            chain.fund(w.address, amount)
+            w.deploy(chain)
+            assert chain.state(w.address) == "active"
+        key_a, key_b = SigningKey(client.secret_key[:32]), SigningKey(worker.secret_key[:32])
+        channel_id = 0xC0C0A
+        data = m.initial_data(
+            channel_id=channel_id,
+            key_a=bytes(key_a.verify_key),
+            key_b=bytes(key_b.verify_key),
+            addr_a=Address(client.address),
+            addr_b=Address(worker.address),
+        )
+        init = state_init(payment_channel_code(), data)
+        channel = address_of(init)
+        client.transfer(chain, channel, 5 * TON + FEE, body=m.top_up(5 * TON, 0), init=init)  # deploy + deposit
+        client.transfer(chain, channel, FEE, body=m.init_channel(channel_id, 5 * TON, 0, key=key_a, is_a=True))
+        assert chain.run_get_method(channel, "get_channel_state") == [1]
+
+        book = VoucherBook(channel_id=channel_id, payer_key=key_a.verify_key, deposit_a=5 * TON)
+        for seqno in range(1, 101):  # 100 jobs at 0.01 TON, paid off chain
+            v = SemiChannel(channel_id, SemiChannelBody(seqno, seqno * TON // 100)).sign(key_a)
+            book.check(v, expect_at_least=TON // 100)
+            book.commit(v)
+        before = chain.balance(worker.address)
+        terms = m.CloseTerms(channel_id, 5 * TON - book.received, book.received, book.seqno, 1)
+        close = m.cooperative_close(terms, m.sign_body(terms.body(), key_a), m.sign_body(terms.body(), key_b))
+        worker.transfer(chain, channel, FEE, body=close)
+        assert chain.run_get_method(channel, "get_channel_state") == [0]
+        received = chain.balance(worker.address) - before
+        # The 1 TON it earned, less the value it attached to the close (which goes to A
+        # with the remainder) and its wallet's fees.
+        assert TON - FEE - TON // 100 < received < TON - FEE
+        payout = [t for t in chain.transactions(worker.address) if t["in_msg"] and t["in_msg"]["source"] == channel]
+        assert payout and TON - TON // 1000 < int(payout[0]["in_msg"]["value"]) <= TON  # less the forward fee
