@@ -187,10 +187,33 @@ class Wallet:
         def convert(cell: Cell | None) -> Any:
             return TonsdkCell.one_from_boc(bytes(cell.to_boc())) if cell is not None else None
 
+        self._expire_by_chain_clock(chain)
         msg = self.contract.create_transfer_message(
             to, amount, self.seqno(chain), payload=convert(body), state_init=convert(init)
         )
         chain.send_boc(bytes(msg["message"].to_boc(False)))
+
+    def _expire_by_chain_clock(self, chain: TonCenter) -> None:
+        """tonsdk stamps wallet messages "valid until now + 60 s" by this machine's clock;
+        the local chain's clock can be moved ahead (quarantine tests), so use the chain's."""
+        from tonsdk.boc import Cell as TonsdkCell
+
+        now = chain.now() if isinstance(chain, LocalChain) else int(time.time())
+        contract = self.contract
+
+        def signing_message(seqno: int | None = None, without_op: bool = False) -> Any:
+            message = TonsdkCell()  # wallet v4r2: wallet_id, valid_until, seqno, op
+            message.bits.write_uint(contract.options["wallet_id"], 32)
+            if not seqno:
+                message.bits.write_uint(0xFFFFFFFF, 32)
+            else:
+                message.bits.write_uint(now + 60, 32)
+            message.bits.write_uint(seqno or 0, 32)
+            if not without_op:
+                message.bits.write_uint(0, 8)
+            return message
+
+        contract.create_signing_message = signing_message
 
 
 def wait_until(check: Any, *, timeout_s: float = 10.0) -> None:

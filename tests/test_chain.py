@@ -9,36 +9,44 @@ from nacl.signing import SigningKey
 from pytoniq_core import Address
 
 from cocoon_p2p import channel_messages as m
-from cocoon_p2p.chain import Wallet, address_of, open_local_chain, state_init
+from cocoon_p2p.chain import LocalChain, Wallet, address_of, open_local_chain, state_init
 from cocoon_p2p.contract_code import payment_channel_code
 from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody, VoucherBook
 
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="the local chain needs Node.js")
 TON = 1_000_000_000
 FEE = TON // 20  # attached to control messages for gas
+CHANNEL_ID = 0xC0C0A
+
+
+def open_channel(chain: LocalChain, *, quarantine_s: int = 3600) -> tuple[Wallet, Wallet, SigningKey, SigningKey, str]:
+    """Two funded wallets, and a channel between them deployed and initialised with 5 TON from A."""
+    client, worker = Wallet.create(), Wallet.create()
+    for w, amount in ((client, 10 * TON), (worker, TON)):
+        chain.fund(w.address, amount)
+        w.deploy(chain)
+        assert chain.state(w.address) == "active"
+    key_a, key_b = SigningKey(client.secret_key[:32]), SigningKey(worker.secret_key[:32])
+    data = m.initial_data(
+        channel_id=CHANNEL_ID,
+        key_a=bytes(key_a.verify_key),
+        key_b=bytes(key_b.verify_key),
+        addr_a=Address(client.address),
+        addr_b=Address(worker.address),
+        quarantine_s=quarantine_s,
+    )
+    init = state_init(payment_channel_code(), data)
+    channel = address_of(init)
+    client.transfer(chain, channel, 5 * TON + FEE, body=m.top_up(5 * TON, 0), init=init)  # deploy + deposit
+    client.transfer(chain, channel, FEE, body=m.init_channel(CHANNEL_ID, 5 * TON, 0, key=key_a, is_a=True))
+    assert chain.run_get_method(channel, "get_channel_state") == [1]
+    return client, worker, key_a, key_b, channel
 
 
 def test_open_pay_and_cooperatively_close_on_chain() -> None:
     with open_local_chain() as chain:
-        client, worker = Wallet.create(), Wallet.create()
-        for w, amount in ((client, 10 * TON), (worker, TON)):
-            chain.fund(w.address, amount)
-            w.deploy(chain)
-            assert chain.state(w.address) == "active"
-        key_a, key_b = SigningKey(client.secret_key[:32]), SigningKey(worker.secret_key[:32])
-        channel_id = 0xC0C0A
-        data = m.initial_data(
-            channel_id=channel_id,
-            key_a=bytes(key_a.verify_key),
-            key_b=bytes(key_b.verify_key),
-            addr_a=Address(client.address),
-            addr_b=Address(worker.address),
-        )
-        init = state_init(payment_channel_code(), data)
-        channel = address_of(init)
-        client.transfer(chain, channel, 5 * TON + FEE, body=m.top_up(5 * TON, 0), init=init)  # deploy + deposit
-        client.transfer(chain, channel, FEE, body=m.init_channel(channel_id, 5 * TON, 0, key=key_a, is_a=True))
-        assert chain.run_get_method(channel, "get_channel_state") == [1]
+        client, worker, key_a, key_b, channel = open_channel(chain)
+        channel_id = CHANNEL_ID
 
         book = VoucherBook(channel_id=channel_id, payer_key=key_a.verify_key, deposit_a=5 * TON)
         for seqno in range(1, 101):  # 100 jobs at 0.01 TON, paid off chain
@@ -56,3 +64,21 @@ def test_open_pay_and_cooperatively_close_on_chain() -> None:
         assert TON - FEE - TON // 100 < received < TON - FEE
         payout = [t for t in chain.transactions(worker.address) if t["in_msg"] and t["in_msg"]["source"] == channel]
         assert payout and TON - TON // 1000 < int(payout[0]["in_msg"]["value"]) <= TON  # less the forward fee
+
+
+def test_worker_closes_alone_after_the_quarantine_when_the_client_vanishes() -> None:
+    with open_local_chain() as chain:
+        client, worker, key_a, key_b, channel = open_channel(chain, quarantine_s=600)
+        newest = SemiChannel(CHANNEL_ID, SemiChannelBody(42, 3 * TON)).sign(key_a)  # the client's last voucher
+        mine = SemiChannel(CHANNEL_ID, SemiChannelBody(0, 0), SemiChannelBody(42, 3 * TON)).sign(key_b)
+        start = m.start_uncooperative_close(CHANNEL_ID, newest, mine, key=key_b, is_a=False)
+        worker.transfer(chain, channel, FEE, body=start)
+        assert chain.run_get_method(channel, "get_channel_state") == [2]  # quarantine
+        worker.transfer(chain, channel, FEE, body=m.finish_uncooperative_close())
+        assert chain.run_get_method(channel, "get_channel_state") == [2]  # too early: refused
+        chain.advance(601)
+        before = chain.balance(worker.address)
+        worker.transfer(chain, channel, FEE, body=m.finish_uncooperative_close())
+        assert chain.run_get_method(channel, "get_channel_state") == [0]
+        gained = chain.balance(worker.address) - before
+        assert 3 * TON - FEE - TON // 100 < gained < 3 * TON  # paid by the voucher, without the client
