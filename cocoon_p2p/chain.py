@@ -81,6 +81,8 @@ class TonCenter:
                 out.append(int(value, 16))
             elif kind == "cell":
                 out.append(Cell.one_from_boc(base64.b64decode(value["bytes"])))
+            elif kind == "tuple":
+                out.append([_entry(e) for e in value["elements"]])
             else:
                 out.append(None)
         return out
@@ -93,6 +95,63 @@ class TonCenter:
 
     def transactions(self, address: str, limit: int = 20) -> list[dict[str, Any]]:
         return list(self._call("/api/v2/getTransactions", query={"address": address, "limit": limit}))
+
+
+def _entry(e: dict[str, Any]) -> Any:
+    """One toncenter ``tvm.stackEntry*`` object (inside tuples)."""
+    kind = e.get("@type")
+    if kind == "tvm.stackEntryNumber":
+        return int(e["number"]["number"])
+    if kind == "tvm.stackEntryCell":
+        return Cell.one_from_boc(base64.b64decode(e["cell"]["bytes"]))
+    if kind == "tvm.stackEntrySlice":
+        return Cell.one_from_boc(base64.b64decode(e["slice"]["bytes"]))
+    if kind == "tvm.stackEntryTuple":
+        return [_entry(x) for x in e["tuple"]["elements"]]
+    return None
+
+
+@dataclass(frozen=True)
+class ChannelOnChain:
+    """What ``get_channel_data`` says about a deployed payment channel."""
+
+    state: int  # 0 uninitialised/closed, 1 open, 2 quarantine, ...
+    balance_a: int
+    balance_b: int
+    key_a: bytes
+    key_b: bytes
+    channel_id: int
+    quarantine_s: int
+    misbehavior_fine: int
+    seqno_a: int
+    seqno_b: int
+    addr_a: str
+    addr_b: str
+
+
+def read_channel(chain: TonCenter, address: str) -> ChannelOnChain:
+    """Read a channel's state and terms from the chain (a worker checks a client's channel so)."""
+    r = chain.run_get_method(address, "get_channel_data")
+    try:
+        payment = r[7]
+        addr_a = payment[1].begin_parse().load_address().to_str(is_user_friendly=False)
+        addr_b = payment[2].begin_parse().load_address().to_str(is_user_friendly=False)
+        return ChannelOnChain(
+            state=r[0],
+            balance_a=r[1][0],
+            balance_b=r[1][1],
+            key_a=r[2][0].to_bytes(32, "big"),
+            key_b=r[2][1].to_bytes(32, "big"),
+            channel_id=r[3],
+            quarantine_s=r[4][0],
+            misbehavior_fine=r[4][1],
+            seqno_a=r[5][0],
+            seqno_b=r[5][1],
+            addr_a=addr_a,
+            addr_b=addr_b,
+        )
+    except (IndexError, TypeError, AttributeError, ValueError) as exc:
+        raise ChainError(f"{address}: get_channel_data is not a payment channel's ({exc})") from exc
 
 
 class LocalChain(TonCenter):

@@ -9,7 +9,7 @@ from nacl.signing import SigningKey
 from pytoniq_core import Address
 
 from cocoon_p2p import channel_messages as m
-from cocoon_p2p.chain import LocalChain, Wallet, address_of, open_local_chain, state_init
+from cocoon_p2p.chain import LocalChain, Wallet, address_of, open_local_chain, read_channel, state_init
 from cocoon_p2p.contract_code import payment_channel_code
 from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody, VoucherBook
 
@@ -40,6 +40,11 @@ def open_channel(chain: LocalChain, *, quarantine_s: int = 3600) -> tuple[Wallet
     client.transfer(chain, channel, 5 * TON + FEE, body=m.top_up(5 * TON, 0), init=init)  # deploy + deposit
     client.transfer(chain, channel, FEE, body=m.init_channel(CHANNEL_ID, 5 * TON, 0, key=key_a, is_a=True))
     assert chain.run_get_method(channel, "get_channel_state") == [1]
+    on_chain = read_channel(chain, channel)  # what a worker checks before it accepts vouchers
+    assert (on_chain.state, on_chain.balance_a, on_chain.balance_b) == (1, 5 * TON, 0)
+    assert (on_chain.key_a, on_chain.key_b) == (bytes(key_a.verify_key), bytes(key_b.verify_key))
+    assert on_chain.channel_id == CHANNEL_ID and on_chain.quarantine_s == quarantine_s
+    assert (on_chain.addr_a, on_chain.addr_b) == (client.address, worker.address)
     return client, worker, key_a, key_b, channel
 
 

@@ -41,10 +41,21 @@ function record(result) {
   }
 }
 
+// Stack entries as toncenter v2 writes them: top level ["num", "0x.."] / ["cell", {bytes}] /
+// ["tuple", {elements}], and inside tuples the tvm.stackEntry* objects.
+function entry(it) {
+  if (it.type === "int") return { "@type": "tvm.stackEntryNumber", number: { "@type": "tvm.numberDecimal", number: it.value.toString() } };
+  if (it.type === "cell") return { "@type": "tvm.stackEntryCell", cell: { "@type": "tvm.cell", bytes: it.cell.toBoc().toString("base64") } };
+  if (it.type === "slice") return { "@type": "tvm.stackEntrySlice", slice: { "@type": "tvm.slice", bytes: it.cell.toBoc().toString("base64") } };
+  if (it.type === "tuple") return { "@type": "tvm.stackEntryTuple", tuple: { "@type": "tvm.tuple", elements: it.items.map(entry) } };
+  return { "@type": "tvm.stackEntryUnsupported" };
+}
+
 function stackOut(items) {
   return items.map((it) => {
     if (it.type === "int") return ["num", "0x" + it.value.toString(16)];
     if (it.type === "cell" || it.type === "slice") return ["cell", { bytes: it.cell.toBoc().toString("base64") }];
+    if (it.type === "tuple") return ["tuple", { "@type": "tvm.tuple", elements: it.items.map(entry) }];
     if (it.type === "null") return ["null", null];
     return [it.type, null];
   });
