@@ -261,3 +261,42 @@ class VoucherBook:
     def commit(self, voucher: SignedSemiChannel) -> None:
         """Record a voucher that passed :meth:`check` (and is durable)."""
         self.best = voucher
+
+
+@dataclass
+class VoucherIssuer:
+    """The client's (A's) side of one channel: signs the next voucher for each job.
+
+    Each voucher raises the seqno by one and the cumulative ``sent`` by the job's
+    cost. It refuses to sign beyond the deposit or into a state the contract could
+    not finish (see :func:`finish_is_possible`). The caller logs each voucher
+    durably before sending it (write-ahead): after a crash, :meth:`restore` from
+    the log continues from the last voucher, so nothing is paid twice or re-signed
+    with a used seqno.
+    """
+
+    channel_id: int
+    key: SigningKey
+    deposit_a: int
+    deposit_b: int = 0
+    fine: int = 0
+    seqno: int = 0
+    sent: int = 0
+
+    def next(self, cost: int) -> SignedSemiChannel:
+        if cost < 0:
+            raise LocalProtocolError("a job cannot cost less than nothing")
+        sent = self.sent + cost
+        if sent > self.deposit_a or not finish_is_possible(
+            balance_a=self.deposit_a, sent_a=sent, balance_b=self.deposit_b, sent_b=0, fine=self.fine
+        ):
+            raise LocalProtocolError(f"the channel cannot pay {cost} more ({self.sent} of {self.deposit_a} sent)")
+        voucher = SemiChannel(self.channel_id, SemiChannelBody(self.seqno + 1, sent)).sign(self.key)
+        self.seqno, self.sent = self.seqno + 1, sent
+        return voucher
+
+    def restore(self, logged: list[SignedSemiChannel]) -> None:
+        """Continue after the newest voucher of this channel in ``logged``."""
+        for v in logged:
+            if v.state.channel_id == self.channel_id and v.state.body.seqno > self.seqno:
+                self.seqno, self.sent = v.state.body.seqno, v.state.body.sent

@@ -145,3 +145,25 @@ def test_log_records_round_trip_exactly() -> None:
     for bad in (b"", b"\x00" * 103, b"\x00" * 39 + b"\x02" + b"\x00" * 64):
         with pytest.raises(MalformedMessage):
             SignedSemiChannel.from_record(bad)
+
+
+def test_issuer_counts_up_refuses_overdraft_and_restores_after_a_crash(tmp_path: Path) -> None:
+    from cocoon_p2p.errors import LocalProtocolError
+    from cocoon_p2p.voucherlog import VoucherLog
+    from cocoon_p2p.vouchers import VoucherIssuer
+
+    log = VoucherLog(tmp_path / "issued.log")
+    issuer = VoucherIssuer(channel_id=CHANNEL, key=A, deposit_a=1000)
+    worker = book()
+    for cost in (100, 250, 0):
+        v = issuer.next(cost)
+        log.append([v.to_record()])  # durable before it is sent
+        assert worker.check(v) == cost
+        worker.commit(v)
+    with pytest.raises(LocalProtocolError):
+        issuer.next(651)  # beyond the deposit
+    log.close()
+    again = VoucherIssuer(channel_id=CHANNEL, key=A, deposit_a=1000)  # after a restart
+    again.restore([SignedSemiChannel.from_record(r) for r in VoucherLog(tmp_path / "issued.log").records])
+    assert (again.seqno, again.sent) == (3, 350)
+    assert worker.check(again.next(50)) == 50  # the worker accepts the continuation
