@@ -12,12 +12,12 @@ re-verified, so keys, channel states and earnings come back intact.
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
 from nacl.signing import VerifyKey
 
+from .durable import write_atomic
 from .errors import ProtocolError
 from .voucherlog import VoucherLog
 from .vouchers import SignedSemiChannel, VoucherBook
@@ -76,20 +76,6 @@ class _Channel:
             self.book.commit(voucher)
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    tmp = path.with_suffix(".tmp")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    tmp.replace(path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 class ChannelStore:
     """All channels of one worker, under ``root`` (created 0700)."""
 
@@ -112,7 +98,7 @@ class ChannelStore:
             return
         folder = self.root / f"{terms.channel_id:032x}"
         folder.mkdir(exist_ok=True, mode=0o700)
-        _write_atomic(folder / "channel.json", terms.to_json())
+        write_atomic(folder / "channel.json", terms.to_json().encode())
         self.channels[terms.channel_id] = _Channel(folder, terms)
 
     def accept(self, channel_id: int, vouchers: list[tuple[SignedSemiChannel, int]]) -> Accepted:

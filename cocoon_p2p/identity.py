@@ -10,13 +10,13 @@ at start-up.
 from __future__ import annotations
 
 import os
-import tempfile
 from pathlib import Path
 
 import base58
 import nacl.exceptions
 import nacl.signing
 
+from .durable import write_atomic
 from .errors import BadSignature, IdentityError, MalformedMessage
 
 # protobuf PublicKey{Type: Ed25519 (1), Data: 32 bytes}, then multihash identity (0x00, len 36).
@@ -120,18 +120,5 @@ def load_or_create_identity(path: Path) -> Identity:
             raise IdentityError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
         return Identity(seed)
     identity = Identity.generate()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".key-")
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, _KEY_FILE_MAGIC + identity.seed.hex().encode("ascii") + b"\n")
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    write_atomic(path, _KEY_FILE_MAGIC + identity.seed.hex().encode("ascii") + b"\n", mode=0o600)
     return identity

@@ -19,6 +19,7 @@ import os
 import zlib
 from pathlib import Path
 
+from .durable import fsync_dir
 from .errors import CocoonError
 
 HEADER = 8
@@ -27,14 +28,6 @@ MAX_RECORD = 64 * 1024
 
 class LogCorrupted(CocoonError):
     """A record in the middle of the log fails its checksum: the file was damaged."""
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 class VoucherLog:
@@ -50,7 +43,7 @@ class VoucherLog:
         os.lseek(self._fd, good_end, os.SEEK_SET)
         if created:
             os.fsync(self._fd)
-            _fsync_dir(path.parent)  # the file itself must survive a crash too
+            fsync_dir(path.parent)  # the file itself must survive a crash too
         self.fsyncs = 0
 
     @staticmethod
