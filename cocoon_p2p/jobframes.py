@@ -36,7 +36,10 @@ CANCELLED = "cancelled"
 BACKEND = "backend"
 TOO_LARGE = "too-large"
 SHUTTING_DOWN = "shutting-down"
-ERROR_CODES = frozenset({BUSY, UNKNOWN_MODEL, BAD_INPUT, PRICE, DEADLINE, CANCELLED, BACKEND, TOO_LARGE, SHUTTING_DOWN})
+PAYMENT = "payment"  # no open channel with this client, or it owes more than its credit
+ERROR_CODES = frozenset(
+    {BUSY, UNKNOWN_MODEL, BAD_INPUT, PRICE, DEADLINE, CANCELLED, BACKEND, TOO_LARGE, SHUTTING_DOWN, PAYMENT}
+)
 # Codes after which another worker may succeed with the same request.
 RETRYABLE = frozenset({BUSY, BACKEND, SHUTTING_DOWN, UNKNOWN_MODEL, PRICE})
 

@@ -22,7 +22,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -64,7 +64,7 @@ class JobFailed(CocoonError):
 
     @property
     def retryable(self) -> bool:
-        return self.code in jf.RETRYABLE or self.code == "worker-lost"
+        return self.code in jf.RETRYABLE or self.code in ("worker-lost", "payment-setup")
 
 
 @dataclass(frozen=True)
@@ -112,6 +112,7 @@ class _WorkerLink:
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        self.peer = _remote_peer(stream)
         self.conn = JobConnection(Role.WORKER)
         self.lock = trio.Lock()
         self.jobs: dict[int, _WorkerJob] = {}
@@ -164,6 +165,9 @@ class JobWorker:
         self.on_load_change: Callable[[], None] = lambda: None
         # (peer, error) for a peer that broke the protocol: the node scores it down.
         self.on_misbehaviour: Callable[[bytes, ProtocolError], None] = lambda peer, err: None
+        # Payments: may this client start a job (None, or an error code), and bill it.
+        self.admission: Callable[[bytes], str | None] = lambda peer: None
+        self.on_billed: Callable[[bytes, int], None] = lambda peer, cost: None
         host.set_stream_handler(TProtocol(JOB_PROTOCOL), self._handle_stream)
 
     def serve(self, spec: ModelSpec, backend: Backend, *, price_nanoton: int) -> None:
@@ -221,6 +225,9 @@ class JobWorker:
             return await self._refuse(link, req, jf.DEADLINE, "deadline already passed")
         if self.running >= self.capacity:
             return await self._refuse(link, req, jf.BUSY, f"all {self.capacity} slots taken")
+        refusal = self.admission(link.peer)
+        if refusal is not None:
+            return await self._refuse(link, req, refusal, "open a payment channel or pay what is owed first")
         try:
             key = served.executor.check(req)
         except ProtocolError as exc:
@@ -373,6 +380,7 @@ class JobWorker:
         if outcome is not None:
             self.stats.jobs_ok += 1
             self.stats.earned_nanoton += outcome.units * price
+            self.on_billed(job.link.peer, outcome.units * price)
         else:
             assert error is not None
             self.stats.jobs_failed += 1
@@ -466,6 +474,9 @@ class JobClient:
         self._next_id = 1
         self.stats = ClientStats()
         self.on_misbehaviour: Callable[[bytes, ProtocolError], None] = lambda peer, err: None
+        # Payments: made ready before a job (a channel), and paid after its result.
+        self.prepare: Callable[[bytes], Awaitable[Any]] | None = None
+        self.pay: Callable[[bytes, int], Awaitable[Any]] | None = None
 
     async def _link(self, offer: WorkerOffer) -> _ClientLink:
         link = self.links.get(offer.peer_id)
@@ -599,6 +610,11 @@ class JobClient:
                 self.router.started(offer.peer_id)
                 t_job = time.perf_counter()
                 try:
+                    if self.prepare is not None:
+                        try:
+                            await self.prepare(offer.peer_id)
+                        except CocoonError as exc:
+                            raise JobFailed("payment-setup", str(exc), worker=offer.peer_id) from exc
                     result, price = await self.run_on(
                         offer,
                         model_id=model_id,
@@ -620,6 +636,12 @@ class JobClient:
                     self.router.failed(offer.peer_id, trio.current_time(), cooldown_s=0)
                     raise
                 self.router.finished(offer.peer_id, time.perf_counter() - t_job)
+                if self.pay is not None and result.cost_nanoton:
+                    try:
+                        await self.pay(offer.peer_id, result.cost_nanoton)
+                    except CocoonError as exc:  # we hold a result we could not pay for: say so
+                        self.stats.jobs_failed += 1
+                        raise JobFailed("payment", str(exc), worker=offer.peer_id) from exc
                 self.stats.jobs_ok += 1
                 self.stats.paid_nanoton += result.cost_nanoton
                 return InferenceResult(

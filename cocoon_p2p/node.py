@@ -48,6 +48,7 @@ from .identity import Identity, load_or_create_identity, peer_id_to_str
 from .jobframes import JobChunk
 from .jobs import InferenceResult, JobClient, JobFailed, JobWorker
 from .models import ModelSpec
+from .payments import PaymentConfig, PaymentService
 from .peerscore import DisconnectPeer, PeerScores
 from .peerset import PeerSet
 from .tensors import Tensor
@@ -203,6 +204,7 @@ class Node:
         self.dht: KadDHT | None = None
         self.job_worker: JobWorker | None = None
         self.job_client: JobClient | None = None
+        self.payments: PaymentService | None = None
 
     # ---- identity and addresses -------------------------------------------------
 
@@ -340,6 +342,21 @@ class Node:
             )
         )
         self.set_capabilities(caps)
+
+    def enable_payments(self, config: PaymentConfig) -> PaymentService:
+        """Pay and be paid per job through TON payment channels (see :mod:`.payments`):
+        as a client, a channel is opened to each worker on first use and every result is
+        paid by voucher; as a worker, jobs need an open channel and a paid-up client."""
+        assert self.job_client is not None and self._stack is not None, "node is not running"
+        service = PaymentService(self.identity, self.host, config)
+        self._stack.callback(service.close)
+        self.job_client.prepare = service.ensure_channel
+        self.job_client.pay = service.pay
+        worker = self._job_worker()
+        worker.admission = service.admission
+        worker.on_billed = service.bill
+        self.payments = service
+        return service
 
     def stop_accepting_jobs(self) -> None:
         """New jobs are refused with ``shutting-down``; running ones finish."""

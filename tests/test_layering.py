@@ -24,6 +24,7 @@ PURE_MODULES = [
     "cocoon_p2p.models",
     "cocoon_p2p.vouchers",
     "cocoon_p2p.channel_messages",
+    "cocoon_p2p.payframes",
 ]
 
 

@@ -1,0 +1,137 @@
+"""Frames of the payment protocol ``/cocoon/pay/1`` (sans-IO codec).
+
+One stream per client-worker pair, request then reply, in order:
+
+    client: PayHello                  worker: PayInfo(wallet address)
+    client: ChannelOpened(address)    worker: ChannelReady(channel id, deposit) | PayError
+    client: PayVoucher(record)        worker: PaidUpTo(total received)       | PayError
+
+The channel's keys are the peers' own libp2p identities (A = the client's PeerId
+key, B = the worker's), so a worker knows who signs its vouchers without any
+other trust: it checks the deployed channel against the stream's remote PeerId.
+Frames are a 4-byte length and a msgpack array, like the job protocol's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import MalformedMessage
+from .jobconn import NEED_DATA, NeedData
+from .wire import expect_bytes, expect_int, expect_list, expect_str, pack, unpack
+
+MAX_PAY_FRAME = 4096
+_HELLO, _INFO, _OPENED, _READY, _VOUCHER, _PAID, _ERROR = 1, 2, 3, 4, 5, 6, 7
+
+
+@dataclass(frozen=True)
+class PayHello:
+    def to_wire(self) -> list[Any]:
+        return [_HELLO]
+
+
+@dataclass(frozen=True)
+class PayInfo:
+    wallet: str  # the worker's wallet: where the channel pays B
+
+    def to_wire(self) -> list[Any]:
+        return [_INFO, self.wallet]
+
+
+@dataclass(frozen=True)
+class ChannelOpened:
+    address: str  # the deployed, initialised channel contract
+
+    def to_wire(self) -> list[Any]:
+        return [_OPENED, self.address]
+
+
+@dataclass(frozen=True)
+class ChannelReady:
+    channel_id: int
+    deposit_a: int
+
+    def to_wire(self) -> list[Any]:
+        return [_READY, self.channel_id.to_bytes(16, "big"), self.deposit_a]
+
+
+@dataclass(frozen=True)
+class PayVoucher:
+    record: bytes  # SignedSemiChannel.to_record()
+
+    def to_wire(self) -> list[Any]:
+        return [_VOUCHER, self.record]
+
+
+@dataclass(frozen=True)
+class PaidUpTo:
+    received: int  # all the worker holds durably from this channel
+
+    def to_wire(self) -> list[Any]:
+        return [_PAID, self.received]
+
+
+@dataclass(frozen=True)
+class PayError:
+    code: str
+    message: str = ""
+
+    def to_wire(self) -> list[Any]:
+        return [_ERROR, self.code, self.message[:512]]
+
+
+PayFrame = PayHello | PayInfo | ChannelOpened | ChannelReady | PayVoucher | PaidUpTo | PayError
+
+
+def encode(frame: PayFrame) -> bytes:
+    body = pack(frame.to_wire())
+    return len(body).to_bytes(4, "big") + body
+
+
+def decode(body: bytes) -> PayFrame:
+    obj = unpack(body, max_size=MAX_PAY_FRAME, what="pay frame", canonical=False)
+    if not isinstance(obj, list) or not obj:
+        raise MalformedMessage("pay frame: expected a non-empty array")
+    kind = obj[0]
+    if kind == _HELLO:
+        expect_list(obj, 1, "pay hello")
+        return PayHello()
+    if kind == _INFO:
+        return PayInfo(expect_str(expect_list(obj, 2, "pay info")[1], "wallet", max_len=100, min_len=3))
+    if kind == _OPENED:
+        return ChannelOpened(expect_str(expect_list(obj, 2, "channel opened")[1], "address", max_len=100, min_len=3))
+    if kind == _READY:
+        _, cid, deposit = expect_list(obj, 3, "channel ready")
+        channel_id = int.from_bytes(expect_bytes(cid, "channel id", min_len=16, max_len=16), "big")
+        return ChannelReady(channel_id, expect_int(deposit, "deposit"))
+    if kind == _VOUCHER:
+        return PayVoucher(expect_bytes(expect_list(obj, 2, "voucher")[1], "voucher", min_len=104, max_len=127))
+    if kind == _PAID:
+        return PaidUpTo(expect_int(expect_list(obj, 2, "paid up to")[1], "received"))
+    if kind == _ERROR:
+        _, code, message = expect_list(obj, 3, "pay error")
+        return PayError(expect_str(code, "code", max_len=32, min_len=1), expect_str(message, "message", max_len=512))
+    raise MalformedMessage(f"pay frame: unknown type {kind!r}")
+
+
+class FrameReader:
+    """Bytes in, pay frames out (length-prefixed, size-limited)."""
+
+    def __init__(self) -> None:
+        self._buf = bytearray()
+
+    def feed(self, data: bytes) -> None:
+        self._buf += data
+
+    def next(self) -> PayFrame | NeedData:
+        if len(self._buf) < 4:
+            return NEED_DATA
+        size = int.from_bytes(self._buf[:4], "big")
+        if size > MAX_PAY_FRAME:
+            raise MalformedMessage(f"pay frame of {size} bytes exceeds {MAX_PAY_FRAME}", code="too-large")
+        if len(self._buf) < 4 + size:
+            return NEED_DATA
+        body = bytes(self._buf[4 : 4 + size])
+        del self._buf[: 4 + size]
+        return decode(body)

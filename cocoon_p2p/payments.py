@@ -1,0 +1,259 @@
+"""Paying for jobs: ``/cocoon/pay/1`` over TON payment channels (trio service, both sides).
+
+A client opens one channel per worker on first use: it asks for the worker's
+wallet, deploys and funds the official contract from its own wallet with
+A = its PeerId key and B = the worker's, and tells the worker the address. The
+worker reads the channel from the chain and accepts it only if the keys are the
+two peers' own, the payout address its wallet, and the channel open.
+
+After each job the client signs the next voucher (cumulative sent += the job's
+cost), logs it durably, and sends it; the worker checks it, makes it durable
+(:class:`~.channelstore.ChannelStore`) and only then acknowledges. A worker
+refuses new jobs from a client that owes more than its credit allows.
+
+Chain calls are blocking HTTP and run in threads. Cancellation: a payment
+cancelled mid-send counts as broken (the stream is dropped); the voucher is
+already in the client's log, so the next payment carries it (vouchers are
+cumulative), and nothing is paid twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+from libp2p.custom_types import TProtocol
+from libp2p.peer.id import ID
+from nacl.signing import SigningKey
+from pytoniq_core import Address
+
+from . import channel_messages as m
+from . import payframes as pf
+from .chain import TonCenter, Wallet, address_of, read_channel, state_init
+from .channelstore import ChannelStore, ChannelTerms
+from .contract_code import payment_channel_code
+from .durable import write_atomic
+from .errors import CocoonError, ProtocolError
+from .identity import Identity, public_key_from_peer_id
+from .jobconn import NeedData
+from .voucherlog import VoucherLog
+from .vouchers import SignedSemiChannel, VoucherIssuer
+
+log = logging.getLogger("cocoon_p2p.payments")
+PAY_PROTOCOL = "/cocoon/pay/1"
+CONTROL_FEE = 50_000_000  # nanoton attached to channel control messages for gas
+
+
+class PaymentFailed(CocoonError):
+    """A channel could not be opened or a voucher was not acknowledged."""
+
+
+@dataclass
+class PaymentConfig:
+    chain: TonCenter
+    wallet: Wallet
+    data_dir: Path
+    deposit_nanoton: int = 1_000_000_000  # what a client puts in each new channel
+    credit_nanoton: int = 100_000_000  # what a worker lets a client owe before refusing jobs
+    quarantine_s: int = 3600
+
+
+@dataclass
+class _OpenChannel:
+    address: str
+    issuer: VoucherIssuer
+    stream: Any
+    reader: pf.FrameReader = field(default_factory=pf.FrameReader)
+    lock: trio.Lock = field(default_factory=trio.Lock)
+
+
+class PaymentService:
+    """One node's payments: as a client (``pay``) and as a worker (the stream handler)."""
+
+    def __init__(self, identity: Identity, host: Any, config: PaymentConfig) -> None:
+        self.identity = identity
+        self.host = host
+        self.config = config
+        self.key = SigningKey(identity.seed)
+        config.data_dir.mkdir(parents=True, exist_ok=True)
+        self.store = ChannelStore(config.data_dir / "channels")  # worker side: vouchers received
+        self.issued = VoucherLog(config.data_dir / "issued.log")  # client side: vouchers signed
+        self._channel_of: dict[bytes, int] = self._load_clients()  # client PeerId -> channel id
+        self.billed: dict[bytes, int] = {}  # worker side: what each client's jobs cost
+        self.open: dict[bytes, _OpenChannel] = {}  # client side: worker PeerId -> channel
+        self._opening: dict[bytes, trio.Lock] = {}
+        host.set_stream_handler(TProtocol(PAY_PROTOCOL), self._handle)
+
+    # ---- worker side ------------------------------------------------------------
+
+    def owed(self, client: bytes) -> int:
+        cid = self._channel_of.get(client)
+        paid = self.store.earned(cid) if cid is not None and cid in self.store.channels else 0
+        return self.billed.get(client, 0) - paid
+
+    def admission(self, client: bytes) -> str | None:
+        """None if ``client`` may start a job, else why not (a job error code)."""
+        if client not in self._channel_of:
+            return "payment"
+        if self.owed(client) > self.config.credit_nanoton:
+            return "payment"
+        return None
+
+    def bill(self, client: bytes, cost: int) -> None:
+        self.billed[client] = self.billed.get(client, 0) + cost
+
+    def _load_clients(self) -> dict[bytes, int]:
+        path = self.config.data_dir / "clients.json"
+        if not path.is_file():
+            return {}
+        return {bytes.fromhex(k): int(v, 16) for k, v in json.loads(path.read_text()).items()}
+
+    def _save_clients(self) -> None:
+        data = {k.hex(): f"{v:x}" for k, v in self._channel_of.items()}
+        write_atomic(self.config.data_dir / "clients.json", json.dumps(data).encode())
+
+    async def _handle(self, stream: Any) -> None:
+        client = bytes(stream.muxed_conn.peer_id.to_bytes())
+        reader = pf.FrameReader()
+        try:
+            while data := await stream.read(pf.MAX_PAY_FRAME):
+                reader.feed(data)
+                while not isinstance(frame := reader.next(), NeedData):
+                    reply = await self._answer(client, frame)
+                    await stream.write(pf.encode(reply))
+        except ProtocolError as exc:
+            log.info("client broke the pay protocol: %s", exc)
+        except Exception as exc:
+            log.debug("pay stream ended: %r", exc)
+        finally:
+            with trio.move_on_after(1) as scope:
+                scope.shield = True
+                try:
+                    await stream.close()
+                except Exception:
+                    pass
+
+    async def _answer(self, client: bytes, frame: pf.PayFrame) -> pf.PayFrame:
+        if isinstance(frame, pf.PayHello):
+            return pf.PayInfo(self.config.wallet.address)
+        if isinstance(frame, pf.ChannelOpened):
+            try:
+                on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, frame.address)
+            except CocoonError as exc:
+                return pf.PayError("channel", str(exc))
+            problems = []
+            if on_chain.state != 1:
+                problems.append("not open")
+            if on_chain.key_a != public_key_from_peer_id(client):
+                problems.append("A's key is not the client's PeerId key")
+            if on_chain.key_b != bytes(self.key.verify_key):
+                problems.append("B's key is not ours")
+            if on_chain.addr_b != self.config.wallet.address:
+                problems.append("B's payout address is not our wallet")
+            if problems:
+                return pf.PayError("channel", "; ".join(problems))
+            terms = ChannelTerms(
+                channel_id=on_chain.channel_id,
+                payer_key=on_chain.key_a,
+                deposit_a=on_chain.balance_a,
+                deposit_b=on_chain.balance_b,
+                fine=on_chain.misbehavior_fine,
+            )
+            self.store.open(terms)
+            self._channel_of[client] = terms.channel_id
+            self._save_clients()
+            return pf.ChannelReady(terms.channel_id, terms.deposit_a)
+        if isinstance(frame, pf.PayVoucher):
+            cid = self._channel_of.get(client)
+            if cid is None:
+                return pf.PayError("channel", "no channel with you")
+            try:
+                voucher = SignedSemiChannel.from_record(frame.record)
+            except ProtocolError as exc:
+                return pf.PayError(exc.code, str(exc))
+            result = await trio.to_thread.run_sync(self.store.accept, cid, [(voucher, 0)])  # fsync off the loop
+            if result.refused:
+                _, refusal = result.refused[0]
+                return pf.PayError(refusal.code, str(refusal))
+            return pf.PaidUpTo(self.store.earned(cid))
+        return pf.PayError("protocol", f"unexpected {type(frame).__name__}")
+
+    # ---- client side ------------------------------------------------------------
+
+    async def _request(self, ch: _OpenChannel, frame: pf.PayFrame) -> pf.PayFrame:
+        async with ch.lock:
+            await ch.stream.write(pf.encode(frame))
+            while isinstance(reply := ch.reader.next(), NeedData):
+                data = await ch.stream.read(pf.MAX_PAY_FRAME)
+                if not data:
+                    raise PaymentFailed("the worker closed the pay stream")
+                ch.reader.feed(data)
+            return reply
+
+    async def ensure_channel(self, worker: bytes) -> _OpenChannel:
+        """The channel to ``worker``, opened on chain on first use."""
+        if worker in self.open:
+            return self.open[worker]
+        async with self._opening.setdefault(worker, trio.Lock()):
+            if worker in self.open:
+                return self.open[worker]
+            stream = await self.host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
+            probe = _OpenChannel("", VoucherIssuer(channel_id=0, key=self.key, deposit_a=0), stream)
+            info = await self._request(probe, pf.PayHello())
+            if not isinstance(info, pf.PayInfo):
+                raise PaymentFailed(f"worker answered {info!r}")
+            channel_id = random.getrandbits(128)
+            data = m.initial_data(
+                channel_id=channel_id,
+                key_a=bytes(self.key.verify_key),
+                key_b=public_key_from_peer_id(worker),
+                addr_a=Address(self.config.wallet.address),
+                addr_b=Address(info.wallet),
+                quarantine_s=self.config.quarantine_s,
+            )
+            init = state_init(payment_channel_code(), data)
+            address = address_of(init)
+            deposit = self.config.deposit_nanoton
+            await trio.to_thread.run_sync(self._deploy, address, init, channel_id, deposit)
+            ready = await self._request(probe, pf.ChannelOpened(address))
+            if not isinstance(ready, pf.ChannelReady) or ready.channel_id != channel_id:
+                raise PaymentFailed(f"worker refused the channel: {ready!r}")
+            probe.address = address
+            probe.issuer = VoucherIssuer(channel_id=channel_id, key=self.key, deposit_a=deposit)
+            self.open[worker] = probe
+            log.info("channel %s to %s open with %d nanoton", address, ID(worker), deposit)
+            return probe
+
+    def _deploy(self, address: str, init: Any, channel_id: int, deposit: int) -> None:
+        chain, wallet = self.config.chain, self.config.wallet
+        wallet.transfer(chain, address, deposit + CONTROL_FEE, body=m.top_up(deposit, 0), init=init)
+        init_body = m.init_channel(channel_id, deposit, 0, key=self.key, is_a=True)
+        wallet.transfer(chain, address, CONTROL_FEE, body=init_body)
+
+    async def pay(self, worker: bytes, cost: int) -> int:
+        """Pay ``worker`` for one job: the next voucher, logged, sent, acknowledged.
+        Returns the total the worker holds durably. Raises PaymentFailed."""
+        ch = await self.ensure_channel(worker)
+        voucher = ch.issuer.next(cost)
+        await trio.to_thread.run_sync(self.issued.append, [voucher.to_record()])  # write-ahead
+        reply = await self._request(ch, pf.PayVoucher(voucher.to_record()))
+        if not isinstance(reply, pf.PaidUpTo) or reply.received != ch.issuer.sent:
+            raise PaymentFailed(f"voucher not acknowledged: {reply!r}")
+        return reply.received
+
+    def paid_to(self, worker: bytes) -> int:
+        ch = self.open.get(worker)
+        return ch.issuer.sent if ch else 0
+
+    def close(self) -> None:
+        self.store.close()
+        self.issued.close()
+
+
+PayHook = Callable[[bytes, int], Any]

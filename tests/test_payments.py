@@ -1,0 +1,68 @@
+"""Jobs paid by voucher over real peers, with channels opened on the local chain."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import trio
+
+from cocoon_p2p import jobframes as jf
+from cocoon_p2p.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.chain import LocalChain, Wallet, open_local_chain, read_channel
+from cocoon_p2p.jobs import JobFailed, now_ms
+from cocoon_p2p.models import ModelSpec
+from cocoon_p2p.node import Node
+from cocoon_p2p.payments import PaymentConfig
+from cocoon_p2p.tensors import from_numpy
+
+from .netutil import fast_config, wait_for
+
+pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="the local chain needs Node.js")
+TON = 1_000_000_000
+PRICE = 7_000_000  # nanoton per item
+
+
+def funded_wallet(chain: LocalChain) -> Wallet:
+    w = Wallet.create()
+    chain.fund(w.address, 10 * TON)
+    w.deploy(chain)
+    return w
+
+
+async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    with open_local_chain() as chain:
+        async with Node(fast_config()) as worker, Node(fast_config(bootstrap=[worker.addrs[0]])) as client:
+            worker.serve_model(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
+            w_pay = worker.enable_payments(PaymentConfig(chain, funded_wallet(chain), tmp_path / "worker"))
+            c_pay = client.enable_payments(PaymentConfig(chain, funded_wallet(chain), tmp_path / "client"))
+            await wait_for(lambda: client.directory.workers_for(tiny_model.model_id, now_ms=now_ms()) != [])
+            x = (from_numpy("x", np.ones((2, 4), np.float32)),)
+            costs = []
+            for _ in range(5):
+                r = await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)
+                costs.append(r.cost_nanoton)
+            assert costs == [2 * PRICE] * 5
+            (channel,) = c_pay.open.values()
+            on_chain = read_channel(chain, channel.address)  # opened on chain by the client's first job
+            assert on_chain.state == 1 and on_chain.balance_a == c_pay.config.deposit_nanoton
+            (cid,) = w_pay.store.channels
+            assert w_pay.store.earned(cid) == c_pay.paid_to(worker.peer_id) == sum(costs)  # durable, acknowledged
+            assert w_pay.owed(client.peer_id) == 0
+
+        # A client that will not pay gets typed refusals (and the worker stays up).
+        async with Node(fast_config()) as worker2, Node(fast_config(bootstrap=[worker2.addrs[0]])) as freeloader:
+            worker2.serve_model(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
+            worker2.enable_payments(PaymentConfig(chain, funded_wallet(chain), tmp_path / "worker2"))
+            await wait_for(lambda: freeloader.directory.workers_for(tiny_model.model_id, now_ms=now_ms()) != [])
+            with pytest.raises(JobFailed) as err:
+                await freeloader.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)
+            assert err.value.code == jf.PAYMENT
+            await trio.sleep(0)
+
+    # The worker's earnings survive a restart (its channels are on disk).
+    from cocoon_p2p.channelstore import ChannelStore
+
+    assert ChannelStore(tmp_path / "worker" / "channels").earned(cid) == sum(costs)
