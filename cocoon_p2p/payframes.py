@@ -5,6 +5,7 @@ One stream per client-worker pair, request then reply, in order:
     client: PayHello                  worker: PayInfo(wallet address)
     client: ChannelOpened(address)    worker: ChannelReady(channel id, deposit) | PayError
     client: PayVoucher(record)        worker: PaidUpTo(total received)       | PayError
+    client: CloseRequest(terms, sig A) worker: CloseSigned(sig B)             | PayError
 
 The channel's keys are the peers' own libp2p identities (A = the client's PeerId
 key, B = the worker's), so a worker knows who signs its vouchers without any
@@ -22,7 +23,7 @@ from .jobconn import NEED_DATA, NeedData
 from .wire import expect_bytes, expect_int, expect_list, expect_str, pack, unpack
 
 MAX_PAY_FRAME = 4096
-_HELLO, _INFO, _OPENED, _READY, _VOUCHER, _PAID, _ERROR = 1, 2, 3, 4, 5, 6, 7
+_HELLO, _INFO, _OPENED, _READY, _VOUCHER, _PAID, _ERROR, _CLOSE, _SIGNED = 1, 2, 3, 4, 5, 6, 7, 8, 9
 
 
 @dataclass(frozen=True)
@@ -81,7 +82,31 @@ class PayError:
         return [_ERROR, self.code, self.message[:512]]
 
 
-PayFrame = PayHello | PayInfo | ChannelOpened | ChannelReady | PayVoucher | PaidUpTo | PayError
+@dataclass(frozen=True)
+class CloseRequest:
+    """The client proposes the final split (a cooperative close) and signs it."""
+
+    balance_a: int
+    balance_b: int
+    seqno_a: int
+    seqno_b: int
+    signature_a: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [_CLOSE, self.balance_a, self.balance_b, self.seqno_a, self.seqno_b, self.signature_a]
+
+
+@dataclass(frozen=True)
+class CloseSigned:
+    signature_b: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [_SIGNED, self.signature_b]
+
+
+PayFrame = (
+    PayHello | PayInfo | ChannelOpened | ChannelReady | PayVoucher | PaidUpTo | PayError | CloseRequest | CloseSigned
+)
 
 
 def encode(frame: PayFrame) -> bytes:
@@ -112,6 +137,17 @@ def decode(body: bytes) -> PayFrame:
     if kind == _ERROR:
         _, code, message = expect_list(obj, 3, "pay error")
         return PayError(expect_str(code, "code", max_len=32, min_len=1), expect_str(message, "message", max_len=512))
+    if kind == _CLOSE:
+        _, bal_a, bal_b, seq_a, seq_b, sig = expect_list(obj, 6, "close request")
+        return CloseRequest(
+            expect_int(bal_a, "balance A"),
+            expect_int(bal_b, "balance B"),
+            expect_int(seq_a, "seqno A"),
+            expect_int(seq_b, "seqno B"),
+            expect_bytes(sig, "signature", min_len=64, max_len=64),
+        )
+    if kind == _SIGNED:
+        return CloseSigned(expect_bytes(expect_list(obj, 2, "close signed")[1], "signature", min_len=64, max_len=64))
     raise MalformedMessage(f"pay frame: unknown type {kind!r}")
 
 

@@ -30,7 +30,8 @@ from typing import Any
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from nacl.signing import SigningKey
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 from pytoniq_core import Address
 
 from . import channel_messages as m
@@ -87,6 +88,7 @@ class PaymentService:
         self._channel_of: dict[bytes, int] = self._load_clients()  # client PeerId -> channel id
         self.billed: dict[bytes, int] = {}  # worker side: what each client's jobs cost
         self.open: dict[bytes, _OpenChannel] = {}  # client side: worker PeerId -> channel
+        self.closing: set[bytes] = set()  # worker side: clients whose channel is being closed
         self._opening: dict[bytes, trio.Lock] = {}
         host.set_stream_handler(TProtocol(PAY_PROTOCOL), self._handle)
 
@@ -99,7 +101,7 @@ class PaymentService:
 
     def admission(self, client: bytes) -> str | None:
         """None if ``client`` may start a job, else why not (a job error code)."""
-        if client not in self._channel_of:
+        if client not in self._channel_of or client in self.closing:
             return "payment"
         if self.owed(client) > self.config.credit_nanoton:
             return "payment"
@@ -167,6 +169,7 @@ class PaymentService:
             )
             self.store.open(terms)
             self._channel_of[client] = terms.channel_id
+            self.closing.discard(client)  # a new channel after a settled one
             self._save_clients()
             return pf.ChannelReady(terms.channel_id, terms.deposit_a)
         if isinstance(frame, pf.PayVoucher):
@@ -182,7 +185,28 @@ class PaymentService:
                 _, refusal = result.refused[0]
                 return pf.PayError(refusal.code, str(refusal))
             return pf.PaidUpTo(self.store.earned(cid))
+        if isinstance(frame, pf.CloseRequest):
+            return self._countersign_close(client, frame)
         return pf.PayError("protocol", f"unexpected {type(frame).__name__}")
+
+    def _countersign_close(self, client: bytes, req: pf.CloseRequest) -> pf.PayFrame:
+        """Sign a cooperative close only if it pays us everything our newest voucher says."""
+        cid = self._channel_of.get(client)
+        if cid is None:
+            return pf.PayError("channel", "no channel with you")
+        terms = self.store.channels[cid].terms
+        received, newest = self.store.earned(cid), self.store.newest(cid)
+        seqno_a = newest.state.body.seqno if newest else 0
+        want = m.CloseTerms(cid, terms.deposit_a - received, terms.deposit_b + received, max(seqno_a, 1), 1)
+        got = m.CloseTerms(cid, req.balance_a, req.balance_b, req.seqno_a, req.seqno_b)
+        if got != want:
+            return pf.PayError("close", f"terms {got} differ from ours {want}")
+        try:
+            VerifyKey(terms.payer_key).verify(want.body().hash, req.signature_a)
+        except BadSignatureError:
+            return pf.PayError("bad-signature", "the close is not signed by the channel's payer")
+        self.closing.add(client)  # no more jobs on this channel
+        return pf.CloseSigned(m.sign_body(want.body(), self.key))
 
     # ---- client side ------------------------------------------------------------
 
@@ -246,6 +270,31 @@ class PaymentService:
         if not isinstance(reply, pf.PaidUpTo) or reply.received != ch.issuer.sent:
             raise PaymentFailed(f"voucher not acknowledged: {reply!r}")
         return reply.received
+
+    async def settle(self, worker: bytes) -> int:
+        """Close the channel to ``worker`` cooperatively on chain: the worker is paid what
+        the vouchers say, we get the rest. Returns the amount paid to the worker."""
+        ch = self.open.pop(worker, None)
+        if ch is None:
+            return 0
+        issuer = ch.issuer
+        terms = m.CloseTerms(issuer.channel_id, issuer.deposit_a - issuer.sent, issuer.sent, max(issuer.seqno, 1), 1)
+        sig_a = m.sign_body(terms.body(), self.key)
+        reply = await self._request(
+            ch, pf.CloseRequest(terms.balance_a, terms.balance_b, terms.seqno_a, terms.seqno_b, sig_a)
+        )
+        if not isinstance(reply, pf.CloseSigned):
+            raise PaymentFailed(f"worker refused to close: {reply!r}")
+        try:
+            VerifyKey(public_key_from_peer_id(worker)).verify(terms.body().hash, reply.signature_b)
+        except BadSignatureError as exc:
+            raise PaymentFailed("the worker's close signature does not verify") from exc
+        body = m.cooperative_close(terms, sig_a, reply.signature_b)
+        await trio.to_thread.run_sync(self._send_control, ch.address, body)
+        return issuer.sent
+
+    def _send_control(self, address: str, body: Any) -> None:
+        self.config.wallet.transfer(self.config.chain, address, CONTROL_FEE, body=body)
 
     def paid_to(self, worker: bytes) -> int:
         ch = self.open.get(worker)
