@@ -225,6 +225,25 @@ class Wallet:
         _mnemonics, _pub, priv, contract = Wallets.create(WalletVersionEnum.v4r2, workchain=0)
         return cls(contract, priv)
 
+    @classmethod
+    def load_or_create(cls, path: Path) -> Wallet:
+        """The wallet whose mnemonic is stored at ``path`` (mode 0600), created on first use."""
+        from tonsdk.contract.wallet import Wallets, WalletVersionEnum
+
+        from .durable import write_atomic
+
+        if path.is_file():
+            words = json.loads(path.read_text())["mnemonic"]
+            _m, _pub, priv, contract = Wallets.from_mnemonics(words, WalletVersionEnum.v4r2, 0)
+            return cls(contract, priv)
+        words, _pub, priv, contract = Wallets.create(WalletVersionEnum.v4r2, workchain=0)
+        write_atomic(path, json.dumps({"mnemonic": words, "version": "v4r2"}).encode(), mode=0o600)
+        return cls(contract, priv)
+
+    def ensure_deployed(self, chain: TonCenter) -> None:
+        if chain.state(self.address) != "active":
+            self.deploy(chain)
+
     @property
     def address(self) -> str:
         return str(self.contract.address.to_string(False, False, False))

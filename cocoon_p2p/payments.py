@@ -86,7 +86,7 @@ class PaymentService:
         self.store = ChannelStore(config.data_dir / "channels")  # worker side: vouchers received
         self.issued = VoucherLog(config.data_dir / "issued.log")  # client side: vouchers signed
         self._channel_of: dict[bytes, int] = self._load_clients()  # client PeerId -> channel id
-        self.billed: dict[bytes, int] = {}  # worker side: what each client's jobs cost
+        self.billed: dict[int, int] = {}  # worker side: what the jobs on each channel cost
         self.open: dict[bytes, _OpenChannel] = {}  # client side: worker PeerId -> channel
         self.closing: set[bytes] = set()  # worker side: clients whose channel is being closed
         self._opening: dict[bytes, trio.Lock] = {}
@@ -95,9 +95,11 @@ class PaymentService:
     # ---- worker side ------------------------------------------------------------
 
     def owed(self, client: bytes) -> int:
+        """What ``client``'s jobs on its current channel cost, less what its vouchers paid."""
         cid = self._channel_of.get(client)
-        paid = self.store.earned(cid) if cid is not None and cid in self.store.channels else 0
-        return self.billed.get(client, 0) - paid
+        if cid is None:
+            return 0
+        return self.billed.get(cid, 0) - self.store.earned(cid)
 
     def admission(self, client: bytes) -> str | None:
         """None if ``client`` may start a job, else why not (a job error code)."""
@@ -108,7 +110,9 @@ class PaymentService:
         return None
 
     def bill(self, client: bytes, cost: int) -> None:
-        self.billed[client] = self.billed.get(client, 0) + cost
+        cid = self._channel_of.get(client)
+        if cid is not None:
+            self.billed[cid] = self.billed.get(cid, 0) + cost
 
     def _load_clients(self) -> dict[bytes, int]:
         path = self.config.data_dir / "clients.json"
@@ -212,13 +216,16 @@ class PaymentService:
 
     async def _request(self, ch: _OpenChannel, frame: pf.PayFrame) -> pf.PayFrame:
         async with ch.lock:
-            await ch.stream.write(pf.encode(frame))
-            while isinstance(reply := ch.reader.next(), NeedData):
-                data = await ch.stream.read(pf.MAX_PAY_FRAME)
-                if not data:
-                    raise PaymentFailed("the worker closed the pay stream")
-                ch.reader.feed(data)
-            return reply
+            return await self._request_locked(ch, frame)
+
+    async def _request_locked(self, ch: _OpenChannel, frame: pf.PayFrame) -> pf.PayFrame:
+        await ch.stream.write(pf.encode(frame))
+        while isinstance(reply := ch.reader.next(), NeedData):
+            data = await ch.stream.read(pf.MAX_PAY_FRAME)
+            if not data:
+                raise PaymentFailed("the worker closed the pay stream")
+            ch.reader.feed(data)
+        return reply
 
     async def ensure_channel(self, worker: bytes) -> _OpenChannel:
         """The channel to ``worker``, opened on chain on first use."""
@@ -264,10 +271,11 @@ class PaymentService:
         """Pay ``worker`` for one job: the next voucher, logged, sent, acknowledged.
         Returns the total the worker holds durably. Raises PaymentFailed."""
         ch = await self.ensure_channel(worker)
-        voucher = ch.issuer.next(cost)
-        await trio.to_thread.run_sync(self.issued.append, [voucher.to_record()])  # write-ahead
-        reply = await self._request(ch, pf.PayVoucher(voucher.to_record()))
-        if not isinstance(reply, pf.PaidUpTo) or reply.received != ch.issuer.sent:
+        async with ch.lock:  # vouchers go out in seqno order, one at a time per channel
+            voucher = ch.issuer.next(cost)
+            await trio.to_thread.run_sync(self.issued.append, [voucher.to_record()])  # write-ahead
+            reply = await self._request_locked(ch, pf.PayVoucher(voucher.to_record()))
+        if not isinstance(reply, pf.PaidUpTo) or reply.received != voucher.state.body.sent:
             raise PaymentFailed(f"voucher not acknowledged: {reply!r}")
         return reply.received
 

@@ -18,6 +18,7 @@ from typing import Any
 import trio
 
 from cocoon_p2p.backends import BACKENDS, open_backend
+from cocoon_p2p.chain import LocalChain, TonCenter, Wallet
 from cocoon_p2p.errors import CocoonError
 from cocoon_p2p.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
 from cocoon_p2p.generation import chatml_prompt
@@ -25,6 +26,7 @@ from cocoon_p2p.identity import load_or_create_identity
 from cocoon_p2p.jobs import InferenceResult
 from cocoon_p2p.models import ModelSpec, load_model
 from cocoon_p2p.node import Node, NodeConfig
+from cocoon_p2p.payments import PaymentConfig
 from cocoon_p2p.tensors import to_numpy
 
 from . import config as config_mod
@@ -33,6 +35,32 @@ from . import demo, logs
 KEY_FILE = "node.key"
 BUILTIN_MODELS = {"minilm": ensure_minilm, "smollm2": ensure_smollm2, "smollm2-q4": ensure_smollm2_q4}
 DRAIN_S = 10.0  # on SIGTERM, how long running jobs may take to finish
+FAUCET_NANOTON = 2_000_000_000  # what the local chain's faucet gives a node's wallet
+
+
+def _payments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--chain", help="toncenter v2 endpoint for payments (default: no payments)")
+    p.add_argument("--chain-api-key", help="toncenter API key")
+    p.add_argument("--local-chain", action="store_true", default=None, help="the chain is the local test chain")
+
+
+def _payment_config(cfg: config_mod.RoleConfig) -> PaymentConfig | None:
+    """The node's wallet (data-dir/wallet.json) on the configured chain; funded by the
+    local chain's faucet when it is the local chain."""
+    if not cfg.chain:
+        return None
+    chain: TonCenter = LocalChain(cfg.chain) if cfg.local_chain else TonCenter(cfg.chain, api_key=cfg.chain_api_key)
+    wallet = Wallet.load_or_create(cfg.data_dir / "wallet.json")
+    if isinstance(chain, LocalChain) and chain.balance(wallet.address) < FAUCET_NANOTON // 2:
+        chain.fund(wallet.address, FAUCET_NANOTON)
+    wallet.ensure_deployed(chain)
+    return PaymentConfig(
+        chain,
+        wallet,
+        cfg.data_dir / "payments",
+        deposit_nanoton=cfg.deposit_nanoton,
+        credit_nanoton=cfg.credit_nanoton,
+    )
 
 
 def _common(p: argparse.ArgumentParser) -> None:
@@ -66,6 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, help="execution backend (default auto: TensorRT if present)")
     p.add_argument("--price-nanoton", type=int, help="price per unit of work")
     p.add_argument("--capacity", type=int, help="jobs run at once; more are refused as busy")
+    _payments(p)
     p.add_argument("--announce-interval-s", type=float, help="seconds between announcements")
 
     p = sub.add_parser("client", help="run one job on the network and print what it cost")
@@ -130,9 +159,13 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
         open_backend(cfg.backend, m.path, model_id=m.model_id, cache_dir=engines, max_batch=m.max_batch)
         for m in models
     ]
+    payments = await trio.to_thread.run_sync(_payment_config, cfg) if models else None
     async with Node(_node_config(cfg)) as node:
         for addr in node.addrs:
             print(f"listening {addr}", flush=True)
+        if payments is not None:
+            node.enable_payments(payments)
+            print(f"wallet {payments.wallet.address}", flush=True)
         for spec, backend in zip(models, backends, strict=True):
             node.serve_model(spec, backend, price_nanoton=cfg.price_nanoton)
             print(f"serving {spec.id_hex} {spec.name} {backend.name}/{backend.device} "

@@ -27,6 +27,13 @@ class RoleConfig:
     price_nanoton: int = 1000
     capacity: int = 8
     backend: str = "auto"
+    # Payments: a toncenter v2 endpoint (empty: no payments). local_chain: it is the
+    # local test chain, whose faucet funds this node's wallet.
+    chain: str = ""
+    chain_api_key: str = ""
+    local_chain: bool = False
+    deposit_nanoton: int = 500_000_000
+    credit_nanoton: int = 100_000_000
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:

@@ -3,8 +3,10 @@
 A bootstrap peer and N worker processes on 127.0.0.1 serving two real models
 (MiniLM embeddings, SmolLM2 chat); a client that discovers every worker through
 gossip and through the DHT, then runs M jobs of both models spread over the
-workers (chat answers streamed token by token) and reports latency, cost and
-who earned what. Payments on the local chain join when that part lands.
+workers (chat answers streamed token by token), paying every job by voucher over a
+TON payment channel per worker opened on the local chain (@ton/sandbox), then
+closes the channels cooperatively on chain and reports what was paid, what the
+workers' wallets received, and the fees.
 """
 
 from __future__ import annotations
@@ -20,15 +22,19 @@ from typing import Any
 
 import trio
 
+from cocoon_p2p.chain import LocalChain, Wallet, open_local_chain
 from cocoon_p2p.export import ensure_minilm, ensure_smollm2
 from cocoon_p2p.generation import chatml_prompt
 from cocoon_p2p.identity import peer_id_to_str
 from cocoon_p2p.jobs import InferenceResult, JobFailed
 from cocoon_p2p.models import ModelSpec
 from cocoon_p2p.node import Node, NodeConfig
+from cocoon_p2p.payments import PaymentConfig
 
-PRICE_NANOTON = 1000
-MAX_PRICE = 2000
+PRICE_NANOTON = 100_000  # per item / token; worker i asks 10,000 more
+MAX_PRICE = 200_000
+CLIENT_FUNDS = 10_000_000_000
+DEPOSIT = 500_000_000  # per channel
 EMBED_TEXTS = [
     ("GPU owners earn Toncoin by running inference.", "Workers are paid per job."),
     ("The overlay finds workers through gossip and the DHT.",),
@@ -52,8 +58,11 @@ def _progress(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-async def _start(cmd: list[str], nursery: trio.Nursery) -> tuple[trio.Process, list[str]]:
-    """Start a node process; return it and its listen addresses once it prints them."""
+async def _start(
+    cmd: list[str], nursery: trio.Nursery, wallets: list[str] | None = None
+) -> tuple[trio.Process, list[str]]:
+    """Start a node process; return it and its listen addresses once it prints them
+    (and add the wallet address it prints to ``wallets``)."""
     proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE)
     assert proc.stdout is not None
     buf, addrs = b"", []
@@ -67,6 +76,8 @@ async def _start(cmd: list[str], nursery: trio.Nursery) -> tuple[trio.Process, l
             text = line.decode()
             if text.startswith("listening "):
                 addrs.append(text.split()[1])
+            elif text.startswith("wallet ") and wallets is not None:
+                wallets.append(text.split()[1])
             elif text.startswith("serving ") or (addrs and cmd[3] == "bootstrap"):
                 nursery.start_soon(_drain, proc.stdout)
                 return proc, addrs
@@ -80,7 +91,7 @@ async def _drain(stream: trio.abc.ReceiveStream) -> None:
         pass
 
 
-async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
+async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[str, Any]:
     cli = [sys.executable, "-m", "nodes.cli"]
     _progress("preparing the models (exported from the installed wheels on first use)")
     models = {"embed": ensure_minilm(progress=_progress), "chat": ensure_smollm2(progress=_progress)}
@@ -95,7 +106,8 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
             )
             procs.append(boot)
             _progress(f"bootstrap peer up: {boot_addrs[0]}")
-            worker_ids = []
+            worker_ids: list[str] = []
+            worker_wallets: list[str] = []
             for i in range(args.workers):
                 cmd = [
                     *cli,
@@ -107,23 +119,40 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                     "--announce-interval-s",
                     "2",
                     "--price-nanoton",
-                    str(PRICE_NANOTON + 100 * i),
+                    str(PRICE_NANOTON + 10_000 * i),
                     "--capacity",
                     "4",
+                    "--chain",
+                    chain.endpoint,
+                    "--local-chain",
                     "--log-level",
                     "WARNING",
                 ]
                 for name in models:
                     cmd += ["--model", builtin[name]]
-                proc, addrs = await _start(cmd, nursery)
+                proc, addrs = await _start(cmd, nursery, worker_wallets)
                 procs.append(proc)
                 worker_ids.append(addrs[0].rsplit("/p2p/", 1)[1])
                 _progress(f"worker {i + 1}/{args.workers} up: {addrs[0]}")
+            wallet = Wallet.create()
+            await trio.to_thread.run_sync(chain.fund, wallet.address, CLIENT_FUNDS)
+            await trio.to_thread.run_sync(wallet.deploy, chain)
             async with Node(NodeConfig(bootstrap=boot_addrs)) as client:
+                pay = client.enable_payments(
+                    PaymentConfig(chain, wallet, root / "client-payments", deposit_nanoton=DEPOSIT)
+                )
                 _progress("client joined; discovering workers over gossip and the DHT")
                 discovery = await _discover(client, models, args)
-                _progress(f"running {args.jobs} jobs (embeddings and chat) spread over the workers")
+                _progress(f"running {args.jobs} jobs (embeddings and chat) spread over the workers, paid by voucher")
                 jobs = await _jobs(client, models, args)
+                paid = sum(ch.issuer.sent for ch in pay.open.values())
+                channels = len(pay.open)
+                _progress(f"settling {channels} channel(s) on the local chain (cooperative close)")
+                before = {w: await trio.to_thread.run_sync(chain.balance, w) for w in worker_wallets}
+                for worker_peer in list(pay.open):
+                    await pay.settle(worker_peer)
+                after = {w: await trio.to_thread.run_sync(chain.balance, w) for w in worker_wallets}
+            settled = sum(after[w] - before[w] for w in worker_wallets)
             ok_jobs = [j for j in jobs if j["ok"]]
             latencies = sorted(j["latency_ms"] for j in ok_jobs)
             per_worker: dict[str, dict[str, int]] = {w: {"jobs": 0, "earned_nanoton": 0} for w in worker_ids}
@@ -139,10 +168,17 @@ async def _run(args: argparse.Namespace, root: Path) -> dict[str, Any]:
                 "jobs_failed": len(jobs) - len(ok_jobs),
                 "latency_ms_p50": round(_pct(latencies, 50), 1),
                 "latency_ms_p99": round(_pct(latencies, 99), 1),
-                "paid_nanoton": sum(j["cost_nanoton"] for j in ok_jobs),
+                "paid_nanoton": paid,
+                "settled_nanoton": settled,
+                "fees_nanoton": paid - settled,
+                "channels": channels,
+                "onchain_ops": 2 * channels + channels,  # deploy + init, then one close each
                 "per_worker": per_worker,
                 "sample_chat": next((j["text"] for j in ok_jobs if j["kind"] == "chat"), ""),
-                "ok": discovery["discovery_ok"] and len(ok_jobs) == len(jobs),
+                "ok": discovery["discovery_ok"]
+                and len(ok_jobs) == len(jobs)
+                and paid == sum(j["cost_nanoton"] for j in ok_jobs)
+                and 0 < settled <= paid,
                 "wall_s": round(time.perf_counter() - started, 2),
             }
         finally:
@@ -244,19 +280,24 @@ async def _chat(client: Node, model_id: bytes, prompt: str, max_tokens: int) -> 
 
 
 def run(args: argparse.Namespace) -> int:
-    if args.data_dir is not None:
-        args.data_dir.mkdir(parents=True, exist_ok=True)
-        result = trio.run(_run, args, args.data_dir)
-    else:
-        with tempfile.TemporaryDirectory(prefix="cocoon-demo-") as tmp:
-            result = trio.run(_run, args, Path(tmp))
+    _progress("starting the local chain (@ton/sandbox behind the toncenter API)")
+    with open_local_chain() as chain:
+        if args.data_dir is not None:
+            args.data_dir.mkdir(parents=True, exist_ok=True)
+            result = trio.run(_run, args, args.data_dir, chain)
+        else:
+            with tempfile.TemporaryDirectory(prefix="cocoon-demo-") as tmp:
+                result = trio.run(_run, args, Path(tmp), chain)
     if args.json:
         print(json.dumps(result))
     else:
         print(f"\n{result['workers']} workers, discovered in {result['gossip_discovery_s_max']} s over gossip")
         print(f"jobs: {result['jobs_ok']} ok, {result['jobs_failed']} failed; "
               f"latency p50 {result['latency_ms_p50']} ms, p99 {result['latency_ms_p99']} ms")
-        print(f"paid {result['paid_nanoton']} nanoton in all")
+        print(
+            f"paid {result['paid_nanoton']} nanoton by voucher over {result['channels']} channel(s); "
+            f"settled on chain {result['settled_nanoton']} (fees {result['fees_nanoton']})"
+        )
         for peer, row in result["per_worker"].items():
             print(f"  {peer}: {row['jobs']} jobs, earned {row['earned_nanoton']} nanoton")
         print(f"a chat answer: {result['sample_chat']!r}")

@@ -25,6 +25,10 @@ def test_demo_runs_real_jobs_over_discovered_workers() -> None:
     assert r["jobs_ok"] == 8 and r["jobs_failed"] == 0
     assert sum(w["jobs"] for w in r["per_worker"].values()) == 8
     assert sum(w["earned_nanoton"] for w in r["per_worker"].values()) == r["paid_nanoton"] > 0
+    # Paid by voucher, settled on the local chain: what the workers' wallets received, net of fees.
+    assert 0 < r["settled_nanoton"] <= r["paid_nanoton"]
+    assert r["fees_nanoton"] == r["paid_nanoton"] - r["settled_nanoton"] < r["paid_nanoton"] // 10
+    assert 1 <= r["channels"] <= 2
     assert 0 < r["latency_ms_p50"] <= r["latency_ms_p99"]
     assert "jobs done" in out.stderr  # progress is shown
 

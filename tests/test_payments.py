@@ -45,6 +45,10 @@ async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp
                 r = await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)
                 costs.append(r.cost_nanoton)
             assert costs == [2 * PRICE] * 5
+            async with trio.open_nursery() as nursery:  # concurrent jobs: vouchers stay in order
+                for _ in range(6):
+                    nursery.start_soon(_infer, client, tiny_model, x)
+            costs += [2 * PRICE] * 6
             (channel,) = c_pay.open.values()
             on_chain = read_channel(chain, channel.address)  # opened on chain by the client's first job
             assert on_chain.state == 1 and on_chain.balance_a == c_pay.config.deposit_nanoton
@@ -77,3 +81,10 @@ async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp
     from cocoon_p2p.channelstore import ChannelStore
 
     assert ChannelStore(tmp_path / "worker" / "channels").earned(cid) == sum(costs)
+
+
+async def _infer(client: Node, model: ModelSpec, x: tuple[object, ...]) -> None:
+    try:
+        await client.infer(model.model_id, inputs=x, max_price_nanoton=PRICE)  # type: ignore[arg-type]
+    except JobFailed as exc:
+        raise AssertionError(f"job failed: {exc!r}") from exc
