@@ -452,6 +452,7 @@ class ClientStats:
     jobs_failed: int = 0
     retries: int = 0
     paid_nanoton: int = 0
+    payments_pending: int = 0  # vouchers sent whose acknowledgement never came
 
 
 class JobClient:
@@ -639,9 +640,11 @@ class JobClient:
                 if self.pay is not None and result.cost_nanoton:
                     try:
                         await self.pay(offer.peer_id, result.cost_nanoton)
-                    except CocoonError as exc:  # we hold a result we could not pay for: say so
-                        self.stats.jobs_failed += 1
-                        raise JobFailed("payment", str(exc), worker=offer.peer_id) from exc
+                    except CocoonError as exc:
+                        # The voucher is signed and logged; only its acknowledgement is missing
+                        # (the worker went away). It goes again on reconnect or at settlement.
+                        self.stats.payments_pending += 1
+                        log.warning("payment to %s not acknowledged yet: %s", ID(offer.peer_id), exc)
                 self.stats.jobs_ok += 1
                 self.stats.paid_nanoton += result.cost_nanoton
                 return InferenceResult(

@@ -350,6 +350,12 @@ class Node:
         assert self.job_client is not None and self._stack is not None, "node is not running"
         service = PaymentService(self.identity, self.host, config)
         self._stack.callback(service.close)
+
+        def addrs_of(peer: bytes) -> list[str]:
+            ann = self.directory.announcement_of(peer)
+            return list(ann.addrs) if ann is not None else []
+
+        service.addrs_of = addrs_of
         self.job_client.prepare = service.ensure_channel
         self.job_client.pay = service.pay
         worker = self._job_worker()

@@ -30,6 +30,7 @@ from typing import Any
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
+from multiaddr import Multiaddr
 from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 from pytoniq_core import Address
@@ -72,6 +73,9 @@ class _OpenChannel:
     stream: Any
     reader: pf.FrameReader = field(default_factory=pf.FrameReader)
     lock: trio.Lock = field(default_factory=trio.Lock)
+    last: SignedSemiChannel | None = None  # the newest voucher signed
+    acked: int = 0  # the total the worker confirmed holding durably
+    broken: bool = False  # the stream failed: reconnect before the next request
 
 
 class PaymentService:
@@ -90,6 +94,8 @@ class PaymentService:
         self.open: dict[bytes, _OpenChannel] = {}  # client side: worker PeerId -> channel
         self.closing: set[bytes] = set()  # worker side: clients whose channel is being closed
         self._opening: dict[bytes, trio.Lock] = {}
+        # The directory's addresses of a peer (set by the node): to find a restarted worker.
+        self.addrs_of: Callable[[bytes], list[str]] = lambda peer: []
         host.set_stream_handler(TProtocol(PAY_PROTOCOL), self._handle)
 
     # ---- worker side ------------------------------------------------------------
@@ -219,13 +225,38 @@ class PaymentService:
             return await self._request_locked(ch, frame)
 
     async def _request_locked(self, ch: _OpenChannel, frame: pf.PayFrame) -> pf.PayFrame:
-        await ch.stream.write(pf.encode(frame))
-        while isinstance(reply := ch.reader.next(), NeedData):
-            data = await ch.stream.read(pf.MAX_PAY_FRAME)
-            if not data:
-                raise PaymentFailed("the worker closed the pay stream")
-            ch.reader.feed(data)
+        try:
+            await ch.stream.write(pf.encode(frame))
+            while isinstance(reply := ch.reader.next(), NeedData):
+                data = await ch.stream.read(pf.MAX_PAY_FRAME)
+                if not data:
+                    raise PaymentFailed("the worker closed the pay stream")
+                ch.reader.feed(data)
+        except Exception as exc:
+            ch.broken = True  # a half-sent request: the stream is useless now
+            raise PaymentFailed(f"pay stream to the worker failed: {exc!r}") from exc
         return reply
+
+    async def _reconnect(self, worker: bytes, ch: _OpenChannel) -> None:
+        """A fresh pay stream to a worker that went away and came back (same PeerId, maybe a
+        new address: ``addrs_of`` asks the directory), then the newest voucher again, since
+        its acknowledgement may be what was lost."""
+        addrs = [Multiaddr(a) for a in self.addrs_of(worker)]
+        if addrs:
+            self.host.get_peerstore().add_addrs(ID(worker), addrs, 3600)
+        try:
+            ch.stream = await self.host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
+        except Exception as exc:
+            raise PaymentFailed(f"cannot reach the worker: {exc!r}") from exc
+        ch.reader, ch.broken = pf.FrameReader(), False
+        if ch.last is not None and ch.acked < ch.issuer.sent:
+            reply = await self._request_locked(ch, pf.PayVoucher(ch.last.to_record()))
+            if isinstance(reply, pf.PaidUpTo):
+                ch.acked = reply.received
+            elif not (isinstance(reply, pf.PayError) and reply.code == "replayed"):
+                raise PaymentFailed(f"the worker did not take our newest voucher: {reply!r}")
+            else:
+                ch.acked = ch.issuer.sent  # it already holds it
 
     async def ensure_channel(self, worker: bytes) -> _OpenChannel:
         """The channel to ``worker``, opened on chain on first use."""
@@ -234,7 +265,10 @@ class PaymentService:
         async with self._opening.setdefault(worker, trio.Lock()):
             if worker in self.open:
                 return self.open[worker]
-            stream = await self.host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
+            try:
+                stream = await self.host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
+            except Exception as exc:  # unreachable worker: the job goes elsewhere
+                raise PaymentFailed(f"cannot reach the worker: {exc!r}") from exc
             probe = _OpenChannel("", VoucherIssuer(channel_id=0, key=self.key, deposit_a=0), stream)
             info = await self._request(probe, pf.PayHello())
             if not isinstance(info, pf.PayInfo):
@@ -274,23 +308,38 @@ class PaymentService:
         async with ch.lock:  # vouchers go out in seqno order, one at a time per channel
             voucher = ch.issuer.next(cost)
             await trio.to_thread.run_sync(self.issued.append, [voucher.to_record()])  # write-ahead
+            ch.last = voucher  # from here on we owe it; a lost acknowledgement is repaired later
+            if ch.broken:
+                await self._reconnect(worker, ch)
+                if ch.acked >= voucher.state.body.sent:
+                    return ch.acked
             reply = await self._request_locked(ch, pf.PayVoucher(voucher.to_record()))
         if not isinstance(reply, pf.PaidUpTo) or reply.received != voucher.state.body.sent:
             raise PaymentFailed(f"voucher not acknowledged: {reply!r}")
+        ch.acked = reply.received
         return reply.received
 
     async def settle(self, worker: bytes) -> int:
         """Close the channel to ``worker`` cooperatively on chain: the worker is paid what
         the vouchers say, we get the rest. Returns the amount paid to the worker."""
-        ch = self.open.pop(worker, None)
+        ch = self.open.get(worker)
         if ch is None:
             return 0
         issuer = ch.issuer
         terms = m.CloseTerms(issuer.channel_id, issuer.deposit_a - issuer.sent, issuer.sent, max(issuer.seqno, 1), 1)
         sig_a = m.sign_body(terms.body(), self.key)
-        reply = await self._request(
-            ch, pf.CloseRequest(terms.balance_a, terms.balance_b, terms.seqno_a, terms.seqno_b, sig_a)
-        )
+        request = pf.CloseRequest(terms.balance_a, terms.balance_b, terms.seqno_a, terms.seqno_b, sig_a)
+        async with ch.lock:
+            for attempt in (1, 2):  # a worker that restarted since our last request: reconnect once
+                try:
+                    if ch.broken or ch.acked < issuer.sent:  # gone and back, or an acknowledgement lost
+                        await self._reconnect(worker, ch)
+                    reply = await self._request_locked(ch, request)
+                    break
+                except PaymentFailed:
+                    if attempt == 2:
+                        raise
+        del self.open[worker]
         if not isinstance(reply, pf.CloseSigned):
             raise PaymentFailed(f"worker refused to close: {reply!r}")
         try:

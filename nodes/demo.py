@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -25,7 +26,7 @@ import trio
 from cocoon_p2p.chain import LocalChain, Wallet, open_local_chain
 from cocoon_p2p.export import ensure_minilm, ensure_smollm2
 from cocoon_p2p.generation import chatml_prompt
-from cocoon_p2p.identity import peer_id_to_str
+from cocoon_p2p.identity import peer_id_from_str, peer_id_to_str
 from cocoon_p2p.jobs import InferenceResult, JobFailed
 from cocoon_p2p.models import ModelSpec
 from cocoon_p2p.node import Node, NodeConfig
@@ -50,6 +51,11 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--jobs", type=int, default=30, help="jobs to run, half embeddings, half chat (default 30)")
     p.add_argument("--concurrency", type=int, default=3, help="jobs in flight at once (default 3)")
     p.add_argument("--max-tokens", type=int, default=16, help="tokens per chat answer (default 16)")
+    p.add_argument(
+        "--kill-worker",
+        action="store_true",
+        help="SIGKILL a worker a third of the way through, restart it at the end, settle with it",
+    )
     p.add_argument("--timeout-s", type=float, default=60.0, help="give up discovery after this long")
     p.add_argument("--json", action="store_true", help="print one JSON object as the summary")
 
@@ -108,6 +114,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
             _progress(f"bootstrap peer up: {boot_addrs[0]}")
             worker_ids: list[str] = []
             worker_wallets: list[str] = []
+            worker_cmds: list[list[str]] = []
             for i in range(args.workers):
                 cmd = [
                     *cli,
@@ -132,6 +139,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     cmd += ["--model", builtin[name]]
                 proc, addrs = await _start(cmd, nursery, worker_wallets)
                 procs.append(proc)
+                worker_cmds.append(cmd)
                 worker_ids.append(addrs[0].rsplit("/p2p/", 1)[1])
                 _progress(f"worker {i + 1}/{args.workers} up: {addrs[0]}")
             wallet = Wallet.create()
@@ -144,7 +152,21 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 _progress("client joined; discovering workers over gossip and the DHT")
                 discovery = await _discover(client, models, args)
                 _progress(f"running {args.jobs} jobs (embeddings and chat) spread over the workers, paid by voucher")
-                jobs = await _jobs(client, models, args)
+                victim = 1 % args.workers  # procs[0] is the bootstrap peer
+
+                def kill() -> None:
+                    _progress(f"killing worker {victim + 1} (SIGKILL) with jobs in flight")
+                    procs[1 + victim].kill()
+
+                jobs = await _jobs(client, models, args, kill if args.kill_worker else None)
+                if args.kill_worker:
+                    _progress(f"restarting worker {victim + 1} from its data directory (same keys and channels)")
+                    proc, addrs = await _start(worker_cmds[victim], nursery)
+                    procs.append(proc)
+                    peer = peer_id_from_str(worker_ids[victim])
+                    with trio.fail_after(60):  # its new address reaches the client by gossip
+                        while addrs[0] not in _addrs_of(client, peer):
+                            await trio.sleep(0.1)
                 paid = sum(ch.issuer.sent for ch in pay.open.values())
                 channels = len(pay.open)
                 _progress(f"settling {channels} channel(s) on the local chain (cooperative close)")
@@ -152,6 +174,8 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 for worker_peer in list(pay.open):
                     await pay.settle(worker_peer)
                 after = {w: await trio.to_thread.run_sync(chain.balance, w) for w in worker_wallets}
+                assert client.job_client is not None
+                client_stats = client.job_client.stats
             settled = sum(after[w] - before[w] for w in worker_wallets)
             ok_jobs = [j for j in jobs if j["ok"]]
             latencies = sorted(j["latency_ms"] for j in ok_jobs)
@@ -166,12 +190,15 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 **discovery,
                 "jobs_ok": len(ok_jobs),
                 "jobs_failed": len(jobs) - len(ok_jobs),
+                "errors": [j["error"] for j in jobs if not j["ok"]][:10],
                 "latency_ms_p50": round(_pct(latencies, 50), 1),
                 "latency_ms_p99": round(_pct(latencies, 99), 1),
                 "paid_nanoton": paid,
                 "settled_nanoton": settled,
                 "fees_nanoton": paid - settled,
                 "channels": channels,
+                "killed_worker": worker_ids[1 % args.workers] if args.kill_worker else None,
+                "payments_pending": client_stats.payments_pending,
                 "onchain_ops": 2 * channels + channels,  # deploy + init, then one close each
                 "per_worker": per_worker,
                 "sample_chat": next((j["text"] for j in ok_jobs if j["kind"] == "chat"), ""),
@@ -193,6 +220,11 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     proc.kill()
             nursery.cancel_scope.cancel()
     return result
+
+
+def _addrs_of(client: Node, peer: bytes) -> list[str]:
+    ann = client.directory.announcement_of(peer)
+    return list(ann.addrs) if ann is not None else []
 
 
 def _pct(values: list[float], p: float) -> float:
@@ -237,14 +269,23 @@ async def _discover(client: Node, models: dict[str, ModelSpec], args: argparse.N
     }
 
 
-async def _jobs(client: Node, models: dict[str, ModelSpec], args: argparse.Namespace) -> list[dict[str, Any]]:
-    """``args.jobs`` jobs, alternating embeddings and chat, ``args.concurrency`` at a time."""
+async def _jobs(
+    client: Node,
+    models: dict[str, ModelSpec],
+    args: argparse.Namespace,
+    kill: Callable[[], None] | None = None,
+) -> list[dict[str, Any]]:
+    """``args.jobs`` jobs, alternating embeddings and chat, ``args.concurrency`` at a time;
+    ``kill`` runs once, a third of the way through, while jobs are in flight."""
     results: list[dict[str, Any]] = []
     todo = list(range(args.jobs))
+    kill_at = args.jobs // 3 if kill is not None else -1
 
     async def lane() -> None:
         while todo:
             i = todo.pop(0)
+            if i == kill_at and kill is not None:
+                kill()
             kind = "embed" if i % 2 == 0 else "chat"
             row: dict[str, Any] = {"job": i, "kind": kind, "ok": False, "cost_nanoton": 0, "text": ""}
             t = time.perf_counter()
@@ -273,10 +314,19 @@ async def _jobs(client: Node, models: dict[str, ModelSpec], args: argparse.Names
 
 
 async def _chat(client: Node, model_id: bytes, prompt: str, max_tokens: int) -> InferenceResult:
-    async for item in client.generate(model_id, prompt, max_tokens=max_tokens, max_price_nanoton=MAX_PRICE):
-        if isinstance(item, InferenceResult):
-            return item
-    raise JobFailed("worker-lost", "generation ended without a result")
+    """A streamed chat answer. The library does not retry a generation that already
+    streamed tokens (its caller saw them); this program starts the answer over instead.
+    Only a finished answer is paid for."""
+    for attempt in range(3):
+        try:
+            async for item in client.generate(model_id, prompt, max_tokens=max_tokens, max_price_nanoton=MAX_PRICE):
+                if isinstance(item, InferenceResult):
+                    return item
+            raise JobFailed("worker-lost", "generation ended without a result")
+        except JobFailed as exc:
+            if not exc.retryable or attempt == 2:
+                raise
+    raise AssertionError("unreachable")
 
 
 def run(args: argparse.Namespace) -> int:

@@ -59,3 +59,18 @@ def test_worker_and_client_commands(tmp_path: Path) -> None:
         rest, _ = worker.communicate(timeout=30)
     assert worker.returncode == 0
     assert "stopping" in rest and "served 1 jobs, earned 1000 nanoton" in rest
+
+
+def test_demo_survives_a_killed_worker() -> None:
+    out = subprocess.run(
+        [*CLI, "demo", "--json", "--workers", "2", "--jobs", "9", "--max-tokens", "8", "--kill-worker"],
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 0, out.stderr[-3000:]
+    r = json.loads(out.stdout)
+    assert r["killed_worker"] in r["worker_ids"] and "killing worker" in out.stderr
+    assert r["jobs_ok"] == 9 and r["jobs_failed"] == 0 and r["errors"] == []  # every job completed
+    assert sum(w["earned_nanoton"] for w in r["per_worker"].values()) == r["paid_nanoton"]  # each paid once
+    assert 0 < r["settled_nanoton"] <= r["paid_nanoton"]  # the restarted worker settled too
