@@ -475,6 +475,9 @@ class JobClient:
         self._next_id = 1
         self.stats = ClientStats()
         self.on_misbehaviour: Callable[[bytes, ProtocolError], None] = lambda peer, err: None
+        # A worker we lost mid-job or could not reach: the node forgets its offers
+        # until it announces itself again (a restarted worker does at once).
+        self.on_worker_lost: Callable[[bytes], None] = lambda peer: None
         # Payments: made ready before a job (a channel), and paid after its result.
         self.prepare: Callable[[bytes], Awaitable[Any]] | None = None
         self.pay: Callable[[bytes, int], Awaitable[Any]] | None = None
@@ -628,6 +631,8 @@ class JobClient:
                     )
                 except JobFailed as exc:
                     self.router.failed(offer.peer_id, trio.current_time())
+                    if exc.code == "worker-lost":
+                        self.on_worker_lost(offer.peer_id)
                     last = exc
                     if not exc.retryable or chunks:
                         break

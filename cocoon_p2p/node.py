@@ -262,6 +262,7 @@ class Node:
                 self.host, self._nursery, self._job_offers, rng=random.Random(self.config.seed)
             )
             self.job_client.on_misbehaviour = lambda peer, err: self._punish(peer, err, _now_ms())
+            self.job_client.on_worker_lost = self.directory.forget
             self._nursery.start_soon(self._drain_gossip, subscription)
             self._nursery.start_soon(self._maintain_peers)
             self._nursery.start_soon(self._advertise)

@@ -123,7 +123,7 @@ def _node_config(cfg: config_mod.RoleConfig) -> NodeConfig:
         announce_addrs=cfg.announce,
         bootstrap=cfg.bootstrap,
         announce_interval_s=cfg.announce_interval_s,
-        announce_ttl_s=max(3 * cfg.announce_interval_s, 5.0),
+        announce_ttl_s=max(5 * cfg.announce_interval_s, 15.0),  # outlives a busy machine's delays
         job_capacity=cfg.capacity,
     )
 
