@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import os
 from collections.abc import Sequence
+from typing import Any
 
+import trio
 from libp2p import new_host
 from libp2p.abc import IHost, IRawConnection, ISecureConn
 from libp2p.connection_types import ConnectionType
@@ -154,3 +156,14 @@ def disable_auto_connector(host: IHost) -> None:
             return None
 
         connector.start = stay_stopped  # instance attribute: this host only
+
+
+async def close_quietly(stream: Any, *, timeout_s: float = 1.0) -> None:
+    """Close a libp2p stream at the end of a handler, even while being cancelled;
+    a peer that already hung up is no error here."""
+    with trio.move_on_after(timeout_s) as scope:
+        scope.shield = True
+        try:
+            await stream.close()
+        except Exception:
+            pass

@@ -37,6 +37,7 @@ from .batching import Batcher
 from .directory import WorkerOffer
 from .errors import CocoonError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .executor import Executor, Outcome
+from .host import close_quietly
 from .jobconn import JobConnection, NeedData, Role
 from .models import ModelSpec
 from .protocols import JOB_PROTOCOL
@@ -202,12 +203,7 @@ class JobWorker:
         finally:
             for job in link.jobs.values():
                 job.cancelled = True
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream)
 
     async def _refuse(self, link: _WorkerLink, req: jf.JobRequest, code: str, message: str) -> None:
         self.stats.refused[code] = self.stats.refused.get(code, 0) + 1

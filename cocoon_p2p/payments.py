@@ -42,6 +42,7 @@ from .channelstore import ChannelStore, ChannelTerms
 from .contract_code import payment_channel_code
 from .durable import write_atomic
 from .errors import CocoonError, ProtocolError
+from .host import close_quietly
 from .identity import Identity, public_key_from_peer_id
 from .jobconn import NeedData
 from .voucherlog import VoucherLog
@@ -144,12 +145,7 @@ class PaymentService:
         except Exception as exc:
             log.debug("pay stream ended: %r", exc)
         finally:
-            with trio.move_on_after(1) as scope:
-                scope.shield = True
-                try:
-                    await stream.close()
-                except Exception:
-                    pass
+            await close_quietly(stream)
 
     async def _answer(self, client: bytes, frame: pf.PayFrame) -> pf.PayFrame:
         if isinstance(frame, pf.PayHello):
