@@ -28,7 +28,7 @@ def test_demo_runs_real_jobs_over_discovered_workers() -> None:
     # Paid by voucher, settled on the local chain: what the workers' wallets received, net of fees.
     assert 0 < r["settled_nanoton"] <= r["paid_nanoton"]
     assert r["fees_nanoton"] == r["paid_nanoton"] - r["settled_nanoton"] < r["paid_nanoton"] // 10
-    assert 1 <= r["channels"] <= 2
+    assert r["channels"] == sum(1 for w in r["per_worker"].values() if w["jobs"] > 0)  # one per worker paid
     assert 0 < r["latency_ms_p50"] <= r["latency_ms_p99"]
     assert "jobs done" in out.stderr  # progress is shown
 
