@@ -167,3 +167,13 @@ async def close_quietly(stream: Any, *, timeout_s: float = 1.0) -> None:
             await stream.close()
         except Exception:
             pass
+
+
+def unblock_peer(host: IHost, peer_id: bytes) -> None:
+    """Let a peer be dialled again at once. py-libp2p keeps peers whose addresses all
+    failed in a negative cache and refuses to dial them for a while, even after they
+    announce a new address (a restarted worker): called when we learn fresh addresses."""
+    network = host.get_network()
+    unblock = getattr(network, "unblock_peer", None)
+    if unblock is not None:
+        unblock(ID(peer_id))

@@ -37,7 +37,7 @@ from .batching import Batcher
 from .directory import WorkerOffer
 from .errors import CocoonError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .executor import Executor, Outcome
-from .host import close_quietly
+from .host import close_quietly, unblock_peer
 from .jobconn import JobConnection, NeedData, Role
 from .models import ModelSpec
 from .protocols import JOB_PROTOCOL
@@ -491,6 +491,7 @@ class JobClient:
             addrs = [Multiaddr(a) for a in offer.addrs]
             if addrs:
                 self.host.get_peerstore().add_addrs(pid, addrs, 3600)
+                unblock_peer(self.host, offer.peer_id)
             stream = await self.host.new_stream(pid, [TProtocol(JOB_PROTOCOL)])
             link = _ClientLink(offer.peer_id, stream)
             link.on_misbehaviour = self.on_misbehaviour

@@ -42,7 +42,7 @@ from .channelstore import ChannelStore, ChannelTerms
 from .contract_code import payment_channel_code
 from .durable import write_atomic
 from .errors import CocoonError, ProtocolError
-from .host import close_quietly
+from .host import close_quietly, unblock_peer
 from .identity import Identity, public_key_from_peer_id
 from .jobconn import NeedData
 from .voucherlog import VoucherLog
@@ -240,6 +240,7 @@ class PaymentService:
         addrs = [Multiaddr(a) for a in self.addrs_of(worker)]
         if addrs:
             self.host.get_peerstore().add_addrs(ID(worker), addrs, 3600)
+            unblock_peer(self.host, worker)
         try:
             ch.stream = await self.host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
         except Exception as exc:
