@@ -51,6 +51,7 @@ from .vouchers import SignedSemiChannel, VoucherIssuer
 log = logging.getLogger("cocoon_p2p.payments")
 PAY_PROTOCOL = "/cocoon/pay/1"
 CONTROL_FEE = 50_000_000  # nanoton attached to channel control messages for gas
+RECONNECT_TRIES = 5  # to a worker that went away: it may still be starting up
 
 
 class PaymentFailed(CocoonError):
@@ -237,14 +238,19 @@ class PaymentService:
         """A fresh pay stream to a worker that went away and came back (same PeerId, maybe a
         new address: ``addrs_of`` asks the directory), then the newest voucher again, since
         its acknowledgement may be what was lost."""
-        addrs = [Multiaddr(a) for a in self.addrs_of(worker)]
-        if addrs:
-            self.host.get_peerstore().add_addrs(ID(worker), addrs, 3600)
-            unblock_peer(self.host, worker)
-        try:
-            ch.stream = await self.host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
-        except Exception as exc:
-            raise PaymentFailed(f"cannot reach the worker: {exc!r}") from exc
+        for attempt in range(RECONNECT_TRIES):
+            addrs = [Multiaddr(a) for a in self.addrs_of(worker)]
+            if addrs:  # only what it announces now: its old address died with it
+                self.host.get_peerstore().clear_addrs(ID(worker))
+                self.host.get_peerstore().add_addrs(ID(worker), addrs, 3600)
+                unblock_peer(self.host, worker)
+            try:
+                ch.stream = await self.host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
+                break
+            except Exception as exc:
+                if attempt == RECONNECT_TRIES - 1:
+                    raise PaymentFailed(f"cannot reach the worker: {exc!r}") from exc
+                await trio.sleep(0.5 * (attempt + 1))
         ch.reader, ch.broken = pf.FrameReader(), False
         if ch.last is not None and ch.acked < ch.issuer.sent:
             reply = await self._request_locked(ch, pf.PayVoucher(ch.last.to_record()))
