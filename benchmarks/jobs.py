@@ -124,7 +124,6 @@ async def bench_minilm(n: int) -> dict[str, float]:
 async def _throughput(kind: str, spec: ModelSpec, jobs: int, concurrency: int) -> tuple[float, float]:
     async with _pair(kind, spec.model_id) as client:
         await client.infer(spec.model_id, texts=(SENTENCE,), max_price_nanoton=1)
-        worker_stats: list[Any] = []
         remaining = [jobs]
 
         async def lane() -> None:
@@ -137,7 +136,6 @@ async def _throughput(kind: str, spec: ModelSpec, jobs: int, concurrency: int) -
             for _ in range(concurrency):
                 nursery.start_soon(lane)
         elapsed = time.perf_counter() - t
-        del worker_stats
     return jobs / elapsed, elapsed
 
 

@@ -364,5 +364,3 @@ class PaymentService:
         self.store.close()
         self.issued.close()
 
-
-PayHook = Callable[[bytes, int], Any]

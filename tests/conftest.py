@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pytest
 
 from cocoon_p2p.models import ModelSpec, load_model
@@ -22,6 +20,3 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
     path = build_tiny_model(tmp_path_factory.mktemp("models") / "slow.onnx", hidden=2048)
     return load_model(path, name="slow", max_batch=1)
 
-
-def model_path(spec: ModelSpec) -> Path:
-    return spec.path
