@@ -34,6 +34,7 @@ GOALS = {
     "vouchers_created_per_s": (">=", 30_000.0),
     "vouchers_verified_per_s": (">=", 15_000.0),
     "vouchers_persisted_per_s_group_64": (">=", 10_000.0),
+    "onchain_ops_per_channel": ("<=", 3.0),
 }
 
 

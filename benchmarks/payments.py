@@ -106,7 +106,69 @@ async def bench_gas(_quick: bool) -> dict[str, float]:
     return gas
 
 
+def _ops_by_policy(jobs: int, cost: int, deposit: int, reserve: float) -> tuple[int, int]:
+    """(channels, on-chain operations) for ``jobs`` jobs of ``cost`` under the client's
+    roll-over rule (the same :func:`client_action` the payer runs): 3 operations a channel."""
+    from cocoon_p2p.settlement import Action, SettlementPolicy, client_action
+
+    policy = SettlementPolicy(deposit_nanoton=deposit, reserve_fraction=reserve)
+    channels, sent = 1, 0
+    for _ in range(jobs):
+        if client_action(policy, deposit=deposit, sent=sent, next_cost=cost) is Action.ROLL_OVER:
+            channels, sent = channels + 1, 0
+        sent += cost
+    return channels, 3 * channels
+
+
+async def bench_onchain_ops(payments: int) -> dict[str, float]:
+    """Real payments (voucher, durable log on both sides, acknowledgement) between two
+    peers on the local chain, with the default settlement policy: what touches the chain."""
+    import shutil
+
+    import trio
+
+    from cocoon_p2p.chain import Wallet, open_local_chain
+    from cocoon_p2p.node import Node, NodeConfig
+    from cocoon_p2p.payments import PaymentConfig
+    from cocoon_p2p.settlement import SettlementPolicy
+
+    if shutil.which("node") is None:
+        raise RuntimeError("the local chain needs Node.js")
+    ton, cost = 1_000_000_000, 14_000_000  # a 2-item MiniLM job at 7M nanoton an item
+    policy = SettlementPolicy(deposit_nanoton=ton)
+    out: dict[str, float] = {}
+    with open_local_chain() as chain, tempfile.TemporaryDirectory() as d:
+        wallets = []
+        for _ in range(2):
+            w = Wallet.create()
+            chain.fund(w.address, 200 * ton)
+            w.deploy(chain)
+            wallets.append(w)
+        async with Node(NodeConfig(quiet_logs=True)) as worker, Node(NodeConfig(quiet_logs=True)) as client:
+            await client.connect(worker.addrs[0])
+            w_pay = worker.enable_payments(PaymentConfig(chain, wallets[0], Path(d) / "w", policy=policy))
+            c_pay = client.enable_payments(PaymentConfig(chain, wallets[1], Path(d) / "c", policy=policy))
+            t = time.perf_counter()
+            for _ in range(payments):
+                await c_pay.pay(worker.peer_id, cost)
+            elapsed = time.perf_counter() - t
+            await c_pay.settle(worker.peer_id)
+            await trio.sleep(0)
+            ops = c_pay.onchain_ops + w_pay.onchain_ops
+            channels = len(c_pay.payer.closing) + len(c_pay.payer.open)
+    out["paid_jobs"] = payments
+    out["paid_jobs_per_s"] = payments / elapsed
+    out["onchain_ops"] = ops
+    out["onchain_ops_per_channel"] = ops / channels
+    out["onchain_ops_per_10k_jobs"] = ops * 10_000 / payments
+    for deposit_ton in (1, 10, 100):
+        _, model_ops = _ops_by_policy(10_000, cost, deposit_ton * ton, policy.reserve_fraction)
+        out[f"policy_ops_per_10k_jobs_deposit_{deposit_ton}_ton"] = model_ops
+    return out
+
+
 BENCHES: list[tuple[str, Callable[[bool], Any]]] = [
     ("vouchers", lambda quick: bench_vouchers(4000 if quick else 20000)),
     ("contract_gas", bench_gas),
+    ("onchain_ops", lambda quick: bench_onchain_ops(1000 if quick else 10_000)),
 ]

@@ -29,6 +29,7 @@ from typing import Any
 from pytoniq_core import Cell, begin_cell
 
 from .errors import CocoonError
+from .settlement import ChainView, Quarantine
 
 LOCALCHAIN_DIR = Path(__file__).resolve().parent.parent / "nodes" / "localchain"
 
@@ -96,6 +97,10 @@ class TonCenter:
     def transactions(self, address: str, limit: int = 20) -> list[dict[str, Any]]:
         return list(self._call("/api/v2/getTransactions", query={"address": address, "limit": limit}))
 
+    def now(self) -> int:
+        """The chain's clock (real TON follows wall time closely enough for quarantines of minutes)."""
+        return int(time.time())
+
 
 def _entry(e: dict[str, Any]) -> Any:
     """One toncenter ``tvm.stackEntry*`` object (inside tuples)."""
@@ -127,6 +132,26 @@ class ChannelOnChain:
     seqno_b: int
     addr_a: str
     addr_b: str
+    conditional_close_s: int = 0
+    quarantine: Quarantine | None = None
+
+    def view(self, now: int) -> ChainView:
+        """What the settlement policy needs to know, at chain time ``now``."""
+        return ChainView(self.state, now, self.quarantine_s, self.conditional_close_s, self.quarantine)
+
+
+def _quarantine(cell: Any) -> Quarantine | None:
+    """QuarantinedState: A's and B's bodies (seqno, sent, conditionals), start, who committed."""
+    if not isinstance(cell, Cell):
+        return None
+    s = cell.begin_parse()
+    seqno_a, sent_a = s.load_uint(64), s.load_coins()
+    s.load_maybe_ref()
+    seqno_b, sent_b = s.load_uint(64), s.load_coins()
+    s.load_maybe_ref()
+    started, by_a = s.load_uint(32), bool(s.load_bit())
+    challenged = bool(s.load_bit()) if s.remaining_bits else False
+    return Quarantine(seqno_a, sent_a or 0, seqno_b, sent_b or 0, started, by_a, challenged)
 
 
 def read_channel(chain: TonCenter, address: str) -> ChannelOnChain:
@@ -149,6 +174,8 @@ def read_channel(chain: TonCenter, address: str) -> ChannelOnChain:
             seqno_b=r[5][1],
             addr_a=addr_a,
             addr_b=addr_b,
+            conditional_close_s=r[4][2],
+            quarantine=_quarantine(r[6]),
         )
     except (IndexError, TypeError, AttributeError, ValueError) as exc:
         raise ChainError(f"{address}: get_channel_data is not a payment channel's ({exc})") from exc

@@ -32,6 +32,7 @@ class ChannelTerms:
     deposit_a: int
     deposit_b: int = 0
     fine: int = 0
+    address: str = ""  # the contract, to watch and close it
 
     def to_json(self) -> str:
         return json.dumps(
@@ -41,13 +42,21 @@ class ChannelTerms:
                 "deposit_a": self.deposit_a,
                 "deposit_b": self.deposit_b,
                 "fine": self.fine,
+                "address": self.address,
             }
         )
 
     @classmethod
     def from_json(cls, text: str) -> ChannelTerms:
         d = json.loads(text)
-        return cls(int(d["channel_id"], 16), bytes.fromhex(d["payer_key"]), d["deposit_a"], d["deposit_b"], d["fine"])
+        return cls(
+            int(d["channel_id"], 16),
+            bytes.fromhex(d["payer_key"]),
+            d["deposit_a"],
+            d["deposit_b"],
+            d["fine"],
+            d.get("address", ""),
+        )
 
 
 @dataclass
@@ -61,7 +70,9 @@ class Accepted:
 
 class _Channel:
     def __init__(self, folder: Path, terms: ChannelTerms) -> None:
+        self.folder = folder
         self.terms = terms
+        self.closed = (folder / "closed").is_file()  # settled on chain: nothing left to watch
         self.book = VoucherBook(
             channel_id=terms.channel_id,
             payer_key=VerifyKey(terms.payer_key),
@@ -131,6 +142,16 @@ class ChannelStore:
     def newest(self, channel_id: int) -> SignedSemiChannel | None:
         """The voucher to close with."""
         return self.channels[channel_id].book.best
+
+    def mark_closed(self, channel_id: int, how: str) -> None:
+        """Record durably that the channel is closed on chain (``how``: a note for operators)."""
+        ch = self.channels[channel_id]
+        write_atomic(ch.folder / "closed", how.encode())
+        ch.closed = True
+
+    def unsettled(self) -> list[int]:
+        """Channels not yet closed on chain."""
+        return [cid for cid, ch in self.channels.items() if not ch.closed]
 
     def close(self) -> None:
         for ch in self.channels.values():

@@ -73,7 +73,7 @@ def greedy_tokens(
         yield token
         if token in eos:
             return
-        past = {f"past.{k[len('present.'):]}": v for k, v in out.items() if k.startswith("present.")}
+        past = {f"past.{k[len('present.') :]}": v for k, v in out.items() if k.startswith("present.")}
         pos += n
         ids = np.array([[token]], dtype=np.int64)
 
@@ -137,7 +137,7 @@ def teacher_forced_agreement(
             }
         )
         agree += int(np.argmax(out["logits"][0])) == want
-        past = {f"past.{k[len('present.'):]}": v for k, v in out.items() if k.startswith("present.")}
+        past = {f"past.{k[len('present.') :]}": v for k, v in out.items() if k.startswith("present.")}
         pos += n
         ids = np.array([[want]], dtype=np.int64)
     return agree / max(1, len(reference))

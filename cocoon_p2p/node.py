@@ -258,9 +258,7 @@ class Node:
             subscription = await self.pubsub.subscribe(protocols.ANNOUNCE_TOPIC)
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(self._nursery.cancel_scope.cancel)  # runs before the nursery exits
-            self.job_client = JobClient(
-                self.host, self._nursery, self._job_offers, rng=random.Random(self.config.seed)
-            )
+            self.job_client = JobClient(self.host, self._nursery, self._job_offers, rng=random.Random(self.config.seed))
             self.job_client.on_misbehaviour = lambda peer, err: self._punish(peer, err, _now_ms())
             self.job_client.on_worker_lost = self.directory.forget
             self._nursery.start_soon(self._drain_gossip, subscription)
@@ -356,7 +354,9 @@ class Node:
             ann = self.directory.announcement_of(peer)
             return list(ann.addrs) if ann is not None else []
 
-        service.addrs_of = addrs_of
+        service.payer.addrs_of = addrs_of
+        assert self._nursery is not None
+        self._nursery.start_soon(service.watch)  # the settlement policy, on chain
         self.job_client.prepare = service.ensure_channel
         self.job_client.pay = service.pay
         worker = self._job_worker()

@@ -7,6 +7,13 @@ One stream per client-worker pair, request then reply, in order:
     client: PayVoucher(record)        worker: PaidUpTo(total received)       | PayError
     client: CloseRequest(terms, sig A) worker: CloseSigned(sig B)             | PayError
 
+and, on a stream the worker opens when it wants its earnings settled:
+
+    worker: CloseProposal(terms, sig B) client: CloseAgreed(sig A)            | PayError
+
+ChannelReady carries B's signed opening state, which the client needs (with its
+own newest voucher) to close uncooperatively if the worker disappears.
+
 The channel's keys are the peers' own libp2p identities (A = the client's PeerId
 key, B = the worker's), so a worker knows who signs its vouchers without any
 other trust: it checks the deployed channel against the stream's remote PeerId.
@@ -23,7 +30,7 @@ from .jobconn import NEED_DATA, NeedData
 from .wire import expect_bytes, expect_int, expect_list, expect_str, pack, unpack
 
 MAX_PAY_FRAME = 4096
-_HELLO, _INFO, _OPENED, _READY, _VOUCHER, _PAID, _ERROR, _CLOSE, _SIGNED = 1, 2, 3, 4, 5, 6, 7, 8, 9
+_HELLO, _INFO, _OPENED, _READY, _VOUCHER, _PAID, _ERROR, _CLOSE, _SIGNED, _PROPOSE, _AGREED = range(1, 12)
 
 
 @dataclass(frozen=True)
@@ -52,9 +59,10 @@ class ChannelOpened:
 class ChannelReady:
     channel_id: int
     deposit_a: int
+    b_state: bytes  # SignedSemiChannel.to_record() of B's opening state (seqno 0, nothing sent)
 
     def to_wire(self) -> list[Any]:
-        return [_READY, self.channel_id.to_bytes(16, "big"), self.deposit_a]
+        return [_READY, self.channel_id.to_bytes(16, "big"), self.deposit_a, self.b_state]
 
 
 @dataclass(frozen=True)
@@ -104,8 +112,40 @@ class CloseSigned:
         return [_SIGNED, self.signature_b]
 
 
+@dataclass(frozen=True)
+class CloseProposal:
+    """The worker proposes the final split (a cooperative close) and signs it."""
+
+    balance_a: int
+    balance_b: int
+    seqno_a: int
+    seqno_b: int
+    signature_b: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [_PROPOSE, self.balance_a, self.balance_b, self.seqno_a, self.seqno_b, self.signature_b]
+
+
+@dataclass(frozen=True)
+class CloseAgreed:
+    signature_a: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [_AGREED, self.signature_a]
+
+
 PayFrame = (
-    PayHello | PayInfo | ChannelOpened | ChannelReady | PayVoucher | PaidUpTo | PayError | CloseRequest | CloseSigned
+    PayHello
+    | PayInfo
+    | ChannelOpened
+    | ChannelReady
+    | PayVoucher
+    | PaidUpTo
+    | PayError
+    | CloseRequest
+    | CloseSigned
+    | CloseProposal
+    | CloseAgreed
 )
 
 
@@ -127,9 +167,10 @@ def decode(body: bytes) -> PayFrame:
     if kind == _OPENED:
         return ChannelOpened(expect_str(expect_list(obj, 2, "channel opened")[1], "address", max_len=100, min_len=3))
     if kind == _READY:
-        _, cid, deposit = expect_list(obj, 3, "channel ready")
+        _, cid, deposit, b_state = expect_list(obj, 4, "channel ready")
         channel_id = int.from_bytes(expect_bytes(cid, "channel id", min_len=16, max_len=16), "big")
-        return ChannelReady(channel_id, expect_int(deposit, "deposit"))
+        state = expect_bytes(b_state, "B's state", min_len=104, max_len=127)
+        return ChannelReady(channel_id, expect_int(deposit, "deposit"), state)
     if kind == _VOUCHER:
         return PayVoucher(expect_bytes(expect_list(obj, 2, "voucher")[1], "voucher", min_len=104, max_len=127))
     if kind == _PAID:
@@ -137,9 +178,9 @@ def decode(body: bytes) -> PayFrame:
     if kind == _ERROR:
         _, code, message = expect_list(obj, 3, "pay error")
         return PayError(expect_str(code, "code", max_len=32, min_len=1), expect_str(message, "message", max_len=512))
-    if kind == _CLOSE:
-        _, bal_a, bal_b, seq_a, seq_b, sig = expect_list(obj, 6, "close request")
-        return CloseRequest(
+    if kind in (_CLOSE, _PROPOSE):
+        _, bal_a, bal_b, seq_a, seq_b, sig = expect_list(obj, 6, "close terms")
+        return (CloseRequest if kind == _CLOSE else CloseProposal)(
             expect_int(bal_a, "balance A"),
             expect_int(bal_b, "balance B"),
             expect_int(seq_a, "seqno A"),
@@ -148,6 +189,8 @@ def decode(body: bytes) -> PayFrame:
         )
     if kind == _SIGNED:
         return CloseSigned(expect_bytes(expect_list(obj, 2, "close signed")[1], "signature", min_len=64, max_len=64))
+    if kind == _AGREED:
+        return CloseAgreed(expect_bytes(expect_list(obj, 2, "close agreed")[1], "signature", min_len=64, max_len=64))
     raise MalformedMessage(f"pay frame: unknown type {kind!r}")
 
 

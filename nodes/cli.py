@@ -27,6 +27,7 @@ from cocoon_p2p.jobs import InferenceResult
 from cocoon_p2p.models import ModelSpec, load_model
 from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.payments import PaymentConfig
+from cocoon_p2p.settlement import SettlementPolicy
 from cocoon_p2p.tensors import to_numpy
 
 from . import config as config_mod
@@ -35,6 +36,7 @@ from . import demo, logs
 KEY_FILE = "node.key"
 BUILTIN_MODELS = {"minilm": ensure_minilm, "smollm2": ensure_smollm2, "smollm2-q4": ensure_smollm2_q4}
 DRAIN_S = 10.0  # on SIGTERM, how long running jobs may take to finish
+SETTLE_S = 30.0  # then how long closing channels may take
 FAUCET_NANOTON = 2_000_000_000  # what the local chain's faucet gives a node's wallet
 
 
@@ -54,12 +56,19 @@ def _payment_config(cfg: config_mod.RoleConfig) -> PaymentConfig | None:
     if isinstance(chain, LocalChain) and chain.balance(wallet.address) < FAUCET_NANOTON // 2:
         chain.fund(wallet.address, FAUCET_NANOTON)
     wallet.ensure_deployed(chain)
+    policy = SettlementPolicy(
+        deposit_nanoton=cfg.deposit_nanoton,
+        settle_above_nanoton=cfg.settle_above_nanoton or None,
+        idle_close_s=cfg.idle_close_s,
+    )
     return PaymentConfig(
         chain,
         wallet,
         cfg.data_dir / "payments",
-        deposit_nanoton=cfg.deposit_nanoton,
+        policy=policy,
         credit_nanoton=cfg.credit_nanoton,
+        quarantine_s=cfg.quarantine_s,
+        watch_interval_s=cfg.watch_interval_s,
     )
 
 
@@ -105,6 +114,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-price-nanoton", type=int, default=10_000, help="most to pay per unit")
     p.add_argument("--max-tokens", type=int, default=128, help="chat: tokens to generate at most")
     p.add_argument("--wait-s", type=float, default=15.0, help="seconds to wait for a worker to appear")
+    _payments(p)
+    p.add_argument("--settle", action="store_true", help="close the payment channels after the job")
 
     p = sub.add_parser("find", help="list the workers that serve a model")
     _common(p)
@@ -156,8 +167,7 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
     taking jobs and let the running ones finish (up to ``DRAIN_S``)."""
     engines = cfg.data_dir / "engines"
     backends = [
-        open_backend(cfg.backend, m.path, model_id=m.model_id, cache_dir=engines, max_batch=m.max_batch)
-        for m in models
+        open_backend(cfg.backend, m.path, model_id=m.model_id, cache_dir=engines, max_batch=m.max_batch) for m in models
     ]
     payments = await trio.to_thread.run_sync(_payment_config, cfg) if models else None
     async with Node(_node_config(cfg)) as node:
@@ -168,8 +178,11 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
             print(f"wallet {payments.wallet.address}", flush=True)
         for spec, backend in zip(models, backends, strict=True):
             node.serve_model(spec, backend, price_nanoton=cfg.price_nanoton)
-            print(f"serving {spec.id_hex} {spec.name} {backend.name}/{backend.device} "
-                  f"price={cfg.price_nanoton}/{spec.unit}", flush=True)
+            print(
+                f"serving {spec.id_hex} {spec.name} {backend.name}/{backend.device} "
+                f"price={cfg.price_nanoton}/{spec.unit}",
+                flush=True,
+            )
         await _until_signalled()
         print("stopping", flush=True)
         node.stop_accepting_jobs()
@@ -179,12 +192,18 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
                     await trio.sleep(0.05)
             stats = node.job_worker.stats
             print(f"served {stats.jobs_ok} jobs, earned {stats.earned_nanoton} nanoton", flush=True)
+        if node.payments is not None:  # settle what we earned before going away
+            with trio.move_on_after(SETTLE_S):
+                for channel, how in (await node.payments.shutdown()).items():
+                    print(f"channel {channel}: {how}", flush=True)
 
 
 async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> int:
     name = args.job_model or {"embed": "minilm", "chat": "smollm2"}[args.task]
     model_id = bytes.fromhex(name) if len(name) == 64 and name not in BUILTIN_MODELS else resolve_model(name).model_id
+    payments = await trio.to_thread.run_sync(_payment_config, cfg)
     async with Node(_node_config(cfg)) as node:
+        pay = node.enable_payments(payments) if payments is not None else None
         with trio.move_on_after(args.wait_s):
             while not await node.find_workers(model_id, use_dht=False):
                 await trio.sleep(0.1)
@@ -206,6 +225,9 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
             print()
             assert result is not None
             r = result
+        if pay is not None and args.settle:
+            settled = await pay.settle(r.worker)
+            print(f"channel closed on chain: {settled} nanoton to the worker", file=sys.stderr)
     print(
         f"served by {_pid(r.worker)}: {r.usage_units} units x {r.price_nanoton} = {r.cost_nanoton} nanoton, "
         f"{r.latency_s * 1000:.0f} ms, {r.attempts} attempt(s)",

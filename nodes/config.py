@@ -32,8 +32,12 @@ class RoleConfig:
     chain: str = ""
     chain_api_key: str = ""
     local_chain: bool = False
-    deposit_nanoton: int = 500_000_000
-    credit_nanoton: int = 100_000_000
+    deposit_nanoton: int = 500_000_000  # client: each channel's deposit
+    credit_nanoton: int = 100_000_000  # worker: what a client may owe before its jobs are refused
+    settle_above_nanoton: int = 0  # worker: close a channel holding this much unsettled (0: no limit)
+    idle_close_s: float = 86400.0  # worker: close a channel whose payer is silent this long
+    quarantine_s: int = 3600  # client: the channels' uncooperative-close quarantine
+    watch_interval_s: float = 10.0  # how often channels are checked on chain
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:

@@ -31,6 +31,7 @@ from cocoon_p2p.jobs import InferenceResult, JobFailed
 from cocoon_p2p.models import ModelSpec
 from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.payments import PaymentConfig
+from cocoon_p2p.settlement import SettlementPolicy
 
 PRICE_NANOTON = 100_000  # per item / token; worker i asks 10,000 more
 MAX_PRICE = 200_000
@@ -147,7 +148,9 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
             await trio.to_thread.run_sync(wallet.deploy, chain)
             async with Node(NodeConfig(bootstrap=boot_addrs)) as client:
                 pay = client.enable_payments(
-                    PaymentConfig(chain, wallet, root / "client-payments", deposit_nanoton=DEPOSIT)
+                    PaymentConfig(
+                        chain, wallet, root / "client-payments", policy=SettlementPolicy(deposit_nanoton=DEPOSIT)
+                    )
                 )
                 _progress("client joined; discovering workers over gossip and the DHT")
                 discovery = await _discover(client, models, args)
@@ -167,11 +170,11 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     with trio.fail_after(60):  # its new address reaches the client by gossip
                         while addrs[0] not in _addrs_of(client, peer):
                             await trio.sleep(0.1)
-                paid = sum(ch.issuer.sent for ch in pay.open.values())
-                channels = len(pay.open)
+                paid = sum(ch.issuer.sent for ch in pay.payer.open.values())
+                channels = len(pay.payer.open)
                 _progress(f"settling {channels} channel(s) on the local chain (cooperative close)")
                 before = {w: await trio.to_thread.run_sync(chain.balance, w) for w in worker_wallets}
-                for worker_peer in list(pay.open):
+                for worker_peer in list(pay.payer.open):
                     await pay.settle(worker_peer)
                 after = {w: await trio.to_thread.run_sync(chain.balance, w) for w in worker_wallets}
                 assert client.job_client is not None
@@ -199,7 +202,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 "channels": channels,
                 "killed_worker": worker_ids[1 % args.workers] if args.kill_worker else None,
                 "payments_pending": client_stats.payments_pending,
-                "onchain_ops": 2 * channels + channels,  # deploy + init, then one close each
+                "onchain_ops": pay.onchain_ops,  # deploy + init, then one close, per channel
                 "per_worker": per_worker,
                 "sample_chat": next((j["text"] for j in ok_jobs if j["kind"] == "chat"), ""),
                 "ok": discovery["discovery_ok"]
@@ -342,8 +345,10 @@ def run(args: argparse.Namespace) -> int:
         print(json.dumps(result))
     else:
         print(f"\n{result['workers']} workers, discovered in {result['gossip_discovery_s_max']} s over gossip")
-        print(f"jobs: {result['jobs_ok']} ok, {result['jobs_failed']} failed; "
-              f"latency p50 {result['latency_ms_p50']} ms, p99 {result['latency_ms_p99']} ms")
+        print(
+            f"jobs: {result['jobs_ok']} ok, {result['jobs_failed']} failed; "
+            f"latency p50 {result['latency_ms_p50']} ms, p99 {result['latency_ms_p99']} ms"
+        )
         print(
             f"paid {result['paid_nanoton']} nanoton by voucher over {result['channels']} channel(s); "
             f"settled on chain {result['settled_nanoton']} (fees {result['fees_nanoton']})"

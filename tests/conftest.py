@@ -19,4 +19,3 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
     """The tiny model with a wide hidden layer: long enough jobs to cancel or kill."""
     path = build_tiny_model(tmp_path_factory.mktemp("models") / "slow.onnx", hidden=2048)
     return load_model(path, name="slow", max_batch=1)
-

@@ -25,9 +25,7 @@ def built() -> dict[str, Cell]:
     return {
         "top_up": m.top_up(1_000_000_000, 5),
         "init_channel_by_a": m.init_channel(CH, 2_000_000_000, 0, key=A, is_a=True),
-        "cooperative_close": m.cooperative_close(
-            close, m.sign_body(close.body(), A), m.sign_body(close.body(), B)
-        ),
+        "cooperative_close": m.cooperative_close(close, m.sign_body(close.body(), A), m.sign_body(close.body(), B)),
         "cooperative_commit": m.cooperative_commit(
             commit, m.sign_body(commit.body(), A), m.sign_body(commit.body(), B)
         ),

@@ -25,6 +25,7 @@ PURE_MODULES = [
     "cocoon_p2p.vouchers",
     "cocoon_p2p.channel_messages",
     "cocoon_p2p.payframes",
+    "cocoon_p2p.settlement",
 ]
 
 

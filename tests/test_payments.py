@@ -49,12 +49,12 @@ async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp
                 for _ in range(6):
                     nursery.start_soon(_infer, client, tiny_model, x)
             costs += [2 * PRICE] * 6
-            (channel,) = c_pay.open.values()
+            (channel,) = c_pay.payer.open.values()
             on_chain = read_channel(chain, channel.address)  # opened on chain by the client's first job
-            assert on_chain.state == 1 and on_chain.balance_a == c_pay.config.deposit_nanoton
-            cid = next(iter(w_pay.store.channels))  # the first, settled channel
-            assert w_pay.store.earned(cid) == c_pay.paid_to(worker.peer_id) == sum(costs)  # durable, acknowledged
-            assert w_pay.owed(client.peer_id) == 0
+            assert on_chain.state == 1 and on_chain.balance_a == c_pay.config.policy.deposit_nanoton
+            cid = next(iter(w_pay.payee.store.channels))  # the first, settled channel
+            assert w_pay.payee.store.earned(cid) == c_pay.paid_to(worker.peer_id) == sum(costs)  # durable, acknowledged
+            assert w_pay.payee.owed(client.peer_id) == 0
 
             # Settle: a cooperative close on chain pays the worker's wallet what the vouchers say.
             before = chain.balance(w_pay.config.wallet.address)
@@ -64,7 +64,7 @@ async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp
             assert sum(costs) - TON // 1000 < gained <= sum(costs)  # less the payout's forward fee
             # Work goes on: the next job opens a new channel.
             r = await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)
-            (new_channel,) = c_pay.open.values()
+            (new_channel,) = c_pay.payer.open.values()
             assert new_channel.address != channel.address and c_pay.paid_to(worker.peer_id) == r.cost_nanoton
 
         # A client that will not pay gets typed refusals (and the worker stays up).
