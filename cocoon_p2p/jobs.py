@@ -39,6 +39,7 @@ from .errors import CocoonError, LocalProtocolError, ProtocolError, RemoteProtoc
 from .executor import Executor, Outcome
 from .host import close_quietly, unblock_peer
 from .jobconn import JobConnection, NeedData, Role
+from .metrics import Histogram
 from .models import ModelSpec
 from .protocols import JOB_PROTOCOL
 from .routing import Router
@@ -106,6 +107,7 @@ class _WorkerJob:
     link: _WorkerLink
     key: object
     cancelled: bool = False
+    admitted_at: float = field(default_factory=time.perf_counter)
 
 
 class _WorkerLink:
@@ -149,6 +151,7 @@ class WorkerStats:
     batches: int = 0
     batched_items: int = 0
     earned_nanoton: int = 0
+    latency_s: Histogram = field(default_factory=Histogram)  # admission to result, jobs that succeeded
 
 
 class JobWorker:
@@ -375,6 +378,7 @@ class JobWorker:
                     error, outcome = (jf.TOO_LARGE, "the result exceeds the frame limit"), None
         if outcome is not None:
             self.stats.jobs_ok += 1
+            self.stats.latency_s.observe(time.perf_counter() - job.admitted_at)
             self.stats.earned_nanoton += outcome.units * price
             self.on_billed(job.link.peer, outcome.units * price)
         else:
@@ -449,6 +453,7 @@ class ClientStats:
     retries: int = 0
     paid_nanoton: int = 0
     payments_pending: int = 0  # vouchers sent whose acknowledgement never came
+    latency_s: Histogram = field(default_factory=Histogram)  # end to end, jobs that succeeded
 
 
 class JobClient:
@@ -648,6 +653,7 @@ class JobClient:
                         self.stats.payments_pending += 1
                         log.warning("payment to %s not acknowledged yet: %s", ID(offer.peer_id), exc)
                 self.stats.jobs_ok += 1
+                self.stats.latency_s.observe(time.perf_counter() - t0)
                 self.stats.paid_nanoton += result.cost_nanoton
                 return InferenceResult(
                     outputs=result.outputs,

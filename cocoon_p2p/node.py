@@ -17,7 +17,7 @@ import logging
 import math
 import random
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -395,7 +395,7 @@ class Node:
         max_tokens: int,
         max_price_nanoton: int,
         timeout_s: float = 120.0,
-    ) -> AsyncIterator[JobChunk | InferenceResult]:
+    ) -> AsyncGenerator[JobChunk | InferenceResult, None]:
         """Generate text: yields each :class:`~.jobframes.JobChunk` as the worker
         streams it, then the :class:`~.jobs.InferenceResult` (usage and cost).
 

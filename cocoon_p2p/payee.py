@@ -234,12 +234,25 @@ class Payee:
     async def _act(self, cid: int, action: Action, ask: Ask) -> str:
         newest = self.store.newest(cid)
         if action is Action.CLOSE:
-            return await self.close(cid, ask)
+            how = await self.close(cid, ask)
+            if how == "cooperative":
+                await self._note_if_closed(cid)
+            return how
         if action is Action.CHALLENGE and newest is not None:
             mine = b_state(self.key, cid, newest.state.body)
             await self._send(cid, m.challenge_quarantined_state(cid, newest, mine, key=self.key, is_a=False))
             return "challenged"
         if action is Action.FINISH:
             await self._send(cid, m.finish_uncooperative_close())
+            await self._note_if_closed(cid)
             return "finished"
         return "kept"
+
+    async def _note_if_closed(self, cid: int) -> None:
+        """Mark the channel settled if the chain already shows it closed (a local chain does
+        at once; on TON the next pass of :meth:`watch_once` sees it)."""
+        on_chain = await trio.to_thread.run_sync(
+            read_channel, self.config.chain, self.store.channels[cid].terms.address
+        )
+        if on_chain.state == UNINITED:
+            self.store.mark_closed(cid, "closed on chain")

@@ -228,7 +228,13 @@ class Payer:
                 await self._connect(worker, ch)
                 if ch.acked >= voucher.state.body.sent:
                     return ch.acked
-            reply = await self._request(ch, pf.PayVoucher(voucher.to_record()))
+            try:
+                reply = await self._request(ch, pf.PayVoucher(voucher.to_record()))
+            except PaymentFailed:  # a stale stream (the worker restarted?): once more on a fresh one
+                await self._connect(worker, ch)  # resends this voucher
+                if ch.acked >= voucher.state.body.sent:
+                    return ch.acked
+                raise
         if not isinstance(reply, pf.PaidUpTo) or reply.received != voucher.state.body.sent:
             raise PaymentFailed(f"voucher not acknowledged: {reply!r}")
         ch.acked = reply.received

@@ -1,6 +1,6 @@
 """``cocoon-node``: run cocoon peers from the command line.
 
-Subcommands: keygen, bootstrap, worker, client, find, demo. Each long-running role
+Subcommands: keygen, bootstrap, worker, client, gateway, find, status, demo. Each long-running role
 prints its full multiaddrs (``listening /ip4/.../p2p/<PeerId>``) as soon as it
 listens, and stops cleanly on SIGINT or SIGTERM.
 """
@@ -21,17 +21,22 @@ from cocoon_p2p.backends import BACKENDS, open_backend
 from cocoon_p2p.chain import LocalChain, TonCenter, Wallet
 from cocoon_p2p.errors import CocoonError
 from cocoon_p2p.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
+from cocoon_p2p.gateway import Gateway, GatewayModel
 from cocoon_p2p.generation import chatml_prompt
+from cocoon_p2p.httpserver import Request, Response, error_response, serve_http
 from cocoon_p2p.identity import load_or_create_identity
 from cocoon_p2p.jobs import InferenceResult
+from cocoon_p2p.metrics import render
 from cocoon_p2p.models import ModelSpec, load_model
 from cocoon_p2p.node import Node, NodeConfig
+from cocoon_p2p.nodemetrics import node_metrics
 from cocoon_p2p.payments import PaymentConfig
 from cocoon_p2p.settlement import SettlementPolicy
 from cocoon_p2p.tensors import to_numpy
 
 from . import config as config_mod
 from . import demo, logs
+from . import status as status_mod
 
 KEY_FILE = "node.key"
 BUILTIN_MODELS = {"minilm": ensure_minilm, "smollm2": ensure_smollm2, "smollm2-q4": ensure_smollm2_q4}
@@ -80,6 +85,7 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="peer to join through (repeatable)")
     p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
+    p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics there (e.g. 127.0.0.1:9100)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,11 +117,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("task", choices=["embed", "chat"], help="embed texts (MiniLM) or chat (SmolLM2)")
     p.add_argument("text", nargs="+", help="texts to embed, or the chat prompt")
     p.add_argument("--model", dest="job_model", help="model id (hex) or built-in name (default: by task)")
-    p.add_argument("--max-price-nanoton", type=int, default=10_000, help="most to pay per unit")
+    p.add_argument("--max-price-nanoton", type=int, help="most to pay per unit (default 10000)")
     p.add_argument("--max-tokens", type=int, default=128, help="chat: tokens to generate at most")
     p.add_argument("--wait-s", type=float, default=15.0, help="seconds to wait for a worker to appear")
     _payments(p)
     p.add_argument("--settle", action="store_true", help="close the payment channels after the job")
+
+    p = sub.add_parser("gateway", help="serve an OpenAI-compatible HTTP API that runs requests as paid jobs")
+    _common(p)
+    p.add_argument("--http", metavar="HOST:PORT", help="where the API listens (default 127.0.0.1:8080)")
+    p.add_argument(
+        "--model", action="append", dest="models", help="built-in model name to offer (default: minilm, smollm2)"
+    )
+    p.add_argument("--max-price-nanoton", type=int, help="most to pay per unit (default 10000)")
+    _payments(p)
+
+    p = sub.add_parser("status", help="show a node's identity, wallet, channels and earnings (and live metrics)")
+    p.add_argument("--data-dir", type=Path, default=Path("cocoon-data"))
+    p.add_argument("--metrics-url", help="a running node's /metrics URL, e.g. http://127.0.0.1:9100/metrics")
+    p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("find", help="list the workers that serve a model")
     _common(p)
@@ -162,6 +182,47 @@ async def _until_signalled() -> None:
             return
 
 
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.rpartition(":")
+    if not host or not port.isdigit():
+        raise CocoonError(f"expected HOST:PORT, got {text!r}")
+    return host, int(port)
+
+
+METRICS_TYPE = "text/plain; version=0.0.4"
+
+
+async def _serve_metrics(node: Node, where: str, nursery: trio.Nursery) -> None:
+    """Prometheus /metrics for ``node`` on ``where`` (HOST:PORT; port 0 picks one)."""
+    host, port = _host_port(where)
+
+    async def handler(req: Request) -> Response:
+        if req.method == "GET" and req.path == "/metrics":
+            return Response(200, render(node_metrics(node)).encode(), METRICS_TYPE)
+        return error_response(404, "only /metrics is served here")
+
+    bound = await nursery.start(serve_http, handler, host, port)
+    print(f"metrics http://{host}:{bound}/metrics", flush=True)
+
+
+async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel]) -> None:
+    """A client node behind the OpenAI-compatible API, until SIGINT/SIGTERM."""
+    payments = await trio.to_thread.run_sync(_payment_config, cfg)
+    host, port = _host_port(cfg.http)
+    async with Node(_node_config(cfg)) as node, trio.open_nursery() as nursery:
+        for addr in node.addrs:
+            print(f"listening {addr}", flush=True)
+        if payments is not None:
+            node.enable_payments(payments)
+            print(f"wallet {payments.wallet.address}", flush=True)
+        gateway = Gateway(node, models, max_price_nanoton=cfg.max_price_nanoton)
+        bound = await nursery.start(gateway.serve, host, port)
+        print(f"gateway http://{host}:{bound}/v1 models: {', '.join(m.name for m in models)}", flush=True)
+        await _until_signalled()
+        print("stopping", flush=True)
+        nursery.cancel_scope.cancel()
+
+
 async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
     """A bootstrap peer (no models) or a worker: serve until SIGINT/SIGTERM, then stop
     taking jobs and let the running ones finish (up to ``DRAIN_S``)."""
@@ -170,9 +231,11 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
         open_backend(cfg.backend, m.path, model_id=m.model_id, cache_dir=engines, max_batch=m.max_batch) for m in models
     ]
     payments = await trio.to_thread.run_sync(_payment_config, cfg) if models else None
-    async with Node(_node_config(cfg)) as node:
+    async with Node(_node_config(cfg)) as node, trio.open_nursery() as nursery:
         for addr in node.addrs:
             print(f"listening {addr}", flush=True)
+        if cfg.metrics:
+            await _serve_metrics(node, cfg.metrics, nursery)
         if payments is not None:
             node.enable_payments(payments)
             print(f"wallet {payments.wallet.address}", flush=True)
@@ -196,6 +259,7 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
             with trio.move_on_after(SETTLE_S):
                 for channel, how in (await node.payments.shutdown()).items():
                     print(f"channel {channel}: {how}", flush=True)
+        nursery.cancel_scope.cancel()
 
 
 async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> int:
@@ -208,7 +272,7 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
             while not await node.find_workers(model_id, use_dht=False):
                 await trio.sleep(0.1)
         if args.task == "embed":
-            r = await node.infer(model_id, texts=tuple(args.text), max_price_nanoton=args.max_price_nanoton)
+            r = await node.infer(model_id, texts=tuple(args.text), max_price_nanoton=cfg.max_price_nanoton)
             emb = to_numpy(r.output())
             for text, row in zip(args.text, emb, strict=True):
                 print(f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:4])}, ...] ({len(row)} dims)")
@@ -216,7 +280,7 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
             prompt = chatml_prompt([{"role": "user", "content": " ".join(args.text)}])
             result = None
             async for item in node.generate(
-                model_id, prompt, max_tokens=args.max_tokens, max_price_nanoton=args.max_price_nanoton
+                model_id, prompt, max_tokens=args.max_tokens, max_price_nanoton=cfg.max_price_nanoton
             ):
                 if isinstance(item, InferenceResult):
                     result = item
@@ -293,6 +357,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         return demo.run(args)
+    if args.command == "status":
+        info = status_mod.collect(args.data_dir, args.metrics_url)
+        print(json.dumps(info, indent=2)) if args.json else status_mod.print_status(info)
+        return 0
     overrides: dict[str, Any] = {k: getattr(args, k, None) for k in config_mod.RoleConfig.__dataclass_fields__}
     cfg = config_mod.load(args.config, overrides)
     logs.setup(cfg.log_level, cfg.log_json)
@@ -300,6 +368,11 @@ def _dispatch(args: argparse.Namespace) -> int:
         return trio.run(run_find, cfg, args.model, args.wait_s, args.json)
     if args.command == "client":
         return trio.run(run_client, cfg, args)
+    if args.command == "gateway":
+        names = cfg.models or ["minilm", "smollm2"]
+        offered = [GatewayModel.of(resolve_model(m), m if m in BUILTIN_MODELS else None) for m in names]
+        trio.run(run_gateway, cfg, offered)
+        return 0
     models = [resolve_model(m) for m in (cfg.models if args.command == "worker" else [])]
     trio.run(run_peer, cfg, models)
     return 0

@@ -22,6 +22,9 @@ class RoleConfig:
     bootstrap: list[str] = field(default_factory=list)
     log_json: bool = False
     log_level: str = "INFO"
+    metrics: str = ""  # HOST:PORT for a Prometheus /metrics endpoint (empty: none)
+    http: str = "127.0.0.1:8080"  # gateway: where the OpenAI-compatible API listens
+    max_price_nanoton: int = 10_000  # client, gateway: the most paid per unit of work
     announce_interval_s: float = 10.0
     models: list[str] = field(default_factory=list)  # ONNX paths or built-in names
     price_nanoton: int = 1000

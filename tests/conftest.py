@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import traceback
+from typing import Any
+
 import pytest
 
 from cocoon_p2p.models import ModelSpec, load_model
@@ -19,3 +22,20 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
     """The tiny model with a wide hidden layer: long enough jobs to cancel or kill."""
     path = build_tiny_model(tmp_path_factory.mktemp("models") / "slow.onnx", hidden=2048)
     return load_model(path, name="slow", max_batch=1)
+
+
+def _leaves(exc: BaseException) -> list[BaseException]:
+    if isinstance(exc, BaseExceptionGroup):
+        return [leaf for e in exc.exceptions for leaf in _leaves(e)]
+    return [exc]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
+    """Trio nests failures in many exception groups (deeper than Python prints):
+    show the innermost exceptions' tracebacks with the report."""
+    outcome = yield
+    report = outcome.get_result()
+    if call.excinfo is not None and isinstance(call.excinfo.value, BaseExceptionGroup):
+        text = "\n".join("".join(traceback.format_exception(leaf)) for leaf in _leaves(call.excinfo.value))
+        report.sections.append(("innermost exceptions", text))

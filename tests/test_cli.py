@@ -3,10 +3,18 @@
 from __future__ import annotations
 
 import json
+import shutil
 import signal
 import subprocess
 import sys
+import time
+import urllib.request
 from pathlib import Path
+
+import openai
+import pytest
+
+from cocoon_p2p.chain import open_local_chain
 
 CLI = [sys.executable, "-m", "nodes.cli"]
 
@@ -74,3 +82,102 @@ def test_demo_survives_a_killed_worker() -> None:
     assert r["jobs_ok"] == 9 and r["jobs_failed"] == 0 and r["errors"] == []  # every job completed
     assert sum(w["earned_nanoton"] for w in r["per_worker"].values()) == r["paid_nanoton"]  # each paid once
     assert 0 < r["settled_nanoton"] <= r["paid_nanoton"]  # the restarted worker settled too
+
+
+def _expect(proc: subprocess.Popen[str], prefix: str) -> str:
+    """The next stdout line of ``proc`` that starts with ``prefix`` (others are skipped)."""
+    assert proc.stdout is not None
+    while line := proc.stdout.readline():
+        if line.startswith(prefix):
+            return line.strip()
+    raise AssertionError(f"{prefix!r} never printed (exit {proc.poll()})")
+
+
+def _scrape(url: str) -> dict[str, float]:
+    text = urllib.request.urlopen(url, timeout=10).read().decode()
+    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines() if line[:1] != "#")}
+
+
+@pytest.mark.skipif(shutil.which("node") is None, reason="the local chain needs Node.js")
+def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path) -> None:
+    """A paid worker with /metrics, the OpenAI gateway in front of the network, a crash and
+    restart of the worker (same PeerId, channel and earnings), then settlement on SIGTERM."""
+    with open_local_chain() as chain:
+        pay = ["--chain", chain.endpoint, "--local-chain"]
+        w_dir = tmp_path / "worker"
+        w_cmd = [*CLI, "worker", "--data-dir", str(w_dir), "--model", "minilm", *pay, "--metrics", "127.0.0.1:0"]
+        worker = subprocess.Popen([*w_cmd, "--log-level", "WARNING"], stdout=subprocess.PIPE, text=True)
+        procs = [worker]
+        try:
+            addr = _expect(worker, "listening ").split()[1]
+            metrics_url = _expect(worker, "metrics ").split()[1]
+            wallet = _expect(worker, "wallet ").split()[1]
+            _expect(worker, "serving ")
+            gw = subprocess.Popen(
+                [*CLI, "gateway", "--data-dir", str(tmp_path / "gw"), "--bootstrap", addr, "--model", "minilm",
+                 "--http", "127.0.0.1:0", "--max-price-nanoton", "1000", *pay, "--log-level", "WARNING"],
+                stdout=subprocess.PIPE, text=True,
+            )  # fmt: skip
+            procs.append(gw)
+            base = _expect(gw, "gateway ").split()[1]
+            api = openai.OpenAI(base_url=base, api_key="-", max_retries=0, timeout=60)
+            deadline = time.monotonic() + 60
+            while api.models.list().data[0].workers == 0:  # type: ignore[attr-defined]
+                assert time.monotonic() < deadline, "the gateway never saw the worker"
+                time.sleep(0.2)
+            for text in ("hello", "world"):
+                emb = api.embeddings.create(model="minilm", input=text)
+                assert len(emb.data[0].embedding) == 384 and emb.usage.cost_nanoton == 1000  # type: ignore[attr-defined]
+            m = _scrape(metrics_url)
+            assert m['cocoon_worker_jobs_total{outcome="ok"}'] == 2
+            assert m["cocoon_channel_earned_unsettled_nanoton"] == 2000 and m['cocoon_channels{role="worker"}'] == 1
+            assert m["cocoon_worker_job_seconds_count"] == 2
+
+            # Crash: the worker restarts from its data directory, on the same address.
+            worker.kill()
+            worker.wait(timeout=10)
+            status = _status(w_dir)
+            assert status["earned_unsettled_nanoton"] == 2000 and len(status["worker_channels"]) == 1
+            worker = subprocess.Popen(
+                [*w_cmd, "--listen", addr.split("/p2p/")[0], "--log-level", "WARNING"],
+                stdout=subprocess.PIPE,
+                text=True,
+            )
+            procs.append(worker)
+            assert _expect(worker, "listening ").split()[1] == addr  # same PeerId
+            _expect(worker, "serving ")
+            deadline = time.monotonic() + 60
+            while True:  # the gateway finds it again and pays on the same channel
+                try:
+                    emb = api.embeddings.create(model="minilm", input="again")
+                    break
+                except openai.APIStatusError:
+                    assert time.monotonic() < deadline, "no job after the restart"
+                    time.sleep(0.5)
+            status = _status(w_dir)
+            assert status["earned_unsettled_nanoton"] == 3000 and len(status["worker_channels"]) == 1
+
+            # SIGTERM: the worker stops taking jobs and settles what it earned, cooperatively.
+            before = chain.balance(wallet)
+            worker.send_signal(signal.SIGTERM)
+            assert "cooperative" in _expect(worker, "channel ")
+            assert worker.wait(timeout=30) == 0
+            status = _status(w_dir)
+            assert [c["settled"] for c in status["worker_channels"]] == [True]
+            assert status["earned_unsettled_nanoton"] == 0
+            gained = chain.balance(wallet) - before
+            assert 3000 - 60_000_000 < gained  # its 3000 nanoton arrived, less the close's gas
+        finally:
+            for p in procs:
+                if p.poll() is None:
+                    p.send_signal(signal.SIGTERM)
+                    try:
+                        p.wait(timeout=30)
+                    except subprocess.TimeoutExpired:
+                        p.kill()
+
+
+def _status(data_dir: Path) -> dict[str, object]:
+    out = subprocess.run([*CLI, "status", "--data-dir", str(data_dir), "--json"], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    return dict(json.loads(out.stdout))

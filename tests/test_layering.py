@@ -26,6 +26,8 @@ PURE_MODULES = [
     "cocoon_p2p.channel_messages",
     "cocoon_p2p.payframes",
     "cocoon_p2p.settlement",
+    "cocoon_p2p.metrics",
+    "cocoon_p2p.openai_api",
 ]
 
 

@@ -122,7 +122,7 @@ async def test_vanished_client_is_closed_uncooperatively(
         assert paid - 3 * CONTROL_SLACK < gained <= paid
         refund = chain.balance(c_pay.config.wallet.address) - c_before
         assert refund >= c_pay.config.policy.deposit_nanoton - paid  # the rest, and the unused gas
-        assert await w_pay.watch_once() == {} and w_pay.payee.store.unsettled() == []  # seen closed: unwatched
+        assert w_pay.payee.store.unsettled() == [] and await w_pay.watch_once() == {}  # settled: unwatched
 
 
 async def test_cheating_client_is_challenged(chain: LocalChain, tiny_model: ModelSpec, tmp_path: Path) -> None:

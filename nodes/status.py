@@ -1,0 +1,84 @@
+"""``cocoon-node status``: what a node's data directory holds, and what it is doing now.
+
+Read from disk (works whether the node runs or not): its PeerId, its wallet, the
+channels it holds as a worker (earned, settled or not) and as a client (deposit
+left). With ``--metrics URL`` it also reads a running node's ``/metrics``.
+"""
+
+from __future__ import annotations
+
+import json
+import urllib.request
+from pathlib import Path
+from typing import Any
+
+from cocoon_p2p.chain import Wallet
+from cocoon_p2p.channelstore import ChannelStore
+from cocoon_p2p.identity import load_or_create_identity
+
+KEY_FILE = "node.key"
+
+
+def _payer(folder: Path) -> dict[str, Any]:
+    path = folder / "payer.json"
+    if not path.is_file():
+        return {"open": {}, "closing": {}}
+    return dict(json.loads(path.read_text()))
+
+
+def collect(data_dir: Path, metrics_url: str | None = None) -> dict[str, Any]:
+    """The status as one JSON-ready dict."""
+    out: dict[str, Any] = {"data_dir": str(data_dir)}
+    key = data_dir / KEY_FILE
+    out["peer_id"] = load_or_create_identity(key).peer_id_str if key.is_file() else None  # never creates one here
+    wallet = data_dir / "wallet.json"
+    out["wallet"] = Wallet.load_or_create(wallet).address if wallet.is_file() else None
+    pay = data_dir / "payments"
+    worker: list[dict[str, Any]] = []
+    if (pay / "channels").is_dir():
+        store = ChannelStore(pay / "channels")
+        try:
+            for cid, ch in sorted(store.channels.items()):
+                worker.append(
+                    {
+                        "channel_id": f"{cid:032x}",
+                        "address": ch.terms.address,
+                        "deposit_nanoton": ch.terms.deposit_a,
+                        "earned_nanoton": store.earned(cid),
+                        "settled": ch.closed,
+                    }
+                )
+        finally:
+            store.close()
+    out["worker_channels"] = worker
+    out["earned_unsettled_nanoton"] = sum(c["earned_nanoton"] for c in worker if not c["settled"])
+    payer = _payer(pay)
+    out["client_channels"] = [{"worker": w, **d} for w, d in payer["open"].items()]
+    out["client_channels_closing"] = len(payer["closing"])
+    if metrics_url:
+        with urllib.request.urlopen(metrics_url, timeout=5) as resp:
+            text = resp.read().decode()
+        samples = {}
+        for line in text.splitlines():
+            if line and not line.startswith("#") and "_bucket" not in line:
+                name, _, value = line.rpartition(" ")
+                samples[name] = float(value)
+        out["metrics"] = samples
+    return out
+
+
+def print_status(status: dict[str, Any]) -> None:
+    print(f"peer id   {status['peer_id'] or '(no key yet: run keygen or start the node)'}")
+    print(f"wallet    {status['wallet'] or '(none)'}")
+    worker = status["worker_channels"]
+    open_ = [c for c in worker if not c["settled"]]
+    unsettled, settled = status["earned_unsettled_nanoton"], len(worker) - len(open_)
+    print(f"worker    {len(open_)} channel(s) open, {unsettled} nanoton earned not yet settled; {settled} settled")
+    for c in open_:
+        print(f"          {c['address'] or c['channel_id']}: earned {c['earned_nanoton']} of {c['deposit_nanoton']}")
+    client = status["client_channels"]
+    print(f"client    {len(client)} channel(s) open, {status['client_channels_closing']} closing")
+    for c in client:
+        print(f"          to {c['worker'][:16]}...: {c['address']} (deposit {c['deposit']})")
+    for name, value in sorted(status.get("metrics", {}).items()):
+        print(f"metric    {name} {value:g}")

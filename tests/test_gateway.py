@@ -1,0 +1,114 @@
+"""The OpenAI-compatible gateway, driven by the official ``openai`` client, over real peers
+and the two real models."""
+
+from __future__ import annotations
+
+import urllib.request
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import numpy as np
+import openai
+import pytest
+import trio
+
+from cocoon_p2p.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.export import ensure_minilm, ensure_smollm2
+from cocoon_p2p.gateway import Gateway, GatewayModel
+from cocoon_p2p.jobs import now_ms
+from cocoon_p2p.models import ModelSpec
+from cocoon_p2p.node import Node
+from cocoon_p2p.tensors import to_numpy
+
+from .netutil import fast_config, wait_for
+
+PRICE = 7
+
+
+@pytest.fixture(scope="module")
+def models() -> tuple[ModelSpec, ModelSpec]:
+    return ensure_minilm(), ensure_smollm2()
+
+
+@asynccontextmanager
+async def gateway(models: tuple[ModelSpec, ModelSpec]) -> AsyncIterator[tuple[str, Node, Node]]:
+    """A worker serving both models, and a gateway node in front of the network."""
+    async with Node(fast_config()) as worker, Node(fast_config(bootstrap=[worker.addrs[0]])) as gw_node:
+        for spec in models:
+            worker.serve_model(spec, OnnxRuntimeBackend(spec.path, threads=1), price_nanoton=PRICE)
+        await wait_for(lambda: all(gw_node.directory.workers_for(m.model_id, now_ms=now_ms()) for m in models))
+        offered = [GatewayModel.of(m, name) for m, name in zip(models, ("minilm", "smollm2"), strict=True)]
+        gw = Gateway(gw_node, offered, max_price_nanoton=PRICE)
+        async with trio.open_nursery() as nursery:
+            port = await nursery.start(gw.serve, "127.0.0.1", 0)
+            yield f"http://127.0.0.1:{port}", worker, gw_node
+            nursery.cancel_scope.cancel()
+
+
+def client(base: str) -> openai.OpenAI:
+    return openai.OpenAI(base_url=f"{base}/v1", api_key="not-needed", max_retries=0, timeout=60)
+
+
+async def in_thread(fn: Any, *args: Any, **kw: Any) -> Any:
+    return await trio.to_thread.run_sync(lambda: fn(*args, **kw))
+
+
+async def test_models_and_embeddings_with_the_openai_client(models: tuple[ModelSpec, ModelSpec]) -> None:
+    minilm, _ = models
+    texts = ["The cat sits on the mat.", "Toncoin pays for GPU time."]
+    async with gateway(models) as (base, worker, gw_node):
+        c = client(base)
+        listed = await in_thread(c.models.list)
+        assert {m.id: m.workers for m in listed.data} == {"minilm": 1, "smollm2": 1}  # type: ignore[attr-defined]
+        emb = await in_thread(c.embeddings.create, model="minilm", input=texts)  # the client asks for base64
+        got = np.array([d.embedding for d in emb.data], dtype=np.float32)
+        direct = await gw_node.infer(minilm.model_id, texts=tuple(texts), max_price_nanoton=PRICE)
+        np.testing.assert_allclose(got, to_numpy(direct.output()), atol=1e-6)
+        assert got.shape == (2, 384) and emb.model == "minilm"
+        assert emb.usage.cost_nanoton == 2 * PRICE  # type: ignore[attr-defined]
+        assert emb.usage.worker == worker.peer_id_str  # type: ignore[attr-defined]
+        floats = await in_thread(c.embeddings.create, model=minilm.id_hex, input="one", encoding_format="float")
+        assert len(floats.data[0].embedding) == 384  # also by model id, as plain floats
+
+        with pytest.raises(openai.NotFoundError):
+            await in_thread(c.embeddings.create, model="no-such-model", input="x")
+        with pytest.raises(openai.BadRequestError) as err:
+            await in_thread(c.embeddings.create, model="smollm2", input="x")
+        assert "generation model" in str(err.value)
+        with pytest.raises(openai.BadRequestError):
+            await in_thread(c.embeddings.create, model="minilm", input=[])
+
+        metrics = await in_thread(lambda: urllib.request.urlopen(f"{base}/metrics").read().decode())
+        assert 'cocoon_client_jobs_total{outcome="ok"} 3' in metrics
+        assert "cocoon_client_job_seconds_count 3" in metrics
+
+
+async def test_chat_whole_and_streamed_with_the_openai_client(models: tuple[ModelSpec, ModelSpec]) -> None:
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    async with gateway(models) as (base, _worker, _gw):
+        c = client(base)
+        whole = await in_thread(c.chat.completions.create, model="smollm2", messages=messages, max_tokens=12)
+        text = whole.choices[0].message.content
+        assert "Paris" in text and whole.choices[0].finish_reason in ("stop", "length")
+        u = whole.usage
+        assert 0 < u.completion_tokens <= 12 and u.prompt_tokens > 0
+        assert u.cost_nanoton == u.total_tokens * PRICE  # type: ignore[attr-defined]
+
+        def stream() -> tuple[list[str], Any, str | None]:
+            pieces, usage, finish = [], None, None
+            chunks = c.chat.completions.create(
+                model="smollm2", messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}
+            )
+            for chunk in chunks:
+                if chunk.usage is not None:
+                    usage = chunk.usage
+                for choice in chunk.choices:
+                    pieces.append(choice.delta.content or "")
+                    finish = choice.finish_reason or finish
+            return pieces, usage, finish
+
+        pieces, usage, finish = await in_thread(stream)
+        assert "".join(pieces) == text  # greedy decoding: the same answer, token by token
+        assert len([p for p in pieces if p]) > 3 and finish == whole.choices[0].finish_reason
+        assert usage is not None and usage.cost_nanoton == u.cost_nanoton

@@ -1,0 +1,123 @@
+"""The HTTP layer under the gateway and /metrics: h11 over real sockets, bad input answered
+and survived; the Prometheus exposition; the OpenAI request parsers."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import trio
+
+from cocoon_p2p import openai_api as api
+from cocoon_p2p.httpserver import MAX_BODY, Request, Response, serve_http
+from cocoon_p2p.metrics import Histogram, metric, render
+
+
+async def echo(req: Request) -> Response:
+    if req.path == "/boom":
+        raise RuntimeError("handler bug")
+    if req.path == "/stream":
+
+        async def parts():  # type: ignore[no-untyped-def]
+            for i in range(3):
+                yield f"part{i};".encode()
+
+        return Response(200, stream=parts(), content_type="text/plain")
+    return Response.of_json({"method": req.method, "path": req.path, "query": req.query, "len": len(req.body)})
+
+
+async def exchange(port: int, raw: bytes) -> bytes:
+    stream = await trio.open_tcp_stream("127.0.0.1", port)
+    async with stream:
+        await stream.send_all(raw)
+        out = b""
+        with trio.move_on_after(5):
+            while chunk := await stream.receive_some(65536):
+                out += chunk
+        return out
+
+
+async def test_requests_keep_alive_streams_and_bad_input() -> None:
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(serve_http, echo, "127.0.0.1", 0)
+        two = (
+            b"POST /a?x=1 HTTP/1.1\r\nHost: h\r\nContent-Length: 3\r\n\r\nabc"
+            b"GET /b HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n"
+        )
+        out = await exchange(port, two)  # two requests on one connection
+        assert out.count(b"HTTP/1.1 200") == 2 and b'"query":"x=1","len":3' in out and b'"path":"/b"' in out
+        out = await exchange(port, b"GET /stream HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert b"transfer-encoding: chunked" in out.lower() and b"part0;" in out and b"part2;" in out
+        assert (await exchange(port, b"NOT HTTP AT ALL\r\n\r\n")).startswith(b"HTTP/1.1 400")
+        big = b"POST / HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 10) + b"x" * (MAX_BODY + 10)
+        assert (await exchange(port, big)).startswith(b"HTTP/1.1 413")
+        out = await exchange(port, b"GET /boom HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 500") and b"RuntimeError" in out
+        out = await exchange(port, b"GET /still-up HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 200")  # the server survived all of the above
+        nursery.cancel_scope.cancel()
+
+
+def test_prometheus_exposition() -> None:
+    h = Histogram(bounds=(0.1, 1.0))
+    for v in (0.05, 0.1, 0.5, 3.0):
+        h.observe(v)
+    text = render(
+        [
+            metric("jobs_total", "counter", "Jobs", 3, outcome="ok"),
+            metric("jobs_total", "counter", "Jobs", 1, outcome='we"ird'),
+            metric("job_seconds", "histogram", "Latency", h),
+        ]
+    )
+    assert text.count("# TYPE jobs_total counter") == 1
+    assert 'jobs_total{outcome="ok"} 3' in text and 'jobs_total{outcome="we\\"ird"} 1' in text
+    assert 'job_seconds_bucket{le="0.1"} 2' in text and 'job_seconds_bucket{le="1"} 3' in text
+    assert 'job_seconds_bucket{le="+Inf"} 4' in text and "job_seconds_count 4" in text
+    assert "job_seconds_sum 3.65" in text
+    assert h.quantile(0.5) == 0.1 and h.quantile(1.0) == float("inf")
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        None,
+        [],
+        {"input": "x"},
+        {"model": "m", "input": []},
+        {"model": "m", "input": [1]},
+        {"model": "m", "input": "x", "encoding_format": "int8"},
+        {"model": "m", "input": ["x"] * (api.MAX_INPUTS + 1)},
+        {"model": "m", "input": "x" * (api.MAX_TEXT + 1)},
+    ],
+)
+def test_embedding_requests_are_checked(body: object) -> None:
+    with pytest.raises(api.APIError) as err:
+        api.parse_embeddings(body)
+    assert err.value.status == 400 and err.value.body()["error"]["message"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "m", "messages": []},
+        {"model": "m", "messages": [{"role": "tool", "content": "x"}]},
+        {"model": "m", "messages": [{"role": "user", "content": 5}]},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": True},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2},
+    ],
+)
+def test_chat_requests_are_checked(body: object) -> None:
+    with pytest.raises(api.APIError):
+        api.parse_chat(body)
+
+
+def test_chat_request_and_stream_chunk_shapes() -> None:
+    req = api.parse_chat(
+        {"model": "m", "messages": [{"role": "user", "content": "hi"}], "max_completion_tokens": 7, "stream": True,
+         "stream_options": {"include_usage": True}}
+    )  # fmt: skip
+    assert req.max_tokens == 7 and req.stream and req.include_usage
+    chunk = api.chat_chunk("id", 1, "m", delta={"content": "Hi"})
+    assert chunk.startswith(b"data: ") and chunk.endswith(b"\n\n")
+    assert json.loads(chunk[6:])["choices"][0]["delta"] == {"content": "Hi"}
