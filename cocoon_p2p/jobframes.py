@@ -46,6 +46,16 @@ RETRYABLE = frozenset({BUSY, BACKEND, SHUTTING_DOWN, UNKNOWN_MODEL, PRICE})
 _REQUEST, _ACCEPTED, _CHUNK, _RESULT, _ERROR, _CANCEL = 1, 2, 3, 4, 5, 6
 
 
+def price_refusal(accepted_price: int, max_price: int) -> str | None:
+    """Why a client must drop a job its worker accepted at ``accepted_price``, if it must."""
+    return "worker accepted above our cap" if accepted_price > max_price else None
+
+
+def charge_refusal(price: int, usage_units: int, cost_nanoton: int) -> str | None:
+    """Why a client must not pay a result, if it must not: the cost is price x usage, exactly."""
+    return "charged cost differs from price x usage" if cost_nanoton != usage_units * price else None
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobRequest:
     """Client -> worker: run ``model_id`` on ``inputs`` (tensors) or ``texts``.

@@ -552,8 +552,8 @@ class JobClient:
                     raise item
                 if isinstance(item, jf.JobAccepted):
                     price = item.price_nanoton
-                    if price > max_price:  # the protocol lets us check, so we do
-                        raise JobFailed(jf.PRICE, "worker accepted above our cap", worker=offer.peer_id)
+                    if why := jf.price_refusal(price, max_price):  # the protocol lets us check, so we do
+                        raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
                 elif isinstance(item, jf.JobChunk):
                     if on_chunk is not None:
                         on_chunk(item)
@@ -562,8 +562,8 @@ class JobClient:
                     raise JobFailed(item.code, item.message, worker=offer.peer_id)
                 elif isinstance(item, jf.JobResult):
                     done = True
-                    if item.cost_nanoton != item.usage_units * price:
-                        raise JobFailed(jf.PRICE, "charged cost differs from price x usage", worker=offer.peer_id)
+                    if why := jf.charge_refusal(price, item.usage_units, item.cost_nanoton):
+                        raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
                     return item, price
         finally:
             link.waiters.pop(job_id, None)
@@ -643,7 +643,8 @@ class JobClient:
                 except BaseException:
                     self.router.failed(offer.peer_id, trio.current_time(), cooldown_s=0)
                     raise
-                self.router.finished(offer.peer_id, time.perf_counter() - t_job)
+                service_s = result.compute_us / 1e6 if result.compute_us else None  # the worker's own figure
+                self.router.finished(offer.peer_id, time.perf_counter() - t_job, service_s=service_s)
                 if self.pay is not None and result.cost_nanoton:
                     try:
                         await self.pay(offer.peer_id, result.cost_nanoton)

@@ -5,11 +5,14 @@ the client's price cap, prefer the one with the least expected wait, i.e. the
 lowest (jobs running + 1) x average job time. A client does not see other
 clients' jobs except through gossiped load, so many clients applying the rule
 to the same view would all pick the same worker; *power of two choices* breaks
-the herd: sample two eligible workers at random and take the better of those.
+the herd: sample two eligible workers and take the better of those. The sample
+is drawn in proportion to each worker's learned speed, so slow GPUs are asked
+less often (measured in simulations/: at 90% load on mixed GPUs, p99 latency
+2.5 s -> 1.8 s against 0.7 s for a central oracle and 8.9 s for random choice).
 
 The router learns from its own jobs: running count and an exponentially
-weighted average of job time per worker. A worker that refused or failed is
-avoided for a short cool-down.
+weighted average of each worker's compute time per job (reported in its
+results). A worker that refused or failed is avoided for a short cool-down.
 """
 
 from __future__ import annotations
@@ -73,19 +76,39 @@ class Router:
             pool = [o for o in offers if o.price_nanoton <= max_price and o.peer_id not in exclude]
             if not pool:
                 return None
-        sample = self.rng.sample(pool, min(self.choices, len(pool)))  # random order breaks ties too
+        sample = self._sample(pool)
         return min(sample, key=lambda o: (self.cost(o), o.price_nanoton))
+
+    def _sample(self, pool: list[WorkerOffer]) -> list[WorkerOffer]:
+        """``choices`` distinct workers, each drawn with odds in proportion to its learned speed
+        (1 / job time): a slow GPU is asked less often, never starved (random order breaks ties)."""
+        if len(pool) <= self.choices:
+            return self.rng.sample(pool, len(pool))
+        pool = list(pool)
+        weights = [
+            1.0 / self.stats[o.peer_id].avg_job_s if o.peer_id in self.stats else 1.0 / DEFAULT_JOB_S for o in pool
+        ]
+        picked: list[WorkerOffer] = []
+        for _ in range(self.choices):
+            i = self.rng.choices(range(len(pool)), weights=weights)[0]
+            picked.append(pool.pop(i))
+            weights.pop(i)
+        return picked
 
     # ---- feedback from the client's own jobs -------------------------------------
 
     def started(self, peer_id: bytes) -> None:
         self.stats.setdefault(peer_id, WorkerStats()).running += 1
 
-    def finished(self, peer_id: bytes, elapsed_s: float) -> None:
+    def finished(self, peer_id: bytes, elapsed_s: float, *, service_s: float | None = None) -> None:
+        """A job ended well after ``elapsed_s``; ``service_s``: the worker's own compute time
+        for it (JobResult.compute_us), which is what one more job in its queue costs. Without
+        it the elapsed time stands in, queueing included, and a busy fast worker looks slow."""
         s = self.stats.setdefault(peer_id, WorkerStats())
         s.running = max(0, s.running - 1)
         s.jobs_ok += 1
-        s.avg_job_s += EWMA_ALPHA * (elapsed_s - s.avg_job_s)
+        sample = service_s if service_s is not None and service_s > 0 else elapsed_s
+        s.avg_job_s += EWMA_ALPHA * (sample - s.avg_job_s)
 
     def failed(self, peer_id: bytes, now: float, *, cooldown_s: float = COOLDOWN_S) -> None:
         s = self.stats.setdefault(peer_id, WorkerStats())

@@ -65,7 +65,7 @@ def _progress(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-async def _start(
+async def start_process(
     cmd: list[str], nursery: trio.Nursery, wallets: list[str] | None = None
 ) -> tuple[trio.Process, list[str]]:
     """Start a node process; return it and its listen addresses once it prints them
@@ -108,7 +108,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
     async with trio.open_nursery() as nursery:
         try:
             started = time.perf_counter()
-            boot, boot_addrs = await _start(
+            boot, boot_addrs = await start_process(
                 [*cli, "bootstrap", "--data-dir", str(root / "boot"), "--log-level", "WARNING"], nursery
             )
             procs.append(boot)
@@ -138,7 +138,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 ]
                 for name in models:
                     cmd += ["--model", builtin[name]]
-                proc, addrs = await _start(cmd, nursery, worker_wallets)
+                proc, addrs = await start_process(cmd, nursery, worker_wallets)
                 procs.append(proc)
                 worker_cmds.append(cmd)
                 worker_ids.append(addrs[0].rsplit("/p2p/", 1)[1])
@@ -164,7 +164,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 jobs = await _jobs(client, models, args, kill if args.kill_worker else None)
                 if args.kill_worker:
                     _progress(f"restarting worker {victim + 1} from its data directory (same keys and channels)")
-                    proc, addrs = await _start(worker_cmds[victim], nursery)
+                    proc, addrs = await start_process(worker_cmds[victim], nursery)
                     procs.append(proc)
                     peer = peer_id_from_str(worker_ids[victim])
                     with trio.fail_after(60):  # its new address reaches the client by gossip

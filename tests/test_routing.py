@@ -68,3 +68,17 @@ def test_failed_worker_cools_down() -> None:
     assert all(r.choose([a, b], max_price=1, now=11.0) == b for _ in range(10))
     assert r.choose([a], max_price=1, now=11.0) == a  # the only one: better than none
     assert {r.choose([a, b], max_price=1, now=20.0) for _ in range(30)} == {a, b}
+
+
+def test_learns_compute_time_and_samples_slow_workers_less() -> None:
+    r = Router(rng=random.Random(3))
+    fast, slow = offer(1), offer(2)
+    for _ in range(30):  # the fast worker is busy (long waits) but computes quickly
+        r.started(fast.peer_id)
+        r.finished(fast.peer_id, elapsed_s=2.0, service_s=0.02)
+        r.started(slow.peer_id)
+        r.finished(slow.peer_id, elapsed_s=0.6, service_s=0.5)
+    assert r.stats[fast.peer_id].avg_job_s < 0.03 < 0.49 < r.stats[slow.peer_id].avg_job_s  # queueing not learnt
+    others = [offer(n) for n in range(3, 8)]  # unknown workers: the default job time
+    picks = Counter(o.peer_id for _ in range(3000) for o in r._sample([fast, slow, *others]))
+    assert picks[fast.peer_id] > picks[others[0].peer_id] > picks[slow.peer_id]

@@ -1,0 +1,179 @@
+"""Re-run the four experiments of simulations/EXPERIMENTS.md and redraw their figures.
+
+    python -m simulations.experiments [--only routing|churn|dht|settlement|scale] [--out simulations/results]
+
+Each experiment is a sweep of a committed scenario (model fidelity); the figures
+and a JSON of the figures behind them go to ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+
+from .cli import sweep  # noqa: E402
+
+SCENARIOS = Path(__file__).resolve().parent / "scenarios"
+LOADS = (0.5, 0.7, 0.8, 0.9, 0.95)
+
+
+def _points(results: list[dict[str, Any]], key: str) -> dict[str, dict[str, Any]]:
+    return {s["params"][key]: s for s in results}
+
+
+def routing(out: Path, procs: int) -> dict[str, Any]:
+    res = sweep(SCENARIOS / "routing.toml", ["routing.rule=cocoon,random,oracle,oracle-wait",
+                f"load.target={','.join(map(str, LOADS))}"], "model", out / "runs" / "routing", procs, [])  # fmt: skip
+    table: dict[str, dict[str, float]] = {}
+    for s in res:
+        table.setdefault(s["params"]["routing.rule"], {})[s["params"]["load.target"]] = s["latency_s_p99"]
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for rule, pts in sorted(table.items()):
+        xs = sorted(pts, key=float)
+        ax.plot([float(x) for x in xs], [pts[x] for x in xs], marker="o", label=rule)
+    ax.set_yscale("log")
+    ax.set_xlabel("load (share of total service rate)")
+    ax.set_ylabel("job latency p99 (s)")
+    ax.set_title("Routing on mixed GPUs: p99 latency")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "routing_p99.png", dpi=110)
+    plt.close(fig)
+    ratio = {ld: table["cocoon"][ld] / table["oracle"][ld] for ld in table["cocoon"]}
+    ratio_wait = {ld: table["cocoon"][ld] / table["oracle-wait"][ld] for ld in table["cocoon"]}
+    return {"p99_s": table, "cocoon_vs_oracle": ratio, "cocoon_vs_oracle_wait": ratio_wait}
+
+
+def churn(out: Path, procs: int) -> dict[str, Any]:
+    res = sweep(SCENARIOS / "churn.toml", ["churn.fraction=0,0.1,0.3,0.5"], "model", out / "runs" / "churn", procs, [])
+    pts = {float(k): v for k, v in _points(res, "churn.fraction").items()}
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    xs = sorted(pts)
+    ax.plot(xs, [pts[x]["success"] * 100 for x in xs], marker="o")
+    ax.axhline(99.5, color="tab:red", linestyle="--", label="goal 99.5%")
+    ax.set_xlabel("share of peers that churn")
+    ax.set_ylabel("job success (%)")
+    ax.set_title("Success under churn (3 attempts a job)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "churn_success.png", dpi=110)
+    plt.close(fig)
+    return {str(x): {k: pts[x][k] for k in ("success", "attempts_mean", "latency_s_p99", "failures_by_code")}
+            for x in xs}  # fmt: skip
+
+
+def dht(out: Path, procs: int) -> dict[str, Any]:
+    res = sweep(SCENARIOS / "dht.toml", ["network.relays=700,2700,5700,9700"], "model", out / "runs" / "dht", procs, [])
+    rows = sorted(res, key=lambda s: s["peers"])
+    n = [s["peers"] for s in rows]
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(8.5, 3.6))
+    a1.plot(n, [s["lookup_hops_mean"] for s in rows], marker="o", label="measured hops")
+    base = rows[0]["lookup_hops_mean"] / math.log2(n[0])
+    a1.plot(n, [base * math.log2(x) for x in n], linestyle="--", label="c log2 N")
+    a1.set_xscale("log")
+    a1.set_xlabel("peers N")
+    a1.set_ylabel("lookup hops (mean)")
+    a1.legend()
+    a2.plot(n, [s["lookup_s_p50"] for s in rows], marker="o", label="p50")
+    a2.plot(n, [s["lookup_s_p99"] for s in rows], marker="o", label="p99")
+    a2.set_xscale("log")
+    a2.set_xlabel("peers N")
+    a2.set_ylabel("lookup time (s)")
+    a2.legend()
+    fig.suptitle("Kademlia lookups (k=20, alpha=3)")
+    fig.tight_layout()
+    fig.savefig(out / "dht_scaling.png", dpi=110)
+    plt.close(fig)
+    return {str(s["peers"]): {k: s[k] for k in ("lookups", "lookup_hops_mean", "lookup_messages_mean", "lookup_s_p50",
+                                                 "lookup_s_p99")} for s in rows}  # fmt: skip
+
+
+def settlement(out: Path, procs: int) -> dict[str, Any]:
+    deposits = ("100000000", "1000000000", "10000000000")
+    limits = ("0", "50000000", "500000000")
+    res = sweep(SCENARIOS / "settlement.toml", [f"settlement.deposit_nanoton={','.join(deposits)}",
+                f"settlement.settle_above_nanoton={','.join(limits)}"], "model", out / "runs" / "settlement", procs,
+                [])  # fmt: skip
+    table = {
+        (s["params"]["settlement.deposit_nanoton"], s["params"]["settlement.settle_above_nanoton"]): s for s in res
+    }
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    for lim in limits:
+        label = "no worker limit" if lim == "0" else f"worker closes at {int(lim) / 1e9:g} TON"
+        ax.plot([int(d) / 1e9 for d in deposits], [table[(d, lim)]["onchain_ops_per_10k_jobs"] for d in deposits],
+                marker="o", label=label)  # fmt: skip
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("client deposit per channel (TON)")
+    ax.set_ylabel("on-chain operations per 10,000 jobs")
+    ax.set_title("Settlement policy vs chain load (200 client-worker pairs)")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(out / "settlement_ops.png", dpi=110)
+    plt.close(fig)
+    return {
+        f"deposit={d},limit={lim}": {
+            k: s[k] for k in ("onchain_ops", "onchain_ops_per_10k_jobs", "channels_opened", "channels_closed", "money")
+        }
+        for (d, lim), s in table.items()
+    }
+
+
+def scale(out: Path, procs: int) -> dict[str, Any]:
+    """1k, 3k, 10k peers for an hour: wall time and events (one process each, run one at a time)."""
+    points = {1000: ("30", "200", "770"), 3000: ("90", "600", "2310"), 10000: ("300", "2000", "7700")}
+    rows = {}
+    for n, (w, c, r) in points.items():
+        res = sweep(SCENARIOS / "scale.toml", [f"network.relays={r}"], "model", out / "runs" / f"scale-{n}", 1,
+                    [f"workers.count={w}", f"clients.count={c}"])  # fmt: skip
+        s = res[0]
+        rows[n] = {k: s[k] for k in ("peers", "jobs_issued", "success", "events", "wall_s", "lookup_hops_mean")}
+    fig, ax = plt.subplots(figsize=(6.4, 4))
+    ns = sorted(rows)
+    ax.plot(ns, [rows[x]["wall_s"] for x in ns], marker="o", label="wall time for 1 h virtual")
+    ax.axhline(300, color="tab:red", linestyle="--", label="goal: 5 min at 10k")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("peers")
+    ax.set_ylabel("seconds (2 cores, one used)")
+    ax.legend()
+    ax.set_title("Simulator cost")
+    fig.tight_layout()
+    fig.savefig(out / "scale_cost.png", dpi=110)
+    plt.close(fig)
+    return {str(n): v for n, v in rows.items()}
+
+
+EXPERIMENTS = {"routing": routing, "churn": churn, "dht": dht, "settlement": settlement, "scale": scale}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(prog="python -m simulations.experiments")
+    ap.add_argument("--only", action="append", choices=list(EXPERIMENTS))
+    ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
+    ap.add_argument("--processes", type=int, default=os.cpu_count() or 2)
+    args = ap.parse_args()
+    args.out.mkdir(parents=True, exist_ok=True)
+    figures_path = args.out / "figures.json"
+    figures = json.loads(figures_path.read_text()) if figures_path.is_file() else {}
+    for name in args.only or list(EXPERIMENTS):
+        print(f"== {name}", file=sys.stderr, flush=True)
+        figures[name] = EXPERIMENTS[name](args.out, args.processes)
+        figures_path.write_text(json.dumps(figures, indent=2, default=str) + "\n")
+    print(json.dumps(figures, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

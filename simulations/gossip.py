@@ -1,0 +1,104 @@
+"""The gossipsub mesh: D-regular-ish, repaired at heartbeats, and how fast a message spreads.
+
+Each online peer keeps between D_lo and D_hi mesh links (grafting up to D at a
+heartbeat when below D_lo, never accepting links beyond D_hi). A message is
+forwarded to the mesh on first receipt, so its arrival time at each peer is the
+shortest path over mesh links (link latency plus a per-hop validation delay).
+Those delays are computed for every announcing peer at once (scipy's Dijkstra,
+in C) and kept for an epoch; joins and leaves start a new epoch lazily.
+Lazy gossip (IHAVE/IWANT) and flood-publishing are not modelled: they only add
+paths, so the model's spread is an upper bound on delay.
+"""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+from scipy.sparse import csr_matrix
+from scipy.sparse.csgraph import dijkstra
+
+from .latency import Latency
+from .scenario import Gossip
+
+
+class Mesh:
+    def __init__(self, n: int, cfg: Gossip, rng: random.Random, latency: Latency, online: list[bool]) -> None:
+        self.n = n
+        self.cfg = cfg
+        self.rng = rng
+        self.latency = latency
+        self.online = online
+        self.adj: list[dict[int, float]] = [{} for _ in range(n)]  # neighbour -> one-way seconds
+        self._delays: dict[int, np.ndarray] = {}  # source -> arrival delay at every peer (inf: never)
+        self.epoch_started = 0.0
+        self.dirty = True  # links changed since the delays were computed
+        self.recomputes = 0
+        self.version = 0  # bumped when the delays are recomputed
+
+    def build(self) -> None:
+        order = [p for p in range(self.n) if self.online[p]]
+        self.rng.shuffle(order)
+        for p in order:
+            self.graft(p)
+
+    def graft(self, p: int) -> None:
+        """Add mesh links until ``p`` has D (peers with D_hi links refuse)."""
+        if not self.online[p]:
+            return
+        tries = 0
+        while len(self.adj[p]) < self.cfg.D and tries < 8 * self.cfg.D:
+            tries += 1
+            q = self.rng.randrange(self.n)
+            if q == p or q in self.adj[p] or not self.online[q] or len(self.adj[q]) >= self.cfg.D_hi:
+                continue
+            d = self.latency.pair_rtt(p, q) / 2 + self.cfg.hop_delay_ms / 1000
+            self.adj[p][q] = self.adj[q][p] = d
+        self.dirty = True
+        self._delays.pop(p, None)  # a peer that just joined gets its own delays at once
+
+    def heartbeat(self, p: int) -> None:
+        if self.online[p] and len(self.adj[p]) < self.cfg.D_lo:
+            self.graft(p)
+
+    def leave(self, p: int) -> list[int]:
+        """Drop ``p``'s links; returns the neighbours that lost one (they repair at a heartbeat)."""
+        lost = list(self.adj[p])
+        for q in lost:
+            del self.adj[q][p]
+        self.adj[p].clear()
+        self.dirty = True
+        return lost
+
+    def degree_stats(self) -> tuple[float, int, int]:
+        degs = [len(self.adj[p]) for p in range(self.n) if self.online[p]]
+        return (sum(degs) / len(degs) if degs else 0.0), min(degs, default=0), max(degs, default=0)
+
+    def delays_from(self, sources: list[int], now: float) -> dict[int, np.ndarray]:
+        """Arrival delay (seconds) at every peer of a message published by each source
+        (recomputed when links changed and an epoch has passed, or for a new source)."""
+        if self.dirty and now - self.epoch_started >= self.cfg.epoch_s:
+            self._delays.clear()
+            self.epoch_started, self.dirty = now, False
+            self.version += 1
+        missing = [s for s in sources if s not in self._delays]
+        if missing:
+            rows, cols, vals = [], [], []
+            for p in range(self.n):
+                for q, d in self.adj[p].items():
+                    rows.append(p)
+                    cols.append(q)
+                    vals.append(d)
+            graph = csr_matrix((vals, (rows, cols)), shape=(self.n, self.n))
+            dist = dijkstra(graph, directed=True, indices=missing)
+            for i, s in enumerate(missing):
+                self._delays[s] = dist[i]
+            self.recomputes += 1
+        return {s: self._delays[s] for s in sources}
+
+    def coverage(self, source: int, within_s: float, now: float) -> float:
+        """Share of online peers a message from ``source`` reaches within ``within_s``."""
+        d = self.delays_from([source], now)[source]
+        online = np.fromiter((self.online[p] for p in range(self.n)), dtype=bool, count=self.n)
+        reached, alive = int(np.count_nonzero((d <= within_s) & online)), int(np.count_nonzero(online))
+        return reached / max(1, alive)

@@ -1,0 +1,159 @@
+"""What a run measured, in one shape for both fidelities: jobs, lookups, samples, money.
+
+:meth:`Results.summary` gives the figures; :meth:`Results.write` saves
+``summary.json``, ``jobs.csv``, ``timeseries.csv``, ``lookups.csv`` and
+``workers.csv`` into an output folder.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .scenario import Scenario
+
+
+@dataclass
+class JobRecord:
+    issued: float
+    client: int
+    counted: bool  # issued after the warm-up
+    ok: bool = False
+    latency_s: float = math.nan
+    attempts: int = 0
+    worker: int = -1
+    cost: int = 0
+    code: str = ""
+
+
+def percentile(values: list[float], q: float) -> float:
+    if not values:
+        return math.nan
+    s = sorted(values)
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
+@dataclass
+class Results:
+    scenario: Scenario
+    fidelity: str = "model"
+    jobs: list[JobRecord] = field(default_factory=list)
+    lookups: list[dict[str, float]] = field(default_factory=list)
+    samples: list[dict[str, Any]] = field(default_factory=list)
+    workers: list[dict[str, Any]] = field(default_factory=list)
+    money: dict[str, int] = field(default_factory=dict)
+    onchain_ops: int = 0
+    channels_opened: int = 0
+    channels_closed: int = 0
+    mesh_recomputes: int = 0
+    events: int = 0
+    wall_s: float = 0.0
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def add_job(self, rec: JobRecord) -> None:
+        self.jobs.append(rec)
+
+    def add_lookup(self, res: Any, peers: int) -> None:
+        self.lookups.append(
+            {"time_s": res.time_s, "hops": res.hops, "messages": res.messages, "timeouts": res.timeouts,
+             "found": len(res.records), "peers": peers}
+        )  # fmt: skip
+
+    def add_sample(self, t: float, online_workers: int, running: int, coverage: list[float] | None) -> None:
+        self.samples.append({"t": t, "online_workers": online_workers, "jobs_running": running, "coverage": coverage})
+
+    def timeseries(self) -> list[dict[str, Any]]:
+        """Per sample interval: workers online, jobs running, and the jobs issued in it (ended, success, p50)."""
+        step = self.scenario.sample_s
+        buckets: dict[int, list[JobRecord]] = {}
+        for j in self.jobs:
+            if j.code != "client-left":
+                buckets.setdefault(int(j.issued // step), []).append(j)
+        rows = []
+        for s in self.samples:
+            jobs = buckets.get(int(s["t"] // step) - 1, [])
+            ok = [j.latency_s for j in jobs if j.ok]
+            rows.append(
+                {"t": s["t"], "online_workers": s["online_workers"], "jobs_running": s["jobs_running"],
+                 "jobs_issued": len(jobs), "success": len(ok) / len(jobs) if jobs else math.nan,
+                 "latency_p50_s": percentile(ok, 50)}
+            )  # fmt: skip
+        return rows
+
+    def summary(self) -> dict[str, Any]:
+        counted = [j for j in self.jobs if j.counted]
+        ok = [j for j in counted if j.ok]
+        ended = [j for j in counted if j.code not in ("client-left", "unfinished")]  # abandoned, or cut by the end
+        lat = [j.latency_s for j in ok]
+        codes: dict[str, int] = {}
+        for j in counted:
+            if not j.ok:
+                codes[j.code] = codes.get(j.code, 0) + 1
+        jobs_total = len(self.jobs)
+        out: dict[str, Any] = {
+            "scenario": self.scenario.name,
+            "fidelity": self.fidelity,
+            "seed": self.scenario.seed,
+            "peers": self.scenario.peers,
+            "duration_s": self.scenario.duration_s,
+            "jobs_issued": jobs_total,
+            "jobs_ok": sum(1 for j in self.jobs if j.ok),
+            "jobs_failed": sum(1 for j in self.jobs if not j.ok and j.code not in ("client-left", "unfinished")),
+            "jobs_abandoned": sum(1 for j in self.jobs if j.code == "client-left"),
+            "jobs_unfinished": sum(1 for j in self.jobs if j.code == "unfinished"),
+            "counted_jobs": len(counted),
+            "success": len(ok) / len(ended) if ended else math.nan,
+            "failures_by_code": codes,
+            "latency_s_p50": percentile(lat, 50),
+            "latency_s_p90": percentile(lat, 90),
+            "latency_s_p99": percentile(lat, 99),
+            "latency_s_mean": sum(lat) / len(lat) if lat else math.nan,
+            "attempts_mean": sum(j.attempts for j in ok) / len(ok) if ok else math.nan,
+            "lookups": len(self.lookups),
+            "lookup_s_p50": percentile([x["time_s"] for x in self.lookups], 50),
+            "lookup_s_p99": percentile([x["time_s"] for x in self.lookups], 99),
+            "lookup_hops_mean": (sum(x["hops"] for x in self.lookups) / len(self.lookups))
+            if self.lookups
+            else math.nan,
+            "lookup_messages_mean": (sum(x["messages"] for x in self.lookups) / len(self.lookups))
+            if self.lookups
+            else math.nan,
+            "onchain_ops": self.onchain_ops,
+            "channels_opened": self.channels_opened,
+            "channels_closed": self.channels_closed,
+            "onchain_ops_per_10k_jobs": self.onchain_ops * 10_000 / max(1, len([j for j in self.jobs if j.ok])),
+            "money": self.money,
+            "events": self.events,
+            "wall_s": self.wall_s,
+        }
+        cov = [s["coverage"] for s in self.samples if s["coverage"]]
+        if cov:
+            out["announcement_coverage"] = {
+                f"{t}s": sum(c[i] for c in cov) / len(cov) for i, t in enumerate((0.05, 0.1, 0.2, 0.5, 1.0, 2.0))
+            }
+        out.update(self.extra)
+        return out
+
+    def write(self, out: Path) -> dict[str, Any]:
+        out.mkdir(parents=True, exist_ok=True)
+        summary = self.summary()
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (out / "scenario.json").write_text(json.dumps(self.scenario.to_dict(), indent=2) + "\n")
+        _csv(out / "jobs.csv", [asdict(j) for j in self.jobs])
+        _csv(out / "lookups.csv", self.lookups)
+        _csv(out / "workers.csv", self.workers)
+        _csv(out / "timeseries.csv", self.timeseries())
+        return summary
+
+
+def _csv(path: Path, rows: list[dict[str, Any]]) -> None:
+    with path.open("w", newline="") as f:
+        if not rows:
+            return
+        w = csv.DictWriter(f, fieldnames=list(rows[0]))
+        w.writeheader()
+        w.writerows(rows)
