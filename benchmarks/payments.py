@@ -155,7 +155,7 @@ async def bench_onchain_ops(payments: int) -> dict[str, float]:
             await c_pay.settle(worker.peer_id)
             await trio.sleep(0)
             ops = c_pay.onchain_ops + w_pay.onchain_ops
-            channels = len(c_pay.payer.closing) + len(c_pay.payer.open)
+            channels = c_pay.payer.channels_opened
     out["paid_jobs"] = payments
     out["paid_jobs_per_s"] = payments / elapsed
     out["onchain_ops"] = ops

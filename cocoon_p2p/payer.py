@@ -77,6 +77,7 @@ class Payer:
         self.closing: dict[str, int] = {}  # channels closed or being closed, address -> channel id
         self._opening: dict[bytes, trio.Lock] = {}
         self.onchain_ops = 0  # messages this client sent to channel contracts
+        self.channels_opened = 0
         # The directory's addresses of a peer (set by the node): to find a restarted worker.
         self.addrs_of: Callable[[bytes], list[str]] = lambda peer: []
         self._restore()
@@ -199,6 +200,7 @@ class Payer:
         ch = PayerChannel(address, VoucherIssuer(channel_id=channel_id, key=self.key, deposit_a=deposit), opening)
         ch.stream, ch.reader, ch.broken = probe.stream, probe.reader, False
         self.open[worker] = ch
+        self.channels_opened += 1
         self._save()
         log.info("channel %s to %s open with %d nanoton", address, ID(worker), deposit)
         return ch

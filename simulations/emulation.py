@@ -161,7 +161,9 @@ async def _emulate(sc: Scenario, root: Path, progress: Callable[[float], None] |
                 results.extra["paid_nanoton"] = sum(s.paid_nanoton for s in compute)
                 results.extra["worker_processes"] = len(worker_cmds)
                 results.onchain_ops = sum(c.payments.onchain_ops for c in clients if c.payments is not None)
-                results.channels_opened = sum(len(c.payments.payer.open) for c in clients if c.payments is not None)
+                results.channels_opened = sum(
+                    c.payments.payer.channels_opened for c in clients if c.payments is not None
+                )
             finally:
                 for p in procs:
                     if p.returncode is None:
