@@ -110,7 +110,7 @@ def quarantine_action(view: ChainView, *, we_are_a: bool, our_seqno: int, our_se
     ends = q.started_at + view.quarantine_s
     if view.now < ends:
         theirs_committed = q.committed_by_a != we_are_a
-        their_seqno, their_sent = (q.seqno_a, q.sent_a) if we_are_a is False else (q.seqno_b, q.sent_b)
+        their_seqno, their_sent = (q.seqno_b, q.sent_b) if we_are_a else (q.seqno_a, q.sent_a)
         older = our_seqno > their_seqno or our_sent > their_sent
         if theirs_committed and older and not q.challenged:
             return Action.CHALLENGE
