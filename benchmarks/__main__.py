@@ -88,6 +88,12 @@ def main() -> int:
         "quick": args.quick,
         "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
     }
+    if args.only and out.is_file():  # a partial run updates its figures, keeps the others
+        try:
+            kept = json.loads(out.read_text()).get("results", {})
+        except ValueError:
+            kept = {}
+        results = {**kept, **results}
     out.write_text(json.dumps({"meta": meta, "results": results}, indent=1))
     print(f"\nwrote {out}")
     return 0

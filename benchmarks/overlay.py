@@ -86,6 +86,9 @@ async def bench_stream_rpc(n: int) -> dict[str, float]:
     return {"rpc_ms_p50": statistics.median(times), "rpc_ms_p99": pct(times, 99)}
 
 
+CHUNK = 65536  # bytes per application write
+
+
 async def bench_throughput(total: int) -> dict[str, float]:
     """One libp2p stream (Noise + yamux) vs bare trio + noiseprotocol XX, same bytes."""
     async with Node(_cfg()) as a, Node(_cfg()) as b:
@@ -104,7 +107,7 @@ async def bench_throughput(total: int) -> dict[str, float]:
         b.host.set_stream_handler(SINK, sink)
         await a.connect(b.addrs[0])
         s = await a.host.new_stream(ID(b.peer_id), [SINK])
-        chunk = b"\x5a" * 65536
+        chunk = b"\x5a" * CHUNK
         t = time.perf_counter()
         sent = 0
         while sent < total:
