@@ -3,7 +3,8 @@
 What runs unchanged from ``cocoon_p2p``: each client's :class:`WorkerDirectory`
 (announcement acceptance, replay and rate limits, gossip + DHT merge, expiry),
 its :class:`Router` (the COCOON rule with power of two choices, cool-downs,
-learned job times), real :class:`CapabilityRecord` objects in the DHT, the
+learned job times), real :class:`CapabilityRecord` objects in the DHT, the job protocol's
+:class:`JobConnection` at both ends of every client-worker link, the
 client's price and charge checks (:func:`price_refusal`, :func:`charge_refusal`),
 real vouchers (:class:`VoucherIssuer` signs, :class:`VoucherBook` checks) and the
 settlement policy (:func:`client_action`, :func:`worker_action`). What is
@@ -28,8 +29,10 @@ from nacl.signing import SigningKey
 from cocoon_p2p.announcement import Announcement, Offer
 from cocoon_p2p.capability import CapabilityRecord
 from cocoon_p2p.directory import WorkerDirectory, WorkerOffer
+from cocoon_p2p.errors import LocalProtocolError
 from cocoon_p2p.identity import Identity
-from cocoon_p2p.jobframes import charge_refusal, price_refusal
+from cocoon_p2p.jobconn import JobConnection, Role
+from cocoon_p2p.jobframes import JobAccepted, JobCancel, JobError, JobRequest, JobResult, charge_refusal, price_refusal
 from cocoon_p2p.routing import Router
 from cocoon_p2p.settlement import Action, SettlementPolicy, client_action, worker_action
 from cocoon_p2p.vouchers import VoucherBook, VoucherIssuer
@@ -84,6 +87,17 @@ class _Channel:
 
 
 @dataclass
+class _Link:
+    """A client's job connection to one worker: both ends of the real protocol state machine."""
+
+    client: JobConnection
+    worker: JobConnection
+    session: int  # the worker's session it was opened in (a restart resets the connection)
+    to_worker_at: float = 0.0  # when its last message reaches the worker (a stream keeps order)
+    to_client_at: float = 0.0
+
+
+@dataclass
 class _Client:
     idx: int
     group: ClientGroup
@@ -93,6 +107,8 @@ class _Client:
     directory: WorkerDirectory
     router: Router
     channels: dict[int, _Channel] = field(default_factory=dict)  # worker index -> channel
+    links: dict[int, _Link] = field(default_factory=dict)  # worker index -> job connection
+    next_job_id: int = 0
     looked_up_at: float = -1e9
     session: int = 0
 
@@ -104,6 +120,7 @@ class _Job:
     deadline: float
     tried: set[bytes] = field(default_factory=set)
     done: bool = False
+    current: _Attempt | None = None
 
 
 @dataclass(eq=False)
@@ -112,7 +129,9 @@ class _Attempt:
     worker: _Worker
     sent_at: float
     client_session: int
-    price: int = 0
+    link: _Link
+    job_id: int
+    wire: bytes = b""  # the request's bytes, as the worker will read them
     service_s: float = 0.0  # the worker's compute time, reported in its result
 
 
@@ -456,9 +475,22 @@ class ModelSim:
         job.tried.add(w.ident.peer_id)
         job.record.attempts += 1
         c.router.started(w.ident.peer_id)
-        att = _Attempt(job, w, now, c.session)
+        link = c.links.get(w.idx)
+        if link is None or link.session != w.session:  # (re)connect: a fresh stream, fresh state
+            link = c.links[w.idx] = _Link(JobConnection(Role.CLIENT), JobConnection(Role.WORKER), w.session)
+        c.next_job_id += 1
+        att = _Attempt(job, w, now, c.session, link, c.next_job_id)
+        deadline_ms, cap = EPOCH_MS + int(job.deadline * 1000), c.group.max_price_nanoton
+        request = JobRequest(job_id=att.job_id, model_id=c.model_id, texts=("x",) * c.group.units,
+                             deadline_ms=deadline_ms, max_price_nanoton=cap)  # fmt: skip
+        try:
+            att.wire = link.client.send(request)
+        except LocalProtocolError:  # too many jobs left open on this connection (a worker that never answers)
+            return self.events.after(0.0, self._attempt_failed, att, "busy")
+        job.current = att
         w.assigned += 1
-        self.events.after(self.latency.one_way(c.idx, w.idx, c.group.request_bytes), self._at_worker, att)
+        link.to_worker_at = max(now + self.latency.one_way(c.idx, w.idx, c.group.request_bytes), link.to_worker_at)
+        self.events.at(link.to_worker_at, self._at_worker, att)
 
     def _choose(self, c: _Client, offers: list[WorkerOffer], job: _Job) -> _Worker | None:
         rule, now = self.sc.routing.rule, self.events.now
@@ -487,13 +519,14 @@ class ModelSim:
         w, c = att.worker, att.job.client
         w.assigned -= 1
         back = self.latency.one_way(w.idx, c.idx)
-        if not self.online[w.idx]:
+        if not self.online[w.idx] or att.link.session != w.session:  # gone, or restarted: the stream died
             return self.events.after(back + DEAD_DETECT_S, self._attempt_failed, att, "worker-lost")
+        att.link.worker.receive_data(att.wire)
+        request = att.link.worker.next_event()
+        assert isinstance(request, JobRequest) and request.job_id == att.job_id
         if w.running >= w.group.capacity:
-            return self.events.after(back, self._attempt_failed, att, "busy")
-        att.price = w.group.price_nanoton
-        if price_refusal(att.price, c.group.max_price_nanoton):
-            return self.events.after(back, self._attempt_failed, att, "price")
+            refusal = att.link.worker.send(JobError(job_id=att.job_id, code="busy", message="at capacity"))
+            return self._to_client(att, back, refusal)
         if w.behaviour == "drop":
             return  # accepted, never answered: the client waits for its deadline
         w.queue.append(att)
@@ -527,19 +560,40 @@ class ModelSim:
         self._snapshot(w)
         self._serve_next(w)
         c = att.job.client
-        units = c.group.units
-        cost = units * att.price * (2 if w.behaviour == "overcharge" else 1)
-        back = self.latency.one_way(w.idx, c.idx, c.group.result_bytes)
-        self.events.after(back, self._result, att, units, cost)
+        units, price = c.group.units, w.group.price_nanoton
+        cost = units * price * (2 if w.behaviour == "overcharge" else 1)
+        # As the worker does for a quick job: JobAccepted goes out with the result, in one write.
+        data = att.link.worker.send(JobAccepted(job_id=att.job_id, price_nanoton=price, unit="item"))
+        data += att.link.worker.send(JobResult(job_id=att.job_id, usage_units=units, cost_nanoton=cost,
+                                               compute_us=int(att.service_s * 1e6)))  # fmt: skip
+        self._to_client(att, self.latency.one_way(w.idx, c.idx, c.group.result_bytes), data)
 
-    def _result(self, att: _Attempt, units: int, cost: int) -> None:
+    def _to_client(self, att: _Attempt, delay: float, data: bytes) -> None:
+        link = att.link
+        link.to_client_at = max(self.events.now + delay, link.to_client_at)
+        self.events.at(link.to_client_at, self._reply, att, data)
+
+    def _reply(self, att: _Attempt, data: bytes) -> None:
+        """The worker's frames reach the client's end of the connection."""
         job, w, c = att.job, att.worker, att.job.client
-        if job.done or att.client_session != c.session:
+        if att.client_session != c.session:
             return
-        if charge_refusal(att.price, units, cost):  # the client does not pay a wrong bill
-            return self._attempt_failed(att, "price")
+        att.link.client.receive_data(data)
+        first = att.link.client.next_event()
+        if isinstance(first, JobError):
+            return self._attempt_failed(att, first.code)
+        assert isinstance(first, JobAccepted)
+        result = att.link.client.next_event()
+        assert isinstance(result, JobResult)
+        if job.done:
+            return
+        price = first.price_nanoton
+        if price_refusal(price, c.group.max_price_nanoton) or charge_refusal(price, result.usage_units,
+                                                                            result.cost_nanoton):  # fmt: skip
+            return self._attempt_failed(att, "price")  # the client does not pay a wrong bill
+        cost = result.cost_nanoton
         now = self.events.now
-        c.router.finished(w.ident.peer_id, now - att.sent_at, service_s=att.service_s or None)
+        c.router.finished(w.ident.peer_id, now - att.sent_at, service_s=result.compute_us / 1e6 or None)
         self._pay(c, w, cost)
         job.done = True
         self._open_jobs.pop(job, None)
@@ -561,8 +615,15 @@ class ModelSim:
         self._try(job)
 
     def _deadline(self, job: _Job) -> None:
-        if not job.done:
-            self._fail(job, "deadline")
+        if job.done:
+            return
+        att = job.current
+        if att is not None and att.job_id in att.link.client.jobs:  # tell the worker to stop
+            cancel = att.link.client.send(JobCancel(job_id=att.job_id))
+            if self.online[att.worker.idx] and att.link.session == att.worker.session:
+                att.link.worker.receive_data(cancel)
+                att.link.worker.next_event()
+        self._fail(job, "deadline")
 
     def _fail(self, job: _Job, code: str) -> None:
         if job.done:
