@@ -157,8 +157,8 @@ async def _emulate(sc: Scenario, root: Path, progress: Callable[[float], None] |
                     load.cancel_scope.cancel()
                 vis = sorted(visible)
                 results.extra["announce_visible_s_p50"] = vis[len(vis) // 2] if vis else float("nan")
-                compute = [c.job_client.stats for c in clients if c.job_client is not None]
-                results.extra["paid_nanoton"] = sum(s.paid_nanoton for s in compute)
+                client_stats = [c.job_client.stats for c in clients if c.job_client is not None]
+                results.extra["paid_nanoton"] = sum(s.paid_nanoton for s in client_stats)
                 results.extra["worker_processes"] = len(worker_cmds)
                 results.onchain_ops = sum(c.payments.onchain_ops for c in clients if c.payments is not None)
                 results.channels_opened = sum(
