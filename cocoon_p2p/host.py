@@ -18,28 +18,27 @@ Each work-around for a py-libp2p 0.8.1 defect lives here, named and explained:
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 import trio
 from libp2p import new_host
-from libp2p.abc import IHost, IRawConnection, ISecureConn
+from libp2p.abc import IHost, IMuxedConn, IRawConnection, ISecureConn
 from libp2p.connection_types import ConnectionType
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
 from libp2p.peer.id import ID
-from libp2p.security.noise.io import MAX_PLAINTEXT_LENGTH as NOISE_MAX_PLAINTEXT
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
 from libp2p.security.noise.transport import Transport as NoiseTransport
-from libp2p.stream_muxer.yamux import yamux as yamux_module
-from libp2p.stream_muxer.yamux.yamux import PROTOCOL_ID as YAMUX_PROTOCOL_ID
-from libp2p.stream_muxer.yamux.yamux import Yamux
+from libp2p.security.secure_session import SecureSession
 from multiaddr import Multiaddr
 
 from .identity import Identity
+from .muxer import PROTOCOL_ID as MUXER_PROTOCOL_ID
+from .muxer import YamuxMuxer
+from .noise_session import NoiseCipher, NoiseSession
 
 # Loggers whose INFO/WARNING output is routine noise for an operator.
 _NOISY_LOGGERS = {
@@ -65,10 +64,10 @@ READ_AHEAD = 1 << 16
 class ReadAheadConnection(IRawConnection):
     """A raw connection whose reads fetch up to ``READ_AHEAD`` bytes at once.
 
-    py-libp2p's Noise reader asks the socket for each message's 2-byte length,
-    then for its body: two receive calls (and two trio waits) per message.
-    Reading ahead serves both, and the messages behind them, from memory
-    (measured: an echo on an open stream 0.67 -> 0.60 ms p50).
+    py-libp2p's Noise handshake asks the socket for each message's 2-byte length,
+    then for its body: two receive calls per message. Reading ahead serves both
+    from memory; what was read beyond the handshake is handed to the session
+    (:meth:`unread`).
     """
 
     def __init__(self, conn: IRawConnection) -> None:
@@ -86,6 +85,10 @@ class ReadAheadConnection(IRawConnection):
         self._pos += len(data)
         return data
 
+    def unread(self) -> tuple[IRawConnection, bytes]:
+        """The connection underneath and the bytes read ahead but not consumed."""
+        return self._conn, self._buf[self._pos :]
+
     async def write(self, data: bytes) -> None:
         await self._conn.write(data)
 
@@ -102,14 +105,32 @@ class ReadAheadConnection(IRawConnection):
         return self._conn.get_connection_type()
 
 
-class ReadAheadNoiseTransport(NoiseTransport):
-    """py-libp2p's Noise transport over :class:`ReadAheadConnection`."""
+class FastNoiseTransport(NoiseTransport):
+    """py-libp2p's Noise handshake, then our data phase (:class:`NoiseSession`)."""
 
     async def secure_inbound(self, conn: IRawConnection) -> ISecureConn:
-        return await super().secure_inbound(ReadAheadConnection(conn))
+        ahead = ReadAheadConnection(conn)
+        return _fast_session(await super().secure_inbound(ahead), ahead)
 
     async def secure_outbound(self, conn: IRawConnection, peer_id: ID) -> ISecureConn:
-        return await super().secure_outbound(ReadAheadConnection(conn), peer_id)
+        ahead = ReadAheadConnection(conn)
+        return _fast_session(await super().secure_outbound(ahead, peer_id), ahead)
+
+
+def _fast_session(session: ISecureConn, ahead: ReadAheadConnection) -> NoiseSession:
+    if not isinstance(session, SecureSession):
+        raise TypeError(f"py-libp2p's Noise handshake returned a {type(session).__name__}")
+    raw, pending = ahead.unread()
+    return NoiseSession(
+        local_peer=session.local_peer,
+        local_private_key=session.local_private_key,
+        remote_peer=session.remote_peer,
+        remote_permanent_pubkey=session.remote_permanent_pubkey,
+        is_initiator=session.is_initiator,
+        raw=raw,
+        cipher=NoiseCipher.from_noise_state(session.conn.noise_state),  # type: ignore[attr-defined]
+        pending=pending,
+    )
 
 
 def quiet_libp2p_logs() -> None:
@@ -124,28 +145,35 @@ def build_host(identity: Identity, *, announce_addrs: Sequence[str] = ()) -> IHo
     host_id = ID.from_pubkey(key_pair.public_key)
     if host_id.to_bytes() != identity.peer_id:  # our PeerId derivation must agree with libp2p's
         raise AssertionError("libp2p derived a different PeerId from the same key")
-    # py-libp2p's yamux sends a WINDOW_UPDATE frame after every read (its
-    # PY_YAMUX_RELEASE_ON_READ knob, on by default): one extra encrypted frame and
-    # syscall per message. Off, it releases credit at half a window as go-yamux does;
-    # 20 gossip peers in one process then deliver every message instead of ~70%.
-    # Read at call time by py-libp2p, so an operator's own setting wins.
-    os.environ.setdefault("PY_YAMUX_RELEASE_ON_READ", "0")
-    # py-libp2p's yamux sends frames of 64 KiB plus a 12-byte header, and its Noise layer
-    # then splits each into two messages (one carries at most 65,519 bytes): twice the
-    # encryptions, frames and reads. Frames that fit one Noise message: stream throughput
-    # +12-15% (benchmarks/overlay). A py-libp2p module constant read at each write; it
-    # bounds only what we send (any peer's 64 KiB frames are still read).
-    yamux_module.MAX_MESSAGE_SIZE = NOISE_MAX_PLAINTEXT
-    noise = ReadAheadNoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
+    noise = FastNoiseTransport(key_pair, noise_privkey=create_x25519_key_pair().private_key)
     host = new_host(
         key_pair=key_pair,
         sec_opt={NOISE_PROTOCOL_ID: noise},
-        muxer_opt={TProtocol(YAMUX_PROTOCOL_ID): Yamux},
+        muxer_opt={TProtocol(MUXER_PROTOCOL_ID): YamuxMuxer},
         connection_config=ConnectionConfig(max_connections_per_peer=1, min_connections=0, low_watermark=0),
         announce_addrs=[Multiaddr(a) for a in announce_addrs] or None,
     )
     disable_auto_connector(host)
+    use_own_yamux(host)
     return host
+
+
+def use_own_yamux(host: IHost) -> None:
+    """Make ``host`` run yamux sessions with :class:`YamuxMuxer`.
+
+    py-libp2p's muxer negotiation constructs its own ``Yamux`` whenever the
+    protocol is ``/yamux/1.0.0``, whatever class the muxer options name, so the
+    negotiation step of this host's upgrader is replaced (instance attribute: this
+    host only). The wire protocol and its negotiation are unchanged.
+    """
+    muxers = host.get_network().upgrader.muxer_multistream  # type: ignore[attr-defined]
+
+    async def new_conn(conn: ISecureConn, peer_id: ID) -> IMuxedConn:
+        protocol, muxer_class = await muxers._selector.select(conn, conn.is_initiator, muxers.negotiate_timeout)
+        muxed = YamuxMuxer(conn, peer_id) if protocol == MUXER_PROTOCOL_ID else muxer_class(conn, peer_id)
+        return cast(IMuxedConn, muxers._annotate_connection(muxed, conn, protocol))
+
+    muxers.new_conn = new_conn
 
 
 def disable_auto_connector(host: IHost) -> None:

@@ -28,6 +28,7 @@ PURE_MODULES = [
     "cocoon_p2p.settlement",
     "cocoon_p2p.metrics",
     "cocoon_p2p.openai_api",
+    "cocoon_p2p.yamux",
 ]
 
 

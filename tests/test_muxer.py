@@ -1,0 +1,216 @@
+"""Our yamux and Noise data path between real peers on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+import pytest
+import trio
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from libp2p.custom_types import TProtocol
+from libp2p.network.stream.exceptions import StreamReset
+from libp2p.peer.id import ID
+from noise.connection import Keypair, NoiseConnection
+
+from cocoon_p2p.muxer import YamuxMuxer
+from cocoon_p2p.node import Node
+from cocoon_p2p.noise_session import MAX_PLAINTEXT, NoiseCipher, NoiseDecryptError, NoiseSession
+
+from .netutil import fast_config
+
+ECHO = TProtocol("/test/echo/1")
+
+
+# -- NoiseCipher (no sockets) --------------------------------------------------
+
+
+def _handshake() -> tuple[NoiseConnection, NoiseConnection]:
+    """Two noiseprotocol connections after an XX handshake, as libp2p runs it."""
+    ends = []
+    for initiator in (True, False):
+        conn = NoiseConnection.from_name(b"Noise_XX_25519_ChaChaPoly_SHA256")
+        conn.set_as_initiator() if initiator else conn.set_as_responder()
+        conn.set_keypair_from_private_bytes(Keypair.STATIC, os.urandom(32))
+        conn.start_handshake()
+        ends.append(conn)
+    i, r = ends
+    r.read_message(i.write_message())
+    i.read_message(r.write_message())
+    r.read_message(i.write_message())
+    return i, r
+
+
+def _frames(conn: NoiseConnection, data: bytes) -> bytes:
+    out = b""
+    for k in range(0, len(data), MAX_PLAINTEXT):
+        sealed = conn.encrypt(data[k : k + MAX_PLAINTEXT])
+        out += len(sealed).to_bytes(2, "big") + sealed
+    return out
+
+
+def test_cipher_speaks_noiseprotocol_both_ways() -> None:
+    i, r = _handshake()
+    ours = NoiseCipher.from_noise_state(type("S", (), {"noise_protocol": i.noise_protocol})())
+    payload = os.urandom(200_000)
+    wire = ours.encrypt(payload)
+    # noiseprotocol (what py-libp2p and the baseline use) reads our messages ...
+    got, pos = b"", 0
+    while pos < len(wire):
+        n = int.from_bytes(wire[pos : pos + 2], "big")
+        assert n <= 65535
+        got += r.decrypt(wire[pos + 2 : pos + 2 + n])
+        pos += 2 + n
+    assert got == payload
+    # ... and we read its messages, fed in arbitrary pieces.
+    theirs = _frames(r, payload)
+    pieces = [theirs[k : k + 7777] for k in range(0, len(theirs), 7777)]
+    assert b"".join(ours.feed(p) for p in pieces) == payload
+    assert ours.encrypt(b"") == b""  # py-libp2p would read an empty message as end of stream
+
+
+def test_cipher_rejects_tampering_and_short_messages() -> None:
+    key = os.urandom(32)
+    a, b = NoiseCipher(key, key), NoiseCipher(key, key)
+    wire = bytearray(a.encrypt(b"hello"))
+    wire[5] ^= 1
+    with pytest.raises(NoiseDecryptError):
+        b.feed(bytes(wire))
+    with pytest.raises(NoiseDecryptError):
+        NoiseCipher(key, key).feed(b"\x00\x03abc")
+    replayed = NoiseCipher(key, key)
+    msg = NoiseCipher(key, key).encrypt(b"once")
+    replayed.feed(msg)
+    with pytest.raises(NoiseDecryptError):  # the nonce moved on: a replay fails
+        replayed.feed(msg)
+    assert ChaCha20Poly1305  # the cipher libp2p's Noise suite names
+
+
+# -- the muxer between two nodes -------------------------------------------------
+
+
+async def _echo(stream: Any) -> None:
+    try:
+        while True:
+            data = await stream.read(1 << 20)
+            if not data:
+                break
+            await stream.write(data)
+    except Exception:
+        pass
+    await stream.close()
+
+
+async def _read_exactly(stream: Any, n: int) -> bytes:
+    got = bytearray()
+    while len(got) < n:
+        got += await stream.read(n - len(got))
+    return bytes(got)
+
+
+async def test_nodes_run_our_muxer_over_our_noise_session() -> None:
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        b.host.set_stream_handler(ECHO, _echo)
+        await a.connect(b.addrs[0])
+        conn = a.host.get_network().connections[ID(b.peer_id)][0]
+        assert isinstance(conn.muxed_conn, YamuxMuxer)
+        assert isinstance(conn.muxed_conn.secured_conn, NoiseSession)
+        rtt = await conn.muxed_conn.ping()
+        assert 0 < rtt < 5
+
+
+async def test_full_duplex_and_many_streams() -> None:
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        b.host.set_stream_handler(ECHO, _echo)
+        await a.connect(b.addrs[0])
+        big = os.urandom(3 << 20)
+
+        async def one(size: int, results: list[bool]) -> None:
+            s = await a.host.new_stream(ID(b.peer_id), [ECHO])
+            data = big[:size]
+            async with trio.open_nursery() as n:
+                n.start_soon(s.write, data)
+                got = await _read_exactly(s, size)
+            await s.close()
+            results.append(got == data)
+
+        results: list[bool] = []
+        with trio.fail_after(30):
+            await one(3 << 20, results)  # more than a window each way at once
+            async with trio.open_nursery() as n:
+                for k in range(60):
+                    n.start_soon(one, 1000 + 977 * k, results)
+        assert results == [True] * 61
+
+
+async def test_both_sides_write_before_reading() -> None:
+    """The reading task never waits on a send, so two writers cannot deadlock."""
+    size = 3 << 20
+    got: dict[str, bytes] = {}
+
+    async def handler(stream: Any) -> None:
+        async with trio.open_nursery() as n:
+            n.start_soon(stream.write, b"b" * size)
+            got["b"] = await _read_exactly(stream, size)
+
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        b.host.set_stream_handler(ECHO, handler)
+        await a.connect(b.addrs[0])
+        s = await a.host.new_stream(ID(b.peer_id), [ECHO])
+        with trio.fail_after(20):
+            await s.write(b"a" * size)  # all of it before reading anything
+            got["a"] = await _read_exactly(s, size)
+    assert got == {"a": b"b" * size, "b": b"a" * size}
+
+
+async def test_reset_reaches_the_peer_and_eof_after_close() -> None:
+    seen: list[str] = []
+    done = trio.Event()
+
+    async def handler(stream: Any) -> None:
+        first = await stream.read(5)
+        if first == b"reset":
+            try:
+                await stream.read(10)
+            except StreamReset:
+                seen.append("reset")
+        else:
+            rest = await stream.read(100)
+            seen.append((first + rest).decode())
+            try:
+                await stream.read(1)
+            except Exception as e:
+                seen.append(type(e).__name__)
+        done.set()
+
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        b.host.set_stream_handler(ECHO, handler)
+        await a.connect(b.addrs[0])
+        with trio.fail_after(10):
+            s = await a.host.new_stream(ID(b.peer_id), [ECHO])
+            await s.write(b"reset")
+            await trio.sleep(0.05)
+            await s.reset()
+            await done.wait()
+            done = trio.Event()
+            s = await a.host.new_stream(ID(b.peer_id), [ECHO])
+            await s.write(b"hello world")
+            await s.close()
+            await done.wait()
+    assert seen == ["reset", "hello world", "StreamEOF"]
+
+
+async def test_a_peer_sending_bad_frames_is_disconnected() -> None:
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        await a.connect(b.addrs[0])
+        conn = a.host.get_network().connections[ID(b.peer_id)][0]
+        muxed = conn.muxed_conn
+        assert isinstance(muxed, YamuxMuxer)
+        # A yamux frame of version 7, through the real Noise session.
+        async with muxed._write_lock:  # between the muxer's own frames
+            await muxed.secured_conn.write(b"\x07" + b"\x00" * 11)
+        with trio.fail_after(5):
+            await muxed.event_closed.wait()
+            while ID(b.peer_id) in b.host.get_network().connections:
+                await trio.sleep(0.02)
+        assert muxed.is_closed
