@@ -38,7 +38,7 @@ from libp2p.stream_muxer.exceptions import (
 from multiaddr import Multiaddr
 
 from . import yamux
-from .errors import LocalProtocolError
+from .errors import LocalProtocolError, RemoteProtocolError
 from .noise_session import NoiseSession
 
 log = logging.getLogger(__name__)
@@ -225,6 +225,9 @@ class YamuxMuxer(IMuxedConn):
                 data = await read_some()
             except (IOException, OSError, trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
                 return True
+            except RemoteProtocolError as e:  # a Noise message failed authentication
+                log.info("yamux: %s sent a bad message (%s); closing", self.peer_id, e)
+                return True
             if not data:
                 return True
             try:
@@ -250,8 +253,12 @@ class YamuxMuxer(IMuxedConn):
                 self.proto.acknowledge_received(event.stream_id, len(event.data))
         elif isinstance(event, yamux.StreamOpened):
             stream = MuxedStream(self, event.stream_id)
-            self._streams[event.stream_id] = stream
-            self._accept_send.send_nowait(stream)
+            try:
+                self._accept_send.send_nowait(stream)
+            except (trio.ClosedResourceError, trio.BrokenResourceError):
+                self.proto.reset_stream(event.stream_id)  # closing down: nobody will accept it
+            else:
+                self._streams[event.stream_id] = stream
         elif isinstance(event, yamux.WindowUpdated):
             stream = self._streams.get(event.stream_id)
             if stream is not None:

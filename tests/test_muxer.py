@@ -214,3 +214,22 @@ async def test_a_peer_sending_bad_frames_is_disconnected() -> None:
             while ID(b.peer_id) in b.host.get_network().connections:
                 await trio.sleep(0.02)
         assert muxed.is_closed
+
+
+async def test_a_peer_sending_a_forged_noise_message_is_disconnected() -> None:
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        await a.connect(b.addrs[0])
+        muxed = a.host.get_network().connections[ID(b.peer_id)][0].muxed_conn
+        assert isinstance(muxed, YamuxMuxer) and isinstance(muxed.secured_conn, NoiseSession)
+        sock = muxed.secured_conn._socket
+        assert sock is not None
+        async with muxed._write_lock:  # 32 bytes that are no ChaChaPoly message under the session key
+            await sock.send_all(b"\x00\x20" + os.urandom(32))
+        with trio.fail_after(5):
+            await muxed.event_closed.wait()
+            while ID(b.peer_id) in b.host.get_network().connections:
+                await trio.sleep(0.02)
+        await a.connect(b.addrs[0])  # b dropped that connection and serves on
+        fresh = a.host.get_network().connections[ID(b.peer_id)][0].muxed_conn
+        assert fresh is not muxed and isinstance(fresh, YamuxMuxer)
+        assert await fresh.ping() < 5
