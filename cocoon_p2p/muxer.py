@@ -136,28 +136,25 @@ class MuxedStream(IMuxedStream):
         if self._closed or self._reset:
             return
         self._closed = True
+        await self._tell_peer(self._conn.proto.end_stream)
+
+    async def reset(self) -> None:
+        """Abort both ways (RST); the peer's reads and writes fail."""
+        if self._reset:
+            return
+        self._closed = True
+        self._end(reset=True)
+        await self._tell_peer(self._conn.proto.reset_stream)
+
+    async def _tell_peer(self, frame: Callable[[int], None]) -> None:
         conn = self._conn
         if conn.proto.is_open(self.stream_id):
-            conn.proto.end_stream(self.stream_id)
+            frame(self.stream_id)
             conn._forget_if_done(self.stream_id)
             try:
                 await conn._flush()
             except MuxedStreamError:
                 pass  # the connection is gone: nothing to tell the peer
-
-    async def reset(self) -> None:
-        if self._reset:
-            return
-        self._closed = True
-        self._end(reset=True)
-        conn = self._conn
-        if conn.proto.is_open(self.stream_id):
-            conn.proto.reset_stream(self.stream_id)
-            conn._forget_if_done(self.stream_id)
-            try:
-                await conn._flush()
-            except MuxedStreamError:
-                pass
 
     def set_deadline(self, ttl: int) -> None:
         raise NotImplementedError("yamux streams have no deadlines: use trio cancel scopes")
@@ -240,7 +237,7 @@ class YamuxMuxer(IMuxedConn):
                 return True
             for event in events:
                 self._dispatch(event)
-            if proto._out:
+            if proto.has_data_to_send:
                 self._owed.set()
         return False
 
@@ -293,9 +290,11 @@ class YamuxMuxer(IMuxedConn):
                         await self.secured_conn.write(data)
                     except (IOException, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
                         self._abort()
+                        await self._close_socket()
                         raise MuxedStreamError(f"connection to {self.peer_id} broke: {e}") from None
         if scope.cancelled_caught:
             self._abort()
+            await self._close_socket()  # ends the reading task too
             raise MuxedStreamError(f"connection to {self.peer_id} took no data for {WRITE_TIMEOUT_S} s")
 
     async def _flush_quietly(self) -> None:
@@ -306,7 +305,7 @@ class YamuxMuxer(IMuxedConn):
 
     def _consumed(self, stream_id: int, n: int) -> None:
         self.proto.acknowledge_received(stream_id, n)
-        if self.proto._out:
+        if self.proto.has_data_to_send:
             self._owed.set()
 
     def _forget_if_done(self, stream_id: int) -> None:
@@ -334,12 +333,16 @@ class YamuxMuxer(IMuxedConn):
     async def ping(self, timeout_s: float = 10.0) -> float:
         """Round-trip time of a yamux PING, in seconds."""
         pong = trio.Event()
-        self._pongs[self.proto.ping()] = pong
-        start = trio.current_time()
-        await self._flush()
-        with trio.fail_after(timeout_s):
-            await pong.wait()
-        return trio.current_time() - start
+        opaque = self.proto.ping()
+        self._pongs[opaque] = pong
+        try:
+            start = trio.current_time()
+            await self._flush()
+            with trio.fail_after(timeout_s):
+                await pong.wait()
+            return trio.current_time() - start
+        finally:
+            self._pongs.pop(opaque, None)
 
     async def close(self) -> None:
         """Say GO_AWAY, close the socket, end every stream."""
@@ -363,13 +366,16 @@ class YamuxMuxer(IMuxedConn):
     async def _teardown(self, *, notify: bool) -> None:
         first = not self.event_closed.is_set()
         self._abort()
+        await self._close_socket()
+        if first and notify and self.on_close is not None:
+            await self.on_close()
+
+    async def _close_socket(self) -> None:
         with trio.CancelScope(shield=True), trio.move_on_after(1):
             try:
                 await self.secured_conn.close()
             except Exception:  # already closed or broken: either way it is gone
                 pass
-        if first and notify and self.on_close is not None:
-            await self.on_close()
 
     def get_transport_addresses(self) -> list[Multiaddr]:
         return self.secured_conn.get_transport_addresses()

@@ -165,6 +165,10 @@ class YamuxConnection:
             self._out.append(payload)
         self.stats.frames_sent += 1
 
+    @property
+    def has_data_to_send(self) -> bool:
+        return bool(self._out)
+
     def data_to_send(self) -> bytes:
         """Every byte queued since the last call, in order."""
         if not self._out:

@@ -227,7 +227,9 @@ async def test_a_peer_sending_a_forged_noise_message_is_disconnected() -> None:
             await sock.send_all(b"\x00\x20" + os.urandom(32))
         with trio.fail_after(5):
             await muxed.event_closed.wait()
-            while ID(b.peer_id) in b.host.get_network().connections:
+            while ID(b.peer_id) in b.host.get_network().connections or any(
+                c.muxed_conn is muxed for c in a.host.get_network().connections.get(ID(b.peer_id), [])
+            ):
                 await trio.sleep(0.02)
         await a.connect(b.addrs[0])  # b dropped that connection and serves on
         fresh = a.host.get_network().connections[ID(b.peer_id)][0].muxed_conn
