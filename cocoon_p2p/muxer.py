@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import deque
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -51,11 +52,13 @@ class MuxedStream(IMuxedStream):
     """One yamux stream. ``read(n)`` returns 1..n buffered bytes (waiting for some),
     ``read()`` everything buffered; both raise ``MuxedStreamEOF`` after the peer's FIN."""
 
+    muxed_conn: YamuxMuxer
+
     def __init__(self, conn: YamuxMuxer, stream_id: int) -> None:
         self.muxed_conn = conn
-        self._conn = conn  # typed as ours (``muxed_conn`` is py-libp2p's interface type)
         self.stream_id = stream_id
-        self._chunks: list[bytes] = []
+        self._chunks: deque[bytes] = deque()
+        self._head = 0  # bytes of _chunks[0] already read: small reads do not re-copy a big chunk
         self._buffered = 0
         self._lot = trio.lowlevel.ParkingLot()  # readers and writers waiting on this stream
         self._eof = False
@@ -86,32 +89,31 @@ class MuxedStream(IMuxedStream):
                 raise MuxedStreamEOF(f"stream {self.stream_id} ended")
             await self._lot.park()
         if n is None or n < 0 or n >= self._buffered:
-            chunks = self._chunks
-            data = chunks[0] if len(chunks) == 1 else b"".join(chunks)
-            self._chunks = []
-        else:
-            data = self._take(n)
+            n = self._buffered
+        data = self._take(n)
         self._buffered -= len(data)
-        self._conn._consumed(self.stream_id, len(data))
+        self.muxed_conn._consumed(self.stream_id, len(data))
         return data
 
     def _take(self, n: int) -> bytes:
         parts: list[bytes] = []
-        need = n
         chunks = self._chunks
-        while need:
-            head = chunks[0]
-            if len(head) <= need:
-                parts.append(chunks.pop(0))
-                need -= len(head)
+        while n:
+            head, start = chunks[0], self._head
+            left = len(head) - start
+            if left <= n:
+                parts.append(head[start:] if start else head)
+                chunks.popleft()
+                self._head = 0
+                n -= left
             else:
-                parts.append(head[:need])
-                chunks[0] = head[need:]
-                need = 0
+                parts.append(head[start : start + n])
+                self._head += n
+                n = 0
         return parts[0] if len(parts) == 1 else b"".join(parts)
 
     async def write(self, data: bytes) -> None:
-        conn = self._conn
+        conn = self.muxed_conn
         total = len(data)
         sent = 0
         while True:
@@ -136,7 +138,7 @@ class MuxedStream(IMuxedStream):
         if self._closed or self._reset:
             return
         self._closed = True
-        await self._tell_peer(self._conn.proto.end_stream)
+        await self._tell_peer(self.muxed_conn.proto.end_stream)
 
     async def reset(self) -> None:
         """Abort both ways (RST); the peer's reads and writes fail."""
@@ -144,10 +146,10 @@ class MuxedStream(IMuxedStream):
             return
         self._closed = True
         self._end(reset=True)
-        await self._tell_peer(self._conn.proto.reset_stream)
+        await self._tell_peer(self.muxed_conn.proto.reset_stream)
 
     async def _tell_peer(self, frame: Callable[[int], None]) -> None:
-        conn = self._conn
+        conn = self.muxed_conn
         if conn.proto.is_open(self.stream_id):
             frame(self.stream_id)
             conn._forget_if_done(self.stream_id)
@@ -160,7 +162,7 @@ class MuxedStream(IMuxedStream):
         raise NotImplementedError("yamux streams have no deadlines: use trio cancel scopes")
 
     def get_remote_address(self) -> tuple[str, int] | None:
-        return self._conn.get_remote_address()
+        return self.muxed_conn.get_remote_address()
 
     async def __aenter__(self) -> MuxedStream:
         return self
@@ -354,7 +356,7 @@ class YamuxMuxer(IMuxedConn):
         await self._teardown(notify=True)
 
     def _abort(self) -> None:
-        """End every stream now; the socket is closed by :meth:`_teardown`."""
+        """End every stream now; the caller closes the socket."""
         if self.event_closed.is_set():
             return
         self.event_closed.set()

@@ -40,6 +40,11 @@ class NoiseDecryptError(RemoteProtocolError):
     code = "noise"
 
 
+def _nonce(n: int) -> bytes:
+    """ChaChaPoly's 96-bit nonce for message ``n``, as the Noise spec encodes it."""
+    return b"\x00\x00\x00\x00" + n.to_bytes(8, "little")
+
+
 class NoiseCipher:
     """Both directions of a Noise transport session: ``encrypt`` and ``feed``."""
 
@@ -65,7 +70,7 @@ class NoiseCipher:
         for start in range(0, len(view), MAX_PLAINTEXT):
             if self._send_n >= MAX_NONCE:
                 raise ConnectionClosedError("Noise send nonce exhausted")
-            nonce = b"\x00\x00\x00\x00" + self._send_n.to_bytes(8, "little")
+            nonce = _nonce(self._send_n)
             self._send_n += 1
             sealed = self._send.encrypt(nonce, view[start : start + MAX_PLAINTEXT], None)
             parts.append(len(sealed).to_bytes(2, "big"))
@@ -87,7 +92,7 @@ class NoiseCipher:
                     break
                 if n < TAG_SIZE:
                     raise NoiseDecryptError(f"Noise message of {n} bytes")
-                nonce = b"\x00\x00\x00\x00" + self._recv_n.to_bytes(8, "little")
+                nonce = _nonce(self._recv_n)
                 try:
                     out.append(self._recv.decrypt(nonce, view[pos + 2 : pos + 2 + n], None))
                 except InvalidTag:

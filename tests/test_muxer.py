@@ -143,6 +143,23 @@ async def test_full_duplex_and_many_streams() -> None:
         assert results == [True] * 61
 
 
+async def test_small_reads_of_a_large_buffer() -> None:
+    """Reads of a few bytes, then of the rest, across chunk boundaries: the same bytes."""
+    payload = os.urandom(300_000)
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        b.host.set_stream_handler(ECHO, _echo)
+        await a.connect(b.addrs[0])
+        s = await a.host.new_stream(ID(b.peer_id), [ECHO])
+        with trio.fail_after(10):
+            await s.write(payload)
+            while s.muxed_stream._buffered < len(payload):  # all of it buffered, in several chunks
+                await trio.sleep(0.01)
+            got = [await s.read(n) for n in (1, 2, 3, 1000, 70_000)]
+            got.append(await _read_exactly(s, len(payload) - sum(map(len, got))))
+    assert [len(g) for g in got[:5]] == [1, 2, 3, 1000, 70_000]
+    assert b"".join(got) == payload
+
+
 async def test_both_sides_write_before_reading() -> None:
     """The reading task never waits on a send, so two writers cannot deadlock."""
     size = 3 << 20
