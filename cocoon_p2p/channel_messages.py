@@ -10,7 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from nacl.signing import SigningKey
+from nacl.exceptions import BadSignatureError
+from nacl.signing import SigningKey, VerifyKey
 from pytoniq_core import Address, Cell, begin_cell
 
 from .vouchers import SignedSemiChannel
@@ -95,6 +96,15 @@ class CommitTerms:
 
 def sign_body(body: Cell, key: SigningKey) -> bytes:
     return bytes(key.sign(body.hash).signature)
+
+
+def signed_by(body: Cell, signature: bytes, public_key: bytes) -> bool:
+    """Whether ``signature`` is ``public_key``'s over ``body`` (what :func:`sign_body` makes)."""
+    try:
+        VerifyKey(public_key).verify(body.hash, signature)
+    except BadSignatureError:
+        return False
+    return True
 
 
 def one_signature(op: int, is_a: bool, signature: bytes, body: Cell) -> Cell:

@@ -18,8 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 
 import trio
-from nacl.exceptions import BadSignatureError
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 
 from . import channel_messages as m
 from . import payframes as pf
@@ -152,9 +151,7 @@ class Payee:
         got = m.CloseTerms(cid, req.balance_a, req.balance_b, req.seqno_a, req.seqno_b)
         if got != want:
             return pf.PayError("close", f"terms {got} differ from ours {want}")
-        try:
-            VerifyKey(self.store.channels[cid].terms.payer_key).verify(want.body().hash, req.signature_a)
-        except BadSignatureError:
+        if not m.signed_by(want.body(), req.signature_a, self.store.channels[cid].terms.payer_key):
             return pf.PayError("bad-signature", "the close is not signed by the channel's payer")
         self.closing.add(client)  # no more jobs on this channel
         return pf.CloseSigned(m.sign_body(want.body(), self.key))
@@ -180,10 +177,11 @@ class Payee:
                 reply = await ask(client, proposal)
                 if not isinstance(reply, pf.CloseAgreed):
                     raise PaymentFailed(f"the client answered {reply!r}")
-                VerifyKey(self.store.channels[cid].terms.payer_key).verify(terms.body().hash, reply.signature_a)
+                if not m.signed_by(terms.body(), reply.signature_a, self.store.channels[cid].terms.payer_key):
+                    raise PaymentFailed("the client's close signature does not verify")
                 await self._send(cid, m.cooperative_close(terms, reply.signature_a, sig_b))
                 return "cooperative"
-            except (CocoonError, BadSignatureError) as exc:
+            except CocoonError as exc:
                 log.info("cooperative close of channel %x failed (%s): closing it uncooperatively", cid, exc)
         mine = b_state(self.key, cid, newest.state.body)
         await self._send(cid, m.start_uncooperative_close(cid, newest, mine, key=self.key, is_a=False))
@@ -198,13 +196,15 @@ class Payee:
         """Check every unsettled channel on chain and act on it; returns what was done per channel."""
         done: dict[int, str] = {}
         now_t = trio.current_time()
+        chain_now = 0  # the chain's clock, asked once per pass and only for a quarantine
         for cid in self.store.unsettled():
             address = self.store.channels[cid].terms.address
             if not address:
                 continue
             try:
                 on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, address)
-                chain_now = await trio.to_thread.run_sync(self.config.chain.now)
+                if on_chain.state not in (UNINITED, OPEN) and not chain_now:
+                    chain_now = await trio.to_thread.run_sync(self.config.chain.now)
                 action = self._decide(cid, on_chain, chain_now, now_t, shutting_down)
                 if action is Action.KEEP or action is Action.WAIT:
                     continue

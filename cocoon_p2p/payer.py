@@ -27,7 +27,6 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
-from nacl.exceptions import BadSignatureError
 from nacl.signing import SigningKey, VerifyKey
 from pytoniq_core import Address
 
@@ -293,10 +292,8 @@ class Payer:
             self._retire(worker, ch)
         if not isinstance(reply, pf.CloseSigned):
             raise PaymentFailed(f"worker refused to close: {reply!r}")
-        try:
-            VerifyKey(public_key_from_peer_id(worker)).verify(terms.body().hash, reply.signature_b)
-        except BadSignatureError as exc:
-            raise PaymentFailed("the worker's close signature does not verify") from exc
+        if not m.signed_by(terms.body(), reply.signature_b, public_key_from_peer_id(worker)):
+            raise PaymentFailed("the worker's close signature does not verify")
         await self._send(ch.address, m.cooperative_close(terms, sig_a, reply.signature_b))
         return ch.issuer.sent
 
@@ -314,9 +311,7 @@ class Payer:
                 return pf.PayError("close", f"the split {proposal.balance_a}/{proposal.balance_b} is not ours")
             if min(proposal.seqno_a, proposal.seqno_b) < 1:
                 return pf.PayError("close", "seqnos must be above the committed ones")
-            try:
-                VerifyKey(public_key_from_peer_id(worker)).verify(terms.body().hash, proposal.signature_b)
-            except BadSignatureError:
+            if not m.signed_by(terms.body(), proposal.signature_b, public_key_from_peer_id(worker)):
                 return pf.PayError("bad-signature", "the close is not signed by the worker")
             if self.open.get(worker) is ch:
                 self._retire(worker, ch)
@@ -329,6 +324,7 @@ class Payer:
     async def watch_once(self) -> dict[str, str]:
         """Follow channels being closed: forget the closed, finish quarantines that are over."""
         done: dict[str, str] = {}
+        now = 0  # the chain's clock, asked once per pass and only for a quarantine
         for address, cid in list(self.closing.items()):
             try:
                 on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, address)
@@ -337,7 +333,7 @@ class Payer:
                     self._save()
                     done[address] = "closed"
                 elif on_chain.state != OPEN:
-                    now = await trio.to_thread.run_sync(self.config.chain.now)
+                    now = now or await trio.to_thread.run_sync(self.config.chain.now)
                     if quarantine_action(on_chain.view(now), we_are_a=True, our_seqno=0, our_sent=0) is Action.FINISH:
                         await self._send(address, m.finish_uncooperative_close())
                         done[address] = "finished"
