@@ -11,8 +11,10 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
+from . import payframes as pf
 from .chain import TonCenter, Wallet
 from .errors import CocoonError
+from .jobconn import NeedData
 from .settlement import SettlementPolicy
 from .vouchers import SemiChannel, SemiChannelBody, SignedSemiChannel
 
@@ -33,6 +35,16 @@ class PaymentConfig:
     credit_nanoton: int = 100_000_000  # what a worker lets a client owe before refusing jobs
     quarantine_s: int = 3600  # set in the channels a client opens
     watch_interval_s: float = 10.0  # how often channels are checked on chain
+
+
+async def read_frame(stream: Any, reader: pf.FrameReader) -> pf.PayFrame:
+    """The next pay frame on ``stream`` (bytes past it stay in ``reader``)."""
+    while isinstance(frame := reader.next(), NeedData):
+        data = await stream.read(pf.MAX_PAY_FRAME)
+        if not data:
+            raise PaymentFailed("the peer closed the pay stream")
+        reader.feed(data)
+    return frame
 
 
 def send_control(config: PaymentConfig, address: str, body: Any) -> None:

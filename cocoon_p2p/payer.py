@@ -33,13 +33,12 @@ from pytoniq_core import Address
 from . import channel_messages as m
 from . import payframes as pf
 from .chain import address_of, read_channel, state_init
-from .channelops import CONTROL_FEE, PAY_PROTOCOL, PaymentConfig, PaymentFailed, send_control
+from .channelops import CONTROL_FEE, PAY_PROTOCOL, PaymentConfig, PaymentFailed, read_frame, send_control
 from .contract_code import payment_channel_code
 from .durable import write_atomic
 from .errors import CocoonError
 from .host import unblock_peer
 from .identity import public_key_from_peer_id
-from .jobconn import NeedData
 from .settlement import OPEN, UNINITED, Action, client_action, quarantine_action
 from .voucherlog import VoucherLog
 from .vouchers import SignedSemiChannel, VoucherIssuer
@@ -112,15 +111,10 @@ class Payer:
         """Send one request on the channel's stream and read its answer (hold ``ch.lock``)."""
         try:
             await ch.stream.write(pf.encode(frame))
-            while isinstance(reply := ch.reader.next(), NeedData):
-                data = await ch.stream.read(pf.MAX_PAY_FRAME)
-                if not data:
-                    raise PaymentFailed("the worker closed the pay stream")
-                ch.reader.feed(data)
+            return await read_frame(ch.stream, ch.reader)
         except Exception as exc:
             ch.broken = True  # a half-sent request: the stream is useless now
             raise PaymentFailed(f"pay stream to the worker failed: {exc!r}") from exc
-        return reply
 
     async def _connect(self, worker: bytes, ch: PayerChannel) -> None:
         """A fresh pay stream to the worker (same PeerId, maybe a new address after a restart:

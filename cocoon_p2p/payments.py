@@ -22,7 +22,7 @@ from libp2p.peer.id import ID
 from nacl.signing import SigningKey
 
 from . import payframes as pf
-from .channelops import PAY_PROTOCOL, PaymentConfig, PaymentFailed
+from .channelops import PAY_PROTOCOL, PaymentConfig, PaymentFailed, read_frame
 from .errors import ProtocolError
 from .host import close_quietly
 from .identity import Identity
@@ -89,18 +89,12 @@ class PaymentService:
 
     async def _ask(self, peer: bytes, frame: pf.PayFrame) -> pf.PayFrame:
         """One request to ``peer`` on a fresh pay stream (a worker asking its client)."""
-        reader = pf.FrameReader()
         try:
             with trio.fail_after(ASK_TIMEOUT_S):
                 stream = await self.host.new_stream(ID(peer), [TProtocol(PAY_PROTOCOL)])
                 try:
                     await stream.write(pf.encode(frame))
-                    while isinstance(reply := reader.next(), NeedData):
-                        data = await stream.read(pf.MAX_PAY_FRAME)
-                        if not data:
-                            raise PaymentFailed("the peer closed the pay stream")
-                        reader.feed(data)
-                    return reply
+                    return await read_frame(stream, pf.FrameReader())
                 finally:
                     await close_quietly(stream)
         except PaymentFailed:
