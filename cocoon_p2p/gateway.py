@@ -10,7 +10,6 @@ gateway was configured (e.g. ``minilm``, ``smollm2``) or by their hex id.
 
 from __future__ import annotations
 
-import json
 import logging
 import secrets
 import time
@@ -173,7 +172,7 @@ class Gateway:
             raise self._failed(exc) from exc
         assert result is not None
         n = len(result.token_ids)
-        finish = "length" if n >= req.max_tokens else "stop"
+        finish = api.finish_reason(n, req.max_tokens)
         body = api.chat_response(
             completion_id, created, model.name, "".join(text), finish, self._usage(result, completion=n)
         )
@@ -192,7 +191,7 @@ class Gateway:
             async for item in items:
                 if isinstance(item, InferenceResult):
                     n = len(item.token_ids)
-                    finish = "length" if n >= req.max_tokens else "stop"
+                    finish = api.finish_reason(n, req.max_tokens)
                     yield api.chat_chunk(completion_id, created, model.name, delta={}, finish=finish)
                     if req.include_usage:
                         usage = self._usage(item, completion=n)
@@ -200,8 +199,7 @@ class Gateway:
                 elif isinstance(item, jf.JobChunk) and item.text:
                     yield api.chat_chunk(completion_id, created, model.name, delta={"content": item.text})
         except JobFailed as exc:  # headers are sent: the error goes in the stream, as OpenAI does
-            err = self._failed(exc)
-            yield b"data: " + json.dumps(err.body()).encode() + b"\n\n"
+            yield api.sse_event(self._failed(exc).body())
         finally:
             await items.aclose()
         yield api.SSE_DONE

@@ -160,7 +160,17 @@ def chat_chunk(
     chunk["choices"] = [] if delta is None else [{"index": 0, "delta": delta, "finish_reason": finish}]
     if usage_ is not None:
         chunk["usage"] = usage_
-    return b"data: " + json.dumps(chunk, separators=(",", ":")).encode() + b"\n\n"
+    return sse_event(chunk)
+
+
+def sse_event(obj: Any) -> bytes:
+    """``obj`` as one server-sent event, the framing OpenAI's streams use."""
+    return b"data: " + json.dumps(obj, separators=(",", ":")).encode() + b"\n\n"
+
+
+def finish_reason(completion_tokens: int, max_tokens: int) -> str:
+    """"length" when generation stopped at ``max_tokens``, else "stop"."""
+    return "length" if completion_tokens >= max_tokens else "stop"
 
 
 SSE_DONE = b"data: [DONE]\n\n"
