@@ -25,7 +25,7 @@ from . import openai_api as api
 from .generation import chatml_prompt
 from .httpserver import Request, Response, serve_http
 from .jobs import InferenceResult, JobFailed
-from .metrics import render
+from .metrics import CONTENT_TYPE, render
 from .models import ModelSpec
 from .nodemetrics import node_metrics
 from .tensors import to_numpy
@@ -82,7 +82,7 @@ class Gateway:
     async def handle(self, req: Request) -> Response:
         try:
             if req.path == "/metrics" and req.method == "GET":
-                return Response(200, render(node_metrics(self.node)).encode(), "text/plain; version=0.0.4")
+                return Response(200, render(node_metrics(self.node)).encode(), CONTENT_TYPE)
             if req.path == "/v1/models" and req.method == "GET":
                 return Response.of_json(await self._models())
             if req.path == "/v1/embeddings" and req.method == "POST":

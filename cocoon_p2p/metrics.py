@@ -13,6 +13,8 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+CONTENT_TYPE = "text/plain; version=0.0.4"  # of the text exposition, on a /metrics response
+
 # Seconds: from a loopback embedding (~1 ms) to a long generation (~1 min).
 LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
 
@@ -98,3 +100,13 @@ def render(metrics: Iterable[Metric]) -> str:
                 else:
                     out.append(f"{name}{_labels(labels)} {_num(value)}")
     return "\n".join(out) + "\n"
+
+
+def parse(text: str) -> dict[str, float]:
+    """Samples of a text exposition by name and labels (``name{a="b"}``), comments skipped."""
+    samples: dict[str, float] = {}
+    for line in text.splitlines():
+        if line and not line.startswith("#"):
+            name, _, value = line.rpartition(" ")
+            samples[name] = float(value)
+    return samples

@@ -169,7 +169,7 @@ def sse_event(obj: Any) -> bytes:
 
 
 def finish_reason(completion_tokens: int, max_tokens: int) -> str:
-    """"length" when generation stopped at ``max_tokens``, else "stop"."""
+    """The finish reason: "length" when generation stopped at ``max_tokens``, else "stop"."""
     return "length" if completion_tokens >= max_tokens else "stop"
 
 

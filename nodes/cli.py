@@ -26,7 +26,7 @@ from cocoon_p2p.generation import chatml_prompt
 from cocoon_p2p.httpserver import Request, Response, error_response, serve_http
 from cocoon_p2p.identity import load_or_create_identity
 from cocoon_p2p.jobs import InferenceResult
-from cocoon_p2p.metrics import render
+from cocoon_p2p.metrics import CONTENT_TYPE, render
 from cocoon_p2p.models import ModelSpec, load_model
 from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.nodemetrics import node_metrics
@@ -189,16 +189,13 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-METRICS_TYPE = "text/plain; version=0.0.4"
-
-
 async def _serve_metrics(node: Node, where: str, nursery: trio.Nursery) -> None:
     """Prometheus /metrics for ``node`` on ``where`` (HOST:PORT; port 0 picks one)."""
     host, port = _host_port(where)
 
     async def handler(req: Request) -> Response:
         if req.method == "GET" and req.path == "/metrics":
-            return Response(200, render(node_metrics(node)).encode(), METRICS_TYPE)
+            return Response(200, render(node_metrics(node)).encode(), CONTENT_TYPE)
         return error_response(404, "only /metrics is served here")
 
     bound = await nursery.start(serve_http, handler, host, port)

@@ -15,6 +15,7 @@ from typing import Any
 from cocoon_p2p.chain import Wallet
 from cocoon_p2p.channelstore import ChannelStore
 from cocoon_p2p.identity import load_or_create_identity
+from cocoon_p2p.metrics import parse
 
 KEY_FILE = "node.key"
 
@@ -58,12 +59,7 @@ def collect(data_dir: Path, metrics_url: str | None = None) -> dict[str, Any]:
     if metrics_url:
         with urllib.request.urlopen(metrics_url, timeout=5) as resp:
             text = resp.read().decode()
-        samples = {}
-        for line in text.splitlines():
-            if line and not line.startswith("#") and "_bucket" not in line:
-                name, _, value = line.rpartition(" ")
-                samples[name] = float(value)
-        out["metrics"] = samples
+        out["metrics"] = {k: v for k, v in parse(text).items() if "_bucket" not in k}
     return out
 
 

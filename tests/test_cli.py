@@ -15,6 +15,7 @@ import openai
 import pytest
 
 from cocoon_p2p.chain import open_local_chain
+from cocoon_p2p.metrics import parse
 
 CLI = [sys.executable, "-m", "nodes.cli"]
 
@@ -94,8 +95,7 @@ def _expect(proc: subprocess.Popen[str], prefix: str) -> str:
 
 
 def _scrape(url: str) -> dict[str, float]:
-    text = urllib.request.urlopen(url, timeout=10).read().decode()
-    return {k: float(v) for k, _, v in (line.rpartition(" ") for line in text.splitlines() if line[:1] != "#")}
+    return parse(urllib.request.urlopen(url, timeout=10).read().decode())
 
 
 @pytest.mark.skipif(shutil.which("node") is None, reason="the local chain needs Node.js")

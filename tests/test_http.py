@@ -10,7 +10,7 @@ import trio
 
 from cocoon_p2p import openai_api as api
 from cocoon_p2p.httpserver import MAX_BODY, Request, Response, serve_http
-from cocoon_p2p.metrics import Histogram, metric, render
+from cocoon_p2p.metrics import Histogram, metric, parse, render
 
 
 async def echo(req: Request) -> Response:
@@ -74,6 +74,9 @@ def test_prometheus_exposition() -> None:
     assert 'job_seconds_bucket{le="0.1"} 2' in text and 'job_seconds_bucket{le="1"} 3' in text
     assert 'job_seconds_bucket{le="+Inf"} 4' in text and "job_seconds_count 4" in text
     assert "job_seconds_sum 3.65" in text
+    samples = parse(text)  # what `cocoon-node status` and the operator test read back
+    assert samples['jobs_total{outcome="ok"}'] == 3 and samples["job_seconds_count"] == 4
+    assert samples['job_seconds_bucket{le="+Inf"}'] == 4 and len(samples) == 7
     assert h.quantile(0.5) == 0.1 and h.quantile(1.0) == float("inf")
 
 
