@@ -151,8 +151,7 @@ class WorkerDirectory:
                 continue
             have = rows.get(peer_id)
             # One row per worker, built once (this runs for every job a client routes).
-            fresher = have is None or r.issued_at_ms > have.issued_at_ms
-            base = r if fresher or have is None else have
+            base = have if have is not None and have.issued_at_ms >= r.issued_at_ms else r
             rows[peer_id] = WorkerOffer(
                 peer_id=peer_id,
                 model_id=model_id,
