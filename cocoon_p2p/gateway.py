@@ -41,7 +41,7 @@ _STATUS = {
     jf.BUSY: 503,
     jf.SHUTTING_DOWN: 503,
     jf.PAYMENT: 402,
-    "payment-setup": 402,
+    jf.PAYMENT_SETUP: 402,
     jf.PRICE: 402,
     jf.BAD_INPUT: 400,
     jf.TOO_LARGE: 400,

@@ -42,6 +42,15 @@ ERROR_CODES = frozenset(
 )
 # Codes after which another worker may succeed with the same request.
 RETRYABLE = frozenset({BUSY, BACKEND, SHUTTING_DOWN, UNKNOWN_MODEL, PRICE})
+# Failures the client notes itself (never sent in an error frame).
+WORKER_LOST = "worker-lost"  # the worker went away mid-job, broke the protocol, or was unreachable
+PAYMENT_SETUP = "payment-setup"  # no payment channel to the worker could be opened
+
+
+def retryable(code: str) -> bool:
+    """Whether a job that failed with ``code`` goes to another worker (the node and the simulator)."""
+    return code in RETRYABLE or code in (WORKER_LOST, PAYMENT_SETUP)
+
 
 _REQUEST, _ACCEPTED, _CHUNK, _RESULT, _ERROR, _CANCEL = 1, 2, 3, 4, 5, 6
 

@@ -69,7 +69,7 @@ class JobFailed(CocoonError):
 
     @property
     def retryable(self) -> bool:
-        return self.code in jf.RETRYABLE or self.code in ("worker-lost", "payment-setup")
+        return jf.retryable(self.code)
 
 
 @dataclass(frozen=True)
@@ -427,7 +427,7 @@ class _ClientLink:
             while True:
                 data = await self.stream.read(READ_SIZE)
                 if not data:
-                    raise JobFailed("worker-lost", "stream closed", worker=self.peer_id)
+                    raise JobFailed(jf.WORKER_LOST, "stream closed", worker=self.peer_id)
                 self.conn.receive_data(data)
                 while not isinstance(frame := self.conn.next_event(), NeedData):
                     ch = self.waiters.get(frame.job_id)
@@ -436,12 +436,12 @@ class _ClientLink:
         except JobFailed as exc:
             self.broken = exc
         except RemoteProtocolError as exc:
-            self.broken = JobFailed("worker-lost", f"worker broke the protocol: {exc}", worker=self.peer_id)
+            self.broken = JobFailed(jf.WORKER_LOST, f"worker broke the protocol: {exc}", worker=self.peer_id)
             self.on_misbehaviour(self.peer_id, exc)
         except Exception as exc:
-            self.broken = JobFailed("worker-lost", repr(exc), worker=self.peer_id)
+            self.broken = JobFailed(jf.WORKER_LOST, repr(exc), worker=self.peer_id)
         finally:
-            failure = self.broken or JobFailed("worker-lost", "client stopped", worker=self.peer_id)
+            failure = self.broken or JobFailed(jf.WORKER_LOST, "client stopped", worker=self.peer_id)
             for ch in self.waiters.values():
                 try:
                     ch.send_nowait(failure)
@@ -524,7 +524,7 @@ class JobClient:
         try:
             link = await self._link(offer)
         except Exception as exc:
-            raise JobFailed("worker-lost", f"cannot open a job stream: {exc!r}", worker=offer.peer_id) from exc
+            raise JobFailed(jf.WORKER_LOST, f"cannot open a job stream: {exc!r}", worker=offer.peer_id) from exc
         job_id = self._next_id
         self._next_id += 1
         send, recv = trio.open_memory_channel[jf.Frame | JobFailed](jf.MAX_TOKENS + 4)
@@ -547,7 +547,7 @@ class JobClient:
                 done = True
                 raise JobFailed(exc.code, str(exc), worker=offer.peer_id) from exc
             except Exception as exc:
-                link.broken = JobFailed("worker-lost", repr(exc), worker=offer.peer_id)
+                link.broken = JobFailed(jf.WORKER_LOST, repr(exc), worker=offer.peer_id)
                 raise link.broken from exc
             while True:
                 item = await recv.receive()
@@ -623,7 +623,7 @@ class JobClient:
                         try:
                             await self.prepare(offer.peer_id)
                         except CocoonError as exc:
-                            raise JobFailed("payment-setup", str(exc), worker=offer.peer_id) from exc
+                            raise JobFailed(jf.PAYMENT_SETUP, str(exc), worker=offer.peer_id) from exc
                     result, price = await self.run_on(
                         offer,
                         model_id=model_id,
@@ -636,7 +636,7 @@ class JobClient:
                     )
                 except JobFailed as exc:
                     self.router.failed(offer.peer_id, trio.current_time())
-                    if exc.code == "worker-lost":
+                    if exc.code == jf.WORKER_LOST:
                         self.on_worker_lost(offer.peer_id)
                     last = exc
                     if not exc.retryable or chunks:

@@ -23,6 +23,7 @@ from typing import Any
 
 import trio
 
+from cocoon_p2p import jobframes as jf
 from cocoon_p2p.chain import LocalChain, Wallet, open_local_chain
 from cocoon_p2p.export import ensure_minilm, ensure_smollm2
 from cocoon_p2p.generation import chatml_prompt
@@ -325,7 +326,7 @@ async def _chat(client: Node, model_id: bytes, prompt: str, max_tokens: int) -> 
             async for item in client.generate(model_id, prompt, max_tokens=max_tokens, max_price_nanoton=MAX_PRICE):
                 if isinstance(item, InferenceResult):
                     return item
-            raise JobFailed("worker-lost", "generation ended without a result")
+            raise JobFailed(jf.WORKER_LOST, "generation ended without a result")
         except JobFailed as exc:
             if not exc.retryable or attempt == 2:
                 raise

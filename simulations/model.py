@@ -32,7 +32,18 @@ from cocoon_p2p.directory import WorkerDirectory, WorkerOffer
 from cocoon_p2p.errors import LocalProtocolError
 from cocoon_p2p.identity import Identity
 from cocoon_p2p.jobconn import JobConnection, Role
-from cocoon_p2p.jobframes import JobAccepted, JobCancel, JobError, JobRequest, JobResult, charge_refusal, price_refusal
+from cocoon_p2p.jobframes import (
+    PRICE,
+    WORKER_LOST,
+    JobAccepted,
+    JobCancel,
+    JobError,
+    JobRequest,
+    JobResult,
+    charge_refusal,
+    price_refusal,
+    retryable,
+)
 from cocoon_p2p.routing import Router
 from cocoon_p2p.settlement import Action, SettlementPolicy, client_action, worker_action
 from cocoon_p2p.vouchers import VoucherBook, VoucherIssuer
@@ -326,7 +337,7 @@ class ModelSim:
         w.serving = None
         for att in lost:  # the client sees the connection die
             self.events.after(self.latency.pair_rtt(att.job.client.idx, w.idx) + DEAD_DETECT_S / 2,
-                              self._attempt_failed, att, "worker-lost")  # fmt: skip
+                              self._attempt_failed, att, WORKER_LOST)  # fmt: skip
 
     def _client_up(self, c: _Client) -> None:
         c.session += 1
@@ -520,7 +531,7 @@ class ModelSim:
         w.assigned -= 1
         back = self.latency.one_way(w.idx, c.idx)
         if not self.online[w.idx] or att.link.session != w.session:  # gone, or restarted: the stream died
-            return self.events.after(back + DEAD_DETECT_S, self._attempt_failed, att, "worker-lost")
+            return self.events.after(back + DEAD_DETECT_S, self._attempt_failed, att, WORKER_LOST)
         att.link.worker.receive_data(att.wire)
         request = att.link.worker.next_event()
         assert isinstance(request, JobRequest) and request.job_id == att.job_id
@@ -590,7 +601,7 @@ class ModelSim:
         price = first.price_nanoton
         if price_refusal(price, c.group.max_price_nanoton) or charge_refusal(price, result.usage_units,
                                                                             result.cost_nanoton):  # fmt: skip
-            return self._attempt_failed(att, "price")  # the client does not pay a wrong bill
+            return self._attempt_failed(att, PRICE)  # the client does not pay a wrong bill
         cost = result.cost_nanoton
         now = self.events.now
         c.router.finished(w.ident.peer_id, now - att.sent_at, service_s=result.compute_us / 1e6 or None)
@@ -606,11 +617,10 @@ class ModelSim:
         if job.done or att.client_session != c.session:
             return
         c.router.failed(att.worker.ident.peer_id, self.events.now)
-        if code == "worker-lost":  # as the node does: forget it until it announces again
+        if code == WORKER_LOST:  # as the node does: forget it until it announces again
             c.directory.forget(att.worker.ident.peer_id)
         job.record.code = code
-        retryable = code in ("busy", "worker-lost", "price")
-        if not retryable:
+        if not retryable(code):  # the node's rule
             return self._fail(job, code)
         self._try(job)
 
