@@ -127,7 +127,7 @@ async def bench_onchain_ops(payments: int) -> dict[str, float]:
 
     import trio
 
-    from cocoon_p2p.chain import Wallet, open_local_chain
+    from cocoon_p2p.chain import open_local_chain
     from cocoon_p2p.node import Node, NodeConfig
     from cocoon_p2p.payments import PaymentConfig
     from cocoon_p2p.settlement import SettlementPolicy
@@ -138,12 +138,7 @@ async def bench_onchain_ops(payments: int) -> dict[str, float]:
     policy = SettlementPolicy(deposit_nanoton=ton)
     out: dict[str, float] = {}
     with open_local_chain() as chain, tempfile.TemporaryDirectory() as d:
-        wallets = []
-        for _ in range(2):
-            w = Wallet.create()
-            chain.fund(w.address, 200 * ton)
-            w.deploy(chain)
-            wallets.append(w)
+        wallets = [chain.new_wallet(200 * ton) for _ in range(2)]
         async with Node(NodeConfig(quiet_logs=True)) as worker, Node(NodeConfig(quiet_logs=True)) as client:
             await client.connect(worker.addrs[0])
             w_pay = worker.enable_payments(PaymentConfig(chain, wallets[0], Path(d) / "w", policy=policy))

@@ -187,6 +187,13 @@ class LocalChain(TonCenter):
     def fund(self, address: str, amount: int) -> None:
         self._call("/cocoon/fund", body={"address": address, "amount": str(amount)})
 
+    def new_wallet(self, amount: int) -> Wallet:
+        """A fresh wallet holding ``amount`` from the faucet, deployed."""
+        wallet = Wallet.create()
+        self.fund(wallet.address, amount)
+        wallet.deploy(self)
+        return wallet
+
     def advance(self, seconds: int) -> int:
         return int(self._call("/cocoon/advance", body={"seconds": seconds})["now"])
 

@@ -24,7 +24,7 @@ from typing import Any
 import trio
 
 from cocoon_p2p import jobframes as jf
-from cocoon_p2p.chain import LocalChain, Wallet, open_local_chain
+from cocoon_p2p.chain import LocalChain, open_local_chain
 from cocoon_p2p.export import ensure_minilm, ensure_smollm2
 from cocoon_p2p.generation import chatml_prompt
 from cocoon_p2p.identity import peer_id_from_str, peer_id_to_str
@@ -144,9 +144,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 worker_cmds.append(cmd)
                 worker_ids.append(addrs[0].rsplit("/p2p/", 1)[1])
                 _progress(f"worker {i + 1}/{args.workers} up: {addrs[0]}")
-            wallet = Wallet.create()
-            await trio.to_thread.run_sync(chain.fund, wallet.address, CLIENT_FUNDS)
-            await trio.to_thread.run_sync(wallet.deploy, chain)
+            wallet = await trio.to_thread.run_sync(chain.new_wallet, CLIENT_FUNDS)
             async with Node(NodeConfig(bootstrap=boot_addrs)) as client:
                 pay = client.enable_payments(
                     PaymentConfig(

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 import trio
 
-from cocoon_p2p.chain import Wallet, open_local_chain
+from cocoon_p2p.chain import open_local_chain
 from cocoon_p2p.identity import peer_id_from_str
 from cocoon_p2p.jobs import JobFailed, now_ms
 from cocoon_p2p.models import load_model
@@ -73,9 +73,7 @@ async def _emulate(sc: Scenario, root: Path, progress: Callable[[float], None] |
                 for cg in sc.clients:
                     for _ in range(cg.count):
                         node = await nursery.start(_client_node, boot_addrs[0])
-                        wallet = Wallet.create()
-                        await trio.to_thread.run_sync(chain.fund, wallet.address, 50 * TON)
-                        await trio.to_thread.run_sync(wallet.deploy, chain)
+                        wallet = await trio.to_thread.run_sync(chain.new_wallet, 50 * TON)
                         policy = SettlementPolicy(deposit_nanoton=sc.settlement.deposit_nanoton)
                         node.enable_payments(PaymentConfig(chain, wallet, root / f"c{len(clients)}", policy=policy))
                         clients.append(node)

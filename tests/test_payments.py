@@ -26,10 +26,7 @@ PRICE = 7_000_000  # nanoton per item
 
 
 def funded_wallet(chain: LocalChain) -> Wallet:
-    w = Wallet.create()
-    chain.fund(w.address, 10 * TON)
-    w.deploy(chain)
-    return w
+    return chain.new_wallet(10 * TON)
 
 
 async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp_path: Path) -> None:
