@@ -111,6 +111,11 @@ class WorkerDirectory:
         origin = self._origins.get(peer_id)
         return origin.announcement if origin else None
 
+    def addrs_of(self, peer_id: bytes) -> list[str]:
+        """The addresses a peer announces now (none if unknown): where a restarted worker is."""
+        ann = self.announcement_of(peer_id)
+        return list(ann.addrs) if ann is not None else []
+
     def known_peers(self, now_ms: int) -> list[Announcement]:
         """Live announcements, freshest first (candidates to connect to)."""
         live = [o.announcement for o in self._origins.values() if o.announcement.expires_at_ms > now_ms]

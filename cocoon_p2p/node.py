@@ -350,11 +350,7 @@ class Node:
         service = PaymentService(self.identity, self.host, config)
         self._stack.callback(service.close)
 
-        def addrs_of(peer: bytes) -> list[str]:
-            ann = self.directory.announcement_of(peer)
-            return list(ann.addrs) if ann is not None else []
-
-        service.payer.addrs_of = addrs_of
+        service.payer.addrs_of = self.directory.addrs_of
         assert self._nursery is not None
         self._nursery.start_soon(service.watch)  # the settlement policy, on chain
         self.job_client.prepare = service.ensure_channel

@@ -167,7 +167,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     procs.append(proc)
                     peer = peer_id_from_str(worker_ids[victim])
                     with trio.fail_after(60):  # its new address reaches the client by gossip
-                        while addrs[0] not in _addrs_of(client, peer):
+                        while addrs[0] not in client.directory.addrs_of(peer):
                             await trio.sleep(0.1)
                 paid = sum(ch.issuer.sent for ch in pay.payer.open.values())
                 channels = len(pay.payer.open)
@@ -222,11 +222,6 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     proc.kill()
             nursery.cancel_scope.cancel()
     return result
-
-
-def _addrs_of(client: Node, peer: bytes) -> list[str]:
-    ann = client.directory.announcement_of(peer)
-    return list(ann.addrs) if ann is not None else []
 
 
 def _pct(values: list[float], p: float) -> float:

@@ -82,8 +82,10 @@ def test_expiry_and_forget() -> None:
     assert d.workers_for(MODEL, now_ms=NOW + 2000)[0].sources == {"dht"}
     assert d.workers_for(MODEL, now_ms=NOW + 6000) == []
     d.add_record(record(a, ttl=5000))
+    assert d.addrs_of(a.peer_id) == list(d.announcement_of(a.peer_id).addrs) != []  # type: ignore[union-attr]
     d.forget(a.peer_id)
     assert d.workers_for(MODEL, now_ms=NOW) == []
+    assert d.addrs_of(a.peer_id) == []
 
 
 def test_memory_is_bounded() -> None:
