@@ -9,8 +9,9 @@ on the sending side. The protocol is the same yamux: go-, rust- and js-libp2p
 peers see no difference.
 
 Cancellation: a write that was cancelled after its frames were queued still
-sends them (the send is shielded, bounded by ``WRITE_TIMEOUT_S``; past it the
-connection is aborted), because a half-sent frame would corrupt every stream.
+sends them, because a half-sent frame would corrupt every stream: sealed bytes
+wait in a queue that the next flush (or the owed-frames task) empties. A
+connection whose sends make no progress for ``WRITE_TIMEOUT_S`` is aborted.
 The reading task never blocks on a send: control frames it owes (credit,
 pongs, acknowledgements) go out through a second task, so two peers that both
 write faster than they read cannot deadlock.
@@ -40,6 +41,7 @@ from multiaddr import Multiaddr
 
 from . import yamux
 from .errors import LocalProtocolError, RemoteProtocolError
+from .fastlock import FastLock
 from .noise_session import NoiseSession
 
 log = logging.getLogger(__name__)
@@ -172,7 +174,14 @@ class YamuxMuxer(IMuxedConn):
     """A yamux session over a secured connection, as py-libp2p's swarm drives it:
     ``start()`` runs the session until it ends; ``open_stream``/``accept_stream``."""
 
-    def __init__(self, secured_conn: ISecureConn, peer_id: ID, *, window: int = yamux.DEFAULT_WINDOW) -> None:
+    def __init__(
+        self,
+        secured_conn: ISecureConn,
+        peer_id: ID,
+        *,
+        window: int = yamux.DEFAULT_WINDOW,
+        write_timeout_s: float = WRITE_TIMEOUT_S,
+    ) -> None:
         self.secured_conn = secured_conn
         self.peer_id = peer_id
         self.proto = yamux.YamuxConnection(client=secured_conn.is_initiator, window=window)
@@ -183,7 +192,12 @@ class YamuxMuxer(IMuxedConn):
         self._streams: dict[int, MuxedStream] = {}
         # Unbounded, but the protocol refuses inbound streams past its limit.
         self._accept_send, self._accept_recv = trio.open_memory_channel[MuxedStream](math.inf)
-        self._write_lock = trio.Lock()
+        self._session = secured_conn if isinstance(secured_conn, NoiseSession) else None
+        self.write_timeout_s = write_timeout_s
+        self._write_lock = FastLock()
+        self._sealed: deque[bytes | memoryview] = deque()  # sealed, not yet sent, in order
+        self._bytes_sent = 0
+        self._writing = trio.Event()  # a flush took the write lock: wakes the watchdog
         self._owed = trio.Event()  # the reading task queued control frames
         self._pongs: dict[int, trio.Event] = {}
 
@@ -210,6 +224,7 @@ class YamuxMuxer(IMuxedConn):
         try:
             async with trio.open_nursery() as nursery:
                 nursery.start_soon(self._send_owed)
+                nursery.start_soon(self._watch_sends)
                 ended_by_peer = await self._read_loop()
                 nursery.cancel_scope.cancel()
         finally:
@@ -281,23 +296,73 @@ class YamuxMuxer(IMuxedConn):
             await self._flush_quietly()
 
     async def _flush(self) -> None:
-        """Send every queued frame. Shielded: bytes once queued go out whole or the
-        connection is aborted (see the module docstring)."""
-        with trio.CancelScope(shield=True) as scope:
-            scope.deadline = trio.current_time() + WRITE_TIMEOUT_S
-            async with self._write_lock:
-                data = self.proto.data_to_send()
-                if data:
-                    try:
-                        await self.secured_conn.write(data)
-                    except (IOException, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
-                        self._abort()
-                        await self._close_socket()
-                        raise MuxedStreamError(f"connection to {self.peer_id} broke: {e}") from None
-        if scope.cancelled_caught:
+        """Seal every queued frame and send everything sealed, in order.
+
+        Cancel-safe without a shield (a shielded scope per write cost ~6 us):
+        sealed bytes wait in ``_sealed`` until this or a later flush sends them,
+        one send is a single cancellation point, and a cancelled sender leaves
+        the rest to the owed-frames task. A send that makes no progress for
+        ``write_timeout_s`` aborts the connection (:meth:`_watch_sends`).
+        """
+        data = self.proto.data_to_send()
+        if data:
+            self._sealed.append(self._session.seal(data) if self._session else data)
+        if not self._sealed:
+            return
+        lock = self._write_lock
+        if not lock.acquire_nowait():
+            try:
+                await lock.acquire()
+            except trio.Cancelled:
+                self._owed.set()  # our bytes are sealed: someone must send them
+                raise
+        try:
+            self._writing.set()
+            sealed = self._sealed
+            while sealed:
+                n = await self._send_some(sealed[0])
+                self._bytes_sent += n
+                if n == len(sealed[0]):
+                    sealed.popleft()
+                else:
+                    sealed[0] = memoryview(sealed[0])[n:]
+        except trio.Cancelled:
+            self._owed.set()
+            raise
+        except (IOException, OSError, trio.BrokenResourceError, trio.ClosedResourceError) as e:
             self._abort()
-            await self._close_socket()  # ends the reading task too
-            raise MuxedStreamError(f"connection to {self.peer_id} took no data for {WRITE_TIMEOUT_S} s")
+            await self._close_socket()
+            raise MuxedStreamError(f"connection to {self.peer_id} broke: {e}") from None
+        finally:
+            lock.release()
+
+    async def _send_some(self, data: bytes | memoryview) -> int:
+        if self._session is not None:
+            return await self._session.send_some(data)
+        with trio.CancelScope(shield=True):  # not our Noise session: it sends all or fails
+            await self.secured_conn.write(bytes(data))
+        return len(data)
+
+    async def _watch_sends(self) -> None:
+        """Abort the connection when sending has made no progress for
+        ``write_timeout_s``: the peer takes no bytes, and our writers (and the
+        frames every stream owes) would wait forever. Sleeps while nobody sends."""
+        while True:
+            await self._writing.wait()
+            self._writing = trio.Event()
+            stalled = 0.0
+            tick = self.write_timeout_s / 4
+            while True:
+                seen = self._bytes_sent
+                await trio.sleep(tick)
+                if not (self._write_lock.locked() and self._bytes_sent == seen):
+                    break
+                stalled += tick
+                if stalled >= self.write_timeout_s:
+                    log.info("yamux: %s took no data for %.0f s; closing", self.peer_id, self.write_timeout_s)
+                    self._abort()
+                    await self._close_socket()  # the blocked send fails, the reading task ends
+                    return
 
     async def _flush_quietly(self) -> None:
         try:

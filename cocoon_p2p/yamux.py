@@ -271,14 +271,17 @@ class YamuxConnection:
         Raises :class:`YamuxProtocolError`; after it, send :meth:`go_away` and close.
         """
         buf = self._in
-        buf += data
+        src: bytes | bytearray = data
+        if buf:  # a frame was cut short: join (else parse ``data`` itself, no copy)
+            buf += data
+            src = buf
         events: list[Event] = []
         pos = 0
-        end = len(buf)
-        view = memoryview(buf)
+        end = len(src)
+        view = memoryview(src)
         try:
             while end - pos >= HEADER_SIZE:
-                version, typ, flags, stream_id, length = HEADER.unpack_from(buf, pos)
+                version, typ, flags, stream_id, length = HEADER.unpack_from(src, pos)
                 if version != 0:
                     raise YamuxProtocolError(f"yamux version {version}")
                 if typ == TYPE_DATA:
@@ -307,7 +310,10 @@ class YamuxConnection:
                 self.stats.frames_received += 1
         finally:
             view.release()  # a bytearray with a live view cannot shrink
-            del buf[:pos]
+            if src is buf:
+                del buf[:pos]
+            elif pos < end:
+                buf += memoryview(data)[pos:]
         return events
 
     @property

@@ -13,6 +13,8 @@ from libp2p.network.stream.exceptions import StreamReset
 from libp2p.peer.id import ID
 from noise.connection import Keypair, NoiseConnection
 
+from cocoon_p2p.fastlock import FastLock
+from cocoon_p2p.host import use_own_yamux
 from cocoon_p2p.muxer import YamuxMuxer
 from cocoon_p2p.node import Node
 from cocoon_p2p.noise_session import MAX_PLAINTEXT, NoiseCipher, NoiseDecryptError, NoiseSession
@@ -117,6 +119,8 @@ async def test_nodes_run_our_muxer_over_our_noise_session() -> None:
         assert isinstance(conn.muxed_conn.secured_conn, NoiseSession)
         rtt = await conn.muxed_conn.ping()
         assert 0 < rtt < 5
+        s = await a.host.new_stream(ID(b.peer_id), [ECHO])
+        assert isinstance(s._state_lock, FastLock)  # py-libp2p's yielding lock was swapped
 
 
 async def test_full_duplex_and_many_streams() -> None:
@@ -241,7 +245,7 @@ async def test_a_peer_sending_a_forged_noise_message_is_disconnected() -> None:
         sock = muxed.secured_conn._socket
         assert sock is not None
         async with muxed._write_lock:  # 32 bytes that are no ChaChaPoly message under the session key
-            await sock.send_all(b"\x00\x20" + os.urandom(32))
+            sock.send(b"\x00\x20" + os.urandom(32))
         with trio.fail_after(5):
             await muxed.event_closed.wait()
             while ID(b.peer_id) in b.host.get_network().connections or any(
@@ -252,3 +256,68 @@ async def test_a_peer_sending_a_forged_noise_message_is_disconnected() -> None:
         fresh = a.host.get_network().connections[ID(b.peer_id)][0].muxed_conn
         assert fresh is not muxed and isinstance(fresh, YamuxMuxer)
         assert await fresh.ping() < 5
+
+
+async def test_a_cancelled_write_leaves_the_stream_whole() -> None:
+    """A write cancelled half-way sends whole frames only: the peer reads a prefix
+    of it followed by the next write, and the connection carries on."""
+    first, second = os.urandom(12 << 20), os.urandom(100_000)
+    got = bytearray()
+    done = trio.Event()
+
+    async def sink(stream: Any) -> None:
+        while True:
+            data = await stream.read(1 << 20)
+            got.extend(data)
+            if got.endswith(second):
+                done.set()
+
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        b.host.set_stream_handler(ECHO, sink)
+        await a.connect(b.addrs[0])
+        s = await a.host.new_stream(ID(b.peer_id), [ECHO])
+        with trio.move_on_after(0.002) as scope:
+            await s.write(first)
+        assert scope.cancelled_caught  # three windows: it had to wait for credit
+        with trio.fail_after(10):
+            await s.write(second)
+            await done.wait()
+        muxed = s.muxed_stream.muxed_conn
+        assert await muxed.ping() < 5
+    prefix = len(got) - len(second)
+    assert 0 < prefix < len(first) and bytes(got[:prefix]) == first[:prefix]
+
+
+async def test_a_peer_that_reads_nothing_is_dropped_after_the_write_timeout() -> None:
+    """Sends that make no progress for ``write_timeout_s`` abort the connection,
+    and the blocked writers get an error instead of waiting forever."""
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        use_own_yamux(a.host, write_timeout_s=1.0)
+        b.host.set_stream_handler(ECHO, _echo)
+        await a.connect(b.addrs[0])
+        b_muxed = b.host.get_network().connections[ID(a.peer_id)][0].muxed_conn
+        assert isinstance(b_muxed, YamuxMuxer) and isinstance(b_muxed.secured_conn, NoiseSession)
+
+        streams = [await a.host.new_stream(ID(b.peer_id), [ECHO]) for _ in range(8)]
+
+        async def frozen(n: int) -> bytes:  # b's process stops reading its socket
+            await trio.sleep_forever()
+            return b""
+
+        b_muxed.secured_conn._receive = frozen  # type: ignore[method-assign]  # from its next read on
+        errors: list[str] = []
+
+        async def flood(s: Any) -> None:
+            try:
+                await s.write(os.urandom(4 << 20))  # one window per stream
+            except Exception as e:
+                errors.append(type(e).__name__)
+
+        a_muxed = a.host.get_network().connections[ID(b.peer_id)][0].muxed_conn
+        assert isinstance(a_muxed, YamuxMuxer) and a_muxed.write_timeout_s == 1.0
+        with trio.fail_after(20):
+            async with trio.open_nursery() as n:
+                for s in streams:  # 32 MiB: more than the kernel's socket buffers hold
+                    n.start_soon(flood, s)
+        assert a_muxed.is_closed
+        assert errors and set(errors) <= {"StreamReset", "StreamClosed"}
