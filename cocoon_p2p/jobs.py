@@ -37,6 +37,7 @@ from .batching import Batcher
 from .directory import WorkerOffer
 from .errors import CocoonError, LocalProtocolError, ProtocolError, RemoteProtocolError
 from .executor import Executor, Outcome
+from .fastlock import FastLock
 from .host import close_quietly, unblock_peer
 from .jobconn import JobConnection, NeedData, Role
 from .metrics import Histogram
@@ -120,7 +121,7 @@ class _WorkerLink:
         self.stream = stream
         self.peer = _remote_peer(stream)
         self.conn = JobConnection(Role.WORKER)
-        self.lock = trio.Lock()
+        self.lock = FastLock()  # held only around one write: no scheduler trip when free
         self.jobs: dict[int, _WorkerJob] = {}
         self.pending = bytearray()  # frames held back to share the next write
 
@@ -250,7 +251,8 @@ class JobWorker:
                 await self._run_batch(served, (job,))
             finally:
                 served.busy = False
-                served.wake.set()  # jobs that queued meanwhile
+                if served.batcher.waiting():
+                    served.wake.set()  # jobs that queued meanwhile
             return
         served.batcher.add(key, job, trio.current_time())
         served.wake.set()
@@ -413,7 +415,7 @@ class _ClientLink:
         self.peer_id = peer_id
         self.stream = stream
         self.conn = JobConnection(Role.CLIENT)
-        self.lock = trio.Lock()
+        self.lock = FastLock()
         self.waiters: dict[int, trio.MemorySendChannel[jf.Frame | JobFailed]] = {}
         self.broken: JobFailed | None = None
         self.on_misbehaviour: Callable[[bytes, ProtocolError], None] = lambda peer, err: None
@@ -550,7 +552,10 @@ class JobClient:
                 link.broken = JobFailed(jf.WORKER_LOST, repr(exc), worker=offer.peer_id)
                 raise link.broken from exc
             while True:
-                item = await recv.receive()
+                try:  # a fast job's result arrives with its JobAccepted: take it without a yield
+                    item = recv.receive_nowait()
+                except trio.WouldBlock:
+                    item = await recv.receive()
                 if isinstance(item, JobFailed):
                     raise item
                 if isinstance(item, jf.JobAccepted):

@@ -71,3 +71,24 @@ async def test_release_wakes_a_waiter() -> None:
         assert got == []
         lock.release()
     assert got == ["waiter"]
+
+
+async def test_waiters_get_the_lock_in_arrival_order() -> None:
+    """A release hands the lock to the longest waiter: a task that comes along
+    meanwhile cannot jump the queue (job ids must reach the wire in order)."""
+    lock = FastLock()
+    order: list[int] = []
+
+    async def take(k: int) -> None:
+        async with lock:
+            order.append(k)
+
+    async with trio.open_nursery() as n:
+        await lock.acquire()
+        for k in range(4):
+            n.start_soon(take, k)
+            await trio.testing.wait_all_tasks_blocked()
+        lock.release()
+        assert not lock.acquire_nowait()  # handed to waiter 0, not free for a newcomer
+        n.start_soon(take, 99)
+    assert order == [0, 1, 2, 3, 99]
