@@ -50,6 +50,7 @@ from .identity import Identity
 from .muxer import PROTOCOL_ID as MUXER_PROTOCOL_ID
 from .muxer import WRITE_TIMEOUT_S, YamuxMuxer
 from .noise_session import NoiseCipher, NoiseSession
+from .yamux import YamuxStats
 
 # Loggers whose INFO/WARNING output is routine noise for an operator.
 _NOISY_LOGGERS = {
@@ -174,8 +175,11 @@ def quiet_libp2p_logs() -> None:
         logging.getLogger(name).setLevel(level)
 
 
-def build_host(identity: Identity, *, announce_addrs: Sequence[str] = ()) -> IHost:
-    """A libp2p host for ``identity``: TCP, Noise only, yamux only, fast dials."""
+def build_host(
+    identity: Identity, *, announce_addrs: Sequence[str] = (), muxer_stats: YamuxStats | None = None
+) -> IHost:
+    """A libp2p host for ``identity``: TCP, Noise only, yamux only, fast dials.
+    ``muxer_stats`` collects the counters of all its yamux sessions."""
     key_pair = create_new_key_pair(identity.seed)
     host_id = ID.from_pubkey(key_pair.public_key)
     if host_id.to_bytes() != identity.peer_id:  # our PeerId derivation must agree with libp2p's
@@ -189,25 +193,26 @@ def build_host(identity: Identity, *, announce_addrs: Sequence[str] = ()) -> IHo
         announce_addrs=[Multiaddr(a) for a in announce_addrs] or None,
     )
     disable_auto_connector(host)
-    use_own_yamux(host)
+    use_own_yamux(host, stats=muxer_stats)
     host.get_network().register_notifee(StreamLockNotifee())
     return host
 
 
-def use_own_yamux(host: IHost, *, write_timeout_s: float = WRITE_TIMEOUT_S) -> None:
+def use_own_yamux(host: IHost, *, write_timeout_s: float = WRITE_TIMEOUT_S, stats: YamuxStats | None = None) -> None:
     """Make ``host`` run yamux sessions with :class:`YamuxMuxer`.
 
     py-libp2p's muxer negotiation constructs its own ``Yamux`` whenever the
     protocol is ``/yamux/1.0.0``, whatever class the muxer options name, so the
     negotiation step of this host's upgrader is replaced (instance attribute: this
-    host only). The wire protocol and its negotiation are unchanged.
+    host only). The wire protocol and its negotiation are unchanged. ``stats``,
+    when given, adds up every connection's counters.
     """
     muxers = host.get_network().upgrader.muxer_multistream  # type: ignore[attr-defined]
 
     async def new_conn(conn: ISecureConn, peer_id: ID) -> IMuxedConn:
         protocol, muxer_class = await muxers._selector.select(conn, conn.is_initiator, muxers.negotiate_timeout)
         if protocol == MUXER_PROTOCOL_ID:
-            muxed: IMuxedConn = YamuxMuxer(conn, peer_id, write_timeout_s=write_timeout_s)
+            muxed: IMuxedConn = YamuxMuxer(conn, peer_id, write_timeout_s=write_timeout_s, stats=stats)
         else:
             muxed = muxer_class(conn, peer_id)
         return cast(IMuxedConn, muxers._annotate_connection(muxed, conn, protocol))

@@ -181,10 +181,13 @@ class YamuxMuxer(IMuxedConn):
         *,
         window: int = yamux.DEFAULT_WINDOW,
         write_timeout_s: float = WRITE_TIMEOUT_S,
+        stats: yamux.YamuxStats | None = None,
     ) -> None:
         self.secured_conn = secured_conn
         self.peer_id = peer_id
-        self.proto = yamux.YamuxConnection(client=secured_conn.is_initiator, window=window)
+        self.proto = yamux.YamuxConnection(
+            client=secured_conn.is_initiator, window=window, stats=stats or yamux.YamuxStats()
+        )
         self.event_started = trio.Event()
         self.event_closed = trio.Event()
         # Set by py-libp2p's SwarmConn: awaited once when the session ends.
@@ -241,6 +244,7 @@ class YamuxMuxer(IMuxedConn):
                 return True
             except RemoteProtocolError as e:  # a Noise message failed authentication
                 log.info("yamux: %s sent a bad message (%s); closing", self.peer_id, e)
+                proto.stats.protocol_errors += 1
                 return True
             if not data:
                 return True
@@ -248,6 +252,7 @@ class YamuxMuxer(IMuxedConn):
                 events = proto.receive_data(data)
             except yamux.YamuxProtocolError as e:
                 log.info("yamux: %s sent a bad frame (%s); closing", self.peer_id, e)
+                proto.stats.protocol_errors += 1
                 proto.go_away(yamux.GO_AWAY_PROTOCOL_ERROR)
                 with trio.move_on_after(1):
                     await self._flush_quietly()
@@ -360,6 +365,7 @@ class YamuxMuxer(IMuxedConn):
                 stalled += tick
                 if stalled >= self.write_timeout_s:
                     log.info("yamux: %s took no data for %.0f s; closing", self.peer_id, self.write_timeout_s)
+                    self.proto.stats.write_timeouts += 1
                     self._abort()
                     await self._close_socket()  # the blocked send fails, the reading task ends
                     return

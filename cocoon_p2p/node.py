@@ -52,6 +52,7 @@ from .payments import PaymentConfig, PaymentService
 from .peerscore import DisconnectPeer, PeerScores
 from .peerset import PeerSet
 from .tensors import Tensor
+from .yamux import YamuxStats
 
 log = logging.getLogger("cocoon_p2p.node")
 # Publish waits while a peer's outbound queue is this full (py-libp2p drops at 32).
@@ -199,7 +200,10 @@ class Node:
         self._events_send, self._events_recv = trio.open_memory_channel[NodeEvent](self.config.event_queue_size)
         self._stack: AsyncExitStack | None = None
         self._nursery: trio.Nursery | None = None
-        self.host: IHost = build_host(self.identity, announce_addrs=self.config.announce_addrs)
+        self.muxer_stats = YamuxStats()  # every connection's yamux counters, added up
+        self.host: IHost = build_host(
+            self.identity, announce_addrs=self.config.announce_addrs, muxer_stats=self.muxer_stats
+        )
         self.pubsub: Pubsub | None = None
         self.dht: KadDHT | None = None
         self.job_worker: JobWorker | None = None

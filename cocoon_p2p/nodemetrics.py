@@ -32,6 +32,28 @@ def node_metrics(node: Node) -> list[Metric]:
         metric("cocoon_announcements_rejected_total", "counter", "Announcements rejected", n, code=code)
         for code, n in sorted(s.rejected_by_code.items())
     ]
+    y = node.muxer_stats
+    out += [
+        metric("cocoon_streams_total", "counter", "Streams opened", y.streams_opened, direction="outbound"),
+        metric("cocoon_streams_total", "counter", "Streams opened", y.streams_accepted, direction="inbound"),
+        metric("cocoon_streams_refused_total", "counter", "Inbound streams over the limit", y.streams_refused),
+        metric("cocoon_stream_bytes_total", "counter", "Stream payload bytes", y.bytes_sent, direction="sent"),
+        metric("cocoon_stream_bytes_total", "counter", "Stream payload bytes", y.bytes_received, direction="received"),
+        metric(
+            "cocoon_connections_dropped_total",
+            "counter",
+            "Connections closed on a peer's fault",
+            y.protocol_errors,
+            reason="protocol-error",
+        ),
+        metric(
+            "cocoon_connections_dropped_total",
+            "counter",
+            "Connections closed on a peer's fault",
+            y.write_timeouts,
+            reason="write-timeout",
+        ),
+    ]
     w = node.job_worker
     if w is not None:
         ws = w.stats

@@ -125,7 +125,8 @@ class _Stream:
 
 @dataclass(slots=True)
 class YamuxStats:
-    """Counters an operator may want to see."""
+    """Counters an operator may want to see; one instance may serve every
+    connection of a node (the node's ``/metrics`` totals)."""
 
     streams_opened: int = 0
     streams_accepted: int = 0
@@ -133,6 +134,10 @@ class YamuxStats:
     frames_received: int = 0
     bytes_received: int = 0
     frames_sent: int = 0
+    bytes_sent: int = 0
+    # Kept by the trio adapter (muxer.py):
+    protocol_errors: int = 0  # connections closed for a bad frame or Noise message
+    write_timeouts: int = 0  # connections dropped: the peer took no bytes for too long
 
 
 @dataclass
@@ -208,6 +213,7 @@ class YamuxConnection:
             self._frame(TYPE_DATA, 0, stream_id, n, piece)
             stream.send_window -= n
             sent += n
+        self.stats.bytes_sent += sent
         return sent
 
     def end_stream(self, stream_id: int) -> None:

@@ -132,6 +132,9 @@ def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path)
             assert m['cocoon_worker_jobs_total{outcome="ok"}'] == 2
             assert m["cocoon_channel_earned_unsettled_nanoton"] == 2000 and m['cocoon_channels{role="worker"}'] == 1
             assert m["cocoon_worker_job_seconds_count"] == 2
+            assert m['cocoon_streams_total{direction="inbound"}'] >= 2  # the job stream among them
+            assert m['cocoon_stream_bytes_total{direction="received"}'] > 0
+            assert m['cocoon_connections_dropped_total{reason="protocol-error"}'] == 0
 
             # Crash: the worker restarts from its data directory, on the same address.
             worker.kill()

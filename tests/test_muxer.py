@@ -235,6 +235,7 @@ async def test_a_peer_sending_bad_frames_is_disconnected() -> None:
             while ID(b.peer_id) in b.host.get_network().connections:
                 await trio.sleep(0.02)
         assert muxed.is_closed
+        assert b.muxer_stats.protocol_errors == 1 and a.muxer_stats.protocol_errors == 0
 
 
 async def test_a_peer_sending_a_forged_noise_message_is_disconnected() -> None:
@@ -256,6 +257,7 @@ async def test_a_peer_sending_a_forged_noise_message_is_disconnected() -> None:
         fresh = a.host.get_network().connections[ID(b.peer_id)][0].muxed_conn
         assert fresh is not muxed and isinstance(fresh, YamuxMuxer)
         assert await fresh.ping() < 5
+        assert b.muxer_stats.protocol_errors == 1
 
 
 async def test_a_cancelled_write_leaves_the_stream_whole() -> None:
@@ -292,7 +294,7 @@ async def test_a_peer_that_reads_nothing_is_dropped_after_the_write_timeout() ->
     """Sends that make no progress for ``write_timeout_s`` abort the connection,
     and the blocked writers get an error instead of waiting forever."""
     async with Node(fast_config()) as a, Node(fast_config()) as b:
-        use_own_yamux(a.host, write_timeout_s=1.0)
+        use_own_yamux(a.host, write_timeout_s=1.0, stats=a.muxer_stats)
         b.host.set_stream_handler(ECHO, _echo)
         await a.connect(b.addrs[0])
         b_muxed = b.host.get_network().connections[ID(a.peer_id)][0].muxed_conn
@@ -319,5 +321,5 @@ async def test_a_peer_that_reads_nothing_is_dropped_after_the_write_timeout() ->
             async with trio.open_nursery() as n:
                 for s in streams:  # 32 MiB: more than the kernel's socket buffers hold
                     n.start_soon(flood, s)
-        assert a_muxed.is_closed
+        assert a_muxed.is_closed and a.muxer_stats.write_timeouts == 1
         assert errors and set(errors) <= {"StreamReset", "StreamClosed"}
