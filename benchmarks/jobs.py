@@ -32,12 +32,11 @@ from cocoon_p2p.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
 from cocoon_p2p.generation import chatml_prompt, greedy_tokens
 from cocoon_p2p.jobframes import JobChunk, JobRequest
 from cocoon_p2p.jobs import InferenceResult, now_ms
+from cocoon_p2p.metrics import percentile
 from cocoon_p2p.models import ModelSpec, load_model
 from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.tensors import from_numpy
 from cocoon_p2p.tinymodel import build_tiny_model
-
-from .overlay import pct
 
 SENTENCE = "Decentralized inference spreads jobs over the GPUs that are free at that moment."
 
@@ -96,7 +95,7 @@ async def bench_dispatch(n: int) -> dict[str, float]:
                 times.append((time.perf_counter() - t) * 1000)
     return {
         "job_tiny_ms_p50": statistics.median(times),
-        "job_tiny_ms_p99": pct(times, 99),
+        "job_tiny_ms_p99": percentile(times, 99),
         "job_tiny_local_ms_p50": statistics.median(local),
         "job_dispatch_overhead_ms_p50": statistics.median(times) - statistics.median(local),
     }

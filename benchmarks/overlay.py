@@ -17,6 +17,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
+from cocoon_p2p.metrics import percentile
 from cocoon_p2p.node import ModelCapability, Node, NodeConfig
 
 from . import noise_baseline
@@ -24,11 +25,6 @@ from . import noise_baseline
 ECHO = TProtocol("/cocoon/bench-echo/1")
 SINK = TProtocol("/cocoon/bench-sink/1")
 LOOPBACK = [Multiaddr("/ip4/127.0.0.1/tcp/0")]
-
-
-def pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
 def _cfg(**over: Any) -> NodeConfig:
@@ -57,7 +53,7 @@ async def bench_connect(n: int) -> dict[str, float]:
                 stock.append((time.perf_counter() - t) * 1000)
     return {
         "connect_ms_p50": statistics.median(ours),
-        "connect_ms_p99": pct(ours, 99),
+        "connect_ms_p99": percentile(ours, 99),
         "connect_ms_p50_pylibp2p_default": statistics.median(stock),
     }
 
@@ -83,7 +79,7 @@ async def bench_stream_rpc(n: int) -> dict[str, float]:
                 got += await s.read(200 - len(got))
             await s.close()
             times.append((time.perf_counter() - t) * 1000)
-    return {"rpc_ms_p50": statistics.median(times), "rpc_ms_p99": pct(times, 99)}
+    return {"rpc_ms_p50": statistics.median(times), "rpc_ms_p99": percentile(times, 99)}
 
 
 CHUNK = 65536  # bytes per application write
@@ -166,7 +162,7 @@ async def bench_dht(n_peers: int, lookups: int) -> dict[str, float]:
             found.append(records)
     return {
         "dht_lookup_ms_p50": statistics.median(times),
-        "dht_lookup_ms_p99": pct(times, 99),
+        "dht_lookup_ms_p99": percentile(times, 99),
         "dht_workers_found_min": min(found),
         "dht_peers": n_peers,
     }
@@ -217,7 +213,7 @@ async def bench_gossip(n_peers: int, rate: float, seconds: float) -> dict[str, f
     return {
         f"gossip_{int(rate)}_delivered": len(latencies) / expected,
         f"gossip_{int(rate)}_ms_p50": statistics.median(latencies) if latencies else -1,
-        f"gossip_{int(rate)}_ms_p99": pct(latencies, 99) if latencies else -1,
+        f"gossip_{int(rate)}_ms_p99": percentile(latencies, 99) if latencies else -1,
         f"gossip_{int(rate)}_messages": expected,
         f"gossip_{int(rate)}_mesh_ready_s": mesh_ready_s,
         # All peers share this one process: CPU per delivered message says where the

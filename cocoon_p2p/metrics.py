@@ -13,6 +13,17 @@ import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+
+def percentile(values: Iterable[float], q: float) -> float:
+    """The nearest-rank ``q``-th percentile (the smallest value with at least ``q``%
+    of ``values`` at or below it); NaN when there are none. Benchmarks, the demo
+    and the simulator all report with this one definition."""
+    s = sorted(values)
+    if not s:
+        return math.nan
+    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
+
+
 CONTENT_TYPE = "text/plain; version=0.0.4"  # of the text exposition, on a /metrics response
 
 # Seconds: from a loopback embedding (~1 ms) to a long generation (~1 min).

@@ -29,6 +29,7 @@ from cocoon_p2p.export import ensure_minilm, ensure_smollm2
 from cocoon_p2p.generation import chatml_prompt
 from cocoon_p2p.identity import peer_id_from_str, peer_id_to_str
 from cocoon_p2p.jobs import InferenceResult, JobFailed
+from cocoon_p2p.metrics import percentile
 from cocoon_p2p.models import ModelSpec
 from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.payments import PaymentConfig
@@ -193,8 +194,8 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 "jobs_ok": len(ok_jobs),
                 "jobs_failed": len(jobs) - len(ok_jobs),
                 "errors": [j["error"] for j in jobs if not j["ok"]][:10],
-                "latency_ms_p50": round(_pct(latencies, 50), 1),
-                "latency_ms_p99": round(_pct(latencies, 99), 1),
+                "latency_ms_p50": round(percentile(latencies, 50), 1) if latencies else -1.0,
+                "latency_ms_p99": round(percentile(latencies, 99), 1) if latencies else -1.0,
                 "paid_nanoton": paid,
                 "settled_nanoton": settled,
                 "fees_nanoton": paid - settled,
@@ -222,12 +223,6 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     proc.kill()
             nursery.cancel_scope.cancel()
     return result
-
-
-def _pct(values: list[float], p: float) -> float:
-    if not values:
-        return -1.0
-    return values[min(len(values) - 1, int(round(p / 100 * (len(values) - 1))))]
 
 
 async def _discover(client: Node, models: dict[str, ModelSpec], args: argparse.Namespace) -> dict[str, Any]:

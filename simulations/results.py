@@ -14,6 +14,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from cocoon_p2p.metrics import percentile
+
 from .scenario import Scenario
 
 
@@ -28,13 +30,6 @@ class JobRecord:
     worker: int = -1
     cost: int = 0
     code: str = ""
-
-
-def percentile(values: list[float], q: float) -> float:
-    if not values:
-        return math.nan
-    s = sorted(values)
-    return s[min(len(s) - 1, max(0, math.ceil(q / 100 * len(s)) - 1))]
 
 
 @dataclass

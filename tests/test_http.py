@@ -4,13 +4,14 @@ and survived; the Prometheus exposition; the OpenAI request parsers."""
 from __future__ import annotations
 
 import json
+import math
 
 import pytest
 import trio
 
 from cocoon_p2p import openai_api as api
 from cocoon_p2p.httpserver import MAX_BODY, Request, Response, serve_http
-from cocoon_p2p.metrics import Histogram, metric, parse, render
+from cocoon_p2p.metrics import Histogram, metric, parse, percentile, render
 
 
 async def echo(req: Request) -> Response:
@@ -124,3 +125,10 @@ def test_chat_request_and_stream_chunk_shapes() -> None:
     chunk = api.chat_chunk("id", 1, "m", delta={"content": "Hi"})
     assert chunk.startswith(b"data: ") and chunk.endswith(b"\n\n")
     assert json.loads(chunk[6:])["choices"][0]["delta"] == {"content": "Hi"}
+
+
+def test_percentile_is_nearest_rank() -> None:
+    values = [float(v) for v in range(1, 101)]  # 1..100
+    assert percentile(values, 50) == 50 and percentile(values, 99) == 99 and percentile(values, 100) == 100
+    assert percentile([3.0, 1.0, 2.0], 0) == 1 and percentile([7.0], 99) == 7
+    assert math.isnan(percentile([], 50))
