@@ -194,6 +194,13 @@ class LocalChain(TonCenter):
         wallet.deploy(self)
         return wallet
 
+    def top_up(self, wallet: Wallet, amount: int) -> None:
+        """Fund a wallet that is kept across runs when it holds less than half of
+        ``amount``, then make sure it is deployed (an operator's node, a test's)."""
+        if self.balance(wallet.address) < amount // 2:
+            self.fund(wallet.address, amount)
+        wallet.ensure_deployed(self)
+
     def advance(self, seconds: int) -> int:
         return int(self._call("/cocoon/advance", body={"seconds": seconds})["now"])
 

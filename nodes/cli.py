@@ -58,9 +58,10 @@ def _payment_config(cfg: config_mod.RoleConfig) -> PaymentConfig | None:
         return None
     chain: TonCenter = LocalChain(cfg.chain) if cfg.local_chain else TonCenter(cfg.chain, api_key=cfg.chain_api_key)
     wallet = Wallet.load_or_create(cfg.data_dir / "wallet.json")
-    if isinstance(chain, LocalChain) and chain.balance(wallet.address) < FAUCET_NANOTON // 2:
-        chain.fund(wallet.address, FAUCET_NANOTON)
-    wallet.ensure_deployed(chain)
+    if isinstance(chain, LocalChain):
+        chain.top_up(wallet, FAUCET_NANOTON)
+    else:
+        wallet.ensure_deployed(chain)
     policy = SettlementPolicy(
         deposit_nanoton=cfg.deposit_nanoton,
         settle_above_nanoton=cfg.settle_above_nanoton or None,

@@ -41,34 +41,33 @@ def chain() -> object:
 
 def funded_wallet(chain: LocalChain, path: Path) -> Wallet:
     w = Wallet.load_or_create(path)
-    if chain.balance(w.address) < TON:
-        chain.fund(w.address, 10 * TON)
-        w.ensure_deployed(chain)
+    chain.top_up(w, 10 * TON)
     return w
-
-
-client_stacks: dict[Node, AsyncExitStack] = {}
 
 
 @asynccontextmanager
 async def pair(
-    chain: LocalChain, model: ModelSpec, root: Path, *, policy: SettlementPolicy | None = None
+    chain: LocalChain,
+    model: ModelSpec,
+    root: Path,
+    *,
+    policy: SettlementPolicy | None = None,
+    client_stack: AsyncExitStack | None = None,
 ) -> AsyncIterator[tuple[Node, PaymentService, Node, PaymentService]]:
-    """A paid worker and a paying client, each with its key and data under ``root``."""
+    """A paid worker and a paying client, each with its key and data under ``root``.
+    The client runs in ``client_stack`` when given: a test may stop it early."""
     policy = policy or SettlementPolicy()
-    async with Node(fast_config(key_file=root / "worker.key")) as worker, AsyncExitStack() as client_exit:
-        client = await client_exit.enter_async_context(
+    async with Node(fast_config(key_file=root / "worker.key")) as worker, AsyncExitStack() as own:
+        client = await (client_stack or own).enter_async_context(
             Node(fast_config(key_file=root / "client.key", bootstrap=[worker.addrs[0]]))
         )
-        client_stacks[client] = client_exit  # a test may stop the client early
-        if True:
-            worker.serve_model(model, OnnxRuntimeBackend(model.path, threads=1), price_nanoton=PRICE)
-            w_cfg = PaymentConfig(chain, funded_wallet(chain, root / "w-wallet.json"), root / "worker", policy=policy)
-            c_cfg = PaymentConfig(chain, funded_wallet(chain, root / "c-wallet.json"), root / "client", policy=policy)
-            w_cfg.watch_interval_s = c_cfg.watch_interval_s = 3600  # the tests drive watch_once themselves
-            w_pay, c_pay = worker.enable_payments(w_cfg), client.enable_payments(c_cfg)
-            await wait_for(lambda: client.directory.workers_for(model.model_id, now_ms=now_ms()) != [])
-            yield worker, w_pay, client, c_pay
+        worker.serve_model(model, OnnxRuntimeBackend(model.path, threads=1), price_nanoton=PRICE)
+        w_cfg = PaymentConfig(chain, funded_wallet(chain, root / "w-wallet.json"), root / "worker", policy=policy)
+        c_cfg = PaymentConfig(chain, funded_wallet(chain, root / "c-wallet.json"), root / "client", policy=policy)
+        w_cfg.watch_interval_s = c_cfg.watch_interval_s = 3600  # the tests drive watch_once themselves
+        w_pay, c_pay = worker.enable_payments(w_cfg), client.enable_payments(c_cfg)
+        await wait_for(lambda: client.directory.workers_for(model.model_id, now_ms=now_ms()) != [])
+        yield worker, w_pay, client, c_pay
 
 
 async def jobs(client: Node, model: ModelSpec, n: int) -> int:
@@ -104,8 +103,10 @@ async def test_vanished_client_is_closed_uncooperatively(
     chain: LocalChain, tiny_model: ModelSpec, tmp_path: Path
 ) -> None:
     policy = SettlementPolicy(idle_close_s=0.5)
-    async with pair(chain, tiny_model, tmp_path, policy=policy) as (worker, w_pay, client, c_pay):
-        client_exit = client_stacks[client]
+    async with (
+        AsyncExitStack() as client_exit,
+        pair(chain, tiny_model, tmp_path, policy=policy, client_stack=client_exit) as (worker, w_pay, client, c_pay),
+    ):
         paid = await jobs(client, tiny_model, 3)
         (ch,) = c_pay.payer.open.values()
         c_before = chain.balance(c_pay.config.wallet.address)
