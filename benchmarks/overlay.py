@@ -88,7 +88,7 @@ CHUNK = 65536  # bytes per application write
 async def bench_throughput(per_round: int, rounds: int) -> dict[str, float]:
     """One libp2p stream (Noise + yamux) vs bare trio + noiseprotocol XX, same bytes.
 
-    The two alternate in ``rounds`` rounds and the medians are compared: this
+    The two alternate for ``rounds`` rounds and the medians are compared: this
     machine's speed drifts by 10-20% within a minute, which a single pair of
     runs, one after the other, reads as a difference between the stacks.
     """
@@ -225,7 +225,7 @@ async def bench_gossip(n_peers: int, rate: float, seconds: float) -> dict[str, f
 BENCHES: list[tuple[str, Callable[[bool], Any]]] = [
     ("connect", lambda quick: bench_connect(10 if quick else 40)),
     ("stream_rpc", lambda quick: bench_stream_rpc(100 if quick else 500)),
-    ("throughput", lambda quick: bench_throughput(16 << 20, 3 if quick else 9)),
+    ("throughput", lambda quick: bench_throughput(16 << 20, 3 if quick else 15)),
     ("dht_20", lambda quick: bench_dht(20, 10 if quick else 30)),
     ("gossip_20_at_10", lambda quick: bench_gossip(20, 10, 3 if quick else 10)),
     ("gossip_20_at_100", lambda quick: bench_gossip(20, 100, 2 if quick else 5)),
