@@ -236,10 +236,20 @@ class YamuxMuxer(IMuxedConn):
     async def _read_loop(self) -> bool:
         conn = self.secured_conn
         read_some = conn.read_some if isinstance(conn, NoiseSession) else (lambda: conn.read(None))
+        # With our session, the loop yields after handing data on rather than before
+        # (see NoiseSession.read_nowait): one yield per pass either way.
+        session = self._session if self._session is not None and self._session.can_read_nowait else None
         proto = self.proto
         while not self.event_closed.is_set():
+            yielded = False
             try:
-                data = await read_some()
+                if session is None:
+                    data = await read_some()
+                    yielded = True
+                else:
+                    while (data := session.read_nowait()) is None:  # type: ignore[assignment]
+                        await session.wait_readable()
+                        yielded = True
             except (IOException, OSError, trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
                 return True
             except RemoteProtocolError as e:  # a Noise message failed authentication
@@ -261,6 +271,8 @@ class YamuxMuxer(IMuxedConn):
                 self._dispatch(event)
             if proto.has_data_to_send:
                 self._owed.set()
+            if not yielded:
+                await trio.lowlevel.checkpoint()
         return False
 
     def _dispatch(self, event: yamux.Event) -> None:
@@ -354,14 +366,15 @@ class YamuxMuxer(IMuxedConn):
         frames every stream owes) would wait forever. Sleeps while nobody sends."""
         while True:
             await self._writing.wait()
-            self._writing = trio.Event()
+            self._writing = trio.Event()  # a flush from now on wakes us again
             stalled = 0.0
             tick = self.write_timeout_s / 4
-            while True:
+            while self._write_lock.locked():  # a send is under way: watch it
                 seen = self._bytes_sent
                 await trio.sleep(tick)
-                if not (self._write_lock.locked() and self._bytes_sent == seen):
-                    break
+                if self._bytes_sent != seen or not self._write_lock.locked():
+                    stalled = 0.0
+                    continue
                 stalled += tick
                 if stalled >= self.write_timeout_s:
                     log.info("yamux: %s took no data for %.0f s; closing", self.peer_id, self.write_timeout_s)
