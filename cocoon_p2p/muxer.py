@@ -236,20 +236,10 @@ class YamuxMuxer(IMuxedConn):
     async def _read_loop(self) -> bool:
         conn = self.secured_conn
         read_some = conn.read_some if isinstance(conn, NoiseSession) else (lambda: conn.read(None))
-        # With our session, the loop yields after handing data on rather than before
-        # (see NoiseSession.read_nowait): one yield per pass either way.
-        session = self._session if self._session is not None and self._session.can_read_nowait else None
         proto = self.proto
         while not self.event_closed.is_set():
-            yielded = False
             try:
-                if session is None:
-                    data = await read_some()
-                    yielded = True
-                else:
-                    while (data := session.read_nowait()) is None:  # type: ignore[assignment]
-                        await session.wait_readable()
-                        yielded = True
+                data = await read_some()
             except (IOException, OSError, trio.BrokenResourceError, trio.ClosedResourceError, EOFError):
                 return True
             except RemoteProtocolError as e:  # a Noise message failed authentication
@@ -271,8 +261,6 @@ class YamuxMuxer(IMuxedConn):
                 self._dispatch(event)
             if proto.has_data_to_send:
                 self._owed.set()
-            if not yielded:
-                await trio.lowlevel.checkpoint()
         return False
 
     def _dispatch(self, event: yamux.Event) -> None:

@@ -171,59 +171,16 @@ class NoiseSession(BaseSession):
 
     async def read_some(self) -> bytes:
         """The next plaintext bytes, at least one; raises ConnectionClosedError at EOF."""
-        if self._socket is None:  # not a TCP socket: through the raw connection
-            while not self._plain:
-                raw = await self.raw.read(READ_SIZE)
-                if not raw:
-                    raise ConnectionClosedError("Connection closed")
-                self._plain = self.cipher.feed(raw)
-            data, self._plain = self._plain, b""
-            return data
-        while (got := self.read_nowait()) is None:
-            await self.wait_readable()
-        await trio.lowlevel.cancel_shielded_checkpoint()  # let others run; never drop what was read
-        return got
-
-    @property
-    def can_read_nowait(self) -> bool:
-        """Whether :meth:`read_nowait` and :meth:`wait_readable` work (a TCP socket is ours)."""
-        return self._socket is not None
-
-    def read_nowait(self) -> bytes | None:
-        """The plaintext that what the socket holds now completes, without waiting;
-        None when nothing (or part of a message only) has arrived. Raises
-        ``ConnectionClosedError`` at EOF and ``NoiseDecryptError`` for a forged message.
-
-        A reader that takes this and yields after handling it, instead of
-        yielding before (as a trio socket read does), hands the data on one
-        scheduler pass sooner: a job's latency crosses two such hops.
-        """
         if self._plain:
             data, self._plain = self._plain, b""
             return data
-        sock = self._socket
-        assert sock is not None, "read_nowait needs a TCP socket (can_read_nowait)"
         while True:
-            try:
-                raw = sock.recv(READ_SIZE)
-            except BlockingIOError:
-                return None
-            except OSError as e:
-                raise ConnectionClosedError(f"connection closed: {e}") from None
+            raw = await self._receive(READ_SIZE)
             if not raw:
                 raise ConnectionClosedError("Connection closed")
             data = self.cipher.feed(raw)
             if data:
                 return data
-
-    async def wait_readable(self) -> None:
-        """Until the socket has bytes to read, or is closed."""
-        sock = self._socket
-        assert sock is not None, "wait_readable needs a TCP socket (can_read_nowait)"
-        try:
-            await trio.lowlevel.wait_readable(sock.fileno())
-        except (OSError, trio.ClosedResourceError) as e:
-            raise ConnectionClosedError(f"connection closed: {e}") from None
 
     async def read(self, n: int | None = None) -> bytes:
         if n == 0:
@@ -271,6 +228,24 @@ class NoiseSession(BaseSession):
         view = memoryview(self.seal(data))
         while view:
             view = view[await self.send_some(view) :]
+
+    async def _receive(self, n: int) -> bytes:
+        sock = self._socket
+        if sock is None:
+            return await self.raw.read(n)
+        while True:
+            try:
+                data = sock.recv(n)
+            except BlockingIOError:
+                try:
+                    await trio.lowlevel.wait_readable(sock.fileno())
+                except (OSError, trio.ClosedResourceError):
+                    return b""
+                continue
+            except OSError:
+                return b""
+            await trio.lowlevel.cancel_shielded_checkpoint()  # let others run; never drop what was read
+            return data
 
     async def close(self) -> None:
         await self.raw.close()

@@ -302,9 +302,11 @@ async def test_a_peer_that_reads_nothing_is_dropped_after_the_write_timeout() ->
 
         streams = [await a.host.new_stream(ID(b.peer_id), [ECHO]) for _ in range(8)]
 
-        # b's process stops reading its socket, from its next read on.
-        b_muxed.secured_conn.read_nowait = lambda: None  # type: ignore[method-assign]
-        b_muxed.secured_conn.wait_readable = trio.sleep_forever  # type: ignore[method-assign]
+        async def frozen(n: int) -> bytes:  # b's process stops reading its socket
+            await trio.sleep_forever()
+            return b""
+
+        b_muxed.secured_conn._receive = frozen  # type: ignore[method-assign]  # from its next read on
         errors: list[str] = []
 
         async def flood(s: Any) -> None:
