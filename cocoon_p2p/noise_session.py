@@ -27,6 +27,7 @@ from libp2p.security.base_session import BaseSession
 from multiaddr import Multiaddr
 
 from .errors import RemoteProtocolError
+from .reassembly import Reassembly
 
 MAX_MESSAGE = 65535  # ciphertext bytes in one Noise transport message
 TAG_SIZE = 16
@@ -54,7 +55,7 @@ class NoiseCipher:
         self._recv = ChaCha20Poly1305(recv_key)
         self._send_n = send_nonce
         self._recv_n = recv_nonce
-        self._in = bytearray()
+        self._in = Reassembly()
 
     @classmethod
     def from_noise_state(cls, state: Any) -> NoiseCipher:
@@ -80,11 +81,7 @@ class NoiseCipher:
 
     def feed(self, data: bytes) -> bytes:
         """Decrypt every complete message in ``data`` plus what was buffered."""
-        buf = self._in
-        src: bytes | bytearray = data
-        if buf:  # a message was cut short: join (else decrypt from ``data`` itself)
-            buf += data
-            src = buf
+        src = self._in.join(data)
         out: list[bytes] = []
         pos = 0
         end = len(src)
@@ -105,10 +102,7 @@ class NoiseCipher:
                 pos += 2 + n
         finally:
             view.release()
-            if src is buf:
-                del buf[:pos]
-            elif pos < end:
-                buf += memoryview(data)[pos:]
+            self._in.keep(src, pos)
         return out[0] if len(out) == 1 else b"".join(out)
 
 

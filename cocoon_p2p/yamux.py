@@ -24,6 +24,7 @@ import struct
 from dataclasses import dataclass, field
 
 from .errors import LocalProtocolError, RemoteProtocolError
+from .reassembly import Reassembly
 
 HEADER = struct.Struct(">BBHII")
 HEADER_SIZE = HEADER.size
@@ -156,7 +157,7 @@ class YamuxConnection:
         self._streams: dict[int, _Stream] = {}
         self._next_id = 1 if self.client else 2
         self._inbound = 0
-        self._in = bytearray()
+        self._in = Reassembly()
         self._out: list[bytes] = []
         self._ping_id = 0
         self.local_terminated = False  # we sent GO_AWAY
@@ -276,11 +277,7 @@ class YamuxConnection:
 
         Raises :class:`YamuxProtocolError`; after it, send :meth:`go_away` and close.
         """
-        buf = self._in
-        src: bytes | bytearray = data
-        if buf:  # a frame was cut short: join (else parse ``data`` itself, no copy)
-            buf += data
-            src = buf
+        src = self._in.join(data)
         events: list[Event] = []
         pos = 0
         end = len(src)
@@ -316,10 +313,7 @@ class YamuxConnection:
                 self.stats.frames_received += 1
         finally:
             view.release()  # a bytearray with a live view cannot shrink
-            if src is buf:
-                del buf[:pos]
-            elif pos < end:
-                buf += memoryview(data)[pos:]
+            self._in.keep(src, pos)
         return events
 
     @property

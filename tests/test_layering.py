@@ -29,6 +29,7 @@ PURE_MODULES = [
     "cocoon_p2p.metrics",
     "cocoon_p2p.openai_api",
     "cocoon_p2p.yamux",
+    "cocoon_p2p.reassembly",
 ]
 
 
