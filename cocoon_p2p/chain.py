@@ -16,13 +16,14 @@ import base64
 import json
 import shutil
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.parse
 import urllib.request
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -258,6 +259,11 @@ class Wallet:
 
     contract: Any
     secret_key: bytes
+    confirm_timeout_s: float = 60.0  # a transfer waits this long to be on chain
+    # One transfer at a time, each sent after the last one is on chain: the wallet takes
+    # each seqno once, and two transfers signed with the same one lose one of them
+    # (two channels opened at once did: exit code 33, "wrong seqno").
+    _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     @classmethod
     def create(cls) -> Wallet:
@@ -295,7 +301,9 @@ class Wallet:
         return int(chain.run_get_method(self.address, "seqno")[0])
 
     def deploy(self, chain: TonCenter) -> None:
-        chain.send_boc(bytes(self.contract.create_init_external_message()["message"].to_boc(False)))
+        with self._lock:
+            chain.send_boc(bytes(self.contract.create_init_external_message()["message"].to_boc(False)))
+            wait_until(lambda: chain.state(self.address) == "active", timeout_s=self.confirm_timeout_s)
 
     def transfer(
         self, chain: TonCenter, to: str, amount: int, *, body: Cell | None = None, init: Cell | None = None
@@ -306,11 +314,14 @@ class Wallet:
         def convert(cell: Cell | None) -> Any:
             return TonsdkCell.one_from_boc(bytes(cell.to_boc())) if cell is not None else None
 
-        self._expire_by_chain_clock(chain)
-        msg = self.contract.create_transfer_message(
-            to, amount, self.seqno(chain), payload=convert(body), state_init=convert(init)
-        )
-        chain.send_boc(bytes(msg["message"].to_boc(False)))
+        with self._lock:
+            self._expire_by_chain_clock(chain)
+            seqno = self.seqno(chain)
+            msg = self.contract.create_transfer_message(
+                to, amount, seqno, payload=convert(body), state_init=convert(init)
+            )
+            chain.send_boc(bytes(msg["message"].to_boc(False)))
+            wait_until(lambda: self.seqno(chain) > seqno, timeout_s=self.confirm_timeout_s)
 
     def _expire_by_chain_clock(self, chain: TonCenter) -> None:
         """tonsdk stamps wallet messages "valid until now + 60 s" by this machine's clock;

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import threading
 
 import pytest
 from nacl.signing import SigningKey
@@ -69,6 +70,22 @@ def test_open_pay_and_cooperatively_close_on_chain() -> None:
         assert TON - FEE - TON // 100 < received < TON - FEE
         payout = [t for t in chain.transactions(worker.address) if t["in_msg"] and t["in_msg"]["source"] == channel]
         assert payout and TON - TON // 1000 < int(payout[0]["in_msg"]["value"]) <= TON  # less the forward fee
+
+
+def test_transfers_from_one_wallet_in_several_threads_all_land() -> None:
+    """A client opens channels to several workers at once, from threads: each transfer
+    must use its own seqno (two built from one reading lose one: exit code 33)."""
+    with open_local_chain() as chain:
+        wallet = chain.new_wallet(10 * TON)
+        targets = [chain.new_wallet(TON // 10) for _ in range(4)]
+        before = [chain.balance(t.address) for t in targets]
+        threads = [threading.Thread(target=wallet.transfer, args=(chain, t.address, TON // 10)) for t in targets]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert wallet.seqno(chain) == 1 + len(targets)
+        assert all(chain.balance(t.address) > b for t, b in zip(targets, before, strict=True))
 
 
 def test_worker_closes_alone_after_the_quarantine_when_the_client_vanishes() -> None:
