@@ -38,6 +38,7 @@ class WorkerOffer:
     max_batch: int | None = None
 
 
+MAX_CACHED_MODELS = 1024
 _GOSSIP, _DHT, _BOTH = frozenset({"gossip"}), frozenset({"dht"}), frozenset({"gossip", "dht"})
 
 
@@ -45,6 +46,13 @@ _GOSSIP, _DHT, _BOTH = frozenset({"gossip"}), frozenset({"dht"}), frozenset({"go
 class _Origin:
     announcement: Announcement
     accepted_at_ms: int
+
+
+@dataclass
+class _CachedOffers:
+    built_ms: int
+    valid_until_ms: int  # the first expiry among the entries it was built from
+    offers: list[WorkerOffer]
 
 
 @dataclass
@@ -56,6 +64,10 @@ class WorkerDirectory:
     min_interval_ms: int = 200
     _origins: dict[bytes, _Origin] = field(default_factory=dict)
     _records: dict[tuple[bytes, bytes], CapabilityRecord] = field(default_factory=dict)
+    # A client asks for a model's offers on every job, and a scan costs O(workers known):
+    # the answer is kept per model until the directory changes or an entry in it expires.
+    _next_expiry_ms: int = 0  # no entry expires before this (0: unknown, scan)
+    _offers: dict[bytes, _CachedOffers] = field(default_factory=dict)
 
     def receive_announcement(self, data: bytes, *, origin: bytes | None, now_ms: int) -> Announcement:
         """Verify and store a gossiped announcement.
@@ -85,7 +97,13 @@ class WorkerDirectory:
                 oldest = min(self._origins, key=lambda p: self._origins[p].announcement.expires_at_ms)
                 del self._origins[oldest]
         self._origins[ann.peer_id] = _Origin(ann, now_ms)
+        self._changed(ann.expires_at_ms)
         return ann
+
+    def _changed(self, expires_at_ms: int | None = None) -> None:
+        self._offers.clear()
+        if expires_at_ms is not None and self._next_expiry_ms:
+            self._next_expiry_ms = min(self._next_expiry_ms, expires_at_ms)
 
     def add_record(self, rec: CapabilityRecord) -> None:
         """Store a verified DHT capability record, keeping the newest per key."""
@@ -96,16 +114,24 @@ class WorkerDirectory:
                 oldest = min(self._records, key=lambda k: self._records[k].expires_at_ms)
                 del self._records[oldest]
             self._records[key] = rec
+            self._changed(rec.expires_at_ms)
 
     def expire(self, now_ms: int) -> None:
         """Forget whatever has expired."""
+        if now_ms < self._next_expiry_ms:
+            return
         self._origins = {p: o for p, o in self._origins.items() if o.announcement.expires_at_ms > now_ms}
         self._records = {k: r for k, r in self._records.items() if r.expires_at_ms > now_ms}
+        expiries = [o.announcement.expires_at_ms for o in self._origins.values()]
+        expiries += [r.expires_at_ms for r in self._records.values()]
+        self._next_expiry_ms = min(expiries, default=2**63)
+        self._changed()
 
     def forget(self, peer_id: bytes) -> None:
         """Drop everything known about a peer (e.g. when it is banned)."""
         self._origins.pop(peer_id, None)
         self._records = {k: r for k, r in self._records.items() if k[0] != peer_id}
+        self._changed()
 
     def announcement_of(self, peer_id: bytes) -> Announcement | None:
         origin = self._origins.get(peer_id)
@@ -129,6 +155,10 @@ class WorkerDirectory:
         """
         for rec in extra:
             self.add_record(rec)
+        cached = self._offers.get(model_id)
+        if cached is not None and cached.built_ms <= now_ms < cached.valid_until_ms:
+            return list(cached.offers)
+        valid_until = 2**63
         rows: dict[bytes, WorkerOffer] = {}
         for origin in self._origins.values():
             a = origin.announcement
@@ -136,6 +166,7 @@ class WorkerDirectory:
                 continue
             for o in a.offers:
                 if o.model_id == model_id:
+                    valid_until = min(valid_until, a.expires_at_ms)
                     rows[a.peer_id] = WorkerOffer(
                         peer_id=a.peer_id,
                         model_id=model_id,
@@ -154,6 +185,7 @@ class WorkerDirectory:
         for (peer_id, mid), r in self._records.items():
             if mid != model_id or r.expires_at_ms <= now_ms:
                 continue
+            valid_until = min(valid_until, r.expires_at_ms)
             have = rows.get(peer_id)
             # One row per worker, built once (this runs for every job a client routes).
             base = have if have is not None and have.issued_at_ms >= r.issued_at_ms else r
@@ -174,4 +206,8 @@ class WorkerDirectory:
                 gpu_memory_mb=r.gpu_memory_mb,
                 max_batch=r.max_batch,
             )
-        return sorted(rows.values(), key=lambda w: (-w.issued_at_ms, w.peer_id))
+        offers = sorted(rows.values(), key=lambda w: (-w.issued_at_ms, w.peer_id))
+        if len(self._offers) >= MAX_CACHED_MODELS:
+            self._offers.clear()
+        self._offers[model_id] = _CachedOffers(now_ms, valid_until, offers)
+        return list(offers)

@@ -1,12 +1,25 @@
 """The worker directory and announcements: table-driven, no I/O."""
 
+import contextlib
 import dataclasses
+import functools
+from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from cocoon_p2p import announcement as ann_mod
 from cocoon_p2p.directory import WorkerDirectory
-from cocoon_p2p.errors import BadSignature, ExpiredMessage, ForeignKey, MalformedMessage, RateLimited, ReplayedMessage
+from cocoon_p2p.errors import (
+    BadSignature,
+    ExpiredMessage,
+    ForeignKey,
+    MalformedMessage,
+    RateLimited,
+    RemoteProtocolError,
+    ReplayedMessage,
+)
 
 from .helpers import MODEL, MODEL_B, NOW, announcement, ident, offer, record
 
@@ -95,3 +108,48 @@ def test_memory_is_bounded() -> None:
         d.receive_announcement(announcement(who, now=NOW + n).encode(), origin=who.peer_id, now_ms=NOW + n)
     assert len(d.known_peers(NOW + 10)) == 3
     assert [a.peer_id for a in d.known_peers(NOW + 10)] == [ident(n).peer_id for n in (5, 4, 3)]
+
+
+_OPS = st.lists(
+    st.tuples(
+        st.sampled_from(["announce", "record", "forget", "expire", "query"]),
+        st.integers(1, 3),  # worker
+        st.integers(0, 1),  # model
+        st.sampled_from([500, 3000, 20_000]),  # ttl
+        st.integers(0, 2500),  # time passing before the step
+    ),
+    max_size=40,
+)
+
+
+@functools.cache
+def _signed(who: int, model: int, now: int, ttl: int, kind: str) -> Any:
+    m = (MODEL, MODEL_B)[model]
+    if kind == "announce":
+        return announcement(ident(who), now=now, ttl=ttl, offers=(offer(m, price_nanoton=now % 997),))
+    return record(ident(who), now=now, ttl=ttl, model=m, price_nanoton=now % 991)
+
+
+@settings(max_examples=150, deadline=None)
+@given(_OPS)
+def test_cached_offers_always_equal_a_fresh_scan(ops: list[tuple[str, int, int, int, int]]) -> None:
+    """A client asks for offers on every job, so they are cached: whatever happens
+    in between (announcements, records, bans, expiry, time), the answer is the scan's."""
+    d = WorkerDirectory(min_interval_ms=0)
+    now = NOW
+    for kind, who, model, ttl, wait in ops:
+        now += wait
+        if kind in ("announce", "record"):
+            item = _signed(who, model, now, ttl, kind)
+            if kind == "record":
+                d.add_record(item)
+            else:
+                with contextlib.suppress(RemoteProtocolError):
+                    d.accept(item, origin=None, now_ms=now)
+        elif kind == "forget":
+            d.forget(ident(who).peer_id)
+        elif kind == "expire":
+            d.expire(now)
+        for m in (MODEL, MODEL_B):
+            fresh = dataclasses.replace(d, _offers={}).workers_for(m, now_ms=now)
+            assert d.workers_for(m, now_ms=now) == fresh
