@@ -212,7 +212,7 @@ async def bench_generation(tokens: int) -> dict[str, float]:
 
 BENCHES: list[tuple[str, Callable[[bool], Any]]] = [
     ("job_dispatch", lambda quick: bench_dispatch(100 if quick else 500)),
-    ("job_minilm", lambda quick: bench_minilm(30 if quick else 300)),
+    ("job_minilm", lambda quick: bench_minilm(30 if quick else 1000, rounds=2 if quick else 10)),
     ("job_batching", lambda quick: bench_batching(128 if quick else 512)),
     ("job_generation", lambda quick: bench_generation(32 if quick else 128)),
 ]

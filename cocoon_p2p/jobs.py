@@ -22,9 +22,10 @@ import logging
 import math
 import random
 import time
+from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Generic, TypeVar
 
 import trio
 from libp2p.custom_types import TProtocol
@@ -35,18 +36,20 @@ from . import jobframes as jf
 from .backends import Backend
 from .batching import Batcher
 from .directory import WorkerOffer
-from .errors import CocoonError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from .errors import CocoonError, LocalProtocolError, MalformedMessage, ProtocolError, RemoteProtocolError
 from .executor import Executor, Outcome
 from .fastlock import FastLock
 from .host import close_quietly, unblock_peer
 from .jobconn import JobConnection, NeedData, Role
 from .metrics import Histogram
 from .models import ModelSpec
+from .muxer import MuxedStream
 from .protocols import JOB_PROTOCOL
 from .routing import Router
 from .tensors import Tensor
 
 log = logging.getLogger("cocoon_p2p.jobs")
+T = TypeVar("T")
 READ_SIZE = 1 << 16
 # Batches faster than this run on the event loop's thread, when the model is idle: the
 # thread hop costs ~0.1 ms (MiniLM batch 1: network/local 1.36 -> 1.28x) and blocks the
@@ -114,21 +117,124 @@ class _WorkerJob:
     admitted_at: float = field(default_factory=time.perf_counter)
 
 
-class _WorkerLink:
-    """The worker's end of one client stream."""
+class _Inbox(Generic[T]):
+    """Items from a connection's reading task to one waiting task: a put wakes the
+    task directly, and a get finds what arrived meanwhile without a yield."""
+
+    __slots__ = ("items", "_task")
+
+    def __init__(self) -> None:
+        self.items: deque[T] = deque()
+        self._task: trio.lowlevel.Task | None = None
+
+    @property
+    def idle(self) -> bool:
+        """The task waits here and nothing is queued before what comes next."""
+        return self._task is not None and not self.items
+
+    def put(self, item: T) -> None:
+        self.items.append(item)
+        if self._task is not None:
+            task, self._task = self._task, None
+            trio.lowlevel.reschedule(task)
+
+    async def get(self) -> T:
+        if not self.items:
+            self._task = trio.lowlevel.current_task()
+
+            def abort(_: Any) -> trio.lowlevel.Abort:
+                self._task = None
+                return trio.lowlevel.Abort.SUCCEEDED
+
+            await trio.lowlevel.wait_task_rescheduled(abort)
+        return self.items.popleft()
+
+
+class _StreamIO:
+    """Reads and writes a job stream. Under py-libp2p's NetStream there is, on our
+    connections, our own yamux stream: the job links use it directly (NetStream's
+    state checks and lock cost ~5 us a message) and write without a schedule point
+    when nothing has to wait (the caller is about to wait for the peer anyway)."""
 
     def __init__(self, stream: Any) -> None:
         self.stream = stream
+        muxed = getattr(stream, "muxed_stream", None)
+        self.muxed = muxed if isinstance(muxed, MuxedStream) else None
+        self.read: Callable[[int], Awaitable[bytes]] = (self.muxed or stream).read
+
+    async def write(self, data: bytes) -> None:
+        if self.muxed is None:
+            await self.stream.write(data)
+        elif not self.muxed.try_write(data):
+            await self.muxed.write(data)
+
+
+class _Flush:
+    """An inbox item: send what is pending (the reading task could not without a wait)."""
+
+
+_FLUSH = _Flush()
+_WorkerItem = jf.Frame | Exception | _Flush | None
+
+
+class _WorkerLink:
+    """The worker's end of one client stream.
+
+    On our connections frames are parsed where the bytes arrive, in the
+    connection's reading task: a quick job for an idle model runs right there
+    (``inline``), and everything else queues, in order, for the stream's task.
+    """
+
+    def __init__(self, stream: Any, inline: Callable[[_WorkerLink, jf.JobRequest], bool]) -> None:
+        self.stream = stream
+        self.io = _StreamIO(stream)
         self.peer = _remote_peer(stream)
         self.conn = JobConnection(Role.WORKER)
         self.lock = FastLock()  # held only around one write: no scheduler trip when free
         self.jobs: dict[int, _WorkerJob] = {}
         self.pending = bytearray()  # frames held back to share the next write
+        self.inbox = _Inbox[_WorkerItem]()
+        self._inline = inline
+        self._failed = False
+        if self.io.muxed is not None:
+            self.io.muxed.deliver_to(self.receive)
+
+    def receive(self, data: bytes | None) -> None:
+        """Bytes from the client (None: the stream ended); never raises."""
+        if self._failed:
+            return
+        if data is None:
+            self.inbox.put(None)
+            return
+        try:
+            self.conn.receive_data(data)
+            while not isinstance(frame := self.conn.next_event(), NeedData):
+                if not (isinstance(frame, jf.JobRequest) and self.inbox.idle and self._inline(self, frame)):
+                    self.inbox.put(frame)
+        except Exception as exc:  # the stream's task raises it
+            self._failed = True
+            self.inbox.put(exc)
+
+    async def next_item(self) -> _WorkerItem:
+        """The next frame (or error, or flush) for the stream's task; None at the end."""
+        if self.io.muxed is None:  # another multiplexer than ours: read here
+            while not self.inbox.items:
+                self.receive(await self.io.read(READ_SIZE) or None)
+        return await self.inbox.get()
 
     def send_later(self, frame: jf.Frame) -> None:
         """Queue ``frame`` to go out with the next :meth:`send` or :meth:`flush`:
         a fast job's JobAccepted then shares one encrypted write with its result."""
         self.pending += self.conn.send(frame)
+
+    def flush_now(self) -> None:
+        """Send what is pending if that needs no wait, else leave it to the stream's task."""
+        if not self.pending:
+            return
+        if not self.lock.locked() and self.io.muxed is not None and self.io.muxed.try_write(bytes(self.pending)):
+            self.pending = bytearray()
+        else:
+            self.inbox.put(_FLUSH)
 
     async def send(self, frame: jf.Frame) -> None:
         async with self.lock:
@@ -138,13 +244,13 @@ class _WorkerLink:
                 return
             if self.pending:
                 data, self.pending = bytes(self.pending) + data, bytearray()
-            await self.stream.write(data)
+            await self.io.write(data)
 
     async def flush(self) -> None:
         async with self.lock:
             if self.pending:
                 data, self.pending = bytes(self.pending), bytearray()
-                await self.stream.write(data)
+                await self.io.write(data)
 
 
 @dataclass
@@ -187,21 +293,17 @@ class JobWorker:
         self.nursery.start_soon(self._model_loop, served)
 
     async def _handle_stream(self, stream: Any) -> None:
-        link = _WorkerLink(stream)
+        link = _WorkerLink(stream, self._try_inline)
         try:
-            while True:
-                data = await stream.read(READ_SIZE)
-                if not data:
-                    break
-                link.conn.receive_data(data)
-                while True:
-                    frame = link.conn.next_event()
-                    if isinstance(frame, NeedData):
-                        break
-                    if isinstance(frame, jf.JobRequest):
-                        await self._admit(link, frame)
-                    elif isinstance(frame, jf.JobCancel):
-                        await self._cancel(link, frame.job_id)
+            while (item := await link.next_item()) is not None:
+                if isinstance(item, Exception):
+                    raise item
+                if isinstance(item, jf.JobRequest):
+                    await self._admit(link, item)
+                elif isinstance(item, jf.JobCancel):
+                    await self._cancel(link, item.job_id)
+                elif isinstance(item, _Flush):
+                    await link.flush()
         except RemoteProtocolError as exc:
             log.info("client broke the job protocol: %s", exc)
             self.on_misbehaviour(_remote_peer(stream), exc)
@@ -216,46 +318,98 @@ class JobWorker:
         self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
         await link.send(jf.JobError(job_id=req.job_id, code=code, message=message))
 
-    async def _admit(self, link: _WorkerLink, req: jf.JobRequest) -> None:
-        served = self.models.get(req.model_id)
+    def _refusal(self, link: _WorkerLink, req: jf.JobRequest, served: _Served | None) -> tuple[str, str] | None:
+        """Why ``req`` cannot start now, as (code, message), if it cannot."""
         if not self.accepting:
-            return await self._refuse(link, req, jf.SHUTTING_DOWN, "worker is shutting down")
+            return jf.SHUTTING_DOWN, "worker is shutting down"
         if served is None:
-            return await self._refuse(link, req, jf.UNKNOWN_MODEL, f"model {req.model_id.hex()[:16]} not served")
+            return jf.UNKNOWN_MODEL, f"model {req.model_id.hex()[:16]} not served"
         if served.price_nanoton > req.max_price_nanoton:
-            return await self._refuse(link, req, jf.PRICE, f"price {served.price_nanoton} above cap")
+            return jf.PRICE, f"price {served.price_nanoton} above cap"
         if req.deadline_ms <= now_ms():
-            return await self._refuse(link, req, jf.DEADLINE, "deadline already passed")
+            return jf.DEADLINE, "deadline already passed"
         if self.running >= self.capacity:
-            return await self._refuse(link, req, jf.BUSY, f"all {self.capacity} slots taken")
-        refusal = self.admission(link.peer)
-        if refusal is not None:
-            return await self._refuse(link, req, refusal, "open a payment channel or pay what is owed first")
-        try:
-            key = served.executor.check(req)
-        except ProtocolError as exc:
-            return await self._refuse(link, req, jf.BAD_INPUT, str(exc))
+            return jf.BUSY, f"all {self.capacity} slots taken"
+        if (code := self.admission(link.peer)) is not None:
+            return code, "open a payment channel or pay what is owed first"
+        return None
+
+    def _accept(self, link: _WorkerLink, req: jf.JobRequest, key: object) -> _WorkerJob:
         job = _WorkerJob(req, link, key)
         link.jobs[req.job_id] = job
         self.running += 1
         self.on_load_change()
+        return job
+
+    async def _admit(self, link: _WorkerLink, req: jf.JobRequest) -> None:
+        served = self.models.get(req.model_id)
+        if (refusal := self._refusal(link, req, served)) is not None:
+            return await self._refuse(link, req, *refusal)
+        assert served is not None
+        try:
+            key = served.executor.check(req)
+        except ProtocolError as exc:
+            return await self._refuse(link, req, jf.BAD_INPUT, str(exc))
+        job = self._accept(link, req, key)
         accepted = jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit)
         if served.spec.kind == "generation":  # token by token, never batched
             await link.send(accepted)
             self.nursery.start_soon(self._run_generation, served, job)
             return
         link.send_later(accepted)  # flushed when the batch starts, if it will take a while
-        if not served.busy and not served.batcher.waiting() and served.avg_run_s < INLINE_RUN_S:
-            served.busy = True  # idle and quick: run it here, without waking the model loop
+        if _quick_and_idle(served):  # run it here, without waking the model loop
+            self._run_now(served, job)
             try:
-                await self._run_batch(served, (job,))
-            finally:
-                served.busy = False
-                if served.batcher.waiting():
-                    served.wake.set()  # jobs that queued meanwhile
+                await link.flush()
+            except Exception as exc:  # the client went away; the job is over either way
+                log.debug("could not deliver job %d: %r", req.job_id, exc)
             return
         served.batcher.add(key, job, trio.current_time())
         served.wake.set()
+
+    def _try_inline(self, link: _WorkerLink, req: jf.JobRequest) -> bool:
+        """Admit and run a quick job for an idle model where its request was parsed
+        (the connection's reading task), when nothing on the way needs a wait: no
+        task switch before the run. False: the stream's task takes it as usual
+        (refusals too). A run inline blocks the event loop, as any inline run does."""
+        served = self.models.get(req.model_id)
+        if served is None or served.spec.kind == "generation" or not _quick_and_idle(served):
+            return False
+        if self._refusal(link, req, served) is not None:
+            return False
+        try:
+            key = served.executor.check(req)
+        except ProtocolError:
+            return False
+        job = self._accept(link, req, key)
+        link.send_later(jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit))
+        self._run_now(served, job)
+        link.flush_now()
+        return True
+
+    def _run_now(self, served: _Served, job: _WorkerJob) -> None:
+        """Run one quick job on this thread; its result (or error) waits in the link's pending bytes."""
+        served.busy = True
+        try:
+            self.stats.batches += 1
+            self.stats.batched_items += 1
+            try:
+                outcomes, elapsed = _timed_run(served, [job.req])
+            except Exception as exc:  # a backend failure fails this job, not the worker
+                log.warning("backend failed on %s: %s", served.spec.name, exc)
+                frame = self._conclude(job, error=(jf.BACKEND, str(exc)[:200]))
+            else:
+                served.avg_run_s += 0.2 * (elapsed - served.avg_run_s)
+                frame = self._conclude(
+                    job, outcome=outcomes[0], price=served.price_nanoton, compute_us=int(elapsed * 1e6)
+                )
+            if frame is not None:
+                with contextlib.suppress(LocalProtocolError):  # as send() does: nothing to send
+                    job.link.send_later(frame)
+        finally:
+            served.busy = False
+            if served.batcher.waiting():
+                served.wake.set()  # jobs that queued meanwhile
 
     async def _cancel(self, link: _WorkerLink, job_id: int) -> None:
         job = link.jobs.get(job_id)
@@ -301,15 +455,12 @@ class JobWorker:
                 with contextlib.suppress(Exception):
                     await link.flush()
         requests = [j.req for j in live]
-
-        def timed_run() -> tuple[list[Outcome], float]:  # the run alone, without the thread hop
-            t0 = time.perf_counter()
-            outcomes = served.executor.run(requests)
-            return outcomes, time.perf_counter() - t0
-
         try:
-            # A sub-millisecond model runs inline: a thread hop would cost more than the run.
-            outcomes, elapsed = timed_run() if quick else await trio.to_thread.run_sync(timed_run)
+            # A quick model runs inline: a thread hop would cost more than it saves.
+            if quick:
+                outcomes, elapsed = _timed_run(served, requests)
+            else:
+                outcomes, elapsed = await trio.to_thread.run_sync(_timed_run, served, requests)
         except Exception as exc:  # a backend failure fails these jobs, not the worker
             log.warning("backend failed on %s: %s", served.spec.name, exc)
             for job in live:
@@ -363,11 +514,28 @@ class JobWorker:
         compute_us: int = 0,
         error: tuple[str, str] | None = None,
     ) -> None:
-        if job.link.jobs.pop(job.req.job_id, None) is None:
+        frame = self._conclude(job, outcome=outcome, price=price, compute_us=compute_us, error=error)
+        if frame is None:
             return
+        try:
+            await job.link.send(frame)
+        except Exception as exc:  # the client went away; the job is over either way
+            log.debug("could not deliver job %d: %r", job.req.job_id, exc)
+
+    def _conclude(
+        self,
+        job: _WorkerJob,
+        *,
+        outcome: Outcome | None = None,
+        price: int = 0,
+        compute_us: int = 0,
+        error: tuple[str, str] | None = None,
+    ) -> jf.Frame | None:
+        """End ``job``: its last frame, with the books and the bill updated (None: it had ended)."""
+        if job.link.jobs.pop(job.req.job_id, None) is None:
+            return None
         self.running -= 1
         self.on_load_change()
-        frame: jf.Frame
         if outcome is not None:
             frame = jf.JobResult(
                 job_id=job.req.job_id,
@@ -376,24 +544,37 @@ class JobWorker:
                 cost_nanoton=outcome.units * price,
                 compute_us=compute_us,
             )
-            if _maybe_large(outcome):
-                try:
-                    jf.encode_frame(frame)
-                except LocalProtocolError:  # a result too large to send: the job fails, unpaid
-                    error, outcome = (jf.TOO_LARGE, "the result exceeds the frame limit"), None
-        if outcome is not None:
-            self.stats.jobs_ok += 1
-            self.stats.latency_s.observe(time.perf_counter() - job.admitted_at)
-            self.stats.earned_nanoton += outcome.units * price
-            self.on_billed(job.link.peer, outcome.units * price)
-        else:
-            assert error is not None
-            self.stats.jobs_failed += 1
-            frame = jf.JobError(job_id=job.req.job_id, code=error[0], message=error[1])
-        try:
-            await job.link.send(frame)
-        except Exception as exc:  # the client went away; the job is over either way
-            log.debug("could not deliver job %d: %r", job.req.job_id, exc)
+            if not _maybe_large(outcome):
+                return self._billed(job, frame, outcome.units * price)
+            try:
+                jf.encode_frame(frame)
+            except LocalProtocolError:  # a result too large to send: the job fails, unpaid
+                error = (jf.TOO_LARGE, "the result exceeds the frame limit")
+            else:
+                return self._billed(job, frame, outcome.units * price)
+        assert error is not None
+        self.stats.jobs_failed += 1
+        return jf.JobError(job_id=job.req.job_id, code=error[0], message=error[1])
+
+    def _billed(self, job: _WorkerJob, frame: jf.JobResult, cost: int) -> jf.JobResult:
+        self.stats.jobs_ok += 1
+        self.stats.latency_s.observe(time.perf_counter() - job.admitted_at)
+        self.stats.earned_nanoton += cost
+        self.on_billed(job.link.peer, cost)
+        return frame
+
+
+def _quick_and_idle(served: _Served) -> bool:
+    """A job for ``served`` may run inline now: the model is idle, nothing waits for it,
+    and its runs are quick."""
+    return not served.busy and not served.batcher.waiting() and served.avg_run_s < INLINE_RUN_S
+
+
+def _timed_run(served: _Served, requests: list[jf.JobRequest]) -> tuple[list[Outcome], float]:
+    """The run alone, and how long it took (without any thread hop)."""
+    t0 = time.perf_counter()
+    outcomes = served.executor.run(requests)
+    return outcomes, time.perf_counter() - t0
 
 
 # ---- client --------------------------------------------------------------------------------
@@ -409,46 +590,67 @@ def _remote_peer(stream: Any) -> bytes:
 
 
 class _ClientLink:
-    """The client's end of the stream to one worker, shared by all jobs to it."""
+    """The client's end of the stream to one worker, shared by all jobs to it.
+
+    Frames are parsed where the bytes arrive: on our connections, in the
+    connection's reading task (no hand-over to a task of the link's own, which
+    cost a pass of the scheduler per result), and each goes to its job's inbox.
+    """
 
     def __init__(self, peer_id: bytes, stream: Any) -> None:
         self.peer_id = peer_id
         self.stream = stream
+        self.io = _StreamIO(stream)
         self.conn = JobConnection(Role.CLIENT)
         self.lock = FastLock()
-        self.waiters: dict[int, trio.MemorySendChannel[jf.Frame | JobFailed]] = {}
+        self.waiters: dict[int, _Inbox[jf.Frame | JobFailed]] = {}
         self.broken: JobFailed | None = None
         self.on_misbehaviour: Callable[[bytes, ProtocolError], None] = lambda peer, err: None
 
+    def start(self, nursery: trio.Nursery) -> None:
+        if self.io.muxed is not None:
+            self.io.muxed.deliver_to(self.receive)
+        else:
+            nursery.start_soon(self._read_loop)
+
     async def send(self, frame: jf.Frame) -> None:
         async with self.lock:
-            await self.stream.write(self.conn.send(frame))
+            await self.io.write(self.conn.send(frame))
 
-    async def read_loop(self) -> None:
+    def receive(self, data: bytes | None) -> None:
+        """Bytes from the worker (None: the stream ended); never raises."""
+        if self.broken is not None:
+            return
         try:
-            while True:
-                data = await self.stream.read(READ_SIZE)
-                if not data:
-                    raise JobFailed(jf.WORKER_LOST, "stream closed", worker=self.peer_id)
-                self.conn.receive_data(data)
-                while not isinstance(frame := self.conn.next_event(), NeedData):
-                    ch = self.waiters.get(frame.job_id)
-                    if ch is not None:
-                        ch.send_nowait(frame)  # buffer sized for a job's frames
+            if data is None:
+                raise JobFailed(jf.WORKER_LOST, "stream closed", worker=self.peer_id)
+            self.conn.receive_data(data)
+            while not isinstance(frame := self.conn.next_event(), NeedData):
+                inbox = self.waiters.get(frame.job_id)
+                if inbox is not None:
+                    inbox.put(frame)
         except JobFailed as exc:
-            self.broken = exc
+            self._fail(exc)
         except RemoteProtocolError as exc:
-            self.broken = JobFailed(jf.WORKER_LOST, f"worker broke the protocol: {exc}", worker=self.peer_id)
+            self._fail(JobFailed(jf.WORKER_LOST, f"worker broke the protocol: {exc}", worker=self.peer_id))
             self.on_misbehaviour(self.peer_id, exc)
         except Exception as exc:
-            self.broken = JobFailed(jf.WORKER_LOST, repr(exc), worker=self.peer_id)
+            self._fail(JobFailed(jf.WORKER_LOST, repr(exc), worker=self.peer_id))
+
+    def _fail(self, failure: JobFailed) -> None:
+        self.broken = failure
+        for inbox in self.waiters.values():
+            inbox.put(failure)
+
+    async def _read_loop(self) -> None:  # for a stream on another multiplexer than ours
+        try:
+            while self.broken is None:
+                self.receive(await self.io.read(READ_SIZE) or None)
+        except Exception as exc:
+            self._fail(JobFailed(jf.WORKER_LOST, repr(exc), worker=self.peer_id))
         finally:
-            failure = self.broken or JobFailed(jf.WORKER_LOST, "client stopped", worker=self.peer_id)
-            for ch in self.waiters.values():
-                try:
-                    ch.send_nowait(failure)
-                except (trio.WouldBlock, trio.ClosedResourceError, trio.BrokenResourceError):
-                    pass
+            if self.broken is None:
+                self._fail(JobFailed(jf.WORKER_LOST, "client stopped", worker=self.peer_id))
 
 
 @dataclass
@@ -488,10 +690,8 @@ class JobClient:
         self.prepare: Callable[[bytes], Awaitable[Any]] | None = None
         self.pay: Callable[[bytes, int], Awaitable[Any]] | None = None
 
-    async def _link(self, offer: WorkerOffer) -> _ClientLink:
-        link = self.links.get(offer.peer_id)
-        if link is not None and link.broken is None:
-            return link
+    async def _open_link(self, offer: WorkerOffer) -> _ClientLink:
+        """A job stream to this worker (opened once at a time: concurrent jobs wait for it)."""
         lock = self._opening.setdefault(offer.peer_id, trio.Lock())
         async with lock:
             link = self.links.get(offer.peer_id)
@@ -506,7 +706,7 @@ class JobClient:
             link = _ClientLink(offer.peer_id, stream)
             link.on_misbehaviour = self.on_misbehaviour
             self.links[offer.peer_id] = link
-            self.nursery.start_soon(link.read_loop)
+            link.start(self.nursery)
             return link
 
     async def run_on(
@@ -523,14 +723,15 @@ class JobClient:
     ) -> tuple[jf.JobResult, int]:
         """One attempt on one worker: (result, agreed price per unit). Raises JobFailed.
         Streamed chunks go to ``on_chunk`` as they arrive."""
+        link = self.links.get(offer.peer_id)
         try:
-            link = await self._link(offer)
+            if link is None or link.broken is not None:
+                link = await self._open_link(offer)
         except Exception as exc:
             raise JobFailed(jf.WORKER_LOST, f"cannot open a job stream: {exc!r}", worker=offer.peer_id) from exc
         job_id = self._next_id
         self._next_id += 1
-        send, recv = trio.open_memory_channel[jf.Frame | JobFailed](jf.MAX_TOKENS + 4)
-        link.waiters[job_id] = send
+        inbox = link.waiters[job_id] = _Inbox[jf.Frame | JobFailed]()
         req = jf.JobRequest(
             job_id=job_id,
             model_id=model_id,
@@ -541,6 +742,7 @@ class JobClient:
             max_price_nanoton=max_price,
         )
         price = 0
+        tokens = 0
         done = False
         try:
             try:
@@ -552,10 +754,7 @@ class JobClient:
                 link.broken = JobFailed(jf.WORKER_LOST, repr(exc), worker=offer.peer_id)
                 raise link.broken from exc
             while True:
-                try:  # a fast job's result arrives with its JobAccepted: take it without a yield
-                    item = recv.receive_nowait()
-                except trio.WouldBlock:
-                    item = await recv.receive()
+                item = await inbox.get()
                 if isinstance(item, JobFailed):
                     raise item
                 if isinstance(item, jf.JobAccepted):
@@ -563,6 +762,11 @@ class JobClient:
                     if why := jf.price_refusal(price, max_price):  # the protocol lets us check, so we do
                         raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
                 elif isinstance(item, jf.JobChunk):
+                    tokens += len(item.token_ids) or 1
+                    if tokens > max_tokens:  # what a worker streams is bounded by what we asked for
+                        err = MalformedMessage(f"job {job_id}: more chunks than the {max_tokens} tokens asked for")
+                        link.on_misbehaviour(offer.peer_id, err)
+                        raise JobFailed(jf.WORKER_LOST, str(err), worker=offer.peer_id)
                     if on_chunk is not None:
                         on_chunk(item)
                 elif isinstance(item, jf.JobError):
@@ -612,7 +816,8 @@ class JobClient:
         deadline_ms = now_ms() + int(timeout_s * 1000)
         tried: set[bytes] = set()
         last: JobFailed | None = None
-        with trio.fail_after(timeout_s):
+        # A bare cancel scope: trio.fail_after's context manager costs a few us more per job.
+        with trio.CancelScope(deadline=trio.current_time() + timeout_s) as scope:
             for attempt in range(1, attempts + 1):
                 offers = await self.find_workers(model_id)
                 offer = self.router.choose(
@@ -675,5 +880,7 @@ class JobClient:
                     token_ids=tuple(t for c in chunks for t in c.token_ids),
                     text="".join(c.text for c in chunks),
                 )
+        if scope.cancelled_caught:
+            raise trio.TooSlowError
         self.stats.jobs_failed += 1
         raise last or JobFailed("no-workers", f"no eligible worker for model {model_id.hex()[:16]}")

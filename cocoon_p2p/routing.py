@@ -47,11 +47,11 @@ class Router:
 
     def cost(self, offer: WorkerOffer) -> float:
         """Expected wait for one more job on this worker, in seconds."""
-        s = self.stats.get(offer.peer_id, WorkerStats())
-        running = s.running
+        s = self.stats.get(offer.peer_id)
+        running, avg_job_s = (s.running, s.avg_job_s) if s is not None else (0, DEFAULT_JOB_S)
         if offer.running_jobs is not None:  # gossiped load includes other clients' jobs
             running = max(running, offer.running_jobs)
-        return (running + 1) * s.avg_job_s
+        return (running + 1) * avg_job_s
 
     def eligible(
         self, offers: Iterable[WorkerOffer], *, max_price: int, now: float, exclude: frozenset[bytes] = frozenset()
@@ -76,6 +76,8 @@ class Router:
             pool = [o for o in offers if o.price_nanoton <= max_price and o.peer_id not in exclude]
             if not pool:
                 return None
+        if len(pool) == 1:  # nothing to choose from (a client's usual case: one worker it knows)
+            return pool[0]
         sample = self._sample(pool)
         return min(sample, key=lambda o: (self.cost(o), o.price_nanoton))
 

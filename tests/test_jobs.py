@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 import numpy as np
 import pytest
@@ -13,6 +14,8 @@ from libp2p.peer.id import ID
 
 from cocoon_p2p import jobframes as jf
 from cocoon_p2p.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.directory import WorkerOffer
+from cocoon_p2p.jobconn import JobConnection, Role
 from cocoon_p2p.jobs import JobFailed, now_ms
 from cocoon_p2p.models import ModelSpec
 from cocoon_p2p.node import Node
@@ -225,3 +228,70 @@ async def test_a_result_too_large_to_send_fails_that_job_unpaid(tmp_path) -> Non
         assert stats.jobs_failed == 1 and stats.earned_nanoton == 0
         r = await client.infer(spec.model_id, inputs=(from_numpy("x", x_rows(2)),), max_price_nanoton=10)
         assert r.output().shape == (2000, 4)  # small results still flow on the same stream
+
+
+async def _fake_worker(client: Node, reply: Callable[[jf.JobRequest], bytes]) -> AsyncIterator[WorkerOffer]:
+    """A peer that answers every job request with ``reply(request)``, whatever that is."""
+    async with Node(fast_config()) as fake:
+
+        async def handler(stream: Any) -> None:
+            conn = JobConnection(Role.WORKER)
+            while True:
+                data = await stream.read(1 << 16)
+                conn.receive_data(data)
+                while isinstance(frame := conn.next_event(), jf.JobRequest):
+                    await stream.write(reply(frame))
+
+        fake.host.set_stream_handler(TProtocol(JOB_PROTOCOL), handler)
+        yield WorkerOffer(
+            peer_id=fake.peer_id,
+            model_id=b"m" * 32,
+            addrs=tuple(fake.addrs),
+            backend="onnxruntime",
+            gpu="cpu",
+            price_nanoton=1,
+            unit="item",
+            capacity=1,
+            free_capacity=1,
+            running_jobs=0,
+            issued_at_ms=now_ms(),
+            expires_at_ms=now_ms() + 60_000,
+            sources=frozenset({"gossip"}),
+        )
+
+
+def _frames(*frames: jf.Frame) -> bytes:
+    return b"".join(jf.encode_frame(f) for f in frames)
+
+
+@pytest.mark.parametrize(
+    ("reply", "max_tokens", "why"),
+    [
+        (lambda req: _frames(jf.JobResult(job_id=req.job_id + 7, usage_units=1, cost_nanoton=1)), 0, "not open"),
+        (
+            lambda req: _frames(
+                jf.JobAccepted(job_id=req.job_id, price_nanoton=1, unit="token"),
+                *(jf.JobChunk(job_id=req.job_id, seq=i, token_ids=(i,)) for i in range(3)),
+            ),
+            2,
+            "more chunks than the 2 tokens",
+        ),
+        (lambda req: b"\x00\x00\x00\x02\xc1\xc1", 0, "worker broke the protocol"),
+    ],
+)
+async def test_a_worker_breaking_the_protocol_fails_the_job_and_is_scored_down(
+    reply: Callable[[jf.JobRequest], bytes], max_tokens: int, why: str
+) -> None:
+    async with Node(fast_config()) as client, asynccontextmanager(_fake_worker)(client, reply) as offer:
+        assert client.job_client is not None
+        with trio.fail_after(10), pytest.raises(JobFailed) as failed:
+            await client.job_client.run_on(
+                offer,
+                model_id=offer.model_id,
+                texts=("hi",),
+                max_tokens=max_tokens,
+                max_price=1,
+                deadline_ms=now_ms() + 5000,
+            )
+        assert failed.value.code == jf.WORKER_LOST and why in str(failed.value)
+        assert client.scores.score(offer.peer_id, now_ms()) < 0

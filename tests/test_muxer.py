@@ -323,3 +323,70 @@ async def test_a_peer_that_reads_nothing_is_dropped_after_the_write_timeout() ->
                     n.start_soon(flood, s)
         assert a_muxed.is_closed and a.muxer_stats.write_timeouts == 1
         assert errors and set(errors) <= {"StreamReset", "StreamClosed"}
+
+
+async def test_try_write_sends_at_once_or_leaves_the_write_to_write() -> None:
+    """A write that needs no waiting goes out with no schedule point (a cancelled
+    caller is not interrupted); one that lacks credit is refused whole, untouched."""
+    got = bytearray()
+    started = trio.Event()
+
+    async def handler(stream: Any) -> None:
+        started.set()
+        got.extend(await _read_exactly(stream, 5))
+        await trio.sleep_forever()  # reads no more: the writer's credit runs out
+
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        b.host.set_stream_handler(ECHO, handler)
+        await a.connect(b.addrs[0])
+        s = await a.host.new_stream(ID(b.peer_id), [ECHO])
+        muxed = s.muxed_stream
+        await trio.sleep(0.1)  # the stream's negotiation has gone out: the writer is idle
+        with trio.CancelScope() as scope:
+            scope.cancel()
+            assert muxed.try_write(b"hello")  # synchronous: nothing to interrupt
+        with trio.fail_after(10):
+            await started.wait()
+            while len(got) < 5:
+                await trio.sleep(0.01)
+        assert bytes(got) == b"hello"
+        window = muxed.muxed_conn.proto.send_window(muxed.stream_id)
+        assert not muxed.try_write(b"x" * (window + 1))
+        assert muxed.muxed_conn.proto.send_window(muxed.stream_id) == window  # nothing was framed
+        with trio.move_on_after(0.5) as stuck:
+            await muxed.write(b"x" * (window + 1))  # the slow way waits for credit that never comes
+        assert stuck.cancelled_caught
+
+
+async def test_deliver_to_hands_over_what_was_buffered_then_everything_then_the_end() -> None:
+    """A receiver gets every byte in order, returns the credit as it goes (more than
+    a window gets through), and None once at the end."""
+    window = 4 << 20
+    payload = os.urandom(3 * window)
+    pieces: list[bytes | None] = []
+    ended = trio.Event()
+
+    async def handler(stream: Any) -> None:
+        while stream.muxed_stream._buffered < 1000:  # some arrives before the receiver is set
+            await trio.sleep(0.01)
+
+        def receive(data: bytes | None) -> None:
+            pieces.append(data)
+            if data is None:
+                ended.set()
+
+        stream.muxed_stream.deliver_to(receive)
+        await trio.sleep_forever()
+
+    async with Node(fast_config()) as a, Node(fast_config()) as b:
+        b.host.set_stream_handler(ECHO, handler)
+        await a.connect(b.addrs[0])
+        s = await a.host.new_stream(ID(b.peer_id), [ECHO])
+        with trio.fail_after(20):
+            await s.write(payload[:1000])
+            await trio.sleep(0.1)
+            await s.write(payload[1000:])
+            await s.close()
+            await ended.wait()
+    assert pieces[-1] is None and pieces.count(None) == 1
+    assert b"".join(p for p in pieces if p is not None) == payload

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from ..errors import CocoonError, MalformedMessage
+from ..tensors import dtype_name
 
 if TYPE_CHECKING:
     import numpy as np
@@ -54,7 +55,7 @@ def check_feeds(inputs: tuple[IOSpec, ...], feeds: dict[str, Any], *, max_dim: i
         raise MalformedMessage(f"inputs {sorted(feeds)} but the model takes {sorted(want)}", code="bad-input")
     for spec in inputs:
         a = feeds[spec.name]
-        if str(a.dtype) != spec.dtype:
+        if dtype_name(a.dtype) != spec.dtype:
             raise MalformedMessage(f"input {spec.name}: dtype {a.dtype}, model wants {spec.dtype}", code="bad-input")
         if a.ndim != len(spec.shape):
             raise MalformedMessage(f"input {spec.name}: rank {a.ndim}, model wants {len(spec.shape)}", code="bad-input")
