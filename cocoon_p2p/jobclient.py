@@ -356,8 +356,8 @@ class JobClient:
                     price_nanoton=price,
                     latency_s=time.perf_counter() - t0,
                     attempts=attempt,
-                    token_ids=tuple(t for c in chunks for t in c.token_ids),
-                    text="".join(c.text for c in chunks),
+                    token_ids=tuple(t for c in chunks for t in c.token_ids) if chunks else (),
+                    text="".join(c.text for c in chunks) if chunks else "",
                 )
         if scope.cancelled_caught:
             raise trio.TooSlowError

@@ -226,11 +226,12 @@ class JobWorker:
             return code, "open a payment channel or pay what is owed first"
         return None
 
-    def _accept(self, link: _WorkerLink, req: jf.JobRequest, key: object) -> _WorkerJob:
+    def _accept(self, link: _WorkerLink, req: jf.JobRequest, key: object, *, report: bool = True) -> _WorkerJob:
         job = _WorkerJob(req, link, key)
         link.jobs[req.job_id] = job
         self.running += 1
-        self.on_load_change()
+        if report:
+            self.on_load_change()
         return job
 
     async def _admit(self, link: _WorkerLink, req: jf.JobRequest) -> None:
@@ -250,11 +251,12 @@ class JobWorker:
             return
         link.send_later(accepted)  # flushed when the batch starts, if it will take a while
         if _quick_and_idle(served):  # run it here, without waking the model loop
-            self._run_now(served, job)
+            frame = self._run_now(served, job)
             try:
                 await link.flush()
             except Exception as exc:  # the client went away; the job is over either way
                 log.debug("could not deliver job %d: %r", req.job_id, exc)
+            self._close(job, frame)
             return
         served.batcher.add(key, job, trio.current_time())
         served.wake.set()
@@ -273,14 +275,17 @@ class JobWorker:
             key = served.executor.check(req)
         except ProtocolError:
             return False
-        job = self._accept(link, req, key)
+        # Running and done within this call: no announcement can see the load change.
+        job = self._accept(link, req, key, report=False)
         link.send_later(jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit))
-        self._run_now(served, job)
+        frame = self._run_now(served, job)
         link.flush_now()
+        self._close(job, frame, report=False)  # the books after the answer has gone
         return True
 
-    def _run_now(self, served: _Served, job: _WorkerJob) -> None:
-        """Run one quick job on this thread; its result (or error) waits in the link's pending bytes."""
+    def _run_now(self, served: _Served, job: _WorkerJob) -> jf.Frame:
+        """Run one quick job on this thread: its last frame, queued in the link's pending
+        bytes (the caller sends them, then closes the books with :meth:`_close`)."""
         served.busy = True
         try:
             self.stats.batches += 1
@@ -289,15 +294,13 @@ class JobWorker:
                 outcomes, elapsed = _timed_run(served, [job.req])
             except Exception as exc:  # a backend failure fails this job, not the worker
                 log.warning("backend failed on %s: %s", served.spec.name, exc)
-                frame = self._conclude(job, error=(jf.BACKEND, str(exc)[:200]))
+                frame = _last_frame(job, error=(jf.BACKEND, str(exc)[:200]))
             else:
                 served.avg_run_s += 0.2 * (elapsed - served.avg_run_s)
-                frame = self._conclude(
-                    job, outcome=outcomes[0], price=served.price_nanoton, compute_us=int(elapsed * 1e6)
-                )
-            if frame is not None:
-                with contextlib.suppress(LocalProtocolError):  # as send() does: nothing to send
-                    job.link.send_later(frame)
+                frame = _last_frame(job, outcome=outcomes[0], price=served.price_nanoton, compute_us=int(elapsed * 1e6))
+            with contextlib.suppress(LocalProtocolError):  # as send() does: nothing to send
+                job.link.send_later(frame)
+            return frame
         finally:
             served.busy = False
             if served.batcher.waiting():
@@ -406,54 +409,59 @@ class JobWorker:
         compute_us: int = 0,
         error: tuple[str, str] | None = None,
     ) -> None:
-        frame = self._conclude(job, outcome=outcome, price=price, compute_us=compute_us, error=error)
-        if frame is None:
+        frame = _last_frame(job, outcome=outcome, price=price, compute_us=compute_us, error=error)
+        if not self._close(job, frame):
             return
         try:
             await job.link.send(frame)
         except Exception as exc:  # the client went away; the job is over either way
             log.debug("could not deliver job %d: %r", job.req.job_id, exc)
 
-    def _conclude(
-        self,
-        job: _WorkerJob,
-        *,
-        outcome: Outcome | None = None,
-        price: int = 0,
-        compute_us: int = 0,
-        error: tuple[str, str] | None = None,
-    ) -> jf.Frame | None:
-        """End ``job``: its last frame, with the books and the bill updated (None: it had ended)."""
+    def _close(self, job: _WorkerJob, frame: jf.Frame, *, report: bool = True) -> bool:
+        """Close the books on ``job``, ended by ``frame``: counts, load, the bill.
+        False if it had ended already (nothing to send)."""
         if job.link.jobs.pop(job.req.job_id, None) is None:
-            return None
+            return False
         self.running -= 1
-        self.on_load_change()
-        if outcome is not None:
-            frame = jf.JobResult(
-                job_id=job.req.job_id,
-                outputs=outcome.outputs,
-                usage_units=outcome.units,
-                cost_nanoton=outcome.units * price,
-                compute_us=compute_us,
-            )
-            if not _maybe_large(outcome):
-                return self._billed(job, frame, outcome.units * price)
-            try:
-                jf.encode_frame(frame)
-            except LocalProtocolError:  # a result too large to send: the job fails, unpaid
-                error = (jf.TOO_LARGE, "the result exceeds the frame limit")
-            else:
-                return self._billed(job, frame, outcome.units * price)
-        assert error is not None
-        self.stats.jobs_failed += 1
-        return jf.JobError(job_id=job.req.job_id, code=error[0], message=error[1])
+        if report:
+            self.on_load_change()
+        if isinstance(frame, jf.JobResult):
+            self.stats.jobs_ok += 1
+            self.stats.latency_s.observe(time.perf_counter() - job.admitted_at)
+            self.stats.earned_nanoton += frame.cost_nanoton
+            self.on_billed(job.link.peer, frame.cost_nanoton)
+        else:
+            self.stats.jobs_failed += 1
+        return True
 
-    def _billed(self, job: _WorkerJob, frame: jf.JobResult, cost: int) -> jf.JobResult:
-        self.stats.jobs_ok += 1
-        self.stats.latency_s.observe(time.perf_counter() - job.admitted_at)
-        self.stats.earned_nanoton += cost
-        self.on_billed(job.link.peer, cost)
-        return frame
+
+def _last_frame(
+    job: _WorkerJob,
+    *,
+    outcome: Outcome | None = None,
+    price: int = 0,
+    compute_us: int = 0,
+    error: tuple[str, str] | None = None,
+) -> jf.JobResult | jf.JobError:
+    """The frame that ends ``job``: its result, or the error (a result too large to send is one)."""
+    if outcome is not None:
+        frame = jf.JobResult(
+            job_id=job.req.job_id,
+            outputs=outcome.outputs,
+            usage_units=outcome.units,
+            cost_nanoton=outcome.units * price,
+            compute_us=compute_us,
+        )
+        if not _maybe_large(outcome):
+            return frame
+        try:
+            jf.encode_frame(frame)
+        except LocalProtocolError:  # a result too large to send: the job fails, unpaid
+            error = (jf.TOO_LARGE, "the result exceeds the frame limit")
+        else:
+            return frame
+    assert error is not None
+    return jf.JobError(job_id=job.req.job_id, code=error[0], message=error[1])
 
 
 def _quick_and_idle(served: _Served) -> bool:
