@@ -210,7 +210,8 @@ class JobClient:
             raise JobFailed(jf.WORKER_LOST, f"cannot open a job stream: {exc!r}", worker=offer.peer_id) from exc
         job_id = self._next_id
         self._next_id += 1
-        inbox = link.waiters[job_id] = Inbox[jf.Frame | JobFailed]()
+        inbox: Inbox[jf.Frame | JobFailed] = Inbox()  # not Inbox[...](): that builds the alias per job
+        link.waiters[job_id] = inbox
         req = jf.JobRequest(
             job_id=job_id,
             model_id=model_id,

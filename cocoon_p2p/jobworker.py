@@ -85,7 +85,7 @@ class _WorkerLink:
         self.lock = FastLock()  # held only around one write: no scheduler trip when free
         self.jobs: dict[int, _WorkerJob] = {}
         self.pending = bytearray()  # frames held back to share the next write
-        self.inbox = Inbox[_WorkerItem]()
+        self.inbox: Inbox[_WorkerItem] = Inbox()
         self._inline = inline
         self._failed = False
         if self.io.muxed is not None:
