@@ -99,21 +99,27 @@ class Router:
 
     # ---- feedback from the client's own jobs -------------------------------------
 
+    def _stats_of(self, peer_id: bytes) -> WorkerStats:
+        s = self.stats.get(peer_id)
+        if s is None:  # not setdefault(peer_id, WorkerStats()): that builds one on every job
+            s = self.stats[peer_id] = WorkerStats()
+        return s
+
     def started(self, peer_id: bytes) -> None:
-        self.stats.setdefault(peer_id, WorkerStats()).running += 1
+        self._stats_of(peer_id).running += 1
 
     def finished(self, peer_id: bytes, elapsed_s: float, *, service_s: float | None = None) -> None:
         """A job ended well after ``elapsed_s``; ``service_s``: the worker's own compute time
         for it (JobResult.compute_us), which is what one more job in its queue costs. Without
         it the elapsed time stands in, queueing included, and a busy fast worker looks slow."""
-        s = self.stats.setdefault(peer_id, WorkerStats())
+        s = self._stats_of(peer_id)
         s.running = max(0, s.running - 1)
         s.jobs_ok += 1
         sample = service_s if service_s is not None and service_s > 0 else elapsed_s
         s.avg_job_s += EWMA_ALPHA * (sample - s.avg_job_s)
 
     def failed(self, peer_id: bytes, now: float, *, cooldown_s: float = COOLDOWN_S) -> None:
-        s = self.stats.setdefault(peer_id, WorkerStats())
+        s = self._stats_of(peer_id)
         s.running = max(0, s.running - 1)
         s.jobs_failed += 1
         s.avoid_until = now + cooldown_s
