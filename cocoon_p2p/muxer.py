@@ -166,19 +166,9 @@ class MuxedStream(IMuxedStream):
 
         For a caller that waits for an answer right after, which is its schedule
         point: a request then costs one pass of the scheduler less."""
-        conn = self.muxed_conn
-        if self._reset or self._closed or conn.is_closed or conn._session is None:
+        if self._reset or self._closed:
             return False
-        if conn._sealed or conn._write_lock.locked():
-            return False
-        try:
-            if conn.proto.send_window(self.stream_id) < len(data):
-                return False
-        except LocalProtocolError:  # closed for sending: write() says so
-            return False
-        conn.proto.send_data(self.stream_id, data)
-        conn._send_now(conn._session)
-        return True
+        return self.muxed_conn._write_now(self.stream_id, data)
 
     async def close(self) -> None:
         """Half-close (FIN); reading goes on until the peer's FIN."""
@@ -386,9 +376,20 @@ class YamuxMuxer(IMuxedConn):
         finally:
             lock.release()
 
-    def _send_now(self, session: NoiseSession) -> None:
-        """Seal what is queued and send what the socket takes; the owed-frames task
-        sends the rest (and meets any error, and closes the connection)."""
+    def _write_now(self, stream_id: int, data: bytes) -> bool:
+        """Frame, seal and send ``data`` on ``stream_id`` without waiting, if nothing has
+        to wait: the stream has the credit, and nothing is queued or being sent before
+        it. What the socket does not take goes out through the owed-frames task (which
+        also meets any error, and closes the connection). False: nothing was done."""
+        session = self._session
+        if session is None or self.is_closed or self._sealed or self._write_lock.locked():
+            return False
+        try:
+            if self.proto.send_window(stream_id) < len(data):
+                return False
+        except LocalProtocolError:  # closed for sending: write() says so
+            return False
+        self.proto.send_data(stream_id, data)
         sealed = session.seal(self.proto.data_to_send())
         try:
             n = session.try_send(sealed)
@@ -398,6 +399,7 @@ class YamuxMuxer(IMuxedConn):
         if n < len(sealed):
             self._sealed.append(memoryview(sealed)[n:] if n else sealed)
             self._owed.set()
+        return True
 
     async def _send_some(self, data: bytes | memoryview) -> int:
         if self._session is not None:

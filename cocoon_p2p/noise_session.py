@@ -206,21 +206,15 @@ class NoiseSession(BaseSession):
                 await self.raw.write(bytes(data))
             return len(data)
         waited = False
-        while True:
+        while not (n := self.try_send(data)):
             try:
-                n = sock.send(data)
-            except BlockingIOError:
-                try:
-                    await trio.lowlevel.wait_writable(sock.fileno())  # cancelled here: nothing was sent
-                except (OSError, trio.ClosedResourceError) as e:
-                    raise ConnectionClosedError(f"connection closed: {e}") from None
-                waited = True
-                continue
-            except OSError as e:
+                await trio.lowlevel.wait_writable(sock.fileno())  # cancelled here: nothing was sent
+            except (OSError, trio.ClosedResourceError) as e:
                 raise ConnectionClosedError(f"connection closed: {e}") from None
-            if not waited:  # one schedule point per call, as trio's own sockets: others run
-                await trio.lowlevel.cancel_shielded_checkpoint()  # shielded: never lose a sent count
-            return n
+            waited = True
+        if not waited:  # one schedule point per call, as trio's own sockets: others run
+            await trio.lowlevel.cancel_shielded_checkpoint()  # shielded: never lose a sent count
+        return n
 
     def try_send(self, data: bytes | memoryview) -> int:
         """Send what the socket takes now, without waiting or a schedule point: the
