@@ -303,7 +303,7 @@ class Wallet:
     def deploy(self, chain: TonCenter) -> None:
         with self._lock:
             chain.send_boc(bytes(self.contract.create_init_external_message()["message"].to_boc(False)))
-            wait_until(lambda: chain.state(self.address) == "active", timeout_s=self.confirm_timeout_s)
+            wait_until(lambda: chain.state(self.address) == "active", **self._polling(chain))
 
     def transfer(
         self, chain: TonCenter, to: str, amount: int, *, body: Cell | None = None, init: Cell | None = None
@@ -321,7 +321,12 @@ class Wallet:
                 to, amount, seqno, payload=convert(body), state_init=convert(init)
             )
             chain.send_boc(bytes(msg["message"].to_boc(False)))
-            wait_until(lambda: self.seqno(chain) > seqno, timeout_s=self.confirm_timeout_s)
+            wait_until(lambda: self.seqno(chain) > seqno, **self._polling(chain))
+
+    def _polling(self, chain: TonCenter) -> dict[str, float]:
+        # The local chain applies a message at once; TON takes a block (~5 s), and
+        # toncenter allows 1-10 requests a second.
+        return {"timeout_s": self.confirm_timeout_s, "poll_s": 0.2 if isinstance(chain, LocalChain) else 1.0}
 
     def _expire_by_chain_clock(self, chain: TonCenter) -> None:
         """tonsdk stamps wallet messages "valid until now + 60 s" by this machine's clock;
@@ -346,10 +351,16 @@ class Wallet:
         contract.create_signing_message = signing_message
 
 
-def wait_until(check: Any, *, timeout_s: float = 10.0) -> None:
-    """Poll ``check()`` until true (a real chain confirms asynchronously; the local one at once)."""
+def wait_until(check: Any, *, timeout_s: float = 10.0, poll_s: float = 0.2) -> None:
+    """Poll ``check()`` until true (a real chain confirms asynchronously; the local one at once).
+    A ChainError while polling counts as "not yet": toncenter limits requests per second."""
     deadline = time.monotonic() + timeout_s
-    while not check():
+    while True:
+        try:
+            if check():
+                return
+        except ChainError:
+            pass
         if time.monotonic() > deadline:
             raise ChainError("timed out waiting for the chain")
-        time.sleep(0.2)
+        time.sleep(poll_s)

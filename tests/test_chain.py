@@ -10,7 +10,16 @@ from nacl.signing import SigningKey
 from pytoniq_core import Address
 
 from cocoon_p2p import channel_messages as m
-from cocoon_p2p.chain import LocalChain, Wallet, address_of, open_local_chain, read_channel, state_init
+from cocoon_p2p.chain import (
+    ChainError,
+    LocalChain,
+    Wallet,
+    address_of,
+    open_local_chain,
+    read_channel,
+    state_init,
+    wait_until,
+)
 from cocoon_p2p.contract_code import payment_channel_code
 from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody, VoucherBook
 
@@ -86,6 +95,20 @@ def test_transfers_from_one_wallet_in_several_threads_all_land() -> None:
             t.join()
         assert wallet.seqno(chain) == 1 + len(targets)
         assert all(chain.balance(t.address) > b for t, b in zip(targets, before, strict=True))
+
+
+def test_waiting_for_the_chain_rides_out_api_errors_and_times_out() -> None:
+    answers = iter([ChainError("HTTP 429"), False, ChainError("HTTP 429"), True])
+
+    def check() -> bool:
+        answer = next(answers)
+        if isinstance(answer, ChainError):
+            raise answer
+        return answer
+
+    wait_until(check, timeout_s=5, poll_s=0.01)  # two rate-limit errors and a "no" on the way
+    with pytest.raises(ChainError, match="timed out"):
+        wait_until(lambda: False, timeout_s=0.05, poll_s=0.01)
 
 
 def test_worker_closes_alone_after_the_quarantine_when_the_client_vanishes() -> None:
