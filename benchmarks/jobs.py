@@ -26,17 +26,18 @@ from typing import Any
 import numpy as np
 import trio
 
-from cocoon_p2p.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.executor import Executor
-from cocoon_p2p.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
-from cocoon_p2p.generation import chatml_prompt, greedy_tokens
-from cocoon_p2p.jobframes import JobChunk, JobRequest
-from cocoon_p2p.jobs import InferenceResult, now_ms
-from cocoon_p2p.metrics import percentile
-from cocoon_p2p.models import ModelSpec, load_model
+from cocoon_p2p.core.clock import now_ms
+from cocoon_p2p.core.metrics import percentile
+from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.execution.executor import Executor
+from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
+from cocoon_p2p.execution.generation import chatml_prompt, greedy_tokens
+from cocoon_p2p.execution.models import ModelSpec, load_model
+from cocoon_p2p.execution.tensors import from_numpy
+from cocoon_p2p.jobs import InferenceResult
+from cocoon_p2p.jobs.frames import JobChunk, JobRequest
 from cocoon_p2p.node import Node, NodeConfig
-from cocoon_p2p.tensors import from_numpy
-from cocoon_p2p.tinymodel import build_tiny_model
+from cocoon_p2p.testing.tinymodel import build_tiny_model
 
 SENTENCE = "Decentralized inference spreads jobs over the GPUs that are free at that moment."
 

@@ -17,7 +17,7 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
-from cocoon_p2p.metrics import percentile
+from cocoon_p2p.core.metrics import percentile
 from cocoon_p2p.node import ModelCapability, Node, NodeConfig
 
 from . import noise_baseline
@@ -169,7 +169,7 @@ async def bench_dht(n_peers: int, lookups: int) -> dict[str, float]:
 
 
 async def _dht_only(node: Node, model: bytes) -> int:
-    from cocoon_p2p import dht
+    from cocoon_p2p.overlay import dht
 
     assert node.dht is not None
     return len(await dht.lookup(node.dht, model, node.dht_stats))

@@ -15,8 +15,8 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from cocoon_p2p.voucherlog import VoucherLog
-from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody, SignedSemiChannel, VoucherBook
+from cocoon_p2p.payments.voucherlog import VoucherLog
+from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody, SignedSemiChannel, VoucherBook
 
 CLIENT = SigningKey(bytes([5]) * 32)
 CHANNEL = 0xC0C0A
@@ -68,9 +68,9 @@ async def bench_gas(_quick: bool) -> dict[str, float]:
     """Gas of each contract operation, run by TON's emulator on the official code."""
     from pytoniq_core import Address
 
-    from cocoon_p2p import channel_messages as m
-    from cocoon_p2p.contract_code import payment_channel_code
-    from cocoon_p2p.emulator import ContractEmulator
+    from cocoon_p2p.payments import messages as m
+    from cocoon_p2p.payments.contract import payment_channel_code
+    from cocoon_p2p.testing.emulator import ContractEmulator
 
     a, b = CLIENT, SigningKey(bytes([6]) * 32)
     ton = 1_000_000_000
@@ -109,7 +109,7 @@ async def bench_gas(_quick: bool) -> dict[str, float]:
 def _ops_by_policy(jobs: int, cost: int, deposit: int, reserve: float) -> tuple[int, int]:
     """(channels, on-chain operations) for ``jobs`` jobs of ``cost`` under the client's
     roll-over rule (the same :func:`client_action` the payer runs): 3 operations a channel."""
-    from cocoon_p2p.settlement import Action, SettlementPolicy, client_action
+    from cocoon_p2p.payments.settlement import Action, SettlementPolicy, client_action
 
     policy = SettlementPolicy(deposit_nanoton=deposit, reserve_fraction=reserve)
     channels, sent = 1, 0
@@ -127,10 +127,10 @@ async def bench_onchain_ops(payments: int) -> dict[str, float]:
 
     import trio
 
-    from cocoon_p2p.chain import open_local_chain
     from cocoon_p2p.node import Node, NodeConfig
-    from cocoon_p2p.payments import PaymentConfig
-    from cocoon_p2p.settlement import SettlementPolicy
+    from cocoon_p2p.payments.service import PaymentConfig
+    from cocoon_p2p.payments.settlement import SettlementPolicy
+    from cocoon_p2p.testing.localchain import open_local_chain
 
     if shutil.which("node") is None:
         raise RuntimeError("the local chain needs Node.js")

@@ -14,12 +14,12 @@ from tempfile import TemporaryDirectory
 
 import trio
 
-from cocoon_p2p.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.export import ensure_minilm, ensure_smollm2
-from cocoon_p2p.host import quiet_libp2p_logs
-from cocoon_p2p.models import ModelSpec, load_model
+from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2
+from cocoon_p2p.execution.models import ModelSpec, load_model
 from cocoon_p2p.node import Node, NodeConfig
-from cocoon_p2p.tinymodel import build_tiny_model
+from cocoon_p2p.testing.tinymodel import build_tiny_model
+from cocoon_p2p.transport.host import quiet_libp2p_logs
 
 
 def spec_for(kind: str, tmp: Path) -> ModelSpec:

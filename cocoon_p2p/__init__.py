@@ -10,13 +10,13 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .capability import CapabilityRecord
-from .directory import WorkerDirectory, WorkerOffer
-from .errors import CocoonError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from .identity import Identity, load_or_create_identity
+from cocoon_p2p.core.errors import CocoonError, LocalProtocolError, ProtocolError, RemoteProtocolError
+from cocoon_p2p.core.identity import Identity, load_or_create_identity
+from cocoon_p2p.overlay.capability import CapabilityRecord
+from cocoon_p2p.overlay.directory import WorkerDirectory, WorkerOffer
 
 if TYPE_CHECKING:
-    from .node import ModelCapability, Node, NodeConfig, open_node
+    from cocoon_p2p.node import ModelCapability, Node, NodeConfig, open_node
 
 __all__ = [
     "CapabilityRecord",

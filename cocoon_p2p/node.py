@@ -16,7 +16,6 @@ from __future__ import annotations
 import logging
 import math
 import random
-import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
 from dataclasses import dataclass, field
@@ -37,32 +36,29 @@ from libp2p.pubsub.rpc_queue import OutBoundQueueSize
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from . import dht, protocols
-from .announcement import Announcement, Offer
-from .backends import Backend
-from .capability import CapabilityRecord
-from .directory import WorkerDirectory, WorkerOffer
-from .errors import ConfigError, ProtocolError
-from .host import build_host, quiet_libp2p_logs
-from .identity import Identity, load_or_create_identity, peer_id_to_str
-from .jobframes import JobChunk
-from .jobs import InferenceResult, JobClient, JobFailed, JobWorker
-from .models import ModelSpec
-from .payments import PaymentConfig, PaymentService
-from .peerscore import DisconnectPeer, PeerScores
-from .peerset import PeerSet
-from .tensors import Tensor
-from .yamux import YamuxStats
+from cocoon_p2p.core.clock import now_ms
+from cocoon_p2p.core.errors import ConfigError, ProtocolError
+from cocoon_p2p.core.identity import Identity, load_or_create_identity, peer_id_to_str
+from cocoon_p2p.execution.backends import Backend
+from cocoon_p2p.execution.models import ModelSpec
+from cocoon_p2p.execution.tensors import Tensor
+from cocoon_p2p.jobs import InferenceResult, JobClient, JobFailed, JobWorker
+from cocoon_p2p.jobs.frames import JobChunk
+from cocoon_p2p.overlay import dht, protocols
+from cocoon_p2p.overlay.announcement import Announcement, Offer
+from cocoon_p2p.overlay.capability import CapabilityRecord
+from cocoon_p2p.overlay.directory import WorkerDirectory, WorkerOffer
+from cocoon_p2p.overlay.peerscore import DisconnectPeer, PeerScores
+from cocoon_p2p.overlay.peerset import PeerSet
+from cocoon_p2p.payments.service import PaymentConfig, PaymentService
+from cocoon_p2p.transport.host import build_host, quiet_libp2p_logs
+from cocoon_p2p.transport.yamux import YamuxStats
 
 log = logging.getLogger("cocoon_p2p.node")
 # Publish waits while a peer's outbound queue is this full (py-libp2p drops at 32).
 OUTBOUND_HIGH_WATER = OutBoundQueueSize - 4
 # The shortest gap between two of our announcements; receivers refuse gaps under 0.2 s.
 MIN_ANNOUNCE_GAP_S = 0.5
-
-
-def _now_ms() -> int:
-    return int(time.time() * 1000)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -263,7 +259,7 @@ class Node:
             self._nursery = await stack.enter_async_context(trio.open_nursery())
             stack.callback(self._nursery.cancel_scope.cancel)  # runs before the nursery exits
             self.job_client = JobClient(self.host, self._nursery, self._job_offers, rng=random.Random(self.config.seed))
-            self.job_client.on_misbehaviour = lambda peer, err: self._punish(peer, err, _now_ms())
+            self.job_client.on_misbehaviour = lambda peer, err: self._punish(peer, err, now_ms())
             self.job_client.on_worker_lost = self.directory.forget
             self._nursery.start_soon(self._drain_gossip, subscription)
             self._nursery.start_soon(self._maintain_peers)
@@ -448,7 +444,7 @@ class Node:
                 self.set_load(running_jobs=worker.running, free_capacity={m: free for m in worker.models})
 
             worker.on_load_change = report
-            worker.on_misbehaviour = lambda peer, err: self._punish(peer, err, _now_ms())
+            worker.on_misbehaviour = lambda peer, err: self._punish(peer, err, now_ms())
         return self.job_worker
 
     async def find_workers(
@@ -460,7 +456,7 @@ class Node:
         if use_dht and self.dht is not None:
             with trio.move_on_after(timeout_s):
                 records = await dht.lookup(self.dht, model_id, self.dht_stats)
-        now = _now_ms()
+        now = now_ms()
         self.directory.expire(now)
         return self.directory.workers_for(model_id, now_ms=now, extra=records)
 
@@ -516,7 +512,7 @@ class Node:
         # rejected message goes no further through the mesh.
         if forwarder.to_bytes() == self.peer_id:
             return True
-        now = _now_ms()
+        now = now_ms()
         try:
             ann = self.directory.receive_announcement(msg.data, origin=bytes(msg.from_id), now_ms=now)
         except ProtocolError as err:
@@ -563,7 +559,7 @@ class Node:
         next_fill = 0
         async with trio.open_nursery() as dials:
             while True:
-                now = _now_ms()
+                now = now_ms()
                 current = set(self.connected_peers())
                 for pid in current - connected:
                     if self.scores.is_banned(pid, now):
@@ -599,7 +595,7 @@ class Node:
             # Only the lower PeerId dials: two peers dialling each other at once end
             # up with two connections, and py-libp2p closes one of them (we allow one
             # per peer), killing the streams that ran on it.
-            if raw <= self.peer_id or self.scores.is_banned(raw, _now_ms()):
+            if raw <= self.peer_id or self.scores.is_banned(raw, now_ms()):
                 continue
             # transport addresses as stored; _dial appends /p2p/<PeerId> itself
             self.peerset.add_candidate(raw, tuple(str(a) for a in store.addrs(pid)))
@@ -619,7 +615,7 @@ class Node:
                 await self.dht.routing_table.add_peer(ID(peer_id))
             return
         self.stats.dials_failed += 1
-        self.peerset.on_dial_failed(peer_id, _now_ms())
+        self.peerset.on_dial_failed(peer_id, now_ms())
 
     # ---- advertising ------------------------------------------------------------
 
@@ -669,14 +665,14 @@ class Node:
 
     async def _announce(self) -> None:
         assert self.pubsub is not None
-        data = self._announcement(_now_ms()).encode()
+        data = self._announcement(now_ms()).encode()
         await self.publish(protocols.ANNOUNCE_TOPIC, data)
         self.stats.announcements_sent += 1
 
     async def _publish_records(self) -> None:
         """Put one record per model in the DHT and provide the model's key."""
         assert self.dht is not None
-        now = _now_ms()
+        now = now_ms()
         for c in self._capabilities:
             rec = CapabilityRecord.create(
                 self.identity,
@@ -705,7 +701,7 @@ class Node:
         """Answer with our current signed announcement (or an empty frame for a
         pure client): a direct way to learn a peer's offers without gossip."""
         try:
-            data = self._announcement(_now_ms()).encode() if self._capabilities else b""
+            data = self._announcement(now_ms()).encode() if self._capabilities else b""
             await stream.write(data)
         finally:
             await stream.close()

@@ -17,22 +17,23 @@ from typing import Any
 
 import trio
 
-from cocoon_p2p.backends import BACKENDS, open_backend
-from cocoon_p2p.chain import LocalChain, TonCenter, Wallet
-from cocoon_p2p.errors import CocoonError
-from cocoon_p2p.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
-from cocoon_p2p.gateway import Gateway, GatewayModel
-from cocoon_p2p.generation import chatml_prompt
-from cocoon_p2p.httpserver import Request, Response, error_response, serve_http
-from cocoon_p2p.identity import load_or_create_identity
+from cocoon_p2p.api.gateway import Gateway, GatewayModel
+from cocoon_p2p.api.http import Request, Response, error_response, serve_http
+from cocoon_p2p.api.nodemetrics import node_metrics
+from cocoon_p2p.core.errors import CocoonError
+from cocoon_p2p.core.identity import load_or_create_identity
+from cocoon_p2p.core.metrics import CONTENT_TYPE, render
+from cocoon_p2p.execution.backends import BACKENDS, open_backend
+from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
+from cocoon_p2p.execution.generation import chatml_prompt
+from cocoon_p2p.execution.models import ModelSpec, load_model
+from cocoon_p2p.execution.tensors import to_numpy
 from cocoon_p2p.jobs import InferenceResult
-from cocoon_p2p.metrics import CONTENT_TYPE, render
-from cocoon_p2p.models import ModelSpec, load_model
 from cocoon_p2p.node import Node, NodeConfig
-from cocoon_p2p.nodemetrics import node_metrics
-from cocoon_p2p.payments import PaymentConfig
-from cocoon_p2p.settlement import SettlementPolicy
-from cocoon_p2p.tensors import to_numpy
+from cocoon_p2p.payments.chain import TonCenter, Wallet
+from cocoon_p2p.payments.service import PaymentConfig
+from cocoon_p2p.payments.settlement import SettlementPolicy
+from cocoon_p2p.testing.localchain import LocalChain
 
 from . import config as config_mod
 from . import demo, logs
@@ -332,7 +333,7 @@ async def run_find(cfg: config_mod.RoleConfig, model: str, wait_s: float, as_jso
 
 
 def _pid(peer_id: bytes) -> str:
-    from cocoon_p2p.identity import peer_id_to_str
+    from cocoon_p2p.core.identity import peer_id_to_str
 
     return peer_id_to_str(peer_id)
 

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cocoon_p2p.errors import ConfigError
+from cocoon_p2p.core.errors import ConfigError
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 

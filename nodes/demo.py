@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -23,17 +22,18 @@ from typing import Any
 
 import trio
 
-from cocoon_p2p import jobframes as jf
-from cocoon_p2p.chain import LocalChain, open_local_chain
-from cocoon_p2p.export import ensure_minilm, ensure_smollm2
-from cocoon_p2p.generation import chatml_prompt
-from cocoon_p2p.identity import peer_id_from_str, peer_id_to_str
+from cocoon_p2p.core.identity import peer_id_from_str, peer_id_to_str
+from cocoon_p2p.core.metrics import percentile
+from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2
+from cocoon_p2p.execution.generation import chatml_prompt
+from cocoon_p2p.execution.models import ModelSpec
 from cocoon_p2p.jobs import InferenceResult, JobFailed
-from cocoon_p2p.metrics import percentile
-from cocoon_p2p.models import ModelSpec
+from cocoon_p2p.jobs import frames as jf
 from cocoon_p2p.node import Node, NodeConfig
-from cocoon_p2p.payments import PaymentConfig
-from cocoon_p2p.settlement import SettlementPolicy
+from cocoon_p2p.payments.service import PaymentConfig
+from cocoon_p2p.payments.settlement import SettlementPolicy
+from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
+from cocoon_p2p.testing.processes import NODE_CLI, start_process
 
 PRICE_NANOTON = 100_000  # per item / token; worker i asks 10,000 more
 MAX_PRICE = 200_000
@@ -67,41 +67,8 @@ def _progress(msg: str) -> None:
     print(f"[demo] {msg}", file=sys.stderr, flush=True)
 
 
-async def start_process(
-    cmd: list[str], nursery: trio.Nursery, wallets: list[str] | None = None
-) -> tuple[trio.Process, list[str]]:
-    """Start a node process; return it and its listen addresses once it prints them
-    (and add the wallet address it prints to ``wallets``)."""
-    proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    buf, addrs = b"", []
-    while True:
-        chunk = await proc.stdout.receive_some(4096)
-        if not chunk:
-            raise RuntimeError(f"{cmd[3]} exited before it listened")
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            text = line.decode()
-            if text.startswith("listening "):
-                addrs.append(text.split()[1])
-            elif text.startswith("wallet ") and wallets is not None:
-                wallets.append(text.split()[1])
-            elif text.startswith("serving ") or (addrs and cmd[3] == "bootstrap"):
-                nursery.start_soon(_drain, proc.stdout)
-                return proc, addrs
-        if addrs and cmd[3] == "bootstrap":
-            nursery.start_soon(_drain, proc.stdout)
-            return proc, addrs
-
-
-async def _drain(stream: trio.abc.ReceiveStream) -> None:
-    while await stream.receive_some(4096):
-        pass
-
-
 async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[str, Any]:
-    cli = [sys.executable, "-m", "nodes.cli"]
+    cli = list(NODE_CLI)
     _progress("preparing the models (exported from the installed wheels on first use)")
     models = {"embed": ensure_minilm(progress=_progress), "chat": ensure_smollm2(progress=_progress)}
     builtin = {"embed": "minilm", "chat": "smollm2"}

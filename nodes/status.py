@@ -12,10 +12,10 @@ import urllib.request
 from pathlib import Path
 from typing import Any
 
-from cocoon_p2p.chain import Wallet
-from cocoon_p2p.channelstore import ChannelStore
-from cocoon_p2p.identity import load_or_create_identity
-from cocoon_p2p.metrics import parse
+from cocoon_p2p.core.identity import load_or_create_identity
+from cocoon_p2p.core.metrics import parse
+from cocoon_p2p.payments.chain import Wallet
+from cocoon_p2p.payments.store import ChannelStore
 
 KEY_FILE = "node.key"
 

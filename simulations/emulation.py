@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import random
 import signal
-import sys
 import tempfile
 import time
 from collections.abc import Callable
@@ -24,21 +23,22 @@ from typing import Any
 import numpy as np
 import trio
 
-from cocoon_p2p.chain import open_local_chain
-from cocoon_p2p.identity import peer_id_from_str
-from cocoon_p2p.jobs import JobFailed, now_ms
-from cocoon_p2p.models import load_model
+from cocoon_p2p.core.clock import now_ms
+from cocoon_p2p.core.identity import peer_id_from_str
+from cocoon_p2p.execution.models import load_model
+from cocoon_p2p.execution.tensors import from_numpy
+from cocoon_p2p.jobs import JobFailed
 from cocoon_p2p.node import Node, NodeConfig
-from cocoon_p2p.payments import PaymentConfig
-from cocoon_p2p.settlement import SettlementPolicy
-from cocoon_p2p.tensors import from_numpy
-from cocoon_p2p.tinymodel import build_tiny_model
-from nodes.demo import start_process  # waits until the process prints "listening" (and "serving")
+from cocoon_p2p.payments.service import PaymentConfig
+from cocoon_p2p.payments.settlement import SettlementPolicy
+from cocoon_p2p.testing.localchain import open_local_chain
+from cocoon_p2p.testing.processes import NODE_CLI, start_process
+from cocoon_p2p.testing.tinymodel import build_tiny_model
 
 from .results import JobRecord, Results
 from .scenario import Scenario
 
-CLI = [sys.executable, "-m", "nodes.cli"]
+CLI = list(NODE_CLI)
 TON = 1_000_000_000
 
 

@@ -1,6 +1,6 @@
 """Re-run the four experiments of simulations/EXPERIMENTS.md and redraw their figures.
 
-    python -m simulations.experiments [--only routing|churn|dht|settlement|scale] [--out simulations/results]
+    python -m cocoon_p2p.simulations.experiments [--only routing|churn|dht|settlement|scale] [--out simulations/results]
 
 Each experiment is a sweep of a committed scenario (model fidelity); the figures
 and a JSON of the figures behind them go to ``--out``.
@@ -159,7 +159,7 @@ EXPERIMENTS = {"routing": routing, "churn": churn, "dht": dht, "settlement": set
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(prog="python -m simulations.experiments")
+    ap = argparse.ArgumentParser(prog="python -m cocoon_p2p.simulations.experiments")
     ap.add_argument("--only", action="append", choices=list(EXPERIMENTS))
     ap.add_argument("--out", type=Path, default=Path(__file__).resolve().parent / "results")
     ap.add_argument("--processes", type=int, default=os.cpu_count() or 2)

@@ -26,13 +26,10 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from cocoon_p2p.announcement import Announcement, Offer
-from cocoon_p2p.capability import CapabilityRecord
-from cocoon_p2p.directory import WorkerDirectory, WorkerOffer
-from cocoon_p2p.errors import LocalProtocolError
-from cocoon_p2p.identity import Identity
-from cocoon_p2p.jobconn import JobConnection, Role
-from cocoon_p2p.jobframes import (
+from cocoon_p2p.core.errors import LocalProtocolError
+from cocoon_p2p.core.identity import Identity
+from cocoon_p2p.jobs.connection import JobConnection, Role
+from cocoon_p2p.jobs.frames import (
     PRICE,
     WORKER_LOST,
     JobAccepted,
@@ -44,9 +41,12 @@ from cocoon_p2p.jobframes import (
     price_refusal,
     retryable,
 )
-from cocoon_p2p.routing import Router
-from cocoon_p2p.settlement import Action, SettlementPolicy, client_action, worker_action
-from cocoon_p2p.vouchers import VoucherBook, VoucherIssuer
+from cocoon_p2p.jobs.routing import Router
+from cocoon_p2p.overlay.announcement import Announcement, Offer
+from cocoon_p2p.overlay.capability import CapabilityRecord
+from cocoon_p2p.overlay.directory import WorkerDirectory, WorkerOffer
+from cocoon_p2p.payments.settlement import Action, SettlementPolicy, client_action, worker_action
+from cocoon_p2p.payments.vouchers import VoucherBook, VoucherIssuer
 
 from .events import EventQueue
 from .gossip import Mesh

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cocoon_p2p.metrics import percentile
+from cocoon_p2p.core.metrics import percentile
 
 from .scenario import Scenario
 

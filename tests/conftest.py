@@ -7,8 +7,8 @@ from typing import Any
 
 import pytest
 
-from cocoon_p2p.models import ModelSpec, load_model
-from cocoon_p2p.tinymodel import build_tiny_model
+from cocoon_p2p.execution.models import ModelSpec, load_model
+from cocoon_p2p.testing.tinymodel import build_tiny_model
 
 
 @pytest.fixture(scope="session")

@@ -5,9 +5,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
-from cocoon_p2p.announcement import Announcement, Offer
-from cocoon_p2p.capability import CapabilityRecord
-from cocoon_p2p.identity import Identity
+from cocoon_p2p.core.identity import Identity
+from cocoon_p2p.overlay.announcement import Announcement, Offer
+from cocoon_p2p.overlay.capability import CapabilityRecord
 
 NOW = 1_790_000_000_000  # a fixed "now" in ms
 MODEL = hashlib.sha256(b"model-a").digest()

@@ -13,10 +13,10 @@ from libp2p.records.validator import BlankValidator
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
-from cocoon_p2p import protocols
-from cocoon_p2p.host import build_host
-from cocoon_p2p.identity import Identity
+from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.node import Node, NodeConfig
+from cocoon_p2p.overlay import protocols
+from cocoon_p2p.transport.host import build_host
 
 
 def fast_config(**over: object) -> NodeConfig:

@@ -1,6 +1,6 @@
 """Batcher: no added latency when idle, full batches under load, optional wait, cancellation."""
 
-from cocoon_p2p.batching import Batch, Batcher
+from cocoon_p2p.jobs.batching import Batch, Batcher
 
 
 def test_idle_model_runs_a_lone_job_at_once() -> None:

@@ -5,9 +5,8 @@ from pathlib import Path
 import msgpack
 import pytest
 
-from cocoon_p2p import capability, wire
-from cocoon_p2p.capability import CapabilityRecord, decode, decode_for_key, dht_key, provider_key, select_newest
-from cocoon_p2p.errors import (
+from cocoon_p2p.core import wire
+from cocoon_p2p.core.errors import (
     BadSignature,
     ExpiredMessage,
     ForeignKey,
@@ -15,6 +14,8 @@ from cocoon_p2p.errors import (
     MessageTooLarge,
     RemoteProtocolError,
 )
+from cocoon_p2p.overlay import capability
+from cocoon_p2p.overlay.capability import CapabilityRecord, decode, decode_for_key, dht_key, provider_key, select_newest
 
 from .helpers import MODEL, MODEL_B, NOW, ident, record
 

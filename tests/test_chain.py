@@ -9,19 +9,11 @@ import pytest
 from nacl.signing import SigningKey
 from pytoniq_core import Address
 
-from cocoon_p2p import channel_messages as m
-from cocoon_p2p.chain import (
-    ChainError,
-    LocalChain,
-    Wallet,
-    address_of,
-    open_local_chain,
-    read_channel,
-    state_init,
-    wait_until,
-)
-from cocoon_p2p.contract_code import payment_channel_code
-from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody, VoucherBook
+from cocoon_p2p.payments import messages as m
+from cocoon_p2p.payments.chain import ChainError, Wallet, address_of, read_channel, state_init, wait_until
+from cocoon_p2p.payments.contract import payment_channel_code
+from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody, VoucherBook
+from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
 
 pytestmark = pytest.mark.skipif(shutil.which("node") is None, reason="the local chain needs Node.js")
 TON = 1_000_000_000

@@ -9,8 +9,8 @@ import pytest
 from nacl.signing import SigningKey
 from pytoniq_core import Cell
 
-from cocoon_p2p import channel_messages as m
-from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody
+from cocoon_p2p.payments import messages as m
+from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody
 
 VEC = json.loads((Path(__file__).parent / "vectors" / "channel_messages.json").read_text())
 A, B = SigningKey(bytes([1]) * 32), SigningKey(bytes([2]) * 32)

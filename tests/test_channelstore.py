@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
-from cocoon_p2p.channelstore import ChannelStore, ChannelTerms
-from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody
+from cocoon_p2p.payments.store import ChannelStore, ChannelTerms
+from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody
 
 A = SigningKey(bytes([1]) * 32)
 TERMS = ChannelTerms(channel_id=0xC0C0A, payer_key=bytes(A.verify_key), deposit_a=10**9)
@@ -42,8 +42,8 @@ def test_kill_minus_nine_loses_no_acknowledged_voucher(tmp_path: Path) -> None:
         import os
         from pathlib import Path
         from nacl.signing import SigningKey
-        from cocoon_p2p.channelstore import ChannelStore, ChannelTerms
-        from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody
+        from cocoon_p2p.payments.store import ChannelStore, ChannelTerms
+        from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody
         A = SigningKey(bytes([1]) * 32)
         terms = ChannelTerms(channel_id=0xC0C0A, payer_key=bytes(A.verify_key), deposit_a=10**9)
         store = ChannelStore(Path({str(tmp_path)!r}))

@@ -14,10 +14,10 @@ from pathlib import Path
 import openai
 import pytest
 
-from cocoon_p2p.chain import open_local_chain
-from cocoon_p2p.metrics import parse
+from cocoon_p2p.core.metrics import parse
+from cocoon_p2p.testing.localchain import open_local_chain
 
-CLI = [sys.executable, "-m", "nodes.cli"]
+CLI = [sys.executable, "-m", "cocoon_p2p.nodes.cli"]
 
 
 def test_demo_runs_real_jobs_over_discovered_workers() -> None:

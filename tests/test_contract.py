@@ -8,10 +8,10 @@ import pytest
 from nacl.signing import SigningKey
 from pytoniq_core import Address
 
-from cocoon_p2p import channel_messages as m
-from cocoon_p2p.contract_code import payment_channel_code
-from cocoon_p2p.emulator import ContractEmulator
-from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody, VoucherBook
+from cocoon_p2p.payments import messages as m
+from cocoon_p2p.payments.contract import payment_channel_code
+from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody, VoucherBook
+from cocoon_p2p.testing.emulator import ContractEmulator
 
 pytestmark = pytest.mark.skipif(shutil.which("npm") is None, reason="npm is needed to fetch the contract code")
 

@@ -8,7 +8,12 @@ from pathlib import Path
 import pytest
 from pytoniq_core import begin_cell
 
-from cocoon_p2p.contract_code import OFFICIAL_CODE_HASH, ContractCodeError, code_from_boc, payment_channel_code
+from cocoon_p2p.payments.contract import (
+    OFFICIAL_CODE_HASH,
+    ContractCodeError,
+    code_from_boc,
+    payment_channel_code,
+)
 
 needs_npm = pytest.mark.skipif(shutil.which("npm") is None, reason="npm is not installed")
 

@@ -9,9 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from cocoon_p2p import announcement as ann_mod
-from cocoon_p2p.directory import WorkerDirectory
-from cocoon_p2p.errors import (
+from cocoon_p2p.core.errors import (
     BadSignature,
     ExpiredMessage,
     ForeignKey,
@@ -20,6 +18,8 @@ from cocoon_p2p.errors import (
     RemoteProtocolError,
     ReplayedMessage,
 )
+from cocoon_p2p.overlay import announcement as ann_mod
+from cocoon_p2p.overlay.directory import WorkerDirectory
 
 from .helpers import MODEL, MODEL_B, NOW, announcement, ident, offer, record
 

@@ -8,15 +8,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cocoon_p2p import jobframes as jf
-from cocoon_p2p.backends import BackendError, backend_choice, open_backend
-from cocoon_p2p.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.backends.trt import tensorrt_unavailable_reason
-from cocoon_p2p.errors import MalformedMessage
-from cocoon_p2p.executor import Executor
-from cocoon_p2p.models import ModelError, ModelSpec, load_model
-from cocoon_p2p.tensors import from_numpy, to_numpy
-from cocoon_p2p.tinymodel import BIAS, WEIGHTS, build_tiny_model
+from cocoon_p2p.core.errors import MalformedMessage
+from cocoon_p2p.execution.backends import BackendError, backend_choice, open_backend
+from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.execution.backends.trt import tensorrt_unavailable_reason
+from cocoon_p2p.execution.executor import Executor
+from cocoon_p2p.execution.models import ModelError, ModelSpec, load_model
+from cocoon_p2p.execution.tensors import from_numpy, to_numpy
+from cocoon_p2p.jobs import frames as jf
+from cocoon_p2p.testing.tinymodel import BIAS, WEIGHTS, build_tiny_model
 
 
 def reference(x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]

@@ -6,7 +6,7 @@ import pytest
 import trio
 import trio.testing
 
-from cocoon_p2p.fastlock import FastLock
+from cocoon_p2p.transport.fastlock import FastLock
 
 
 async def test_excludes_and_hands_over() -> None:

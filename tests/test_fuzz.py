@@ -5,9 +5,13 @@ import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cocoon_p2p import announcement, capability, jobconn, jobframes, tensors
-from cocoon_p2p.directory import WorkerDirectory
-from cocoon_p2p.errors import RemoteProtocolError
+from cocoon_p2p.core.errors import RemoteProtocolError
+from cocoon_p2p.core.framing import NEED_DATA
+from cocoon_p2p.execution import tensors
+from cocoon_p2p.jobs import connection as jobconn
+from cocoon_p2p.jobs import frames as jobframes
+from cocoon_p2p.overlay import announcement, capability
+from cocoon_p2p.overlay.directory import WorkerDirectory
 
 from .helpers import NOW, ident, record
 from .helpers import announcement as make_announcement
@@ -107,7 +111,7 @@ def test_job_connection_stream_garbage(chunks: list[bytes], role: jobconn.Role) 
     try:
         for chunk in chunks:
             conn.receive_data(chunk)
-            while conn.next_event() is not jobconn.NEED_DATA:
+            while conn.next_event() is not NEED_DATA:
                 pass
     except RemoteProtocolError:
         assert conn.errored is not None

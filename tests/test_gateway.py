@@ -13,13 +13,13 @@ import openai
 import pytest
 import trio
 
-from cocoon_p2p.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.export import ensure_minilm, ensure_smollm2
-from cocoon_p2p.gateway import Gateway, GatewayModel
-from cocoon_p2p.jobs import now_ms
-from cocoon_p2p.models import ModelSpec
+from cocoon_p2p.api.gateway import Gateway, GatewayModel
+from cocoon_p2p.core.clock import now_ms
+from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2
+from cocoon_p2p.execution.models import ModelSpec
+from cocoon_p2p.execution.tensors import to_numpy
 from cocoon_p2p.node import Node
-from cocoon_p2p.tensors import to_numpy
 
 from .netutil import fast_config, wait_for
 

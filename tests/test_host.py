@@ -8,7 +8,7 @@ import trio.testing
 from libp2p.connection_types import ConnectionType
 from libp2p.network.connection.raw_connection import RawConnection
 
-from cocoon_p2p.host import ReadAheadConnection
+from cocoon_p2p.transport.host import ReadAheadConnection
 
 
 class _Stream:

@@ -9,9 +9,9 @@ import math
 import pytest
 import trio
 
-from cocoon_p2p import openai_api as api
-from cocoon_p2p.httpserver import MAX_BODY, Request, Response, serve_http
-from cocoon_p2p.metrics import Histogram, metric, parse, percentile, render
+from cocoon_p2p.api import openai as api
+from cocoon_p2p.api.http import MAX_BODY, Request, Response, serve_http
+from cocoon_p2p.core.metrics import Histogram, metric, parse, percentile, render
 
 
 async def echo(req: Request) -> Response:

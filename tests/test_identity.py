@@ -5,8 +5,8 @@ import pytest
 from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.peer.id import ID
 
-from cocoon_p2p.errors import BadSignature, IdentityError, MalformedMessage
-from cocoon_p2p.identity import (
+from cocoon_p2p.core.errors import BadSignature, IdentityError, MalformedMessage
+from cocoon_p2p.core.identity import (
     Identity,
     load_or_create_identity,
     peer_id_from_str,

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import trio
 
-from cocoon_p2p import protocols
 from cocoon_p2p.node import Node
+from cocoon_p2p.overlay import protocols
 
 from .netutil import fast_config
 
@@ -82,6 +82,6 @@ async def test_js_libp2p_dials_pings_identifies_and_is_dialled_back(js_peer_dir:
 
 
 def _connected_strs(node: Node) -> list[str]:
-    from cocoon_p2p.identity import peer_id_to_str
+    from cocoon_p2p.core.identity import peer_id_to_str
 
     return [peer_id_to_str(p) for p in node.connected_peers()]

@@ -4,9 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from cocoon_p2p import jobframes as jf
-from cocoon_p2p.errors import LocalProtocolError, MalformedMessage, ReplayedMessage
-from cocoon_p2p.jobconn import NEED_DATA, JobConnection, Role
+from cocoon_p2p.core.errors import LocalProtocolError, MalformedMessage, MessageTooLarge, ReplayedMessage
+from cocoon_p2p.core.framing import NEED_DATA
+from cocoon_p2p.jobs import frames as jf
+from cocoon_p2p.jobs.connection import JobConnection, Role
 
 MODEL = bytes(32)
 
@@ -93,14 +94,15 @@ def test_each_side_may_only_send_its_own_frames() -> None:
 
 def test_oversized_length_prefix_fails_before_buffering() -> None:
     worker = JobConnection(Role.WORKER, max_frame=1024)
-    with pytest.raises(MalformedMessage):
+    with pytest.raises(MessageTooLarge) as err:
         deliver((4096).to_bytes(4, "big") + b"x", worker)
+    assert err.value.code == "too-large"
 
 
 def test_a_frame_too_large_to_send_leaves_no_trace() -> None:
     import numpy as np
 
-    from cocoon_p2p.tensors import from_numpy
+    from cocoon_p2p.execution.tensors import from_numpy
 
     client = JobConnection(Role.CLIENT, max_frame=1024)
     big = jf.JobRequest(

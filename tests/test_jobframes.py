@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cocoon_p2p import jobframes as jf
-from cocoon_p2p.errors import LocalProtocolError, MalformedMessage, MessageTooLarge
-from cocoon_p2p.tensors import Tensor, from_numpy, to_numpy
-from cocoon_p2p.wire import pack
+from cocoon_p2p.core.errors import LocalProtocolError, MalformedMessage, MessageTooLarge
+from cocoon_p2p.core.wire import pack
+from cocoon_p2p.execution.tensors import Tensor, from_numpy, to_numpy
+from cocoon_p2p.jobs import frames as jf
 
 MODEL = bytes(range(32))
 X = from_numpy("x", np.arange(8, dtype=np.float32).reshape(2, 4))

@@ -12,15 +12,16 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
-from cocoon_p2p import jobframes as jf
-from cocoon_p2p.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.directory import WorkerOffer
-from cocoon_p2p.jobconn import JobConnection, Role
-from cocoon_p2p.jobs import JobFailed, now_ms
-from cocoon_p2p.models import ModelSpec
+from cocoon_p2p.core.clock import now_ms
+from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.execution.models import ModelSpec
+from cocoon_p2p.execution.tensors import from_numpy, to_numpy
+from cocoon_p2p.jobs import JobFailed
+from cocoon_p2p.jobs import frames as jf
+from cocoon_p2p.jobs.connection import JobConnection, Role
 from cocoon_p2p.node import Node
-from cocoon_p2p.protocols import JOB_PROTOCOL
-from cocoon_p2p.tensors import from_numpy, to_numpy
+from cocoon_p2p.overlay.directory import WorkerOffer
+from cocoon_p2p.overlay.protocols import JOB_PROTOCOL
 
 from .netutil import fast_config, wait_for
 from .test_executor import reference
@@ -206,7 +207,7 @@ async def test_a_result_too_large_to_send_fails_that_job_unpaid(tmp_path) -> Non
     import onnx
     from onnx import TensorProto, helper, numpy_helper
 
-    from cocoon_p2p.models import load_model
+    from cocoon_p2p.execution.models import load_model
 
     repeats = numpy_helper.from_array(np.array([1000, 1], dtype=np.int64), "r")
     graph = helper.make_graph(

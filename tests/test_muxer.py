@@ -13,11 +13,11 @@ from libp2p.network.stream.exceptions import StreamReset
 from libp2p.peer.id import ID
 from noise.connection import Keypair, NoiseConnection
 
-from cocoon_p2p.fastlock import FastLock
-from cocoon_p2p.host import use_own_yamux
-from cocoon_p2p.muxer import YamuxMuxer
 from cocoon_p2p.node import Node
-from cocoon_p2p.noise_session import MAX_PLAINTEXT, NoiseCipher, NoiseDecryptError, NoiseSession
+from cocoon_p2p.transport.fastlock import FastLock
+from cocoon_p2p.transport.host import use_own_yamux
+from cocoon_p2p.transport.muxer import YamuxMuxer
+from cocoon_p2p.transport.noise import MAX_PLAINTEXT, NoiseCipher, NoiseDecryptError, NoiseSession
 
 from .netutil import fast_config
 

@@ -18,9 +18,9 @@ from libp2p.peer.peerinfo import info_from_p2p_addr
 from libp2p.security.insecure.transport import PLAINTEXT_PROTOCOL_ID, InsecureTransport
 from multiaddr import Multiaddr
 
-from cocoon_p2p import capability, protocols
-from cocoon_p2p.identity import Identity
+from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.node import ModelCapability, Node, PeerBanned, WorkerSeen
+from cocoon_p2p.overlay import capability, protocols
 
 from .helpers import announcement, record
 from .netutil import fast_config, open_nodes, open_raw_peer, wait_for

@@ -8,10 +8,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from cocoon_p2p import payframes as pf
-from cocoon_p2p.errors import MalformedMessage, RemoteProtocolError
-from cocoon_p2p.jobconn import NeedData
-from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody
+from cocoon_p2p.core.errors import MalformedMessage, MessageTooLarge, RemoteProtocolError
+from cocoon_p2p.core.framing import NeedData
+from cocoon_p2p.payments import frames as pf
+from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody
 
 KEY = SigningKey(bytes([3]) * 32)
 RECORD = SemiChannel(0xC0C0A, SemiChannelBody(7, 123)).sign(KEY).to_record()
@@ -64,8 +64,9 @@ def test_malformed_frames_are_named_errors(wire: list[object]) -> None:
 def test_oversized_frames_are_refused_before_buffering_them() -> None:
     reader = pf.FrameReader()
     reader.feed((pf.MAX_PAY_FRAME + 1).to_bytes(4, "big"))
-    with pytest.raises(MalformedMessage):
+    with pytest.raises(MessageTooLarge) as err:
         reader.next()
+    assert err.value.code == "too-large"
 
 
 @settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])

@@ -9,14 +9,16 @@ import numpy as np
 import pytest
 import trio
 
-from cocoon_p2p import jobframes as jf
-from cocoon_p2p.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.chain import LocalChain, Wallet, open_local_chain, read_channel
-from cocoon_p2p.jobs import JobFailed, now_ms
-from cocoon_p2p.models import ModelSpec
+from cocoon_p2p.core.clock import now_ms
+from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.execution.models import ModelSpec
+from cocoon_p2p.execution.tensors import from_numpy
+from cocoon_p2p.jobs import JobFailed
+from cocoon_p2p.jobs import frames as jf
 from cocoon_p2p.node import Node
-from cocoon_p2p.payments import PaymentConfig
-from cocoon_p2p.tensors import from_numpy
+from cocoon_p2p.payments.chain import Wallet, read_channel
+from cocoon_p2p.payments.service import PaymentConfig
+from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
 
 from .netutil import fast_config, wait_for
 
@@ -75,7 +77,7 @@ async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp
             await trio.sleep(0)
 
     # The worker's earnings survive a restart (its channels are on disk).
-    from cocoon_p2p.channelstore import ChannelStore
+    from cocoon_p2p.payments.store import ChannelStore
 
     assert ChannelStore(tmp_path / "worker" / "channels").earned(cid) == sum(costs)
 

@@ -1,7 +1,7 @@
 import pytest
 
-from cocoon_p2p.errors import BadSignature, MalformedMessage, ReplayedMessage
-from cocoon_p2p.peerscore import PeerScores
+from cocoon_p2p.core.errors import BadSignature, MalformedMessage, ReplayedMessage
+from cocoon_p2p.overlay.peerscore import PeerScores
 
 P = b"peer"
 

@@ -2,8 +2,8 @@ import random
 
 import pytest
 
-from cocoon_p2p.errors import ConfigError
-from cocoon_p2p.peerset import PeerSet, split_p2p_addr
+from cocoon_p2p.core.errors import ConfigError
+from cocoon_p2p.overlay.peerset import PeerSet, split_p2p_addr
 
 from .helpers import ident
 

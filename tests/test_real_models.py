@@ -5,13 +5,13 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from cocoon_p2p.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.executor import Executor
-from cocoon_p2p.export import SAMPLE_SENTENCES, ensure_minilm, ensure_smollm2, ensure_smollm2_q4
-from cocoon_p2p.generation import chatml_prompt, greedy_tokens
-from cocoon_p2p.jobframes import JobChunk, JobRequest
-from cocoon_p2p.models import ModelSpec, file_sha256
-from cocoon_p2p.tensors import to_numpy
+from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.execution.executor import Executor
+from cocoon_p2p.execution.export import SAMPLE_SENTENCES, ensure_minilm, ensure_smollm2, ensure_smollm2_q4
+from cocoon_p2p.execution.generation import chatml_prompt, greedy_tokens
+from cocoon_p2p.execution.models import ModelSpec, file_sha256
+from cocoon_p2p.execution.tensors import to_numpy
+from cocoon_p2p.jobs.frames import JobChunk, JobRequest
 
 from .netutil import wait_for
 from .test_jobs import network

@@ -5,7 +5,7 @@ from __future__ import annotations
 from hypothesis import given
 from hypothesis import strategies as st
 
-from cocoon_p2p.reassembly import Reassembly
+from cocoon_p2p.transport.reassembly import Reassembly
 
 
 def _units(r: Reassembly, data: bytes) -> list[bytes]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import random
 from collections import Counter
 
-from cocoon_p2p.directory import WorkerOffer
-from cocoon_p2p.routing import Router
+from cocoon_p2p.jobs.routing import Router
+from cocoon_p2p.overlay.directory import WorkerOffer
 
 
 def offer(n: int, *, price: int = 1, running: int | None = 0) -> WorkerOffer:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from cocoon_p2p.settlement import (
+from cocoon_p2p.payments.settlement import (
     CLOSURE_STARTED,
     OPEN,
     Action,

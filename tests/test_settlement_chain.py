@@ -12,17 +12,18 @@ import numpy as np
 import pytest
 import trio
 
-from cocoon_p2p import channel_messages as m
-from cocoon_p2p.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.chain import LocalChain, Wallet, open_local_chain, read_channel
-from cocoon_p2p.channelops import send_control
-from cocoon_p2p.jobs import now_ms
-from cocoon_p2p.models import ModelSpec
+from cocoon_p2p.core.clock import now_ms
+from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.execution.models import ModelSpec
+from cocoon_p2p.execution.tensors import from_numpy
 from cocoon_p2p.node import Node
-from cocoon_p2p.payments import PaymentConfig, PaymentService
-from cocoon_p2p.settlement import SettlementPolicy
-from cocoon_p2p.tensors import from_numpy
-from cocoon_p2p.vouchers import SemiChannel, SemiChannelBody
+from cocoon_p2p.payments import messages as m
+from cocoon_p2p.payments.chain import Wallet, read_channel
+from cocoon_p2p.payments.channelops import send_control
+from cocoon_p2p.payments.service import PaymentConfig, PaymentService
+from cocoon_p2p.payments.settlement import SettlementPolicy
+from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody
+from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
 
 from .netutil import fast_config, wait_for
 

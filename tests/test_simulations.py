@@ -10,10 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-
-from simulations import cli
-from simulations.model import ModelSim
-from simulations.scenario import ScenarioError, from_dict, load
+from cocoon_p2p.simulations import cli
+from cocoon_p2p.simulations.model import ModelSim
+from cocoon_p2p.simulations.scenario import ScenarioError, from_dict, load
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cocoon_p2p.voucherlog import LogCorrupted, VoucherLog
+from cocoon_p2p.payments.voucherlog import LogCorrupted, VoucherLog
 
 
 def test_records_survive_reopen_and_file_is_private(tmp_path: Path) -> None:
@@ -61,7 +61,7 @@ def test_a_killed_writer_loses_nothing_it_reported_durable(tmp_path: Path) -> No
         f"""
         import os, sys
         from pathlib import Path
-        from cocoon_p2p.voucherlog import VoucherLog
+        from cocoon_p2p.payments.voucherlog import VoucherLog
         log = VoucherLog(Path({str(path)!r}))
         for i in range(1000):
             log.append([b"voucher %d" % i])

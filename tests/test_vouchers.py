@@ -10,8 +10,8 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from nacl.signing import SigningKey
 
-from cocoon_p2p.errors import BadSignature, MalformedMessage, RemoteProtocolError, ReplayedMessage
-from cocoon_p2p.vouchers import (
+from cocoon_p2p.core.errors import BadSignature, MalformedMessage, RemoteProtocolError, ReplayedMessage
+from cocoon_p2p.payments.vouchers import (
     ChannelRuleBroken,
     SemiChannel,
     SemiChannelBody,
@@ -148,9 +148,9 @@ def test_log_records_round_trip_exactly() -> None:
 
 
 def test_issuer_counts_up_refuses_overdraft_and_restores_after_a_crash(tmp_path: Path) -> None:
-    from cocoon_p2p.errors import LocalProtocolError
-    from cocoon_p2p.voucherlog import VoucherLog
-    from cocoon_p2p.vouchers import VoucherIssuer
+    from cocoon_p2p.core.errors import LocalProtocolError
+    from cocoon_p2p.payments.voucherlog import VoucherLog
+    from cocoon_p2p.payments.vouchers import VoucherIssuer
 
     log = VoucherLog(tmp_path / "issued.log")
     issuer = VoucherIssuer(channel_id=CHANNEL, key=A, deposit_a=1000)

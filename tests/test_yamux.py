@@ -8,8 +8,8 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cocoon_p2p import yamux
-from cocoon_p2p.yamux import (
+from cocoon_p2p.transport import yamux
+from cocoon_p2p.transport.yamux import (
     FLAG_ACK,
     FLAG_FIN,
     FLAG_RST,

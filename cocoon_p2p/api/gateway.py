@@ -1,0 +1,206 @@
+"""An OpenAI-compatible HTTP gateway: app developers' requests become overlay jobs.
+
+Runs beside a client :class:`~.node.Node` (with payments, if enabled): each
+request goes to a worker the router picks, paid by voucher like any job, and
+the answer carries the cost in ``usage``. Serves ``/v1/models``,
+``/v1/embeddings``, ``/v1/chat/completions`` (``stream: true`` as server-sent
+events), and the node's Prometheus ``/metrics``. Models are named as the
+gateway was configured (e.g. ``minilm``, ``smollm2``) or by their hex id.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import time
+from collections.abc import AsyncGenerator, Iterable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+import trio
+from libp2p.peer.id import ID
+
+from cocoon_p2p.core.metrics import CONTENT_TYPE, render
+from cocoon_p2p.execution.generation import chatml_prompt
+from cocoon_p2p.execution.models import ModelSpec
+from cocoon_p2p.execution.tensors import to_numpy
+from cocoon_p2p.jobs import InferenceResult, JobFailed
+from cocoon_p2p.jobs import frames as jf
+
+from . import openai as api
+from .http import Request, Response, serve_http
+from .nodemetrics import node_metrics
+
+if TYPE_CHECKING:  # no import cycle at run time
+    from cocoon_p2p.node import Node
+
+log = logging.getLogger("cocoon_p2p.api.gateway")
+
+# Job failures as HTTP statuses: the network's state, not the caller's fault, is 5xx.
+_STATUS = {
+    "no-workers": 503,
+    jf.BUSY: 503,
+    jf.SHUTTING_DOWN: 503,
+    jf.PAYMENT: 402,
+    jf.PAYMENT_SETUP: 402,
+    jf.PRICE: 402,
+    jf.BAD_INPUT: 400,
+    jf.TOO_LARGE: 400,
+    jf.UNKNOWN_MODEL: 404,
+    jf.DEADLINE: 504,
+}
+
+
+@dataclass(frozen=True)
+class GatewayModel:
+    name: str
+    model_id: bytes
+    kind: str  # "embedding" | "generation"
+
+    @classmethod
+    def of(cls, spec: ModelSpec, name: str | None = None) -> GatewayModel:
+        """The model ``spec`` as the API names it (``name``, else the spec's own name)."""
+        return cls(name or spec.name, spec.model_id, spec.kind)
+
+
+class Gateway:
+    """The HTTP face of a client node. ``max_price_nanoton``: the most paid per unit of work."""
+
+    def __init__(
+        self, node: Node, models: Iterable[GatewayModel], *, max_price_nanoton: int, timeout_s: float = 120.0
+    ) -> None:
+        self.node = node
+        self.models = {m.name: m for m in models}
+        self.max_price = max_price_nanoton
+        self.timeout_s = timeout_s
+
+    async def serve(
+        self, host: str = "127.0.0.1", port: int = 8080, *, task_status: Any = trio.TASK_STATUS_IGNORED
+    ) -> None:
+        """Serve until cancelled; reports the bound port when listening."""
+        await serve_http(self.handle, host, port, task_status=task_status)
+
+    async def handle(self, req: Request) -> Response:
+        try:
+            if req.path == "/metrics" and req.method == "GET":
+                return Response(200, render(node_metrics(self.node)).encode(), CONTENT_TYPE)
+            if req.path == "/v1/models" and req.method == "GET":
+                return Response.of_json(await self._models())
+            if req.path == "/v1/embeddings" and req.method == "POST":
+                return await self._embeddings(api.parse_embeddings(self._json(req)))
+            if req.path == "/v1/chat/completions" and req.method == "POST":
+                return await self._chat(api.parse_chat(self._json(req)))
+            if req.path in ("/v1/models", "/v1/embeddings", "/v1/chat/completions", "/metrics"):
+                raise api.APIError(405, f"{req.method} is not allowed on {req.path}")
+            raise api.APIError(404, f"no route {req.path}", code="not_found")
+        except api.APIError as exc:
+            return Response.of_json(exc.body(), exc.status)
+
+    @staticmethod
+    def _json(req: Request) -> object:
+        try:
+            return req.json()
+        except ValueError as exc:
+            raise api.APIError(400, f"the body is not JSON: {exc}") from exc
+
+    def _model(self, name: str, kind: str) -> GatewayModel:
+        model = self.models.get(name) or next((m for m in self.models.values() if m.model_id.hex() == name), None)
+        if model is None:
+            raise api.APIError(404, f"the model '{name}' does not exist", code="model_not_found", param="model")
+        if model.kind != kind:
+            raise api.APIError(400, f"'{name}' is a {model.kind} model", param="model")
+        return model
+
+    async def _models(self) -> dict[str, object]:
+        listed = []
+        for m in self.models.values():
+            offers = await self.node.find_workers(m.model_id, use_dht=False)
+            listed.append(
+                {
+                    "id": m.name,
+                    "cocoon_model_id": m.model_id.hex(),
+                    "kind": m.kind,
+                    "workers": len(offers),
+                    "min_price_nanoton": min((o.price_nanoton for o in offers), default=None),
+                }
+            )
+        return api.models_response(listed)
+
+    @staticmethod
+    def _failed(exc: JobFailed) -> api.APIError:
+        return api.APIError(_STATUS.get(exc.code, 502), str(exc), kind="cocoon_job_error", code=exc.code)
+
+    @staticmethod
+    def _usage(r: InferenceResult, *, completion: int = 0) -> dict[str, object]:
+        return api.usage(r.usage_units, r.cost_nanoton, r.price_nanoton, str(ID(r.worker)), completion=completion)
+
+    async def _embeddings(self, req: api.EmbeddingsRequest) -> Response:
+        model = self._model(req.model, "embedding")
+        try:
+            r = await self.node.infer(
+                model.model_id, texts=req.texts, max_price_nanoton=self.max_price, timeout_s=self.timeout_s
+            )
+        except JobFailed as exc:
+            raise self._failed(exc) from exc
+        vectors = to_numpy(r.output())
+        return Response.of_json(api.embeddings_response(model.name, vectors, req.encoding_format, self._usage(r)))
+
+    async def _chat(self, req: api.ChatRequest) -> Response:
+        model = self._model(req.model, "generation")
+        prompt = chatml_prompt(list(req.messages))
+        completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
+        items = self.node.generate(
+            model.model_id,
+            prompt,
+            max_tokens=req.max_tokens,
+            max_price_nanoton=self.max_price,
+            timeout_s=self.timeout_s,
+        )
+        if req.stream:
+            events = self._events(req, model, items, completion_id, created)
+            return Response(
+                200, content_type="text/event-stream", stream=events, headers=[("cache-control", "no-cache")]
+            )
+        text: list[str] = []
+        result: InferenceResult | None = None
+        try:
+            async for item in items:
+                if isinstance(item, InferenceResult):
+                    result = item
+                else:
+                    text.append(item.text)
+        except JobFailed as exc:
+            raise self._failed(exc) from exc
+        assert result is not None
+        n = len(result.token_ids)
+        finish = api.finish_reason(n, req.max_tokens)
+        body = api.chat_response(
+            completion_id, created, model.name, "".join(text), finish, self._usage(result, completion=n)
+        )
+        return Response.of_json(body)
+
+    async def _events(
+        self,
+        req: api.ChatRequest,
+        model: GatewayModel,
+        items: AsyncGenerator[jf.JobChunk | InferenceResult, None],
+        completion_id: str,
+        created: int,
+    ) -> AsyncGenerator[bytes, None]:
+        yield api.chat_chunk(completion_id, created, model.name, delta={"role": "assistant", "content": ""})
+        try:
+            async for item in items:
+                if isinstance(item, InferenceResult):
+                    n = len(item.token_ids)
+                    finish = api.finish_reason(n, req.max_tokens)
+                    yield api.chat_chunk(completion_id, created, model.name, delta={}, finish=finish)
+                    if req.include_usage:
+                        usage = self._usage(item, completion=n)
+                        yield api.chat_chunk(completion_id, created, model.name, usage_=usage)
+                elif isinstance(item, jf.JobChunk) and item.text:
+                    yield api.chat_chunk(completion_id, created, model.name, delta={"content": item.text})
+        except JobFailed as exc:  # headers are sent: the error goes in the stream, as OpenAI does
+            yield api.sse_event(self._failed(exc).body())
+        finally:
+            await items.aclose()
+        yield api.SSE_DONE

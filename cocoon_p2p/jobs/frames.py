@@ -1,0 +1,245 @@
+"""Frames of the job protocol ``/cocoon/job/1`` and their codec.
+
+A frame on the stream is a 4-byte big-endian length, then a msgpack array whose
+first item is the frame type. One long-lived stream between a client and a
+worker carries many jobs, told apart by ``job_id``, so a job costs no stream
+set-up or protocol negotiation (see :mod:`.jobconn` for the rules of order).
+
+Sizes are capped up front (``MAX_FRAME``): a decoder never allocates more than
+the frame it was given, and every field is type- and range-checked.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cocoon_p2p.core import framing
+from cocoon_p2p.core.errors import LocalProtocolError, MalformedMessage, MessageTooLarge
+from cocoon_p2p.core.wire import expect_bytes, expect_int, expect_list, expect_str, expect_str_list, pack, unpack
+from cocoon_p2p.execution.tensors import Tensor
+
+MAX_FRAME = 8 * 1024 * 1024  # one frame; inputs beyond this are "too-large"
+MAX_TENSORS = 16
+MAX_TEXTS = 256
+MAX_TEXT = 32 * 1024  # characters per input text
+MAX_TOKENS = 4096  # generation length cap
+MAX_MESSAGE = 1024
+
+
+# Error codes a worker sends in an ErrorFrame (and a client maps to exceptions).
+BUSY = "busy"
+UNKNOWN_MODEL = "unknown-model"
+BAD_INPUT = "bad-input"
+PRICE = "price"
+DEADLINE = "deadline"
+CANCELLED = "cancelled"
+BACKEND = "backend"
+TOO_LARGE = "too-large"
+SHUTTING_DOWN = "shutting-down"
+PAYMENT = "payment"  # no open channel with this client, or it owes more than its credit
+ERROR_CODES = frozenset(
+    {BUSY, UNKNOWN_MODEL, BAD_INPUT, PRICE, DEADLINE, CANCELLED, BACKEND, TOO_LARGE, SHUTTING_DOWN, PAYMENT}
+)
+# Codes after which another worker may succeed with the same request.
+RETRYABLE = frozenset({BUSY, BACKEND, SHUTTING_DOWN, UNKNOWN_MODEL, PRICE})
+# Failures the client notes itself (never sent in an error frame).
+WORKER_LOST = "worker-lost"  # the worker went away mid-job, broke the protocol, or was unreachable
+PAYMENT_SETUP = "payment-setup"  # no payment channel to the worker could be opened
+
+
+def retryable(code: str) -> bool:
+    """Whether a job that failed with ``code`` goes to another worker (the node and the simulator)."""
+    return code in RETRYABLE or code in (WORKER_LOST, PAYMENT_SETUP)
+
+
+_REQUEST, _ACCEPTED, _CHUNK, _RESULT, _ERROR, _CANCEL = 1, 2, 3, 4, 5, 6
+
+
+def price_refusal(accepted_price: int, max_price: int) -> str | None:
+    """Why a client must drop a job its worker accepted at ``accepted_price``, if it must."""
+    return "worker accepted above our cap" if accepted_price > max_price else None
+
+
+def charge_refusal(price: int, usage_units: int, cost_nanoton: int) -> str | None:
+    """Why a client must not pay a result, if it must not: the cost is price x usage, exactly."""
+    return "charged cost differs from price x usage" if cost_nanoton != usage_units * price else None
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobRequest:
+    """Client -> worker: run ``model_id`` on ``inputs`` (tensors) or ``texts``.
+
+    ``deadline_ms`` is absolute Unix time; ``max_price_nanoton`` caps the price per
+    unit the client accepts; ``max_tokens`` bounds generation (0: not generation).
+    """
+
+    job_id: int
+    model_id: bytes
+    inputs: tuple[Tensor, ...] = ()
+    texts: tuple[str, ...] = ()
+    max_tokens: int = 0
+    deadline_ms: int
+    max_price_nanoton: int
+
+    def to_wire(self) -> list[Any]:
+        return [
+            _REQUEST,
+            self.job_id,
+            self.model_id,
+            [t.to_wire() for t in self.inputs],
+            list(self.texts),
+            self.max_tokens,
+            self.deadline_ms,
+            self.max_price_nanoton,
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobAccepted:
+    """Worker -> client: the job runs, at ``price_nanoton`` per ``unit``."""
+
+    job_id: int
+    price_nanoton: int
+    unit: str
+
+    def to_wire(self) -> list[Any]:
+        return [_ACCEPTED, self.job_id, self.price_nanoton, self.unit]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobChunk:
+    """Worker -> client: a piece of streamed output (generated tokens), in order."""
+
+    job_id: int
+    seq: int
+    token_ids: tuple[int, ...] = ()
+    text: str = ""
+
+    def to_wire(self) -> list[Any]:
+        return [_CHUNK, self.job_id, self.seq, list(self.token_ids), self.text]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobResult:
+    """Worker -> client, last frame of a successful job: outputs and what it cost."""
+
+    job_id: int
+    outputs: tuple[Tensor, ...] = ()
+    usage_units: int
+    cost_nanoton: int
+    compute_us: int = 0
+
+    def to_wire(self) -> list[Any]:
+        return [
+            _RESULT,
+            self.job_id,
+            [t.to_wire() for t in self.outputs],
+            self.usage_units,
+            self.cost_nanoton,
+            self.compute_us,
+        ]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobError:
+    """Worker -> client, last frame of a failed job. ``code`` is one of ERROR_CODES."""
+
+    job_id: int
+    code: str
+    message: str = ""
+
+    def __post_init__(self) -> None:
+        if self.code not in ERROR_CODES:
+            raise LocalProtocolError(f"unknown job error code {self.code!r}")
+
+    def to_wire(self) -> list[Any]:
+        return [_ERROR, self.job_id, self.code, self.message[:MAX_MESSAGE]]
+
+
+@dataclass(frozen=True, kw_only=True)
+class JobCancel:
+    """Client -> worker: stop this job; the worker ends it with a ``cancelled`` error."""
+
+    job_id: int
+
+    def to_wire(self) -> list[Any]:
+        return [_CANCEL, self.job_id]
+
+
+Frame = JobRequest | JobAccepted | JobChunk | JobResult | JobError | JobCancel
+
+
+def encode_frame(frame: Frame, *, max_frame: int = MAX_FRAME) -> bytes:
+    """Length-prefixed bytes of ``frame``; LocalProtocolError if it exceeds ``max_frame``."""
+    body = pack(frame.to_wire())
+    if len(body) > max_frame:
+        raise LocalProtocolError(f"frame of {len(body)} bytes exceeds the {max_frame} byte limit", code=TOO_LARGE)
+    return framing.frame(body)
+
+
+def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
+    """Parse one frame body (without its length prefix).
+
+    Raises MessageTooLarge or MalformedMessage for anything that is not a
+    well-formed frame within the limits; never anything else.
+    """
+    if len(body) > max_frame:
+        raise MessageTooLarge(f"job frame: {len(body)} bytes exceeds the {max_frame} byte limit")
+    obj = unpack(body, max_size=max_frame, what="job frame", canonical=False)
+    if not isinstance(obj, list) or not obj:
+        raise MalformedMessage("job frame: expected a non-empty array")
+    kind = obj[0]
+    if kind == _REQUEST:
+        _, job_id, model_id, inputs, texts, max_tokens, deadline, max_price = expect_list(obj, 8, "job request")
+        if not isinstance(inputs, list) or len(inputs) > MAX_TENSORS:
+            raise MalformedMessage(f"job request: at most {MAX_TENSORS} input tensors", code=BAD_INPUT)
+        return JobRequest(
+            job_id=expect_int(job_id, "job id"),
+            model_id=expect_bytes(model_id, "model id", min_len=32, max_len=32),
+            inputs=tuple(Tensor.from_wire(t, max_bytes=max_frame) for t in inputs),
+            texts=expect_str_list(texts, "job texts", max_items=MAX_TEXTS, max_len=MAX_TEXT),
+            max_tokens=expect_int(max_tokens, "max tokens", hi=MAX_TOKENS),
+            deadline_ms=expect_int(deadline, "deadline"),
+            max_price_nanoton=expect_int(max_price, "max price"),
+        )
+    if kind == _ACCEPTED:
+        _, job_id, price, unit = expect_list(obj, 4, "job accepted")
+        return JobAccepted(
+            job_id=expect_int(job_id, "job id"),
+            price_nanoton=expect_int(price, "price"),
+            unit=expect_str(unit, "unit", max_len=32, min_len=1),
+        )
+    if kind == _CHUNK:
+        _, job_id, seq, token_ids, text = expect_list(obj, 5, "job chunk")
+        if not isinstance(token_ids, list) or len(token_ids) > MAX_TOKENS:
+            raise MalformedMessage("job chunk: token ids must be a list")
+        return JobChunk(
+            job_id=expect_int(job_id, "job id"),
+            seq=expect_int(seq, "chunk seq"),
+            token_ids=tuple(expect_int(t, "token id", hi=2**31) for t in token_ids),
+            text=expect_str(text, "chunk text", max_len=MAX_TEXT),
+        )
+    if kind == _RESULT:
+        _, job_id, outputs, usage, cost, compute_us = expect_list(obj, 6, "job result")
+        if not isinstance(outputs, list) or len(outputs) > MAX_TENSORS:
+            raise MalformedMessage(f"job result: at most {MAX_TENSORS} output tensors")
+        return JobResult(
+            job_id=expect_int(job_id, "job id"),
+            outputs=tuple(Tensor.from_wire(t, max_bytes=max_frame) for t in outputs),
+            usage_units=expect_int(usage, "usage"),
+            cost_nanoton=expect_int(cost, "cost"),
+            compute_us=expect_int(compute_us, "compute time"),
+        )
+    if kind == _ERROR:
+        _, job_id, code, message = expect_list(obj, 4, "job error")
+        code = expect_str(code, "error code", max_len=32)
+        if code not in ERROR_CODES:
+            raise MalformedMessage(f"job error: unknown code {code!r}")
+        return JobError(
+            job_id=expect_int(job_id, "job id"), code=code, message=expect_str(message, "message", max_len=MAX_MESSAGE)
+        )
+    if kind == _CANCEL:
+        _, job_id = expect_list(obj, 2, "job cancel")
+        return JobCancel(job_id=expect_int(job_id, "job id"))
+    raise MalformedMessage(f"job frame: unknown type {kind!r}")

@@ -1,0 +1,214 @@
+"""The worker directory: what a peer knows about workers, from gossip and the DHT.
+
+A sans-IO store. Gossip announcements and DHT capability records go in (as bytes
+or as already-verified records); the merged list of workers for a model comes
+out, one row per (worker, model), the freshest information first. It enforces
+per-origin replay protection and rate limits and bounds its own memory.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from cocoon_p2p.core.errors import ForeignKey, RateLimited, ReplayedMessage
+
+from . import announcement as ann_mod
+from .announcement import Announcement
+from .capability import CapabilityRecord
+
+
+@dataclass(frozen=True, kw_only=True)
+class WorkerOffer:
+    """One worker's offer of one model, as merged from every source."""
+
+    peer_id: bytes
+    model_id: bytes
+    addrs: tuple[str, ...]
+    backend: str
+    gpu: str
+    price_nanoton: int
+    unit: str
+    capacity: int
+    free_capacity: int | None  # None: only known from the DHT, which carries no load
+    running_jobs: int | None
+    issued_at_ms: int
+    expires_at_ms: int
+    sources: frozenset[str]  # {"gossip", "dht"}
+    gpu_memory_mb: int | None = None
+    max_batch: int | None = None
+
+
+MAX_CACHED_MODELS = 1024
+_GOSSIP, _DHT, _BOTH = frozenset({"gossip"}), frozenset({"dht"}), frozenset({"gossip", "dht"})
+
+
+@dataclass
+class _Origin:
+    announcement: Announcement
+    accepted_at_ms: int
+
+
+@dataclass
+class _CachedOffers:
+    built_ms: int
+    valid_until_ms: int  # the first expiry among the entries it was built from
+    offers: list[WorkerOffer]
+
+
+@dataclass
+class WorkerDirectory:
+    """Known workers, keyed by PeerId. ``min_interval_ms`` is the fastest rate
+    at which one origin's announcements are accepted; ``max_workers`` bounds memory."""
+
+    max_workers: int = 10_000
+    min_interval_ms: int = 200
+    _origins: dict[bytes, _Origin] = field(default_factory=dict)
+    _records: dict[tuple[bytes, bytes], CapabilityRecord] = field(default_factory=dict)
+    # A client asks for a model's offers on every job, and a scan costs O(workers known):
+    # the answer is kept per model until the directory changes or an entry in it expires.
+    _next_expiry_ms: int = 0  # no entry expires before this (0: unknown, scan)
+    _offers: dict[bytes, _CachedOffers] = field(default_factory=dict)
+
+    def receive_announcement(self, data: bytes, *, origin: bytes | None, now_ms: int) -> Announcement:
+        """Verify and store a gossiped announcement.
+
+        ``origin`` is the PeerId that gossipsub says authored the message; it must
+        be the announcement's own PeerId (nobody re-publishes another's
+        announcement under their own name). Raises a RemoteProtocolError
+        subclass when the message must be rejected.
+        """
+        return self.accept(ann_mod.decode(data, now_ms=now_ms), origin=origin, now_ms=now_ms)
+
+    def accept(self, ann: Announcement, *, origin: bytes | None, now_ms: int) -> Announcement:
+        """Store an announcement already decoded and verified (:meth:`receive_announcement`
+        without the signature check: for a caller that verified these bytes before, such as
+        a simulator delivering one message to many peers)."""
+        if origin is not None and origin != ann.peer_id:
+            raise ForeignKey("announcement published by a peer other than its signer")
+        known = self._origins.get(ann.peer_id)
+        if known is not None:
+            if ann.issued_at_ms <= known.announcement.issued_at_ms:
+                raise ReplayedMessage("announcement is not newer than the one already held")
+            if now_ms - known.accepted_at_ms < self.min_interval_ms:
+                raise RateLimited("origin announces faster than allowed")
+        elif len(self._origins) >= self.max_workers:
+            self.expire(now_ms)
+            if len(self._origins) >= self.max_workers:
+                oldest = min(self._origins, key=lambda p: self._origins[p].announcement.expires_at_ms)
+                del self._origins[oldest]
+        self._origins[ann.peer_id] = _Origin(ann, now_ms)
+        self._changed(ann.expires_at_ms)
+        return ann
+
+    def _changed(self, expires_at_ms: int | None = None) -> None:
+        self._offers.clear()
+        if expires_at_ms is not None and self._next_expiry_ms:
+            self._next_expiry_ms = min(self._next_expiry_ms, expires_at_ms)
+
+    def add_record(self, rec: CapabilityRecord) -> None:
+        """Store a verified DHT capability record, keeping the newest per key."""
+        key = (rec.peer_id, rec.model_id)
+        held = self._records.get(key)
+        if held is None or rec.issued_at_ms > held.issued_at_ms:
+            if held is None and len(self._records) >= self.max_workers * 4:
+                oldest = min(self._records, key=lambda k: self._records[k].expires_at_ms)
+                del self._records[oldest]
+            self._records[key] = rec
+            self._changed(rec.expires_at_ms)
+
+    def expire(self, now_ms: int) -> None:
+        """Forget whatever has expired."""
+        if now_ms < self._next_expiry_ms:
+            return
+        self._origins = {p: o for p, o in self._origins.items() if o.announcement.expires_at_ms > now_ms}
+        self._records = {k: r for k, r in self._records.items() if r.expires_at_ms > now_ms}
+        expiries = [o.announcement.expires_at_ms for o in self._origins.values()]
+        expiries += [r.expires_at_ms for r in self._records.values()]
+        self._next_expiry_ms = min(expiries, default=2**63)
+        self._changed()
+
+    def forget(self, peer_id: bytes) -> None:
+        """Drop everything known about a peer (e.g. when it is banned)."""
+        self._origins.pop(peer_id, None)
+        self._records = {k: r for k, r in self._records.items() if k[0] != peer_id}
+        self._changed()
+
+    def announcement_of(self, peer_id: bytes) -> Announcement | None:
+        origin = self._origins.get(peer_id)
+        return origin.announcement if origin else None
+
+    def addrs_of(self, peer_id: bytes) -> list[str]:
+        """The addresses a peer announces now (none if unknown): where a restarted worker is."""
+        ann = self.announcement_of(peer_id)
+        return list(ann.addrs) if ann is not None else []
+
+    def known_peers(self, now_ms: int) -> list[Announcement]:
+        """Live announcements, freshest first (candidates to connect to)."""
+        live = [o.announcement for o in self._origins.values() if o.announcement.expires_at_ms > now_ms]
+        return sorted(live, key=lambda a: -a.issued_at_ms)
+
+    def workers_for(self, model_id: bytes, *, now_ms: int, extra: Iterable[CapabilityRecord] = ()) -> list[WorkerOffer]:
+        """All live offers of ``model_id``, gossip and DHT merged per worker.
+
+        The fresher source supplies the offer's terms; the gossip source alone
+        supplies live load. Sorted freshest first, then by PeerId for stability.
+        """
+        for rec in extra:
+            self.add_record(rec)
+        cached = self._offers.get(model_id)
+        if cached is not None and cached.built_ms <= now_ms < cached.valid_until_ms:
+            return list(cached.offers)
+        valid_until = 2**63
+        rows: dict[bytes, WorkerOffer] = {}
+        for origin in self._origins.values():
+            a = origin.announcement
+            if a.expires_at_ms <= now_ms:
+                continue
+            for o in a.offers:
+                if o.model_id == model_id:
+                    valid_until = min(valid_until, a.expires_at_ms)
+                    rows[a.peer_id] = WorkerOffer(
+                        peer_id=a.peer_id,
+                        model_id=model_id,
+                        addrs=a.addrs,
+                        backend=o.backend,
+                        gpu=o.gpu,
+                        price_nanoton=o.price_nanoton,
+                        unit=o.unit,
+                        capacity=o.capacity,
+                        free_capacity=o.free_capacity,
+                        running_jobs=a.running_jobs,
+                        issued_at_ms=a.issued_at_ms,
+                        expires_at_ms=a.expires_at_ms,
+                        sources=_GOSSIP,
+                    )
+        for (peer_id, mid), r in self._records.items():
+            if mid != model_id or r.expires_at_ms <= now_ms:
+                continue
+            valid_until = min(valid_until, r.expires_at_ms)
+            have = rows.get(peer_id)
+            # One row per worker, built once (this runs for every job a client routes).
+            base = have if have is not None and have.issued_at_ms >= r.issued_at_ms else r
+            rows[peer_id] = WorkerOffer(
+                peer_id=peer_id,
+                model_id=model_id,
+                addrs=base.addrs,
+                backend=base.backend,
+                gpu=base.gpu,
+                price_nanoton=base.price_nanoton,
+                unit=base.unit,
+                capacity=base.capacity,
+                free_capacity=have.free_capacity if have else None,
+                running_jobs=have.running_jobs if have else None,
+                issued_at_ms=base.issued_at_ms,
+                expires_at_ms=base.expires_at_ms,
+                sources=_BOTH if have else _DHT,
+                gpu_memory_mb=r.gpu_memory_mb,
+                max_batch=r.max_batch,
+            )
+        offers = sorted(rows.values(), key=lambda w: (-w.issued_at_ms, w.peer_id))
+        if len(self._offers) >= MAX_CACHED_MODELS:
+            self._offers.clear()
+        self._offers[model_id] = _CachedOffers(now_ms, valid_until, offers)
+        return list(offers)

@@ -1,0 +1,52 @@
+"""What a node tells the program that embeds it: workers seen, peers banned.
+
+The events are plain values; :class:`EventQueue` is the bounded trio queue they
+travel in. A consumer that lags loses new events (counted in ``dropped``)
+rather than slowing the gossip validator that emits them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import trio
+
+from .announcement import Announcement
+
+
+@dataclass(frozen=True)
+class WorkerSeen:
+    """Event: an announcement from ``peer_id`` was accepted."""
+
+    peer_id: bytes
+    announcement: Announcement
+
+
+@dataclass(frozen=True)
+class PeerBanned:
+    """Event: ``peer_id`` crossed the misbehaviour threshold and was disconnected."""
+
+    peer_id: bytes
+    reason: str
+
+
+NodeEvent = WorkerSeen | PeerBanned
+
+
+class EventQueue:
+    """A bounded queue of :data:`NodeEvent`; ``emit`` never blocks."""
+
+    def __init__(self, size: int) -> None:
+        self.dropped = 0
+        self._send, self._recv = trio.open_memory_channel[NodeEvent](size)
+
+    def emit(self, event: NodeEvent) -> None:
+        try:
+            self._send.send_nowait(event)
+        except trio.WouldBlock:
+            self.dropped += 1
+
+    async def __aiter__(self) -> AsyncIterator[NodeEvent]:
+        async for event in self._recv:
+            yield event

@@ -1,0 +1,59 @@
+"""What both parties of a channel share: configuration, errors, and sending to the contract.
+
+Chain calls are blocking HTTP; the trio side runs them in threads.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from nacl.signing import SigningKey
+
+from cocoon_p2p.core.errors import CocoonError
+from cocoon_p2p.core.framing import NeedData
+
+from . import frames as pf
+from .chain import TonCenter, Wallet
+from .settlement import SettlementPolicy
+from .vouchers import SemiChannel, SemiChannelBody, SignedSemiChannel
+
+PAY_PROTOCOL = "/cocoon/pay/1"
+CONTROL_FEE = 50_000_000  # nanoton attached to channel control messages for gas
+
+
+class PaymentFailed(CocoonError):
+    """A channel could not be opened or closed, or a voucher was not acknowledged."""
+
+
+@dataclass
+class PaymentConfig:
+    chain: TonCenter
+    wallet: Wallet
+    data_dir: Path
+    policy: SettlementPolicy = field(default_factory=SettlementPolicy)
+    credit_nanoton: int = 100_000_000  # what a worker lets a client owe before refusing jobs
+    quarantine_s: int = 3600  # set in the channels a client opens
+    watch_interval_s: float = 10.0  # how often channels are checked on chain
+
+
+async def read_frame(stream: Any, reader: pf.FrameReader) -> pf.PayFrame:
+    """The next pay frame on ``stream`` (bytes past it stay in ``reader``)."""
+    while isinstance(frame := reader.next(), NeedData):
+        data = await stream.read(pf.MAX_PAY_FRAME)
+        if not data:
+            raise PaymentFailed("the peer closed the pay stream")
+        reader.feed(data)
+    return frame
+
+
+def send_control(config: PaymentConfig, address: str, body: Any) -> None:
+    """Send a message to a channel contract from our wallet (blocking)."""
+    config.wallet.transfer(config.chain, address, CONTROL_FEE, body=body)
+
+
+def b_state(key: SigningKey, channel_id: int, a_body: SemiChannelBody | None) -> SignedSemiChannel:
+    """B's (the worker's) own state: it never pays, so seqno 0 and nothing sent, with
+    the newest A state it holds as counterparty (none at opening)."""
+    return SemiChannel(channel_id, SemiChannelBody(0, 0), a_body).sign(key)

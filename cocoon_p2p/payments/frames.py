@@ -1,0 +1,208 @@
+"""Frames of the payment protocol ``/cocoon/pay/1`` (sans-IO codec).
+
+One stream per client-worker pair, request then reply, in order:
+
+    client: PayHello                  worker: PayInfo(wallet address)
+    client: ChannelOpened(address)    worker: ChannelReady(channel id, deposit) | PayError
+    client: PayVoucher(record)        worker: PaidUpTo(total received)       | PayError
+    client: CloseRequest(terms, sig A) worker: CloseSigned(sig B)             | PayError
+
+and, on a stream the worker opens when it wants its earnings settled:
+
+    worker: CloseProposal(terms, sig B) client: CloseAgreed(sig A)            | PayError
+
+ChannelReady carries B's signed opening state, which the client needs (with its
+own newest voucher) to close uncooperatively if the worker disappears.
+
+The channel's keys are the peers' own libp2p identities (A = the client's PeerId
+key, B = the worker's), so a worker knows who signs its vouchers without any
+other trust: it checks the deployed channel against the stream's remote PeerId.
+Frames are a 4-byte length and a msgpack array, like the job protocol's.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from cocoon_p2p.core import framing
+from cocoon_p2p.core.errors import MalformedMessage
+from cocoon_p2p.core.framing import FrameBuffer, NeedData
+from cocoon_p2p.core.wire import expect_bytes, expect_int, expect_list, expect_str, pack, unpack
+
+MAX_PAY_FRAME = 4096
+_HELLO, _INFO, _OPENED, _READY, _VOUCHER, _PAID, _ERROR, _CLOSE, _SIGNED, _PROPOSE, _AGREED = range(1, 12)
+
+
+@dataclass(frozen=True)
+class PayHello:
+    def to_wire(self) -> list[Any]:
+        return [_HELLO]
+
+
+@dataclass(frozen=True)
+class PayInfo:
+    wallet: str  # the worker's wallet: where the channel pays B
+
+    def to_wire(self) -> list[Any]:
+        return [_INFO, self.wallet]
+
+
+@dataclass(frozen=True)
+class ChannelOpened:
+    address: str  # the deployed, initialised channel contract
+
+    def to_wire(self) -> list[Any]:
+        return [_OPENED, self.address]
+
+
+@dataclass(frozen=True)
+class ChannelReady:
+    channel_id: int
+    deposit_a: int
+    b_state: bytes  # SignedSemiChannel.to_record() of B's opening state (seqno 0, nothing sent)
+
+    def to_wire(self) -> list[Any]:
+        return [_READY, self.channel_id.to_bytes(16, "big"), self.deposit_a, self.b_state]
+
+
+@dataclass(frozen=True)
+class PayVoucher:
+    record: bytes  # SignedSemiChannel.to_record()
+
+    def to_wire(self) -> list[Any]:
+        return [_VOUCHER, self.record]
+
+
+@dataclass(frozen=True)
+class PaidUpTo:
+    received: int  # all the worker holds durably from this channel
+
+    def to_wire(self) -> list[Any]:
+        return [_PAID, self.received]
+
+
+@dataclass(frozen=True)
+class PayError:
+    code: str
+    message: str = ""
+
+    def to_wire(self) -> list[Any]:
+        return [_ERROR, self.code, self.message[:512]]
+
+
+@dataclass(frozen=True)
+class CloseRequest:
+    """The client proposes the final split (a cooperative close) and signs it."""
+
+    balance_a: int
+    balance_b: int
+    seqno_a: int
+    seqno_b: int
+    signature_a: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [_CLOSE, self.balance_a, self.balance_b, self.seqno_a, self.seqno_b, self.signature_a]
+
+
+@dataclass(frozen=True)
+class CloseSigned:
+    signature_b: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [_SIGNED, self.signature_b]
+
+
+@dataclass(frozen=True)
+class CloseProposal:
+    """The worker proposes the final split (a cooperative close) and signs it."""
+
+    balance_a: int
+    balance_b: int
+    seqno_a: int
+    seqno_b: int
+    signature_b: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [_PROPOSE, self.balance_a, self.balance_b, self.seqno_a, self.seqno_b, self.signature_b]
+
+
+@dataclass(frozen=True)
+class CloseAgreed:
+    signature_a: bytes
+
+    def to_wire(self) -> list[Any]:
+        return [_AGREED, self.signature_a]
+
+
+PayFrame = (
+    PayHello
+    | PayInfo
+    | ChannelOpened
+    | ChannelReady
+    | PayVoucher
+    | PaidUpTo
+    | PayError
+    | CloseRequest
+    | CloseSigned
+    | CloseProposal
+    | CloseAgreed
+)
+
+
+def encode(frame: PayFrame) -> bytes:
+    return framing.frame(pack(frame.to_wire()))
+
+
+def decode(body: bytes) -> PayFrame:
+    obj = unpack(body, max_size=MAX_PAY_FRAME, what="pay frame", canonical=False)
+    if not isinstance(obj, list) or not obj:
+        raise MalformedMessage("pay frame: expected a non-empty array")
+    kind = obj[0]
+    if kind == _HELLO:
+        expect_list(obj, 1, "pay hello")
+        return PayHello()
+    if kind == _INFO:
+        return PayInfo(expect_str(expect_list(obj, 2, "pay info")[1], "wallet", max_len=100, min_len=3))
+    if kind == _OPENED:
+        return ChannelOpened(expect_str(expect_list(obj, 2, "channel opened")[1], "address", max_len=100, min_len=3))
+    if kind == _READY:
+        _, cid, deposit, b_state = expect_list(obj, 4, "channel ready")
+        channel_id = int.from_bytes(expect_bytes(cid, "channel id", min_len=16, max_len=16), "big")
+        state = expect_bytes(b_state, "B's state", min_len=104, max_len=127)
+        return ChannelReady(channel_id, expect_int(deposit, "deposit"), state)
+    if kind == _VOUCHER:
+        return PayVoucher(expect_bytes(expect_list(obj, 2, "voucher")[1], "voucher", min_len=104, max_len=127))
+    if kind == _PAID:
+        return PaidUpTo(expect_int(expect_list(obj, 2, "paid up to")[1], "received"))
+    if kind == _ERROR:
+        _, code, message = expect_list(obj, 3, "pay error")
+        return PayError(expect_str(code, "code", max_len=32, min_len=1), expect_str(message, "message", max_len=512))
+    if kind in (_CLOSE, _PROPOSE):
+        _, bal_a, bal_b, seq_a, seq_b, sig = expect_list(obj, 6, "close terms")
+        return (CloseRequest if kind == _CLOSE else CloseProposal)(
+            expect_int(bal_a, "balance A"),
+            expect_int(bal_b, "balance B"),
+            expect_int(seq_a, "seqno A"),
+            expect_int(seq_b, "seqno B"),
+            expect_bytes(sig, "signature", min_len=64, max_len=64),
+        )
+    if kind == _SIGNED:
+        return CloseSigned(expect_bytes(expect_list(obj, 2, "close signed")[1], "signature", min_len=64, max_len=64))
+    if kind == _AGREED:
+        return CloseAgreed(expect_bytes(expect_list(obj, 2, "close agreed")[1], "signature", min_len=64, max_len=64))
+    raise MalformedMessage(f"pay frame: unknown type {kind!r}")
+
+
+class FrameReader:
+    """Bytes in, pay frames out (length-prefixed, size-limited)."""
+
+    def __init__(self) -> None:
+        self._frames = FrameBuffer(MAX_PAY_FRAME, what="pay frame")
+
+    def feed(self, data: bytes) -> None:
+        self._frames.feed(data)
+
+    def next(self) -> PayFrame | NeedData:
+        body = self._frames.next_payload()
+        return body if isinstance(body, NeedData) else decode(body)

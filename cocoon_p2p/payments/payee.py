@@ -1,0 +1,259 @@
+"""The worker's side of payments (B, the payee): accept channels and vouchers, bill jobs, settle.
+
+A channel is accepted only as the chain shows it: open, A's key the client's
+PeerId key, B's key and payout address ours. Each voucher is checked and made
+durable (:class:`~.channelstore.ChannelStore`) before it is acknowledged.
+
+Settlement follows :mod:`.settlement`: the worker closes a channel holding its
+earnings when they pass its limit, when the payer has gone silent, or when the
+worker shuts down; cooperatively when the payer countersigns, otherwise by an
+uncooperative close with the payer's newest voucher, finished after quarantine.
+It challenges a quarantined state older than the newest voucher it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Awaitable, Callable
+
+import trio
+from nacl.signing import SigningKey
+
+from cocoon_p2p.core.durable import write_atomic
+from cocoon_p2p.core.errors import CocoonError, ProtocolError
+from cocoon_p2p.core.identity import public_key_from_peer_id
+
+from . import frames as pf
+from . import messages as m
+from .chain import ChannelOnChain, read_channel
+from .channelops import PaymentConfig, PaymentFailed, b_state, send_control
+from .settlement import OPEN, UNINITED, Action, quarantine_action, worker_action
+from .store import ChannelStore, ChannelTerms
+from .vouchers import SignedSemiChannel
+
+log = logging.getLogger("cocoon_p2p.payments.service")
+
+# Sends one frame to a peer on a fresh pay stream and returns its answer.
+Ask = Callable[[bytes, pf.PayFrame], Awaitable[pf.PayFrame]]
+
+
+class Payee:
+    def __init__(self, key: SigningKey, config: PaymentConfig) -> None:
+        self.key = key
+        self.config = config
+        self.store = ChannelStore(config.data_dir / "channels")
+        self._channel_of: dict[bytes, int] = self._load_clients()  # client PeerId -> current channel
+        self.billed: dict[int, int] = {}  # what the jobs on each channel cost
+        self.closing: set[bytes] = set()  # clients whose channel is being closed: no new jobs
+        self.last_seen: dict[bytes, float] = {}  # client -> trio time of its last pay frame
+        self.onchain_ops = 0  # messages this worker sent to channel contracts
+
+    # ---- admission and billing ------------------------------------------------
+
+    def owed(self, client: bytes) -> int:
+        """What ``client``'s jobs on its current channel cost, less what its vouchers paid."""
+        cid = self._channel_of.get(client)
+        if cid is None:
+            return 0
+        return self.billed.get(cid, 0) - self.store.earned(cid)
+
+    def admission(self, client: bytes) -> str | None:
+        """None if ``client`` may start a job, else why not (a job error code)."""
+        if client not in self._channel_of or client in self.closing:
+            return "payment"
+        if self.owed(client) > self.config.credit_nanoton:
+            return "payment"
+        return None
+
+    def bill(self, client: bytes, cost: int) -> None:
+        cid = self._channel_of.get(client)
+        if cid is not None:
+            self.billed[cid] = self.billed.get(cid, 0) + cost
+
+    def _load_clients(self) -> dict[bytes, int]:
+        path = self.config.data_dir / "clients.json"
+        if not path.is_file():
+            return {}
+        return {bytes.fromhex(k): int(v, 16) for k, v in json.loads(path.read_text()).items()}
+
+    def _save_clients(self) -> None:
+        data = {k.hex(): f"{v:x}" for k, v in self._channel_of.items()}
+        write_atomic(self.config.data_dir / "clients.json", json.dumps(data).encode())
+
+    # ---- the pay protocol -------------------------------------------------------
+
+    async def answer(self, client: bytes, frame: pf.PayFrame) -> pf.PayFrame:
+        self.last_seen[client] = trio.current_time()
+        if isinstance(frame, pf.PayHello):
+            return pf.PayInfo(self.config.wallet.address)
+        if isinstance(frame, pf.ChannelOpened):
+            return await self._accept_channel(client, frame.address)
+        if isinstance(frame, pf.PayVoucher):
+            cid = self._channel_of.get(client)
+            if cid is None:
+                return pf.PayError("channel", "no channel with you")
+            try:
+                voucher = SignedSemiChannel.from_record(frame.record)
+            except ProtocolError as exc:
+                return pf.PayError(exc.code, str(exc))
+            result = await trio.to_thread.run_sync(self.store.accept, cid, [(voucher, 0)])  # fsync off the loop
+            if result.refused:
+                _, refusal = result.refused[0]
+                return pf.PayError(refusal.code, str(refusal))
+            return pf.PaidUpTo(self.store.earned(cid))
+        if isinstance(frame, pf.CloseRequest):
+            return self._countersign_close(client, frame)
+        return pf.PayError("protocol", f"unexpected {type(frame).__name__}")
+
+    async def _accept_channel(self, client: bytes, address: str) -> pf.PayFrame:
+        try:
+            on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, address)
+        except CocoonError as exc:
+            return pf.PayError("channel", str(exc))
+        problems = []
+        if on_chain.state != OPEN:
+            problems.append("not open")
+        if on_chain.key_a != public_key_from_peer_id(client):
+            problems.append("A's key is not the client's PeerId key")
+        if on_chain.key_b != bytes(self.key.verify_key):
+            problems.append("B's key is not ours")
+        if on_chain.addr_b != self.config.wallet.address:
+            problems.append("B's payout address is not our wallet")
+        if problems:
+            return pf.PayError("channel", "; ".join(problems))
+        terms = ChannelTerms(
+            channel_id=on_chain.channel_id,
+            payer_key=on_chain.key_a,
+            deposit_a=on_chain.balance_a,
+            deposit_b=on_chain.balance_b,
+            fine=on_chain.misbehavior_fine,
+            address=address,
+        )
+        self.store.open(terms)
+        self._channel_of[client] = terms.channel_id
+        self.closing.discard(client)  # a new channel after a settled one
+        self._save_clients()
+        opening = b_state(self.key, terms.channel_id, None)
+        return pf.ChannelReady(terms.channel_id, terms.deposit_a, opening.to_record())
+
+    def _close_terms(self, cid: int) -> m.CloseTerms:
+        """The only cooperative close we sign: everything our newest voucher says is ours."""
+        terms = self.store.channels[cid].terms
+        received, newest = self.store.earned(cid), self.store.newest(cid)
+        seqno_a = newest.state.body.seqno if newest else 0
+        return m.CloseTerms(cid, terms.deposit_a - received, terms.deposit_b + received, max(seqno_a, 1), 1)
+
+    def _countersign_close(self, client: bytes, req: pf.CloseRequest) -> pf.PayFrame:
+        cid = self._channel_of.get(client)
+        if cid is None:
+            return pf.PayError("channel", "no channel with you")
+        want = self._close_terms(cid)
+        got = m.CloseTerms(cid, req.balance_a, req.balance_b, req.seqno_a, req.seqno_b)
+        if got != want:
+            return pf.PayError("close", f"terms {got} differ from ours {want}")
+        if not m.signed_by(want.body(), req.signature_a, self.store.channels[cid].terms.payer_key):
+            return pf.PayError("bad-signature", "the close is not signed by the channel's payer")
+        self.closing.add(client)  # no more jobs on this channel
+        return pf.CloseSigned(m.sign_body(want.body(), self.key))
+
+    # ---- settlement ---------------------------------------------------------------
+
+    def client_of(self, cid: int) -> bytes | None:
+        return next((c for c, x in self._channel_of.items() if x == cid), None)
+
+    async def close(self, cid: int, ask: Ask) -> str:
+        """Close channel ``cid`` to get our earnings: cooperatively if its payer countersigns,
+        else uncooperatively. Returns how ("cooperative", "uncooperative" or "nothing")."""
+        client = self.client_of(cid)
+        newest = self.store.newest(cid)
+        if newest is None:
+            return "nothing"  # no voucher, nothing of ours in it
+        if client is not None:
+            self.closing.add(client)
+            terms = self._close_terms(cid)
+            sig_b = m.sign_body(terms.body(), self.key)
+            proposal = pf.CloseProposal(terms.balance_a, terms.balance_b, terms.seqno_a, terms.seqno_b, sig_b)
+            try:
+                reply = await ask(client, proposal)
+                if not isinstance(reply, pf.CloseAgreed):
+                    raise PaymentFailed(f"the client answered {reply!r}")
+                if not m.signed_by(terms.body(), reply.signature_a, self.store.channels[cid].terms.payer_key):
+                    raise PaymentFailed("the client's close signature does not verify")
+                await self._send(cid, m.cooperative_close(terms, reply.signature_a, sig_b))
+                return "cooperative"
+            except CocoonError as exc:
+                log.info("cooperative close of channel %x failed (%s): closing it uncooperatively", cid, exc)
+        mine = b_state(self.key, cid, newest.state.body)
+        await self._send(cid, m.start_uncooperative_close(cid, newest, mine, key=self.key, is_a=False))
+        return "uncooperative"
+
+    async def _send(self, cid: int, body: object) -> None:
+        address = self.store.channels[cid].terms.address
+        await trio.to_thread.run_sync(send_control, self.config, address, body)
+        self.onchain_ops += 1
+
+    async def watch_once(self, ask: Ask, *, shutting_down: bool = False) -> dict[int, str]:
+        """Check every unsettled channel on chain and act on it; returns what was done per channel."""
+        done: dict[int, str] = {}
+        now_t = trio.current_time()
+        chain_now = 0  # the chain's clock, asked once per pass and only for a quarantine
+        for cid in self.store.unsettled():
+            address = self.store.channels[cid].terms.address
+            if not address:
+                continue
+            try:
+                on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, address)
+                if on_chain.state not in (UNINITED, OPEN) and not chain_now:
+                    chain_now = await trio.to_thread.run_sync(self.config.chain.now)
+                action = self._decide(cid, on_chain, chain_now, now_t, shutting_down)
+                if action is Action.KEEP or action is Action.WAIT:
+                    continue
+                done[cid] = await self._act(cid, action, ask)
+            except CocoonError as exc:
+                log.warning("channel %x: %s", cid, exc)
+                done[cid] = f"failed: {exc}"
+        return done
+
+    def _decide(self, cid: int, on_chain: ChannelOnChain, chain_now: int, now_t: float, shutting_down: bool) -> Action:
+        if on_chain.state == UNINITED:
+            self.store.mark_closed(cid, "closed on chain")
+            client = self.client_of(cid)
+            if client is not None and self._channel_of.get(client) == cid:
+                self.closing.add(client)  # that channel is gone: a new one is needed for more jobs
+            return Action.KEEP
+        newest = self.store.newest(cid)
+        if on_chain.state != OPEN:
+            seqno, sent = (newest.state.body.seqno, newest.state.body.sent) if newest else (0, 0)
+            return quarantine_action(on_chain.view(chain_now), we_are_a=False, our_seqno=seqno, our_sent=sent)
+        client = self.client_of(cid)
+        silent = now_t - self.last_seen.get(client, now_t) if client is not None else float("inf")
+        return worker_action(
+            self.config.policy, received=self.store.earned(cid), payer_silent_s=silent, shutting_down=shutting_down
+        )
+
+    async def _act(self, cid: int, action: Action, ask: Ask) -> str:
+        newest = self.store.newest(cid)
+        if action is Action.CLOSE:
+            how = await self.close(cid, ask)
+            if how == "cooperative":
+                await self._note_if_closed(cid)
+            return how
+        if action is Action.CHALLENGE and newest is not None:
+            mine = b_state(self.key, cid, newest.state.body)
+            await self._send(cid, m.challenge_quarantined_state(cid, newest, mine, key=self.key, is_a=False))
+            return "challenged"
+        if action is Action.FINISH:
+            await self._send(cid, m.finish_uncooperative_close())
+            await self._note_if_closed(cid)
+            return "finished"
+        return "kept"
+
+    async def _note_if_closed(self, cid: int) -> None:
+        """Mark the channel settled if the chain already shows it closed (a local chain does
+        at once; on TON the next pass of :meth:`watch_once` sees it)."""
+        on_chain = await trio.to_thread.run_sync(
+            read_channel, self.config.chain, self.store.channels[cid].terms.address
+        )
+        if on_chain.state == UNINITED:
+            self.store.mark_closed(cid, "closed on chain")
