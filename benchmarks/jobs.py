@@ -29,13 +29,13 @@ import trio
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.metrics import percentile
 from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.execution.executor import Executor
+from cocoon_p2p.execution.executor import Executor, RunRequest
 from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
 from cocoon_p2p.execution.generation import chatml_prompt, greedy_tokens
 from cocoon_p2p.execution.models import ModelSpec, load_model
 from cocoon_p2p.execution.tensors import from_numpy
 from cocoon_p2p.jobs import InferenceResult
-from cocoon_p2p.jobs.frames import JobChunk, JobRequest
+from cocoon_p2p.jobs.frames import JobChunk
 from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.testing.tinymodel import build_tiny_model
 
@@ -112,7 +112,7 @@ async def bench_minilm(n: int, rounds: int = 5) -> dict[str, float]:
     """
     spec = ensure_minilm()
     ex = Executor(spec, OnnxRuntimeBackend(spec.path))
-    req = JobRequest(job_id=0, model_id=spec.model_id, texts=(SENTENCE,), deadline_ms=0, max_price_nanoton=1)
+    req = RunRequest(texts=(SENTENCE,))
     local: list[float] = []
     times: list[float] = []
     per_round = max(1, n // rounds)

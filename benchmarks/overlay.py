@@ -150,7 +150,7 @@ async def bench_dht(n_peers: int, lookups: int) -> dict[str, float]:
         for w in nodes[1:4]:
             w.set_capabilities([ModelCapability(model_id=model, backend="onnxruntime", price_nanoton=1, unit="item")])
         with trio.fail_after(60):
-            while sum(w.dht_stats.records_published for w in nodes[1:4]) < 3:
+            while sum(w.dht.stats.records_published for w in nodes[1:4]) < 3:
                 await trio.sleep(0.05)
         times, found = [], []
         for i in range(lookups):
@@ -169,10 +169,7 @@ async def bench_dht(n_peers: int, lookups: int) -> dict[str, float]:
 
 
 async def _dht_only(node: Node, model: bytes) -> int:
-    from cocoon_p2p.overlay import dht
-
-    assert node.dht is not None
-    return len(await dht.lookup(node.dht, model, node.dht_stats))
+    return len(await node.dht.lookup(model))
 
 
 async def bench_gossip(n_peers: int, rate: float, seconds: float) -> dict[str, float]:

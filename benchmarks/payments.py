@@ -139,10 +139,16 @@ async def bench_onchain_ops(payments: int) -> dict[str, float]:
     out: dict[str, float] = {}
     with open_local_chain() as chain, tempfile.TemporaryDirectory() as d:
         wallets = [chain.new_wallet(200 * ton) for _ in range(2)]
-        async with Node(NodeConfig(quiet_logs=True)) as worker, Node(NodeConfig(quiet_logs=True)) as client:
+        w_cfg = PaymentConfig(chain, wallets[0], Path(d) / "w", policy=policy)
+        c_cfg = PaymentConfig(chain, wallets[1], Path(d) / "c", policy=policy)
+        async with (
+            Node(NodeConfig(quiet_logs=True, payments=w_cfg)) as worker,
+            Node(NodeConfig(quiet_logs=True, payments=c_cfg)) as client,
+        ):
+            w_pay, c_pay = worker.payments, client.payments
+            if w_pay is None or c_pay is None:
+                raise RuntimeError("the nodes were built without payments")
             await client.connect(worker.addrs[0])
-            w_pay = worker.enable_payments(PaymentConfig(chain, wallets[0], Path(d) / "w", policy=policy))
-            c_pay = client.enable_payments(PaymentConfig(chain, wallets[1], Path(d) / "c", policy=policy))
             t = time.perf_counter()
             for _ in range(payments):
                 await c_pay.pay(worker.peer_id, cost)

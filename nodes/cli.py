@@ -17,9 +17,9 @@ from typing import Any
 
 import trio
 
+from cocoon_p2p import __version__
 from cocoon_p2p.api.gateway import Gateway, GatewayModel
 from cocoon_p2p.api.http import Request, Response, error_response, serve_http
-from cocoon_p2p.api.nodemetrics import node_metrics
 from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.identity import load_or_create_identity
 from cocoon_p2p.core.metrics import CONTENT_TYPE, render
@@ -92,6 +92,7 @@ def _common(p: argparse.ArgumentParser) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cocoon-node", description=__doc__.split("\n")[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("keygen", help="create (or show) this node's persistent identity")
@@ -149,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _node_config(cfg: config_mod.RoleConfig) -> NodeConfig:
+def _node_config(cfg: config_mod.RoleConfig, payments: PaymentConfig | None = None) -> NodeConfig:
     return NodeConfig(
+        payments=payments,
         key_file=cfg.data_dir / KEY_FILE,
         listen_addrs=cfg.listen,
         announce_addrs=cfg.announce,
@@ -197,7 +199,7 @@ async def _serve_metrics(node: Node, where: str, nursery: trio.Nursery) -> None:
 
     async def handler(req: Request) -> Response:
         if req.method == "GET" and req.path == "/metrics":
-            return Response(200, render(node_metrics(node)).encode(), CONTENT_TYPE)
+            return Response(200, render(node.metrics()).encode(), CONTENT_TYPE)
         return error_response(404, "only /metrics is served here")
 
     bound = await nursery.start(serve_http, handler, host, port)
@@ -208,11 +210,10 @@ async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel]) ->
     """A client node behind the OpenAI-compatible API, until SIGINT/SIGTERM."""
     payments = await trio.to_thread.run_sync(_payment_config, cfg)
     host, port = _host_port(cfg.http)
-    async with Node(_node_config(cfg)) as node, trio.open_nursery() as nursery:
+    async with Node(_node_config(cfg, payments)) as node, trio.open_nursery() as nursery:
         for addr in node.addrs:
             print(f"listening {addr}", flush=True)
         if payments is not None:
-            node.enable_payments(payments)
             print(f"wallet {payments.wallet.address}", flush=True)
         gateway = Gateway(node, models, max_price_nanoton=cfg.max_price_nanoton)
         bound = await nursery.start(gateway.serve, host, port)
@@ -230,13 +231,12 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
         open_backend(cfg.backend, m.path, model_id=m.model_id, cache_dir=engines, max_batch=m.max_batch) for m in models
     ]
     payments = await trio.to_thread.run_sync(_payment_config, cfg) if models else None
-    async with Node(_node_config(cfg)) as node, trio.open_nursery() as nursery:
+    async with Node(_node_config(cfg, payments)) as node, trio.open_nursery() as nursery:
         for addr in node.addrs:
             print(f"listening {addr}", flush=True)
         if cfg.metrics:
             await _serve_metrics(node, cfg.metrics, nursery)
         if payments is not None:
-            node.enable_payments(payments)
             print(f"wallet {payments.wallet.address}", flush=True)
         for spec, backend in zip(models, backends, strict=True):
             node.serve_model(spec, backend, price_nanoton=cfg.price_nanoton)
@@ -265,8 +265,8 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
     name = args.job_model or {"embed": "minilm", "chat": "smollm2"}[args.task]
     model_id = bytes.fromhex(name) if len(name) == 64 and name not in BUILTIN_MODELS else resolve_model(name).model_id
     payments = await trio.to_thread.run_sync(_payment_config, cfg)
-    async with Node(_node_config(cfg)) as node:
-        pay = node.enable_payments(payments) if payments is not None else None
+    async with Node(_node_config(cfg, payments)) as node:
+        pay = node.payments
         with trio.move_on_after(args.wait_s):
             while not await node.find_workers(model_id, use_dht=False):
                 await trio.sleep(0.1)

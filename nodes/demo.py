@@ -113,12 +113,12 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 worker_ids.append(addrs[0].rsplit("/p2p/", 1)[1])
                 _progress(f"worker {i + 1}/{args.workers} up: {addrs[0]}")
             wallet = await trio.to_thread.run_sync(chain.new_wallet, CLIENT_FUNDS)
-            async with Node(NodeConfig(bootstrap=boot_addrs)) as client:
-                pay = client.enable_payments(
-                    PaymentConfig(
-                        chain, wallet, root / "client-payments", policy=SettlementPolicy(deposit_nanoton=DEPOSIT)
-                    )
-                )
+            payments = PaymentConfig(
+                chain, wallet, root / "client-payments", policy=SettlementPolicy(deposit_nanoton=DEPOSIT)
+            )
+            async with Node(NodeConfig(bootstrap=boot_addrs, payments=payments)) as client:
+                pay = client.payments
+                assert pay is not None
                 _progress("client joined; discovering workers over gossip and the DHT")
                 discovery = await _discover(client, models, args)
                 _progress(f"running {args.jobs} jobs (embeddings and chat) spread over the workers, paid by voucher")

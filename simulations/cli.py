@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import concurrent.futures
 import csv
+import importlib
 import itertools
 import json
 import math
@@ -21,9 +22,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from . import plots
+from cocoon_p2p import __version__
+
 from .results import Results
 from .scenario import Scenario, ScenarioError, load
+
+# Imported on first use (by the model and the plots): an install without the
+# [sim] extra still answers --help and --version, and says what is missing.
+SIM_EXTRA = ("scipy", "matplotlib")
+
+
+def missing_sim_extra() -> str | None:
+    """The first package of the ``[sim]`` extra that does not import, if any."""
+    for name in SIM_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            return name
+    return None
 
 
 class Progress:
@@ -65,6 +81,8 @@ def run_scenario(sc: Scenario, fidelity: str, *, show_progress: bool = True) -> 
 
 def _save(results: Results, out: Path) -> dict[str, Any]:
     summary = results.write(out)
+    from . import plots
+
     summary["plots"] = plots.write_all(results, out)
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
@@ -147,6 +165,8 @@ def calibrate(path: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
         rows.append({"figure": key, "emulation": e, "model": m, "agree": agree})
     report["comparison"] = rows
     (out / "calibration.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    from . import plots
+
     plots.latency_cdf({"emulation": _reload(out / "emulation", sc), "model": _reload(out / "model", sc)},
                       out / "latency_cdf_both.png")  # fmt: skip
     return report
@@ -165,6 +185,7 @@ def _reload(folder: Path, sc: Scenario) -> Results:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="cocoon-sim", description=__doc__.split("\n")[0])
+    ap.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     sub = ap.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run one scenario")
     p.add_argument("scenario", type=Path)
@@ -183,6 +204,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--out", type=Path)
     p.add_argument("--param", action="append", default=[])
     args = ap.parse_args(argv)
+    missing = missing_sim_extra()
+    if missing is not None:
+        print(f"cocoon-sim needs the simulator's extra ({missing} is missing): pip install 'cocoon-p2p[sim]'",
+              file=sys.stderr)  # fmt: skip
+        return 2
     try:
         if args.command == "run":
             sc = load(args.scenario, args.param)

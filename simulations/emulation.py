@@ -72,11 +72,10 @@ async def _emulate(sc: Scenario, root: Path, progress: Callable[[float], None] |
                 clients: list[Node] = []  # the clients first: each worker's arrival is seen as it happens
                 for cg in sc.clients:
                     for _ in range(cg.count):
-                        node = await nursery.start(_client_node, boot_addrs[0])
                         wallet = await trio.to_thread.run_sync(chain.new_wallet, 50 * TON)
                         policy = SettlementPolicy(deposit_nanoton=sc.settlement.deposit_nanoton)
-                        node.enable_payments(PaymentConfig(chain, wallet, root / f"c{len(clients)}", policy=policy))
-                        clients.append(node)
+                        pay = PaymentConfig(chain, wallet, root / f"c{len(clients)}", policy=policy)
+                        clients.append(await nursery.start(_client_node, boot_addrs[0], pay))
                 current: dict[int, trio.Process] = {}
 
                 async def seen_by_half(peer: bytes, since: float) -> None:
@@ -170,8 +169,8 @@ async def _emulate(sc: Scenario, root: Path, progress: Callable[[float], None] |
     return results
 
 
-async def _client_node(boot: str, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
-    async with Node(NodeConfig(bootstrap=[boot], quiet_logs=True)) as node:
+async def _client_node(boot: str, payments: PaymentConfig, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
+    async with Node(NodeConfig(bootstrap=[boot], payments=payments, quiet_logs=True)) as node:
         task_status.started(node)
         await trio.sleep_forever()
 

@@ -231,6 +231,8 @@ def validate(sc: Scenario) -> None:
         raise ScenarioError("a scenario needs at least one worker group and one client group")
     if sc.routing.rule not in ("cocoon", "random", "oracle", "oracle-wait"):
         raise ScenarioError(f"routing.rule must be cocoon, random, oracle or oracle-wait, not {sc.routing.rule!r}")
+    if sc.routing.attempts < 1 or sc.routing.timeout_s <= 0:
+        raise ScenarioError("need routing.attempts >= 1 and routing.timeout_s > 0")
     if not 0 <= sc.churn.fraction <= 1:
         raise ScenarioError("churn.fraction is a share (0..1)")
     g = sc.gossip

@@ -1,4 +1,10 @@
-"""Shared fixtures: models built once per test session."""
+"""Shared fixtures (models built once per test session) and the test tiers.
+
+``pytest -m "not slow"`` is the fast tier: the pure cores and in-memory
+adapters, in well under a minute. Whole modules whose tests start real nodes,
+processes, a chain, real models or a package build are slow; a test elsewhere
+opts in with ``@pytest.mark.slow``. ``make test`` (and CI) runs both tiers.
+"""
 
 from __future__ import annotations
 
@@ -22,6 +28,30 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
     """The tiny model with a wide hidden layer: long enough jobs to cancel or kill."""
     path = build_tiny_model(tmp_path_factory.mktemp("models") / "slow.onnx", hidden=2048)
     return load_model(path, name="slow", max_batch=1)
+
+
+SLOW_MODULES = frozenset(
+    {
+        "test_chain",
+        "test_cli",
+        "test_contract",
+        "test_gateway",
+        "test_interop",
+        "test_jobs",
+        "test_node",
+        "test_packaging",
+        "test_payments",
+        "test_real_models",
+        "test_settlement_chain",
+        "test_simulations",
+    }
+)
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.module is not None and item.module.__name__.rsplit(".", 1)[-1] in SLOW_MODULES:
+            item.add_marker(pytest.mark.slow)
 
 
 def _leaves(exc: BaseException) -> list[BaseException]:

@@ -5,9 +5,12 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+import numpy as np
+
 from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.overlay.announcement import Announcement, Offer
 from cocoon_p2p.overlay.capability import CapabilityRecord
+from cocoon_p2p.overlay.directory import WorkerOffer
 
 NOW = 1_790_000_000_000  # a fixed "now" in ms
 MODEL = hashlib.sha256(b"model-a").digest()
@@ -52,4 +55,31 @@ def announcement(
         addrs=(f"/ip4/127.0.0.1/tcp/4001/p2p/{who.peer_id_str}",),
         offers=offers if offers is not None else (offer(),),
         running_jobs=running_jobs,
+    )
+
+
+JOB_PRICE = 7  # nanoton per item, the job tests' workers' price
+
+
+def x_rows(n: int, seed: int = 0) -> np.ndarray:  # type: ignore[type-arg]
+    """``n`` rows for the tiny model's input ``x``."""
+    return np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
+
+
+def worker_offer(n: int, *, price: int = 1, running: int | None = 0) -> WorkerOffer:
+    """An offer from worker ``n`` (PeerId ``bytes([n]) * 38``), as the router sees one."""
+    return WorkerOffer(
+        peer_id=bytes([n]) * 38,
+        model_id=bytes(32),
+        addrs=(),
+        backend="onnxruntime",
+        gpu="cpu",
+        price_nanoton=price,
+        unit="item",
+        capacity=4,
+        free_capacity=4,
+        running_jobs=running,
+        issued_at_ms=0,
+        expires_at_ms=1,
+        sources=frozenset({"gossip"}),
     )

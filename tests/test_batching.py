@@ -1,5 +1,8 @@
 """Batcher: no added latency when idle, full batches under load, optional wait, cancellation."""
 
+import pytest
+
+from cocoon_p2p.core.errors import ConfigError
 from cocoon_p2p.jobs.batching import Batch, Batcher
 
 
@@ -47,3 +50,9 @@ def test_cancelled_item_is_taken_back() -> None:
     b.add("a", "y", 0.0)
     assert b.remove("a", "x") and not b.remove("a", "x") and not b.remove("zz", "x")
     assert b.take(0.0) == Batch("a", ("y",))
+
+
+@pytest.mark.parametrize(("max_batch", "max_wait_s"), [(0, 0.0), (4, -0.1)])
+def test_batcher_limits_are_checked(max_batch: int, max_wait_s: float) -> None:
+    with pytest.raises(ConfigError):
+        Batcher(max_batch=max_batch, max_wait_s=max_wait_s)

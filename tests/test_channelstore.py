@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
+from cocoon_p2p.payments.errors import ChannelConflict, UnknownChannel
 from cocoon_p2p.payments.store import ChannelStore, ChannelTerms
 from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody
 
@@ -32,10 +33,13 @@ def test_accepts_refuses_and_recovers(tmp_path: Path) -> None:
     again = ChannelStore(tmp_path)
     assert again.earned(TERMS.channel_id) == 300
     assert again.newest(TERMS.channel_id) == voucher(2, 300)
-    with pytest.raises(ValueError):
+    with pytest.raises(ChannelConflict):
         again.open(ChannelTerms(TERMS.channel_id, TERMS.payer_key, deposit_a=1))
+    with pytest.raises(UnknownChannel):
+        again.accept(TERMS.channel_id + 1, [(voucher(3, 400), 100)])
 
 
+@pytest.mark.slow  # starts a process
 def test_kill_minus_nine_loses_no_acknowledged_voucher(tmp_path: Path) -> None:
     script = textwrap.dedent(
         f"""

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -12,9 +13,9 @@ from cocoon_p2p.core.errors import MalformedMessage
 from cocoon_p2p.execution.backends import BackendError, backend_choice, open_backend
 from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
 from cocoon_p2p.execution.backends.trt import tensorrt_unavailable_reason
-from cocoon_p2p.execution.executor import Executor
+from cocoon_p2p.execution.executor import BAD_INPUT, Executor, RunRequest
 from cocoon_p2p.execution.models import ModelError, ModelSpec, load_model
-from cocoon_p2p.execution.tensors import from_numpy, to_numpy
+from cocoon_p2p.execution.tensors import Tensor, from_numpy, to_numpy
 from cocoon_p2p.jobs import frames as jf
 from cocoon_p2p.testing.tinymodel import BIAS, WEIGHTS, build_tiny_model
 
@@ -23,10 +24,8 @@ def reference(x: np.ndarray) -> np.ndarray:  # type: ignore[type-arg]
     return np.maximum(x @ np.array(WEIGHTS, dtype=np.float32) + np.array(BIAS, dtype=np.float32), 0)
 
 
-def job(job_id: int, x: np.ndarray) -> jf.JobRequest:  # type: ignore[type-arg]
-    return jf.JobRequest(
-        job_id=job_id, model_id=bytes(32), inputs=(from_numpy("x", x),), deadline_ms=1, max_price_nanoton=1
-    )
+def job(x: np.ndarray) -> RunRequest:  # type: ignore[type-arg]
+    return RunRequest(inputs=(from_numpy("x", x),))
 
 
 def test_model_id_is_the_file_hash_and_is_checked(tiny_model: ModelSpec, tmp_path: Path) -> None:
@@ -45,14 +44,14 @@ def test_onnxruntime_matches_reference_and_batches_split_back(tiny_model: ModelS
     ex = Executor(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1))
     rng = np.random.default_rng(3)
     xs = [rng.standard_normal((n, 4)).astype(np.float32) for n in (1, 3, 2)]
-    reqs = [job(i, x) for i, x in enumerate(xs)]
+    reqs = [job(x) for x in xs]
     keys = {ex.check(r) for r in reqs}
     assert len(keys) == 1
     together = ex.run(reqs)
     for x, out in zip(xs, together, strict=True):
         assert out.units == len(x)
         np.testing.assert_allclose(to_numpy(out.outputs[0]), reference(x), rtol=1e-6, atol=1e-6)
-        (alone,) = ex.run([job(9, x)])
+        (alone,) = ex.run([job(x)])
         assert to_numpy(alone.outputs[0]).tobytes() == to_numpy(out.outputs[0]).tobytes()
 
 
@@ -66,12 +65,35 @@ def test_onnxruntime_matches_reference_and_batches_split_back(tiny_model: ModelS
         from_numpy("x", np.zeros((0, 4), dtype=np.float32)),  # empty
     ],
 )
-def test_inputs_that_do_not_fit_the_model_are_bad_input(tiny_model: ModelSpec, bad: object) -> None:
+def test_inputs_that_do_not_fit_the_model_are_bad_input(tiny_model: ModelSpec, bad: Tensor) -> None:
     ex = Executor(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1))
-    req = jf.JobRequest(job_id=1, model_id=bytes(32), inputs=(bad,), deadline_ms=1, max_price_nanoton=1)  # type: ignore[arg-type]
     with pytest.raises(MalformedMessage) as err:
-        ex.check(req)
-    assert err.value.code == jf.BAD_INPUT
+        ex.check(RunRequest(inputs=(bad,)))
+    assert err.value.code == BAD_INPUT == jf.BAD_INPUT  # the job protocol's code, sent back as it is
+
+
+@pytest.mark.parametrize(
+    ("kind", "request_"),
+    [
+        ("tensor", RunRequest(texts=("a text",))),
+        ("tensor", RunRequest()),
+        ("embedding", RunRequest()),
+        ("generation", RunRequest(texts=("one", "two"), max_tokens=4)),
+        ("generation", RunRequest(texts=("prompt",), max_tokens=0)),
+    ],
+)
+def test_requests_of_the_wrong_shape_are_bad_input(tiny_model: ModelSpec, kind: str, request_: RunRequest) -> None:
+    ex = Executor(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1))
+    ex.spec = replace(tiny_model, kind=kind)  # the checks only read the kind
+    with pytest.raises(MalformedMessage) as err:
+        ex.check(request_)
+    assert err.value.code == BAD_INPUT
+
+
+@pytest.mark.parametrize("kind", ["embedding", "generation"])
+def test_a_text_model_needs_its_tokenizer(tiny_model: ModelSpec, kind: str) -> None:
+    with pytest.raises(ModelError):
+        Executor(replace(tiny_model, kind=kind, tokenizer=None), OnnxRuntimeBackend(tiny_model.path, threads=1))
 
 
 def test_backend_choice_explains_itself(tiny_model: ModelSpec, tmp_path: Path) -> None:
@@ -113,6 +135,6 @@ def test_outputs_off_the_batch_axis_are_not_split(tmp_path: Path) -> None:
     spec = load_model(tmp_path / "total.onnx")
     ex = Executor(spec, OnnxRuntimeBackend(spec.path, threads=1))
     xs = [np.full((n, 4), n, dtype=np.float32) for n in (1, 2, 3)]
-    outs = ex.run([job(i, x) for i, x in enumerate(xs)])
+    outs = ex.run([job(x) for x in xs])
     assert [float(to_numpy(o.outputs[0])[0, 0]) for o in outs] == [4.0, 16.0, 36.0]
     assert not ex.batchable

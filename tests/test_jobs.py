@@ -1,4 +1,6 @@
-"""Jobs between real peers on 127.0.0.1: Noise + yamux streams, real onnxruntime."""
+"""Jobs between real peers on 127.0.0.1 (Noise + yamux streams, real onnxruntime).
+
+The job services alone, over in-memory streams, are in test_jobservices.py."""
 
 from __future__ import annotations
 
@@ -9,6 +11,7 @@ from typing import Any
 import numpy as np
 import pytest
 import trio
+import trio.testing
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 
@@ -21,12 +24,11 @@ from cocoon_p2p.jobs import frames as jf
 from cocoon_p2p.jobs.connection import JobConnection, Role
 from cocoon_p2p.node import Node
 from cocoon_p2p.overlay.directory import WorkerOffer
-from cocoon_p2p.overlay.protocols import JOB_PROTOCOL
 
+from .helpers import JOB_PRICE as PRICE
+from .helpers import x_rows
 from .netutil import fast_config, wait_for
 from .test_executor import reference
-
-PRICE = 7
 
 
 @asynccontextmanager
@@ -54,10 +56,6 @@ async def network(
         await wait_for(lambda: len(client.directory.workers_for(spec.model_id, now_ms=now_ms())) == workers)
         yield client, nodes, scopes
         nursery.cancel_scope.cancel()
-
-
-def x_rows(n: int, seed: int = 0) -> np.ndarray:  # type: ignore[type-arg]
-    return np.random.default_rng(seed).standard_normal((n, 4)).astype(np.float32)
 
 
 async def test_infer_runs_on_a_worker_and_pays_price_times_usage(tiny_model: ModelSpec) -> None:
@@ -128,7 +126,7 @@ async def test_garbage_on_a_job_stream_does_not_stop_the_worker(tiny_model: Mode
     async with network(tiny_model, workers=1) as (client, workers, _):
         w = workers[0]
         for junk in (b"\xff\xff\xff\xff" + b"x" * 64, b"\x00\x00\x00\x05\xc1\xc1\xc1\xc1\xc1", b"\x00" * 3):
-            stream = await client.host.new_stream(ID(w.peer_id), [TProtocol(JOB_PROTOCOL)])
+            stream = await client.host.new_stream(ID(w.peer_id), [TProtocol(jf.JOB_PROTOCOL)])
             await stream.write(junk)
             await stream.close()
         r = await client.infer(tiny_model.model_id, inputs=(from_numpy("x", x_rows(1)),), max_price_nanoton=10)
@@ -199,7 +197,7 @@ async def test_concurrent_jobs_are_batched(tiny_model: ModelSpec) -> None:
         # A busy worker's load changes with every job; its announcements must stay
         # under the receivers' per-origin rate limit (it was once banned for this).
         await trio.sleep(1)
-        assert client.stats.rejected_by_code.get("rate-limited", 0) == 0
+        assert client.gossip.stats.rejected_by_code.get("rate-limited", 0) == 0
         assert workers[0].peer_id in client.connected_peers()
 
 
@@ -243,7 +241,7 @@ async def _fake_worker(client: Node, reply: Callable[[jf.JobRequest], bytes]) ->
                 while isinstance(frame := conn.next_event(), jf.JobRequest):
                     await stream.write(reply(frame))
 
-        fake.host.set_stream_handler(TProtocol(JOB_PROTOCOL), handler)
+        fake.host.set_stream_handler(TProtocol(jf.JOB_PROTOCOL), handler)
         yield WorkerOffer(
             peer_id=fake.peer_id,
             model_id=b"m" * 32,

@@ -101,7 +101,7 @@ async def test_discovery_over_gossip_and_dht() -> None:
         await wait_for(lambda: client.directory.workers_for(MODEL, now_ms=_now())[0].free_capacity == 1)
 
         # A fresh directory (a client that missed the gossip) finds it in the DHT alone.
-        await wait_for(lambda: worker.dht_stats.records_published >= 1)
+        await wait_for(lambda: worker.dht.stats.records_published >= 1)
         other.directory.forget(worker.peer_id)
         rows = await other.find_workers(MODEL)
         assert [w.peer_id for w in rows] == [worker.peer_id]
@@ -139,8 +139,10 @@ async def test_misbehaving_gossip_peer_is_banned() -> None:
             await wait_for(lambda: bool(banned))
             nursery.cancel_scope.cancel()
         assert banned[0].peer_id == host.get_id().to_bytes()
-        assert victim.stats.rejected_by_code.get("bad-signature", 0) >= 1
-        assert victim.stats.rejected_by_code.get("foreign-key", 0) + victim.stats.rejected_by_code.get("malformed", 0)
+        assert victim.gossip.stats.rejected_by_code.get("bad-signature", 0) >= 1
+        assert victim.gossip.stats.rejected_by_code.get("foreign-key", 0) + victim.gossip.stats.rejected_by_code.get(
+            "malformed", 0
+        )
         assert victim.directory.known_peers(_now()) == []  # nothing from the attacker was accepted
         await wait_for(lambda: host.get_id().to_bytes() not in victim.connected_peers())
 
@@ -156,8 +158,8 @@ async def test_dht_refuses_forged_records() -> None:
         stolen_key = capability.dht_key(rec.model_id, host.get_id().to_bytes())  # honest record, wrong key
         await dht.put_value(stolen_key, rec.encode())
         await dht.put_value(rec.dht_key(), rec.encode())  # the genuine record is accepted
-        await wait_for(lambda: victim.dht_stats.records_rejected >= 2)
-        store = victim.dht.value_store  # type: ignore[union-attr]
+        await wait_for(lambda: victim.dht.stats.records_rejected >= 2)
+        store = victim.dht.kad.value_store
         await wait_for(lambda: store.get(rec.dht_key().encode()) is not None)
         assert store.get(rec.dht_key().encode()).value == rec.encode()
         assert store.get(stolen_key.encode()) is None

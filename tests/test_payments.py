@@ -33,10 +33,15 @@ def funded_wallet(chain: LocalChain) -> Wallet:
 
 async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp_path: Path) -> None:
     with open_local_chain() as chain:
-        async with Node(fast_config()) as worker, Node(fast_config(bootstrap=[worker.addrs[0]])) as client:
+        w_cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "worker")
+        c_cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "client")
+        async with (
+            Node(fast_config(payments=w_cfg)) as worker,
+            Node(fast_config(bootstrap=[worker.addrs[0]], payments=c_cfg)) as client,
+        ):
+            w_pay, c_pay = worker.payments, client.payments
+            assert w_pay is not None and c_pay is not None
             worker.serve_model(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
-            w_pay = worker.enable_payments(PaymentConfig(chain, funded_wallet(chain), tmp_path / "worker"))
-            c_pay = client.enable_payments(PaymentConfig(chain, funded_wallet(chain), tmp_path / "client"))
             await wait_for(lambda: client.directory.workers_for(tiny_model.model_id, now_ms=now_ms()) != [])
             x = (from_numpy("x", np.ones((2, 4), np.float32)),)
             costs = []
@@ -67,9 +72,12 @@ async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp
             assert new_channel.address != channel.address and c_pay.paid_to(worker.peer_id) == r.cost_nanoton
 
         # A client that will not pay gets typed refusals (and the worker stays up).
-        async with Node(fast_config()) as worker2, Node(fast_config(bootstrap=[worker2.addrs[0]])) as freeloader:
+        w2_cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "worker2")
+        async with (
+            Node(fast_config(payments=w2_cfg)) as worker2,
+            Node(fast_config(bootstrap=[worker2.addrs[0]])) as freeloader,
+        ):
             worker2.serve_model(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
-            worker2.enable_payments(PaymentConfig(chain, funded_wallet(chain), tmp_path / "worker2"))
             await wait_for(lambda: freeloader.directory.workers_for(tiny_model.model_id, now_ms=now_ms()) != [])
             with pytest.raises(JobFailed) as err:
                 await freeloader.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)

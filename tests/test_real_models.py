@@ -6,12 +6,12 @@ import numpy as np
 import pytest
 
 from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.execution.executor import Executor
+from cocoon_p2p.execution.executor import Executor, RunRequest
 from cocoon_p2p.execution.export import SAMPLE_SENTENCES, ensure_minilm, ensure_smollm2, ensure_smollm2_q4
 from cocoon_p2p.execution.generation import chatml_prompt, greedy_tokens
 from cocoon_p2p.execution.models import ModelSpec, file_sha256
 from cocoon_p2p.execution.tensors import to_numpy
-from cocoon_p2p.jobs.frames import JobChunk, JobRequest
+from cocoon_p2p.jobs.frames import JobChunk
 
 from .netutil import wait_for
 from .test_jobs import network
@@ -22,8 +22,8 @@ def minilm() -> ModelSpec:
     return ensure_minilm()
 
 
-def embed_request(job_id: int, texts: tuple[str, ...]) -> JobRequest:
-    return JobRequest(job_id=job_id, model_id=bytes(32), texts=texts, deadline_ms=1, max_price_nanoton=1)
+def embed_request(job_id: int, texts: tuple[str, ...]) -> RunRequest:
+    return RunRequest(texts=texts)
 
 
 def test_minilm_export_matches_torch_and_is_content_addressed(minilm: ModelSpec) -> None:

@@ -5,26 +5,12 @@ from __future__ import annotations
 import random
 from collections import Counter
 
+import pytest
+
+from cocoon_p2p.core.errors import ConfigError
 from cocoon_p2p.jobs.routing import Router
-from cocoon_p2p.overlay.directory import WorkerOffer
 
-
-def offer(n: int, *, price: int = 1, running: int | None = 0) -> WorkerOffer:
-    return WorkerOffer(
-        peer_id=bytes([n]) * 38,
-        model_id=bytes(32),
-        addrs=(),
-        backend="onnxruntime",
-        gpu="cpu",
-        price_nanoton=price,
-        unit="item",
-        capacity=4,
-        free_capacity=4,
-        running_jobs=running,
-        issued_at_ms=0,
-        expires_at_ms=1,
-        sources=frozenset({"gossip"}),
-    )
+from .helpers import worker_offer as offer
 
 
 def test_price_cap_and_exclusion() -> None:
@@ -78,7 +64,15 @@ def test_learns_compute_time_and_samples_slow_workers_less() -> None:
         r.finished(fast.peer_id, elapsed_s=2.0, service_s=0.02)
         r.started(slow.peer_id)
         r.finished(slow.peer_id, elapsed_s=0.6, service_s=0.5)
-    assert r.stats[fast.peer_id].avg_job_s < 0.03 < 0.49 < r.stats[slow.peer_id].avg_job_s  # queueing not learnt
+    assert (
+        r.estimates[fast.peer_id].avg_job_s < 0.03 < 0.49 < r.estimates[slow.peer_id].avg_job_s
+    )  # queueing not learnt
     others = [offer(n) for n in range(3, 8)]  # unknown workers: the default job time
     picks = Counter(o.peer_id for _ in range(3000) for o in r._sample([fast, slow, *others]))
     assert picks[fast.peer_id] > picks[others[0].peer_id] > picks[slow.peer_id]
+
+
+@pytest.mark.parametrize("choices", [0, -2])
+def test_a_router_samples_at_least_one_worker(choices: int) -> None:
+    with pytest.raises(ConfigError):
+        Router(rng=random.Random(1), choices=choices)

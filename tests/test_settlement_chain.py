@@ -58,15 +58,16 @@ async def pair(
     """A paid worker and a paying client, each with its key and data under ``root``.
     The client runs in ``client_stack`` when given: a test may stop it early."""
     policy = policy or SettlementPolicy()
-    async with Node(fast_config(key_file=root / "worker.key")) as worker, AsyncExitStack() as own:
+    w_cfg = PaymentConfig(chain, funded_wallet(chain, root / "w-wallet.json"), root / "worker", policy=policy)
+    c_cfg = PaymentConfig(chain, funded_wallet(chain, root / "c-wallet.json"), root / "client", policy=policy)
+    w_cfg.watch_interval_s = c_cfg.watch_interval_s = 3600  # the tests drive watch_once themselves
+    async with Node(fast_config(key_file=root / "worker.key", payments=w_cfg)) as worker, AsyncExitStack() as own:
         client = await (client_stack or own).enter_async_context(
-            Node(fast_config(key_file=root / "client.key", bootstrap=[worker.addrs[0]]))
+            Node(fast_config(key_file=root / "client.key", bootstrap=[worker.addrs[0]], payments=c_cfg))
         )
         worker.serve_model(model, OnnxRuntimeBackend(model.path, threads=1), price_nanoton=PRICE)
-        w_cfg = PaymentConfig(chain, funded_wallet(chain, root / "w-wallet.json"), root / "worker", policy=policy)
-        c_cfg = PaymentConfig(chain, funded_wallet(chain, root / "c-wallet.json"), root / "client", policy=policy)
-        w_cfg.watch_interval_s = c_cfg.watch_interval_s = 3600  # the tests drive watch_once themselves
-        w_pay, c_pay = worker.enable_payments(w_cfg), client.enable_payments(c_cfg)
+        w_pay, c_pay = worker.payments, client.payments
+        assert w_pay is not None and c_pay is not None
         await wait_for(lambda: client.directory.workers_for(model.model_id, now_ms=now_ms()) != [])
         yield worker, w_pay, client, c_pay
 

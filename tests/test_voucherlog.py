@@ -55,6 +55,7 @@ def test_damage_before_good_records_is_refused(tmp_path: Path) -> None:
         VoucherLog(path)
 
 
+@pytest.mark.slow  # starts a process
 def test_a_killed_writer_loses_nothing_it_reported_durable(tmp_path: Path) -> None:
     path = tmp_path / "v.log"
     script = textwrap.dedent(

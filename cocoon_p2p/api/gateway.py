@@ -29,16 +29,15 @@ from cocoon_p2p.jobs import frames as jf
 
 from . import openai as api
 from .http import Request, Response, serve_http
-from .nodemetrics import node_metrics
 
 if TYPE_CHECKING:  # no import cycle at run time
     from cocoon_p2p.node import Node
 
-log = logging.getLogger("cocoon_p2p.api.gateway")
+log = logging.getLogger(__name__)
 
 # Job failures as HTTP statuses: the network's state, not the caller's fault, is 5xx.
 _STATUS = {
-    "no-workers": 503,
+    jf.NO_WORKERS: 503,
     jf.BUSY: 503,
     jf.SHUTTING_DOWN: 503,
     jf.PAYMENT: 402,
@@ -83,7 +82,7 @@ class Gateway:
     async def handle(self, req: Request) -> Response:
         try:
             if req.path == "/metrics" and req.method == "GET":
-                return Response(200, render(node_metrics(self.node)).encode(), CONTENT_TYPE)
+                return Response(200, render(self.node.metrics()).encode(), CONTENT_TYPE)
             if req.path == "/v1/models" and req.method == "GET":
                 return Response.of_json(await self._models())
             if req.path == "/v1/embeddings" and req.method == "POST":

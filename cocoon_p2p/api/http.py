@@ -18,7 +18,7 @@ from typing import Any
 import h11
 import trio
 
-log = logging.getLogger("cocoon_p2p.http")
+log = logging.getLogger(__name__)
 MAX_BODY = 4 << 20
 REQUEST_TIMEOUT_S = 30.0  # to receive one whole request
 SERVER = b"cocoon-p2p"

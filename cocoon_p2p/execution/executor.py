@@ -1,4 +1,4 @@
-"""Runs job requests on a loaded model: input checks, batching across jobs, usage.
+"""Runs :class:`RunRequest` objects on a loaded model: input checks, batching across jobs, usage.
 
 Synchronous (the worker service calls it in a thread). Kinds:
 
@@ -22,16 +22,28 @@ from typing import Any
 import numpy as np
 
 from cocoon_p2p.core.errors import MalformedMessage
-from cocoon_p2p.jobs.frames import BAD_INPUT, JobRequest
 
 from .backends import Backend, check_feeds
 from .generation import TokenStream, greedy_tokens
-from .models import ModelSpec
+from .models import ModelError, ModelSpec
 from .tensors import Tensor, from_numpy, to_numpy
+
+BAD_INPUT = "bad-input"  # the code of a request the model cannot take (the job protocol's, as in backends)
+
+
+@dataclass(frozen=True, kw_only=True, slots=True)
+class RunRequest:
+    """One job's work as the executor sees it (the job layer builds it from its wire request)."""
+
+    inputs: tuple[Tensor, ...] = ()  # a tensor job: named tensors, batch on axis 0
+    texts: tuple[str, ...] = ()  # an embedding job: the texts; a generation job: one prompt
+    max_tokens: int = 0  # a generation job: tokens to generate at most
 
 
 @dataclass(frozen=True)
 class Outcome:
+    """What one request's run produced, and its usage in the model's billing unit."""
+
     outputs: tuple[Tensor, ...]
     units: int
 
@@ -41,17 +53,19 @@ class _NotBatchAligned(Exception):
 
 
 class Executor:
-    """One model on one backend."""
+    """One model on one backend. ModelError if a text model comes without its tokenizer."""
 
     def __init__(self, spec: ModelSpec, backend: Backend) -> None:
         self.spec = spec
         self.backend = backend
         self.batchable = True  # until a batched run shows otherwise
         self.tokenizer: Any = None
+        if spec.kind in ("embedding", "generation") and spec.tokenizer is None:
+            raise ModelError(f"a {spec.kind} model needs its tokenizer")
         if spec.kind == "embedding":
             from tokenizers import Tokenizer
 
-            assert spec.tokenizer is not None
+            assert spec.tokenizer is not None  # checked above; for mypy
             tok = Tokenizer.from_file(str(spec.tokenizer))
             tok.enable_truncation(max_length=spec.max_seq)
             tok.enable_padding()
@@ -59,10 +73,10 @@ class Executor:
         elif spec.kind == "generation":
             from tokenizers import Tokenizer
 
-            assert spec.tokenizer is not None
+            assert spec.tokenizer is not None  # checked above; for mypy
             self.tokenizer = Tokenizer.from_file(str(spec.tokenizer))
 
-    def check(self, req: JobRequest) -> object:
+    def check(self, req: RunRequest) -> object:
         """Validate ``req`` against the model; return its batch key (jobs with equal keys batch)."""
         if self.spec.kind == "generation":
             if req.inputs or len(req.texts) != 1 or req.max_tokens < 1:
@@ -82,7 +96,7 @@ class Executor:
         check_feeds(self.backend.inputs, feeds)
         return tuple((t.name, t.dtype, t.shape[1:]) for t in sorted(req.inputs, key=lambda t: t.name))
 
-    def run(self, requests: list[JobRequest]) -> list[Outcome]:
+    def run(self, requests: list[RunRequest]) -> list[Outcome]:
         """Run checked requests with one key together; one Outcome per request, in order.
 
         A model whose outputs turn out not to follow the batch axis (a different
@@ -99,7 +113,7 @@ class Executor:
             return [self._run_tensors([r])[0] for r in requests]
         return self._run_tensors(requests)
 
-    def token_stream(self, req: JobRequest) -> tuple[TokenStream, int]:
+    def token_stream(self, req: RunRequest) -> tuple[TokenStream, int]:
         """A generation job's tokens, and the prompt's length in tokens (billed too)."""
         spec = self.spec
         prompt_ids = self.tokenizer.encode(req.texts[0], add_special_tokens=False).ids
@@ -116,7 +130,7 @@ class Executor:
         )
         return TokenStream(self.tokenizer, tokens, eos=spec.eos), len(prompt_ids)
 
-    def _run_tensors(self, requests: list[JobRequest]) -> list[Outcome]:
+    def _run_tensors(self, requests: list[RunRequest]) -> list[Outcome]:
         rows = [req.inputs[0].shape[0] for req in requests]
         feeds: dict[str, np.ndarray[Any, Any]] = {}
         for spec in self.backend.inputs:
@@ -125,7 +139,7 @@ class Executor:
         out = self.backend.run(feeds)
         return self._split(out, rows)
 
-    def _run_texts(self, requests: list[JobRequest]) -> list[Outcome]:
+    def _run_texts(self, requests: list[RunRequest]) -> list[Outcome]:
         texts = [t for req in requests for t in req.texts]
         enc = self.tokenizer.encode_batch(texts)
         ids = np.array([e.ids for e in enc], dtype=np.int64)

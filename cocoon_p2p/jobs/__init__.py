@@ -4,9 +4,10 @@ Pure cores: frames and their codec (:mod:`.frames`), the per-stream rules of
 order (:mod:`.connection`), batching (:mod:`.batching`), worker choice
 (:mod:`.routing`) and the retry policy (:mod:`.attempts`); the simulator runs
 these unchanged. Trio services: :class:`~.worker.JobWorker` serves models,
-:class:`~.client.JobClient` sends jobs, both through :mod:`.stream`. Payment
-is not decided here: the client and worker take a :class:`~.payment.JobPayments`
-at construction and call it.
+:class:`~.client.JobClient` sends jobs, each through its end of a job stream
+(:mod:`.worker_link`, :mod:`.client_link`). Payment and peer scoring are not
+decided here: the services take the ports of :mod:`.ports` at construction
+and call them.
 
 Cancellation: both services run their tasks in the node's nursery, so they stop
 with the node. A caller cancelled while waiting for a job sends a best-effort
@@ -17,8 +18,10 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from .attempts import JobFailed
+
 if TYPE_CHECKING:
-    from .client import ClientStats, InferenceResult, JobClient, JobFailed
+    from .client import ClientStats, InferenceResult, JobClient
     from .worker import JobWorker, WorkerStats
 
 __all__ = ["ClientStats", "InferenceResult", "JobClient", "JobFailed", "JobWorker", "WorkerStats"]
@@ -27,7 +30,6 @@ _LAZY = {
     "ClientStats": "client",
     "InferenceResult": "client",
     "JobClient": "client",
-    "JobFailed": "client",
     "JobWorker": "worker",
     "WorkerStats": "worker",
 }

@@ -15,6 +15,8 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Generic, TypeVar
 
+from cocoon_p2p.core.errors import ConfigError
+
 T = TypeVar("T")
 _EPS = 1e-9  # absorbs float error in now - since when a timer fires at since + wait
 
@@ -41,12 +43,13 @@ class Batcher(Generic[T]):
 
     def __init__(self, *, max_batch: int, max_wait_s: float = 0.0) -> None:
         if max_batch < 1 or max_wait_s < 0:
-            raise ValueError("max_batch >= 1 and max_wait_s >= 0")
+            raise ConfigError(f"need max_batch >= 1 and max_wait_s >= 0, not {max_batch} and {max_wait_s}")
         self.max_batch = max_batch
         self.max_wait_s = max_wait_s
         self._queues: dict[object, _Queue[T]] = {}
 
     def add(self, key: object, item: T, now: float) -> None:
+        """Queue ``item`` (batch key ``key``), arrived at ``now``."""
         self._queues.setdefault(key, _Queue()).items.append((now, item))
 
     def take(self, now: float) -> Batch[T] | None:
@@ -88,4 +91,5 @@ class Batcher(Generic[T]):
         return min(q.since for q in self._queues.values()) + self.max_wait_s
 
     def waiting(self) -> int:
+        """Items queued, all keys together."""
         return sum(len(q.items) for q in self._queues.values())

@@ -1,10 +1,12 @@
 """The client's side of ``/cocoon/job/1``: :class:`JobClient` sends jobs.
 
 One long-lived stream per worker carries every job to it (no per-job stream or
-protocol negotiation); frames are parsed in the connection's reading task and
-handed to the waiting job; :meth:`JobClient.infer` picks workers with
-:class:`~.routing.Router` and retries elsewhere on refusal, error or a worker
-lost mid-job. A client is charged only by a :class:`JobResult`.
+protocol negotiation), through a :class:`~.client_link.ClientLink`;
+:meth:`JobClient.infer` drives the retry policy of :mod:`.attempts` (worker
+choice by :class:`~.routing.Router`, retries elsewhere on refusal, error or a
+worker lost mid-job). A client is charged only by a :class:`JobResult`. What the
+client needs from payments and the overlay comes in through the ports of
+:mod:`.ports`, at construction.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import logging
 import random
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -22,35 +24,27 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from cocoon_p2p.core.clock import now_ms
-from cocoon_p2p.core.errors import CocoonError, LocalProtocolError, MalformedMessage, ProtocolError, RemoteProtocolError
-from cocoon_p2p.core.framing import NeedData
-from cocoon_p2p.core.metrics import Histogram
+from cocoon_p2p.core.errors import CocoonError, LocalProtocolError, MalformedMessage
+from cocoon_p2p.core.metrics import Histogram, Metric, metric
 from cocoon_p2p.execution.tensors import Tensor
 from cocoon_p2p.overlay.directory import WorkerOffer
-from cocoon_p2p.overlay.protocols import JOB_PROTOCOL
-from cocoon_p2p.transport.fastlock import FastLock
 from cocoon_p2p.transport.host import unblock_peer
 
 from . import frames as jf
-from .connection import JobConnection, Role
+from .attempts import JobAttempts, JobFailed
+from .client_link import ClientLink
+from .ports import ClientPayments, OfferSource, PeerFeedback
 from .routing import Router
-from .stream import READ_SIZE, Inbox, StreamIO
+from .stream import Inbox
 
-log = logging.getLogger("cocoon_p2p.jobs")
+__all__ = ["ClientStats", "InferenceResult", "JobClient", "JobFailed", "UnknownOutput"]
+
+log = logging.getLogger(__name__)
+CANCEL_SEND_S = 0.5  # how long a job that ends early may spend telling its worker to stop
 
 
-class JobFailed(CocoonError):
-    """A job ended without a result. ``code`` is the worker's error code or
-    ``worker-lost`` / ``no-workers``; ``retryable`` says another worker may succeed."""
-
-    def __init__(self, code: str, message: str, *, worker: bytes | None = None) -> None:
-        super().__init__(f"{code}: {message}")
-        self.code = code
-        self.worker = worker
-
-    @property
-    def retryable(self) -> bool:
-        return jf.retryable(self.code)
+class UnknownOutput(CocoonError, LookupError):
+    """An :class:`InferenceResult` has no output of the name asked for."""
 
 
 @dataclass(frozen=True)
@@ -68,75 +62,17 @@ class InferenceResult:
     text: str = ""  # generation: the decoded text
 
     def output(self, name: str | None = None) -> Tensor:
-        return self.outputs[0] if name is None else next(t for t in self.outputs if t.name == name)
-
-
-class _ClientLink:
-    """The client's end of the stream to one worker, shared by all jobs to it.
-
-    Frames are parsed where the bytes arrive: on our connections, in the
-    connection's reading task (no hand-over to a task of the link's own, which
-    cost a pass of the scheduler per result), and each goes to its job's inbox.
-    """
-
-    def __init__(self, peer_id: bytes, stream: Any) -> None:
-        self.peer_id = peer_id
-        self.stream = stream
-        self.io = StreamIO(stream)
-        self.conn = JobConnection(Role.CLIENT)
-        self.lock = FastLock()
-        self.waiters: dict[int, Inbox[jf.Frame | JobFailed]] = {}
-        self.broken: JobFailed | None = None
-        self.on_misbehaviour: Callable[[bytes, ProtocolError], None] = lambda peer, err: None
-
-    def start(self, nursery: trio.Nursery) -> None:
-        if self.io.muxed is not None:
-            self.io.muxed.deliver_to(self.receive)
-        else:
-            nursery.start_soon(self._read_loop)
-
-    async def send(self, frame: jf.Frame) -> None:
-        async with self.lock:
-            await self.io.write(self.conn.send(frame))
-
-    def receive(self, data: bytes | None) -> None:
-        """Bytes from the worker (None: the stream ended); never raises."""
-        if self.broken is not None:
-            return
-        try:
-            if data is None:
-                raise JobFailed(jf.WORKER_LOST, "stream closed", worker=self.peer_id)
-            self.conn.receive_data(data)
-            while not isinstance(frame := self.conn.next_event(), NeedData):
-                inbox = self.waiters.get(frame.job_id)
-                if inbox is not None:
-                    inbox.put(frame)
-        except JobFailed as exc:
-            self._fail(exc)
-        except RemoteProtocolError as exc:
-            self._fail(JobFailed(jf.WORKER_LOST, f"worker broke the protocol: {exc}", worker=self.peer_id))
-            self.on_misbehaviour(self.peer_id, exc)
-        except Exception as exc:
-            self._fail(JobFailed(jf.WORKER_LOST, repr(exc), worker=self.peer_id))
-
-    def _fail(self, failure: JobFailed) -> None:
-        self.broken = failure
-        for inbox in self.waiters.values():
-            inbox.put(failure)
-
-    async def _read_loop(self) -> None:  # for a stream on another multiplexer than ours
-        try:
-            while self.broken is None:
-                self.receive(await self.io.read(READ_SIZE) or None)
-        except Exception as exc:
-            self._fail(JobFailed(jf.WORKER_LOST, repr(exc), worker=self.peer_id))
-        finally:
-            if self.broken is None:
-                self._fail(JobFailed(jf.WORKER_LOST, "client stopped", worker=self.peer_id))
+        """The output called ``name`` (the first one when None); UnknownOutput if there is none."""
+        for t in self.outputs:
+            if name is None or t.name == name:
+                return t
+        raise UnknownOutput(f"no output {name!r} among {[t.name for t in self.outputs]}")
 
 
 @dataclass
 class ClientStats:
+    """What a client's jobs came to (exported by :meth:`JobClient.metrics`)."""
+
     jobs_ok: int = 0
     jobs_failed: int = 0
     retries: int = 0
@@ -146,33 +82,35 @@ class ClientStats:
 
 
 class JobClient:
-    """Sends jobs to workers found by ``find_workers`` (the node's directory + DHT)."""
+    """Sends jobs to workers found by ``offers`` (the node's directory + DHT).
+
+    ``feedback`` hears of workers that broke the protocol or were lost mid-job;
+    ``payments`` (None: jobs are not paid for) opens a channel before a job and
+    pays for its result. Links and their reading tasks live in ``nursery``.
+    """
 
     def __init__(
         self,
         host: Any,
         nursery: trio.Nursery,
-        find_workers: Callable[[bytes], Any],
+        offers: OfferSource,
         *,
+        feedback: PeerFeedback,
+        payments: ClientPayments | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.host = host
         self.nursery = nursery
-        self.find_workers = find_workers
+        self.offers = offers
+        self.feedback = feedback
+        self.payments = payments
         self.router = Router(rng=rng or random.Random())
-        self.links: dict[bytes, _ClientLink] = {}
+        self.links: dict[bytes, ClientLink] = {}
         self._opening: dict[bytes, trio.Lock] = {}
         self._next_id = 1
         self.stats = ClientStats()
-        self.on_misbehaviour: Callable[[bytes, ProtocolError], None] = lambda peer, err: None
-        # A worker we lost mid-job or could not reach: the node forgets its offers
-        # until it announces itself again (a restarted worker does at once).
-        self.on_worker_lost: Callable[[bytes], None] = lambda peer: None
-        # Payments: made ready before a job (a channel), and paid after its result.
-        self.prepare: Callable[[bytes], Awaitable[Any]] | None = None
-        self.pay: Callable[[bytes, int], Awaitable[Any]] | None = None
 
-    async def _open_link(self, offer: WorkerOffer) -> _ClientLink:
+    async def _open_link(self, offer: WorkerOffer) -> ClientLink:
         """A job stream to this worker (opened once at a time: concurrent jobs wait for it)."""
         lock = self._opening.setdefault(offer.peer_id, trio.Lock())
         async with lock:
@@ -184,9 +122,8 @@ class JobClient:
             if addrs:
                 self.host.get_peerstore().add_addrs(pid, addrs, 3600)
                 unblock_peer(self.host, offer.peer_id)
-            stream = await self.host.new_stream(pid, [TProtocol(JOB_PROTOCOL)])
-            link = _ClientLink(offer.peer_id, stream)
-            link.on_misbehaviour = self.on_misbehaviour
+            stream = await self.host.new_stream(pid, [TProtocol(jf.JOB_PROTOCOL)])
+            link = ClientLink(offer.peer_id, stream, self.feedback)
             self.links[offer.peer_id] = link
             link.start(self.nursery)
             return link
@@ -204,7 +141,10 @@ class JobClient:
         on_chunk: Callable[[jf.JobChunk], None] | None = None,
     ) -> tuple[jf.JobResult, int]:
         """One attempt on one worker: (result, agreed price per unit). Raises JobFailed.
-        Streamed chunks go to ``on_chunk`` as they arrive."""
+
+        Streamed chunks go to ``on_chunk`` as they arrive. Cancelled, or failed
+        before its last frame, the job is cancelled on the worker (best effort).
+        """
         link = self.links.get(offer.peer_id)
         try:
             if link is None or link.broken is not None:
@@ -234,8 +174,9 @@ class JobClient:
                 done = True
                 raise JobFailed(exc.code, str(exc), worker=offer.peer_id) from exc
             except Exception as exc:
-                link.broken = JobFailed(jf.WORKER_LOST, repr(exc), worker=offer.peer_id)
-                raise link.broken from exc
+                lost = JobFailed(jf.WORKER_LOST, repr(exc), worker=offer.peer_id)
+                link.fail(lost)  # the stream is broken for every job on it
+                raise lost from exc
             while True:
                 item = await inbox.get()
                 if isinstance(item, JobFailed):
@@ -248,7 +189,7 @@ class JobClient:
                     tokens += len(item.token_ids) or 1
                     if tokens > max_tokens:  # what a worker streams is bounded by what we asked for
                         err = MalformedMessage(f"job {job_id}: more chunks than the {max_tokens} tokens asked for")
-                        link.on_misbehaviour(offer.peer_id, err)
+                        self.feedback.misbehaved(offer.peer_id, err)
                         raise JobFailed(jf.WORKER_LOST, str(err), worker=offer.peer_id)
                     if on_chunk is not None:
                         on_chunk(item)
@@ -263,7 +204,7 @@ class JobClient:
         finally:
             link.waiters.pop(job_id, None)
             if not done and link.broken is None and job_id in link.conn.jobs:
-                with trio.move_on_after(0.5) as scope:  # tell the worker to stop
+                with trio.move_on_after(CANCEL_SEND_S) as scope:  # tell the worker to stop
                     scope.shield = True
                     try:
                         await link.send(jf.JobCancel(job_id=job_id))
@@ -282,12 +223,17 @@ class JobClient:
         attempts: int = 3,
         on_chunk: Callable[[jf.JobChunk], None] | None = None,
     ) -> InferenceResult:
-        """Run a job on the best worker for ``model_id``; retry elsewhere when that fails.
+        """Run a job on the best worker for ``model_id``; retry elsewhere when that fails
+        (the policy of :class:`~.attempts.JobAttempts`, up to ``attempts`` workers).
 
         A job that already streamed chunks to ``on_chunk`` is not retried (the caller
-        has seen part of one answer). Raises JobFailed (``no-workers`` when none is
-        eligible, else the last error).
+        has seen part of one answer). Raises JobFailed: ``deadline`` when no result
+        came within ``timeout_s``, ``no-workers`` when no worker was eligible, else
+        the last worker's error. Cancelled, the running attempt is cancelled on its
+        worker and nothing is paid.
         """
+        if timeout_s <= 0:
+            raise LocalProtocolError(f"a job needs a positive timeout, not {timeout_s}")
         chunks: list[jf.JobChunk] = []
 
         def collect(chunk: jf.JobChunk) -> None:
@@ -297,26 +243,24 @@ class JobClient:
 
         t0 = time.perf_counter()
         deadline_ms = now_ms() + int(timeout_s * 1000)
-        tried: set[bytes] = set()
+        plan = JobAttempts(
+            self.router, max_price=max_price, max_attempts=attempts, deadline=trio.current_time() + timeout_s
+        )
         last: JobFailed | None = None
+        worker: bytes | None = None  # of the latest attempt
+        why: str | None = None
         # A bare cancel scope: trio.fail_after's context manager costs a few us more per job.
-        with trio.CancelScope(deadline=trio.current_time() + timeout_s) as scope:
-            for attempt in range(1, attempts + 1):
-                offers = await self.find_workers(model_id)
-                offer = self.router.choose(
-                    offers, max_price=max_price, now=trio.current_time(), exclude=frozenset(tried)
-                )
+        with trio.CancelScope(deadline=plan.deadline) as scope:
+            while (why := plan.stop(trio.current_time())) is None:
+                offer = plan.choose(await self.offers(model_id), trio.current_time())
                 if offer is None:
+                    why = jf.NO_WORKERS
                     break
-                tried.add(offer.peer_id)
-                self.router.started(offer.peer_id)
+                worker = offer.peer_id
+                plan.started(worker)
                 t_job = time.perf_counter()
                 try:
-                    if self.prepare is not None:
-                        try:
-                            await self.prepare(offer.peer_id)
-                        except CocoonError as exc:
-                            raise JobFailed(jf.PAYMENT_SETUP, str(exc), worker=offer.peer_id) from exc
+                    await self._prepare(offer.peer_id)
                     result, price = await self.run_on(
                         offer,
                         model_id=model_id,
@@ -328,27 +272,18 @@ class JobClient:
                         on_chunk=collect,
                     )
                 except JobFailed as exc:
-                    self.router.failed(offer.peer_id, trio.current_time())
-                    if exc.code == jf.WORKER_LOST:
-                        self.on_worker_lost(offer.peer_id)
+                    after = plan.failed(offer.peer_id, exc.code, trio.current_time(), streamed=bool(chunks))
+                    if after.forget_worker:
+                        self.feedback.worker_lost(offer.peer_id)
+                    if after.retry:
+                        self.stats.retries += 1
                     last = exc
-                    if not exc.retryable or chunks:
-                        break
-                    self.stats.retries += 1
                     continue
                 except BaseException:
-                    self.router.failed(offer.peer_id, trio.current_time(), cooldown_s=0)
+                    plan.interrupted(offer.peer_id, trio.current_time())
                     raise
-                service_s = result.compute_us / 1e6 if result.compute_us else None  # the worker's own figure
-                self.router.finished(offer.peer_id, time.perf_counter() - t_job, service_s=service_s)
-                if self.pay is not None and result.cost_nanoton:
-                    try:
-                        await self.pay(offer.peer_id, result.cost_nanoton)
-                    except CocoonError as exc:
-                        # The voucher is signed and logged; only its acknowledgement is missing
-                        # (the worker went away). It goes again on reconnect or at settlement.
-                        self.stats.payments_pending += 1
-                        log.warning("payment to %s not acknowledged yet: %s", ID(offer.peer_id), exc)
+                plan.succeeded(offer.peer_id, time.perf_counter() - t_job, compute_us=result.compute_us)
+                await self._pay(offer.peer_id, result.cost_nanoton)
                 self.stats.jobs_ok += 1
                 self.stats.latency_s.observe(time.perf_counter() - t0)
                 self.stats.paid_nanoton += result.cost_nanoton
@@ -359,11 +294,44 @@ class JobClient:
                     cost_nanoton=result.cost_nanoton,
                     price_nanoton=price,
                     latency_s=time.perf_counter() - t0,
-                    attempts=attempt,
+                    attempts=plan.count,
                     token_ids=tuple(t for c in chunks for t in c.token_ids) if chunks else (),
                     text="".join(c.text for c in chunks) if chunks else "",
                 )
-        if scope.cancelled_caught:
-            raise trio.TooSlowError
         self.stats.jobs_failed += 1
-        raise last or JobFailed("no-workers", f"no eligible worker for model {model_id.hex()[:16]}")
+        if scope.cancelled_caught or why == jf.DEADLINE:
+            raise JobFailed(jf.DEADLINE, f"no result within {timeout_s} s", worker=worker)
+        if last is not None:
+            raise last
+        raise JobFailed(jf.NO_WORKERS, f"no eligible worker for model {model_id.hex()[:16]}")
+
+    async def _prepare(self, worker: bytes) -> None:
+        """Payments made ready for a job on ``worker`` (a channel); JobFailed if they cannot be."""
+        if self.payments is None:
+            return
+        try:
+            await self.payments.ensure_channel(worker)
+        except CocoonError as exc:
+            raise JobFailed(jf.PAYMENT_SETUP, str(exc), worker=worker) from exc
+
+    async def _pay(self, worker: bytes, cost: int) -> None:
+        if self.payments is None or not cost:
+            return
+        try:
+            await self.payments.pay(worker, cost)
+        except CocoonError as exc:
+            # The voucher is signed and logged; only its acknowledgement is missing
+            # (the worker went away). It goes again on reconnect or at settlement.
+            self.stats.payments_pending += 1
+            log.warning("payment to %s not acknowledged yet: %s", ID(worker), exc)
+
+    def metrics(self) -> list[Metric]:
+        """The client's series for ``/metrics``: jobs sent, retries, payments, latency."""
+        cs = self.stats
+        return [
+            metric("cocoon_client_jobs_total", "counter", "Jobs this client sent", cs.jobs_ok, outcome="ok"),
+            metric("cocoon_client_jobs_total", "counter", "Jobs this client sent", cs.jobs_failed, outcome="failed"),
+            metric("cocoon_client_retries_total", "counter", "Jobs retried on another worker", cs.retries),
+            metric("cocoon_client_paid_nanoton_total", "counter", "Nanoton paid for jobs", cs.paid_nanoton),
+            metric("cocoon_client_job_seconds", "histogram", "End-to-end latency, successful jobs", cs.latency_s),
+        ]

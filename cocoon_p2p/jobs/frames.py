@@ -3,7 +3,7 @@
 A frame on the stream is a 4-byte big-endian length, then a msgpack array whose
 first item is the frame type. One long-lived stream between a client and a
 worker carries many jobs, told apart by ``job_id``, so a job costs no stream
-set-up or protocol negotiation (see :mod:`.jobconn` for the rules of order).
+set-up or protocol negotiation (see :mod:`.connection` for the rules of order).
 
 Sizes are capped up front (``MAX_FRAME``): a decoder never allocates more than
 the frame it was given, and every field is type- and range-checked.
@@ -18,6 +18,8 @@ from cocoon_p2p.core import framing
 from cocoon_p2p.core.errors import LocalProtocolError, MalformedMessage, MessageTooLarge
 from cocoon_p2p.core.wire import expect_bytes, expect_int, expect_list, expect_str, expect_str_list, pack, unpack
 from cocoon_p2p.execution.tensors import Tensor
+
+JOB_PROTOCOL = "/cocoon/job/1"  # the libp2p protocol id of a job stream
 
 MAX_FRAME = 8 * 1024 * 1024  # one frame; inputs beyond this are "too-large"
 MAX_TENSORS = 16
@@ -41,16 +43,11 @@ PAYMENT = "payment"  # no open channel with this client, or it owes more than it
 ERROR_CODES = frozenset(
     {BUSY, UNKNOWN_MODEL, BAD_INPUT, PRICE, DEADLINE, CANCELLED, BACKEND, TOO_LARGE, SHUTTING_DOWN, PAYMENT}
 )
-# Codes after which another worker may succeed with the same request.
-RETRYABLE = frozenset({BUSY, BACKEND, SHUTTING_DOWN, UNKNOWN_MODEL, PRICE})
-# Failures the client notes itself (never sent in an error frame).
+# Failures the client notes itself (never sent in an error frame). Which codes are
+# retried on another worker is the client's policy: see :mod:`.attempts`.
 WORKER_LOST = "worker-lost"  # the worker went away mid-job, broke the protocol, or was unreachable
 PAYMENT_SETUP = "payment-setup"  # no payment channel to the worker could be opened
-
-
-def retryable(code: str) -> bool:
-    """Whether a job that failed with ``code`` goes to another worker (the node and the simulator)."""
-    return code in RETRYABLE or code in (WORKER_LOST, PAYMENT_SETUP)
+NO_WORKERS = "no-workers"  # no eligible worker (left) for the job
 
 
 _REQUEST, _ACCEPTED, _CHUNK, _RESULT, _ERROR, _CANCEL = 1, 2, 3, 4, 5, 6

@@ -7,8 +7,8 @@ clients' jobs except through gossiped load, so many clients applying the rule
 to the same view would all pick the same worker; *power of two choices* breaks
 the herd: sample two eligible workers and take the better of those. The sample
 is drawn in proportion to each worker's learned speed, so slow GPUs are asked
-less often (measured in simulations/: at 90% load on mixed GPUs, p99 latency
-2.5 s -> 1.8 s against 0.7 s for a central oracle and 8.9 s for random choice).
+less often (simulations/EXPERIMENTS.md, experiment (a), compares the rule with
+random choice and central oracles).
 
 The router learns from its own jobs: running count and an exponentially
 weighted average of each worker's compute time per job (reported in its
@@ -21,6 +21,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cocoon_p2p.core.errors import ConfigError
 from cocoon_p2p.overlay.directory import WorkerOffer
 
 DEFAULT_JOB_S = 0.05  # assumed job time for a worker we have no figures for
@@ -29,7 +30,9 @@ COOLDOWN_S = 5.0
 
 
 @dataclass
-class WorkerStats:
+class WorkerEstimate:
+    """What one client has learnt of one worker from its own jobs: the figures of its choice."""
+
     running: int = 0
     avg_job_s: float = DEFAULT_JOB_S
     jobs_ok: int = 0
@@ -41,13 +44,15 @@ class Router:
     """Chooses workers and keeps the per-worker figures the choice needs."""
 
     def __init__(self, *, rng: random.Random, choices: int = 2) -> None:
+        if choices < 1:
+            raise ConfigError(f"a router samples at least one worker, not {choices}")
         self.rng = rng
         self.choices = choices
-        self.stats: dict[bytes, WorkerStats] = {}
+        self.estimates: dict[bytes, WorkerEstimate] = {}
 
     def cost(self, offer: WorkerOffer) -> float:
         """Expected wait for one more job on this worker, in seconds."""
-        s = self.stats.get(offer.peer_id)
+        s = self.estimates.get(offer.peer_id)
         running, avg_job_s = (s.running, s.avg_job_s) if s is not None else (0, DEFAULT_JOB_S)
         if offer.running_jobs is not None:  # gossiped load includes other clients' jobs
             running = max(running, offer.running_jobs)
@@ -56,9 +61,10 @@ class Router:
     def eligible(
         self, offers: Iterable[WorkerOffer], *, max_price: int, now: float, exclude: frozenset[bytes] = frozenset()
     ) -> list[WorkerOffer]:
+        """The offers at most ``max_price``, not excluded and not cooling down, in order."""
         out = []
         for o in offers:
-            s = self.stats.get(o.peer_id)
+            s = self.estimates.get(o.peer_id)
             if o.price_nanoton > max_price or o.peer_id in exclude:
                 continue
             if s is not None and s.avoid_until > now:
@@ -87,9 +93,8 @@ class Router:
         if len(pool) <= self.choices:
             return self.rng.sample(pool, len(pool))
         pool = list(pool)
-        weights = [
-            1.0 / self.stats[o.peer_id].avg_job_s if o.peer_id in self.stats else 1.0 / DEFAULT_JOB_S for o in pool
-        ]
+        known = self.estimates
+        weights = [1.0 / (known[o.peer_id].avg_job_s if o.peer_id in known else DEFAULT_JOB_S) for o in pool]
         picked: list[WorkerOffer] = []
         for _ in range(self.choices):
             i = self.rng.choices(range(len(pool)), weights=weights)[0]
@@ -99,27 +104,29 @@ class Router:
 
     # ---- feedback from the client's own jobs -------------------------------------
 
-    def _stats_of(self, peer_id: bytes) -> WorkerStats:
-        s = self.stats.get(peer_id)
-        if s is None:  # not setdefault(peer_id, WorkerStats()): that builds one on every job
-            s = self.stats[peer_id] = WorkerStats()
+    def _estimate_of(self, peer_id: bytes) -> WorkerEstimate:
+        s = self.estimates.get(peer_id)
+        if s is None:  # not setdefault(peer_id, WorkerEstimate()): that builds one on every job
+            s = self.estimates[peer_id] = WorkerEstimate()
         return s
 
     def started(self, peer_id: bytes) -> None:
-        self._stats_of(peer_id).running += 1
+        """A job was sent to ``peer_id``."""
+        self._estimate_of(peer_id).running += 1
 
     def finished(self, peer_id: bytes, elapsed_s: float, *, service_s: float | None = None) -> None:
         """A job ended well after ``elapsed_s``; ``service_s``: the worker's own compute time
         for it (JobResult.compute_us), which is what one more job in its queue costs. Without
         it the elapsed time stands in, queueing included, and a busy fast worker looks slow."""
-        s = self._stats_of(peer_id)
+        s = self._estimate_of(peer_id)
         s.running = max(0, s.running - 1)
         s.jobs_ok += 1
         sample = service_s if service_s is not None and service_s > 0 else elapsed_s
         s.avg_job_s += EWMA_ALPHA * (sample - s.avg_job_s)
 
     def failed(self, peer_id: bytes, now: float, *, cooldown_s: float = COOLDOWN_S) -> None:
-        s = self._stats_of(peer_id)
+        """A job on ``peer_id`` ended without a result: avoid it for ``cooldown_s``."""
+        s = self._estimate_of(peer_id)
         s.running = max(0, s.running - 1)
         s.jobs_failed += 1
         s.avoid_until = now + cooldown_s

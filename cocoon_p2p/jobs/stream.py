@@ -9,7 +9,7 @@ from typing import Any, Generic, TypeVar
 
 import trio
 
-from cocoon_p2p.transport.muxer import MuxedStream
+from cocoon_p2p.transport.muxed_stream import MuxedStream
 
 T = TypeVar("T")
 READ_SIZE = 1 << 16

@@ -30,7 +30,7 @@ from .capability import CapabilityRecord
 from .dht import CapabilityDht
 from .gossip import Gossip
 
-log = logging.getLogger("cocoon_p2p.overlay.advertiser")
+log = logging.getLogger(__name__)
 # The shortest gap between two of our announcements; receivers refuse gaps under 0.2 s.
 MIN_ANNOUNCE_GAP_S = 0.5
 

@@ -32,7 +32,7 @@ from cocoon_p2p.core.metrics import Metric, metric
 from . import capability, protocols
 from .capability import CapabilityRecord
 
-log = logging.getLogger("cocoon_p2p.overlay.dht")
+log = logging.getLogger(__name__)
 ALPHA = 3  # Kademlia's query concurrency
 
 

@@ -29,7 +29,7 @@ from .dht import CapabilityDht
 from .guard import PeerGuard
 from .peerset import PeerSet
 
-log = logging.getLogger("cocoon_p2p.overlay.dialer")
+log = logging.getLogger(__name__)
 POLL_S = 0.25
 FILL_EVERY_MS = 2000
 DIAL_TIMEOUT_S = 10.0

@@ -38,7 +38,7 @@ from .events import EventQueue, WorkerSeen
 from .guard import PeerGuard
 from .peerset import PeerSet
 
-log = logging.getLogger("cocoon_p2p.overlay.gossip")
+log = logging.getLogger(__name__)
 # Publish waits while a peer's outbound queue is this full (py-libp2p drops at 32).
 OUTBOUND_HIGH_WATER = OutBoundQueueSize - 4
 

@@ -29,7 +29,7 @@ from .events import EventQueue, PeerBanned
 from .peerscore import DisconnectPeer, PeerScores
 from .peerset import PeerSet
 
-log = logging.getLogger("cocoon_p2p.overlay.guard")
+log = logging.getLogger(__name__)
 PENDING_DISCONNECTS = 256  # beyond this, bans still apply; their disconnects wait for the next sweep
 
 

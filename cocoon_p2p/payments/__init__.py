@@ -2,9 +2,11 @@
 
 Pure cores: vouchers (:mod:`.vouchers`), contract messages (:mod:`.messages`),
 the channel lifecycle (:mod:`.channelstate`), the settlement policy
-(:mod:`.settlement`), pay frames and their rules of order (:mod:`.frames`).
-Durable state: the worker's channel store (:mod:`.store`) and the client's
-voucher log (:mod:`.voucherlog`). Chain access: toncenter client and wallet
+(:mod:`.settlement`), the cooperative close terms (:mod:`.closeterms`), pay
+frames (:mod:`.frames`) and their rules of order per stream
+(:mod:`.connection`), errors (:mod:`.errors`). Durable state: the worker's
+channel store (:mod:`.store`), the client's channel book (:mod:`.payerbook`)
+and voucher log (:mod:`.voucherlog`). Chain access: toncenter client and wallet
 (:mod:`.chain`). Trio side: :mod:`.payer` (client), :mod:`.payee` (worker) and
 :mod:`.service`, which joins them to ``/cocoon/pay/1``. Knows nothing of jobs:
 the job layer asks it through the small protocol it declares.

@@ -1,4 +1,5 @@
-"""What both parties of a channel share: configuration, errors, and sending to the contract.
+"""What both parties of a channel share: configuration, one request on a pay stream, and
+sending to the contract.
 
 Chain calls are blocking HTTP; the trio side runs them in threads.
 """
@@ -11,24 +12,24 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
-from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.framing import NeedData
 
 from . import frames as pf
 from .chain import TonCenter, Wallet
+from .connection import PayConnection
+from .errors import PaymentFailed
 from .settlement import SettlementPolicy
 from .vouchers import SemiChannel, SemiChannelBody, SignedSemiChannel
 
+__all__ = ["CONTROL_FEE", "PAY_PROTOCOL", "PaymentConfig", "PaymentFailed", "b_state", "exchange", "send_control"]
 PAY_PROTOCOL = "/cocoon/pay/1"
 CONTROL_FEE = 50_000_000  # nanoton attached to channel control messages for gas
 
 
-class PaymentFailed(CocoonError):
-    """A channel could not be opened or closed, or a voucher was not acknowledged."""
-
-
 @dataclass
 class PaymentConfig:
+    """One node's payments: its chain, wallet and data directory, and the settlement policy."""
+
     chain: TonCenter
     wallet: Wallet
     data_dir: Path
@@ -38,13 +39,26 @@ class PaymentConfig:
     watch_interval_s: float = 10.0  # how often channels are checked on chain
 
 
-async def read_frame(stream: Any, reader: pf.FrameReader) -> pf.PayFrame:
-    """The next pay frame on ``stream`` (bytes past it stay in ``reader``)."""
-    while isinstance(frame := reader.next(), NeedData):
+async def exchange(stream: Any, conn: PayConnection, request: pf.PayFrame) -> pf.PayFrame:
+    """Send ``request`` on ``stream`` and read its reply, both checked by ``conn``.
+
+    Raises PaymentFailed when the peer closes the stream, LocalProtocolError when
+    ``request`` is not ours to send now, RemoteProtocolError when the reply breaks
+    the rules; a failed or cancelled write is recorded in ``conn`` (unusable
+    after it). Cancelled while reading: the reply may still come, so the caller
+    drops the stream.
+    """
+    data = conn.send(request)
+    try:
+        await stream.write(data)
+    except BaseException:
+        conn.send_failed()
+        raise
+    while isinstance(frame := conn.next_event(), NeedData):
         data = await stream.read(pf.MAX_PAY_FRAME)
         if not data:
             raise PaymentFailed("the peer closed the pay stream")
-        reader.feed(data)
+        conn.receive_data(data)
     return frame
 
 

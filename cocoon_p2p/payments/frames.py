@@ -11,6 +11,10 @@ and, on a stream the worker opens when it wants its earnings settled:
 
     worker: CloseProposal(terms, sig B) client: CloseAgreed(sig A)            | PayError
 
+Which frame may follow which is :mod:`.connection`'s business; this module only
+encodes and decodes. A PayError's code is a short string on the wire (at most
+32 bytes); the codes this implementation sends are :class:`PayErrorCode`.
+
 ChannelReady carries B's signed opening state, which the client needs (with its
 own newest voucher) to close uncooperatively if the worker disappears.
 
@@ -22,6 +26,7 @@ Frames are a 4-byte length and a msgpack array, like the job protocol's.
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from typing import Any
 
@@ -82,10 +87,26 @@ class PaidUpTo:
         return [_PAID, self.received]
 
 
+class PayErrorCode(enum.StrEnum):
+    """The codes a PayError carries here (a peer may send others: the wire takes any short string)."""
+
+    CHANNEL = "channel"  # no usable channel with you, or the contract is not as required
+    CLOSE = "close"  # the proposed close terms are not ours
+    PROTOCOL = "protocol"  # a frame out of order (see :mod:`.connection`)
+    BAD_SIGNATURE = "bad-signature"  # a close or voucher not signed by the channel's key
+    REPLAYED = "replayed"  # a voucher not newer than the newest held
+    MALFORMED = "malformed"  # a voucher record that does not parse
+    CHANNEL_RULE = "channel-rule"  # a voucher the channel's rules forbid (over the deposit...)
+    TOO_LARGE = "too-large"  # a frame over the size limit
+
+
 @dataclass(frozen=True)
 class PayError:
-    code: str
+    code: str  # a PayErrorCode, or whatever short string a peer sent
     message: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "code", str(self.code))  # a plain str: enum members compare and pack alike
 
     def to_wire(self) -> list[Any]:
         return [_ERROR, self.code, self.message[:512]]

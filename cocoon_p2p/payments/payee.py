@@ -2,7 +2,11 @@
 
 A channel is accepted only as the chain shows it: open, A's key the client's
 PeerId key, B's key and payout address ours. Each voucher is checked and made
-durable (:class:`~.channelstore.ChannelStore`) before it is acknowledged.
+durable (:class:`~.store.ChannelStore`) before it is acknowledged. Jobs are
+admitted only on a client's current channel while it is OPEN; its lifecycle
+state is written to the store before the worker acts on it, so a restarted
+worker neither admits jobs on a channel it was closing nor forgets a close it
+started.
 
 Settlement follows :mod:`.settlement`: the worker closes a channel holding its
 earnings when they pass its limit, when the payer has gone silent, or when the
@@ -28,24 +32,32 @@ from . import frames as pf
 from . import messages as m
 from .chain import ChannelOnChain, read_channel
 from .channelops import PaymentConfig, PaymentFailed, b_state, send_control
+from .channelstate import ChannelEvent, ChannelState, CloseOutcome
+from .closeterms import payee_terms
+from .errors import ChannelConflict
+from .frames import PayErrorCode
 from .settlement import OPEN, UNINITED, Action, quarantine_action, worker_action
 from .store import ChannelStore, ChannelTerms
 from .vouchers import SignedSemiChannel
 
-log = logging.getLogger("cocoon_p2p.payments.service")
+log = logging.getLogger(__name__)
+_E, _S = ChannelEvent, ChannelState
 
 # Sends one frame to a peer on a fresh pay stream and returns its answer.
 Ask = Callable[[bytes, pf.PayFrame], Awaitable[pf.PayFrame]]
+# The job protocol's refusal code for "pay first" (admission answers with it).
+PAYMENT_REQUIRED = "payment"
 
 
 class Payee:
+    """A worker's channels, the jobs billed on them, and its side of settlement."""
+
     def __init__(self, key: SigningKey, config: PaymentConfig) -> None:
         self.key = key
         self.config = config
         self.store = ChannelStore(config.data_dir / "channels")
         self._channel_of: dict[bytes, int] = self._load_clients()  # client PeerId -> current channel
         self.billed: dict[int, int] = {}  # what the jobs on each channel cost
-        self.closing: set[bytes] = set()  # clients whose channel is being closed: no new jobs
         self.last_seen: dict[bytes, float] = {}  # client -> trio time of its last pay frame
         self.onchain_ops = 0  # messages this worker sent to channel contracts
 
@@ -60,13 +72,15 @@ class Payee:
 
     def admission(self, client: bytes) -> str | None:
         """None if ``client`` may start a job, else why not (a job error code)."""
-        if client not in self._channel_of or client in self.closing:
-            return "payment"
+        cid = self._channel_of.get(client)
+        if cid is None or self.store.state(cid) is not _S.OPEN:
+            return PAYMENT_REQUIRED
         if self.owed(client) > self.config.credit_nanoton:
-            return "payment"
+            return PAYMENT_REQUIRED
         return None
 
     def bill(self, client: bytes, cost: int) -> None:
+        """Count ``cost`` nanoton against ``client``'s current channel."""
         cid = self._channel_of.get(client)
         if cid is not None:
             self.billed[cid] = self.billed.get(cid, 0) + cost
@@ -84,33 +98,39 @@ class Payee:
     # ---- the pay protocol -------------------------------------------------------
 
     async def answer(self, client: bytes, frame: pf.PayFrame) -> pf.PayFrame:
+        """The reply to a client's request (the connection has checked it is one)."""
         self.last_seen[client] = trio.current_time()
         if isinstance(frame, pf.PayHello):
             return pf.PayInfo(self.config.wallet.address)
         if isinstance(frame, pf.ChannelOpened):
             return await self._accept_channel(client, frame.address)
         if isinstance(frame, pf.PayVoucher):
-            cid = self._channel_of.get(client)
-            if cid is None:
-                return pf.PayError("channel", "no channel with you")
-            try:
-                voucher = SignedSemiChannel.from_record(frame.record)
-            except ProtocolError as exc:
-                return pf.PayError(exc.code, str(exc))
-            result = await trio.to_thread.run_sync(self.store.accept, cid, [(voucher, 0)])  # fsync off the loop
-            if result.refused:
-                _, refusal = result.refused[0]
-                return pf.PayError(refusal.code, str(refusal))
-            return pf.PaidUpTo(self.store.earned(cid))
+            return await self._accept_voucher(client, frame)
         if isinstance(frame, pf.CloseRequest):
             return self._countersign_close(client, frame)
-        return pf.PayError("protocol", f"unexpected {type(frame).__name__}")
+        return pf.PayError(PayErrorCode.PROTOCOL, f"unexpected {type(frame).__name__}")
+
+    async def _accept_voucher(self, client: bytes, frame: pf.PayVoucher) -> pf.PayFrame:
+        cid = self._channel_of.get(client)
+        if cid is None:
+            return pf.PayError(PayErrorCode.CHANNEL, "no channel with you")
+        if self.store.state(cid) is _S.CLOSED:  # a closing channel still takes them: a newer one may challenge
+            return pf.PayError(PayErrorCode.CHANNEL, "the channel is closed")
+        try:
+            voucher = SignedSemiChannel.from_record(frame.record)
+        except ProtocolError as exc:
+            return pf.PayError(exc.code, str(exc))
+        result = await trio.to_thread.run_sync(self.store.accept, cid, [(voucher, 0)])  # fsync off the loop
+        if result.refused:
+            _, refusal = result.refused[0]
+            return pf.PayError(refusal.code, str(refusal))
+        return pf.PaidUpTo(self.store.earned(cid))
 
     async def _accept_channel(self, client: bytes, address: str) -> pf.PayFrame:
         try:
             on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, address)
         except CocoonError as exc:
-            return pf.PayError("channel", str(exc))
+            return pf.PayError(PayErrorCode.CHANNEL, str(exc))
         problems = []
         if on_chain.state != OPEN:
             problems.append("not open")
@@ -121,7 +141,7 @@ class Payee:
         if on_chain.addr_b != self.config.wallet.address:
             problems.append("B's payout address is not our wallet")
         if problems:
-            return pf.PayError("channel", "; ".join(problems))
+            return pf.PayError(PayErrorCode.CHANNEL, "; ".join(problems))
         terms = ChannelTerms(
             channel_id=on_chain.channel_id,
             payer_key=on_chain.key_a,
@@ -130,47 +150,55 @@ class Payee:
             fine=on_chain.misbehavior_fine,
             address=address,
         )
-        self.store.open(terms)
-        self._channel_of[client] = terms.channel_id
-        self.closing.discard(client)  # a new channel after a settled one
+        try:
+            state = self.store.open(terms)
+        except ChannelConflict as exc:
+            return pf.PayError(PayErrorCode.CHANNEL, str(exc))
+        if state is not _S.OPEN:
+            return pf.PayError(PayErrorCode.CHANNEL, f"that channel is {state.value}")
+        self._channel_of[client] = terms.channel_id  # a new channel after a settled one
         self._save_clients()
         opening = b_state(self.key, terms.channel_id, None)
         return pf.ChannelReady(terms.channel_id, terms.deposit_a, opening.to_record())
 
     def _close_terms(self, cid: int) -> m.CloseTerms:
         """The only cooperative close we sign: everything our newest voucher says is ours."""
-        terms = self.store.channels[cid].terms
-        received, newest = self.store.earned(cid), self.store.newest(cid)
-        seqno_a = newest.state.body.seqno if newest else 0
-        return m.CloseTerms(cid, terms.deposit_a - received, terms.deposit_b + received, max(seqno_a, 1), 1)
+        return payee_terms(self.store.channels[cid].terms, self.store.earned(cid), self.store.newest(cid))
 
     def _countersign_close(self, client: bytes, req: pf.CloseRequest) -> pf.PayFrame:
         cid = self._channel_of.get(client)
         if cid is None:
-            return pf.PayError("channel", "no channel with you")
+            return pf.PayError(PayErrorCode.CHANNEL, "no channel with you")
+        state = self.store.state(cid)
+        if state not in (_S.OPEN, _S.CLOSING_COOPERATIVE):  # the latter: our signature again, if it was lost
+            return pf.PayError(PayErrorCode.CLOSE, f"the channel is {state.value}")
         want = self._close_terms(cid)
         got = m.CloseTerms(cid, req.balance_a, req.balance_b, req.seqno_a, req.seqno_b)
         if got != want:
-            return pf.PayError("close", f"terms {got} differ from ours {want}")
+            return pf.PayError(PayErrorCode.CLOSE, f"terms {got} differ from ours {want}")
         if not m.signed_by(want.body(), req.signature_a, self.store.channels[cid].terms.payer_key):
-            return pf.PayError("bad-signature", "the close is not signed by the channel's payer")
-        self.closing.add(client)  # no more jobs on this channel
+            return pf.PayError(PayErrorCode.BAD_SIGNATURE, "the close is not signed by the channel's payer")
+        if state is _S.OPEN:
+            self.store.advance(cid, _E.CLOSE_PROPOSED)  # no more jobs on this channel
         return pf.CloseSigned(m.sign_body(want.body(), self.key))
 
     # ---- settlement ---------------------------------------------------------------
 
     def client_of(self, cid: int) -> bytes | None:
+        """The client whose current channel is ``cid`` (None: an older channel, or none)."""
         return next((c for c, x in self._channel_of.items() if x == cid), None)
 
-    async def close(self, cid: int, ask: Ask) -> str:
+    async def close(self, cid: int, ask: Ask) -> CloseOutcome:
         """Close channel ``cid`` to get our earnings: cooperatively if its payer countersigns,
-        else uncooperatively. Returns how ("cooperative", "uncooperative" or "nothing")."""
+        else uncooperatively. Returns how (COOPERATIVE, UNCOOPERATIVE, or NOTHING to close)."""
         client = self.client_of(cid)
         newest = self.store.newest(cid)
         if newest is None:
-            return "nothing"  # no voucher, nothing of ours in it
-        if client is not None:
-            self.closing.add(client)
+            return CloseOutcome.NOTHING  # no voucher, nothing of ours in it
+        state = self.store.state(cid)
+        if client is not None and state in (_S.OPEN, _S.CLOSING_COOPERATIVE):
+            if state is _S.OPEN:
+                self.store.advance(cid, _E.CLOSE_PROPOSED)  # no more jobs while we ask
             terms = self._close_terms(cid)
             sig_b = m.sign_body(terms.body(), self.key)
             proposal = pf.CloseProposal(terms.balance_a, terms.balance_b, terms.seqno_a, terms.seqno_b, sig_b)
@@ -181,21 +209,22 @@ class Payee:
                 if not m.signed_by(terms.body(), reply.signature_a, self.store.channels[cid].terms.payer_key):
                     raise PaymentFailed("the client's close signature does not verify")
                 await self._send(cid, m.cooperative_close(terms, reply.signature_a, sig_b))
-                return "cooperative"
+                return CloseOutcome.COOPERATIVE
             except CocoonError as exc:
                 log.info("cooperative close of channel %x failed (%s): closing it uncooperatively", cid, exc)
+        self.store.advance(cid, _E.UNCOOPERATIVE_CLOSE_STARTED)
         mine = b_state(self.key, cid, newest.state.body)
         await self._send(cid, m.start_uncooperative_close(cid, newest, mine, key=self.key, is_a=False))
-        return "uncooperative"
+        return CloseOutcome.UNCOOPERATIVE
 
     async def _send(self, cid: int, body: object) -> None:
         address = self.store.channels[cid].terms.address
         await trio.to_thread.run_sync(send_control, self.config, address, body)
         self.onchain_ops += 1
 
-    async def watch_once(self, ask: Ask, *, shutting_down: bool = False) -> dict[int, str]:
+    async def watch_once(self, ask: Ask, *, shutting_down: bool = False) -> dict[int, CloseOutcome]:
         """Check every unsettled channel on chain and act on it; returns what was done per channel."""
-        done: dict[int, str] = {}
+        done: dict[int, CloseOutcome] = {}
         now_t = trio.current_time()
         chain_now = 0  # the chain's clock, asked once per pass and only for a quarantine
         for cid in self.store.unsettled():
@@ -212,42 +241,47 @@ class Payee:
                 done[cid] = await self._act(cid, action, ask)
             except CocoonError as exc:
                 log.warning("channel %x: %s", cid, exc)
-                done[cid] = f"failed: {exc}"
+                done[cid] = CloseOutcome.FAILED
         return done
 
     def _decide(self, cid: int, on_chain: ChannelOnChain, chain_now: int, now_t: float, shutting_down: bool) -> Action:
+        """What to do with channel ``cid`` now; records what the chain shows first."""
+        state = self.store.state(cid)
         if on_chain.state == UNINITED:
-            self.store.mark_closed(cid, "closed on chain")
-            client = self.client_of(cid)
-            if client is not None and self._channel_of.get(client) == cid:
-                self.closing.add(client)  # that channel is gone: a new one is needed for more jobs
+            self.store.advance(cid, _E.CLOSED_ON_CHAIN)  # no more jobs on it: a new channel is needed
             return Action.KEEP
         newest = self.store.newest(cid)
         if on_chain.state != OPEN:
+            if state is not _S.CLOSING_UNCOOPERATIVE:
+                self.store.advance(cid, _E.QUARANTINE_SEEN)
             seqno, sent = (newest.state.body.seqno, newest.state.body.sent) if newest else (0, 0)
             return quarantine_action(on_chain.view(chain_now), we_are_a=False, our_seqno=seqno, our_sent=sent)
+        if state is _S.CLOSING_UNCOOPERATIVE:
+            return Action.CLOSE  # we started it, yet the contract is open: our message never landed
         client = self.client_of(cid)
         silent = now_t - self.last_seen.get(client, now_t) if client is not None else float("inf")
         return worker_action(
             self.config.policy, received=self.store.earned(cid), payer_silent_s=silent, shutting_down=shutting_down
         )
 
-    async def _act(self, cid: int, action: Action, ask: Ask) -> str:
+    async def _act(self, cid: int, action: Action, ask: Ask) -> CloseOutcome:
         newest = self.store.newest(cid)
         if action is Action.CLOSE:
             how = await self.close(cid, ask)
-            if how == "cooperative":
+            if how is CloseOutcome.COOPERATIVE:
                 await self._note_if_closed(cid)
             return how
         if action is Action.CHALLENGE and newest is not None:
+            self.store.advance(cid, _E.STATE_CHALLENGED)
             mine = b_state(self.key, cid, newest.state.body)
             await self._send(cid, m.challenge_quarantined_state(cid, newest, mine, key=self.key, is_a=False))
-            return "challenged"
+            return CloseOutcome.CHALLENGED
         if action is Action.FINISH:
+            self.store.advance(cid, _E.CLOSE_FINISHED)
             await self._send(cid, m.finish_uncooperative_close())
             await self._note_if_closed(cid)
-            return "finished"
-        return "kept"
+            return CloseOutcome.FINISHED
+        return CloseOutcome.NOTHING
 
     async def _note_if_closed(self, cid: int) -> None:
         """Mark the channel settled if the chain already shows it closed (a local chain does
@@ -256,4 +290,4 @@ class Payee:
             read_channel, self.config.chain, self.store.channels[cid].terms.address
         )
         if on_chain.state == UNINITED:
-            self.store.mark_closed(cid, "closed on chain")
+            self.store.advance(cid, _E.CLOSED_ON_CHAIN)

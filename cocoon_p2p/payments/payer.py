@@ -1,12 +1,17 @@
 """The client's side of payments (A, the payer): open channels, pay per job, settle.
 
 A client opens one channel per worker on first use: it asks for the worker's
-wallet, deploys and funds the official contract from its own wallet with
-A = its PeerId key and B = the worker's, and tells the worker the address; the
-worker answers with its signed opening state. After each job the client signs
-the next voucher (cumulative sent += the job's cost), logs it durably, and sends
-it. Open channels are kept in ``payer.json`` (atomic writes) and restored, with
-the newest logged voucher of each, after a restart.
+wallet, writes the new channel down as OPENING, deploys and funds the official
+contract from its own wallet with A = its PeerId key and B = the worker's, and
+tells the worker the address; the worker answers with its signed opening state
+and the channel is OPEN. After each job the client signs the next voucher
+(cumulative sent += the job's cost), logs it durably, and sends it.
+
+Each channel's :class:`~.channelstate.Lifecycle` is written to ``payer.json``
+(:mod:`.payerbook`) before the client acts on it, and restored after a restart
+with the newest logged voucher: an OPEN channel carries on, an OPENING one is
+confirmed if the chain shows it open (else abandoned), a closing one is followed
+until the chain shows it closed.
 
 Settlement follows :mod:`.settlement`: the channel rolls over (cooperative close,
 then a new one) when its deposit runs low; a worker's close proposal is signed
@@ -16,9 +21,9 @@ closed uncooperatively with our newest voucher and its opening state.
 
 from __future__ import annotations
 
-import json
 import logging
 import random
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -38,48 +43,86 @@ from cocoon_p2p.transport.host import unblock_peer
 from . import frames as pf
 from . import messages as m
 from .chain import address_of, read_channel, state_init
-from .channelops import CONTROL_FEE, PAY_PROTOCOL, PaymentConfig, PaymentFailed, read_frame, send_control
+from .channelops import CONTROL_FEE, PAY_PROTOCOL, PaymentConfig, PaymentFailed, exchange, send_control
+from .channelstate import CLOSING, ChannelEvent, ChannelState, CloseOutcome, Lifecycle
+from .closeterms import payer_terms, proposal_refusal
+from .connection import PayConnection, Side
 from .contract import payment_channel_code
+from .payerbook import ChannelRecord, decode_book, encode_book
 from .settlement import OPEN, UNINITED, Action, client_action, quarantine_action
 from .voucherlog import VoucherLog
 from .vouchers import SignedSemiChannel, VoucherIssuer
 
-log = logging.getLogger("cocoon_p2p.payments.service")
+log = logging.getLogger(__name__)
 RECONNECT_TRIES = 5  # to a worker that went away: it may still be starting up
+_E = ChannelEvent
 
 
 @dataclass
 class PayerChannel:
+    """One channel to a worker: what is written down about it, and its pay stream."""
+
     address: str
+    worker: bytes | None
     issuer: VoucherIssuer
     b_state: SignedSemiChannel | None  # the worker's opening state, for an uncooperative close
+    life: Lifecycle = field(default_factory=lambda: Lifecycle(ChannelState.OPEN))
     stream: Any = None
-    reader: pf.FrameReader = field(default_factory=pf.FrameReader)
+    conn: PayConnection = field(default_factory=lambda: PayConnection(Side.REQUESTER))
     lock: trio.Lock = field(default_factory=trio.Lock)
     last: SignedSemiChannel | None = None  # the newest voucher signed
     acked: int = 0  # the total the worker confirmed holding durably
     broken: bool = True  # no usable stream: (re)connect before the next request
 
-    def to_json(self) -> dict[str, Any]:
+    @property
+    def state(self) -> ChannelState:
+        return self.life.state
+
+    def record(self) -> ChannelRecord:
         i = self.issuer
-        opening = self.b_state.to_record().hex() if self.b_state else ""
-        return {"address": self.address, "channel_id": f"{i.channel_id:x}", "deposit": i.deposit_a, "b_state": opening}
+        return ChannelRecord(self.worker, self.address, i.channel_id, i.deposit_a, self.b_state, self.life)
 
 
 class Payer:
-    def __init__(self, key: SigningKey, host: Any, config: PaymentConfig) -> None:
+    """A client's channels, one per worker it pays, and the vouchers it signed."""
+
+    def __init__(
+        self,
+        key: SigningKey,
+        host: Any,
+        config: PaymentConfig,
+        *,
+        peer_addrs: Callable[[bytes], list[str]] = lambda peer: [],
+    ) -> None:
         self.key = key
         self.host = host
         self.config = config
+        self.peer_addrs = peer_addrs  # a peer's announced addresses: to find a restarted worker
         self.issued = VoucherLog(config.data_dir / "issued.log")  # every voucher signed, write-ahead
-        self.open: dict[bytes, PayerChannel] = {}  # worker PeerId -> channel
-        self.closing: dict[str, int] = {}  # channels closed or being closed, address -> channel id
+        self.channels: dict[str, PayerChannel] = {}  # address -> every channel not yet closed
+        self._current: dict[bytes, PayerChannel] = {}  # worker -> its OPENING or OPEN channel
         self._opening: dict[bytes, trio.Lock] = {}
         self.onchain_ops = 0  # messages this client sent to channel contracts
         self.channels_opened = 0
-        # The directory's addresses of a peer (set by the node): to find a restarted worker.
-        self.addrs_of: Callable[[bytes], list[str]] = lambda peer: []
         self._restore()
+
+    @property
+    def open(self) -> dict[bytes, PayerChannel]:
+        """Worker -> its OPEN channel."""
+        return {w: ch for w, ch in self._current.items() if ch.state is ChannelState.OPEN}
+
+    @property
+    def closing(self) -> dict[str, PayerChannel]:
+        """Address -> each channel being closed."""
+        return {a: ch for a, ch in self.channels.items() if ch.state in CLOSING}
+
+    def count_by_state(self) -> Counter[ChannelState]:
+        return Counter(ch.state for ch in self.channels.values())
+
+    def paid_to(self, worker: bytes) -> int:
+        """What the vouchers of our current channel to ``worker`` have sent it."""
+        ch = self._current.get(worker)
+        return ch.issuer.sent if ch else 0
 
     # ---- durable state ----------------------------------------------------------
 
@@ -87,42 +130,53 @@ class Payer:
         path = self.config.data_dir / "payer.json"
         if not path.is_file():
             return
-        data = json.loads(path.read_text())
         logged = [SignedSemiChannel.from_record(r) for r in self.issued.records]
-        for worker_hex, d in data["open"].items():
-            issuer = VoucherIssuer(channel_id=int(d["channel_id"], 16), key=self.key, deposit_a=d["deposit"])
-            mine = [v for v in logged if v.state.channel_id == issuer.channel_id]
+        for r in decode_book(path.read_text()):
+            issuer = VoucherIssuer(channel_id=r.channel_id, key=self.key, deposit_a=r.deposit)
+            mine = [v for v in logged if v.state.channel_id == r.channel_id]
             issuer.restore(mine)
-            opening = SignedSemiChannel.from_record(bytes.fromhex(d["b_state"])) if d["b_state"] else None
-            ch = PayerChannel(d["address"], issuer, opening)
+            ch = PayerChannel(r.address, r.worker, issuer, r.b_state, r.life)
             ch.last = mine[-1] if mine else None  # resent on reconnect: its acknowledgement may be lost
-            self.open[bytes.fromhex(worker_hex)] = ch
-        self.closing = {a: int(c, 16) for a, c in data["closing"].items()}
+            self.channels[r.address] = ch
+            if r.worker is not None and ch.state in (ChannelState.OPENING, ChannelState.OPEN):
+                self._current[r.worker] = ch
 
     def _save(self) -> None:
-        data = {
-            "open": {w.hex(): ch.to_json() for w, ch in self.open.items()},
-            "closing": {a: f"{c:x}" for a, c in self.closing.items()},
-        }
-        write_atomic(self.config.data_dir / "payer.json", json.dumps(data).encode())
+        book = encode_book(ch.record() for ch in self.channels.values())
+        write_atomic(self.config.data_dir / "payer.json", book)
+
+    def _advance(self, ch: PayerChannel, event: ChannelEvent) -> None:
+        """Apply ``event`` to ``ch`` and write it down, before acting on it."""
+        before, ch.life = ch.life, ch.life.apply(event)  # ForbiddenTransition: nothing changed
+        try:
+            self._save()
+        except BaseException:
+            ch.life = before
+            raise
+        if ch.state is ChannelState.CLOSED:
+            del self.channels[ch.address]
+        if ch.state not in (ChannelState.OPENING, ChannelState.OPEN) and ch.worker is not None:
+            if self._current.get(ch.worker) is ch:
+                del self._current[ch.worker]
 
     # ---- the pay stream -----------------------------------------------------------
 
     async def _request(self, ch: PayerChannel, frame: pf.PayFrame) -> pf.PayFrame:
         """Send one request on the channel's stream and read its answer (hold ``ch.lock``)."""
         try:
-            await ch.stream.write(pf.encode(frame))
-            return await read_frame(ch.stream, ch.reader)
-        except Exception as exc:
-            ch.broken = True  # a half-sent request: the stream is useless now
-            raise PaymentFailed(f"pay stream to the worker failed: {exc!r}") from exc
+            return await exchange(ch.stream, ch.conn, frame)
+        except BaseException as exc:
+            ch.broken = True  # a half-done request (failed or cancelled): the stream is useless now
+            if isinstance(exc, Exception):
+                raise PaymentFailed(f"pay stream to the worker failed: {exc!r}") from exc
+            raise
 
     async def _connect(self, worker: bytes, ch: PayerChannel) -> None:
         """A fresh pay stream to the worker (same PeerId, maybe a new address after a restart:
-        ``addrs_of`` asks the directory), then the newest voucher again, since its
+        ``peer_addrs`` asks the directory), then the newest voucher again, since its
         acknowledgement may be what was lost."""
         for attempt in range(RECONNECT_TRIES):
-            addrs = [Multiaddr(a) for a in self.addrs_of(worker)]
+            addrs = [Multiaddr(a) for a in self.peer_addrs(worker)]
             if addrs:  # only what it announces now: its old address died with it
                 self.host.get_peerstore().clear_addrs(ID(worker))
                 self.host.get_peerstore().add_addrs(ID(worker), addrs, 3600)
@@ -134,12 +188,12 @@ class Payer:
                 if attempt == RECONNECT_TRIES - 1:
                     raise PaymentFailed(f"cannot reach the worker: {exc!r}") from exc
                 await trio.sleep(0.5 * (attempt + 1))
-        ch.reader, ch.broken = pf.FrameReader(), False
+        ch.conn, ch.broken = PayConnection(Side.REQUESTER), False
         if ch.last is not None and ch.acked < ch.issuer.sent:
             reply = await self._request(ch, pf.PayVoucher(ch.last.to_record()))
             if isinstance(reply, pf.PaidUpTo):
                 ch.acked = reply.received
-            elif not (isinstance(reply, pf.PayError) and reply.code == "replayed"):
+            elif not (isinstance(reply, pf.PayError) and reply.code == pf.PayErrorCode.REPLAYED):
                 raise PaymentFailed(f"the worker did not take our newest voucher: {reply!r}")
             else:
                 ch.acked = ch.issuer.sent  # it already holds it
@@ -147,24 +201,28 @@ class Payer:
     # ---- opening and paying ---------------------------------------------------------
 
     async def ensure_channel(self, worker: bytes) -> PayerChannel:
-        """The channel to ``worker``: opened on chain on first use, rolled over when low."""
-        ch = self.open.get(worker)
-        if ch is not None:
+        """The channel to ``worker``: opened on chain on first use (or confirmed, if an
+        opening was interrupted), rolled over when low."""
+        ch = self._current.get(worker)
+        if ch is not None and ch.state is ChannelState.OPEN:
             if client_action(self.config.policy, deposit=ch.issuer.deposit_a, sent=ch.issuer.sent) is Action.KEEP:
                 return ch
             await self.settle(worker)
         async with self._opening.setdefault(worker, trio.Lock()):
-            if worker in self.open:
-                return self.open[worker]
+            ch = self._current.get(worker)
+            if ch is not None and ch.state is ChannelState.OPENING:
+                await self._resume_opening(worker, ch)
+                ch = self._current.get(worker)
+            if ch is not None and ch.state is ChannelState.OPEN:
+                return ch
             return await self._open(worker)
 
     async def _open(self, worker: bytes) -> PayerChannel:
-        probe = PayerChannel("", VoucherIssuer(channel_id=0, key=self.key, deposit_a=0), None)
         try:
-            probe.stream = await self.host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
+            stream = await self.host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
         except Exception as exc:  # unreachable worker: the job goes elsewhere
             raise PaymentFailed(f"cannot reach the worker: {exc!r}") from exc
-        probe.broken = False
+        probe = PayerChannel("", worker, VoucherIssuer(0, self.key, 0), None, stream=stream, broken=False)
         info = await self._request(probe, pf.PayHello())
         if not isinstance(info, pf.PayInfo):
             raise PaymentFailed(f"worker answered {info!r}")
@@ -178,26 +236,48 @@ class Payer:
             quarantine_s=self.config.quarantine_s,
         )
         init = state_init(payment_channel_code(), data)
-        address = address_of(init)
         deposit = self.config.policy.deposit_nanoton
-        await trio.to_thread.run_sync(self._deploy, address, init, channel_id, deposit)
-        ready = await self._request(probe, pf.ChannelOpened(address))
-        if not isinstance(ready, pf.ChannelReady) or ready.channel_id != channel_id:
+        issuer = VoucherIssuer(channel_id=channel_id, key=self.key, deposit_a=deposit)
+        opening = Lifecycle(ChannelState.OPENING)
+        ch = PayerChannel(address_of(init), worker, issuer, None, opening, probe.stream, probe.conn, broken=False)
+        self.channels[ch.address], self._current[worker] = ch, ch
+        self._save()  # written down before the deposit leaves
+        await trio.to_thread.run_sync(self._deploy, ch.address, init, channel_id, deposit)
+        await self._confirm(worker, ch)
+        log.info("channel %s to %s open with %d nanoton", ch.address, ID(worker), deposit)
+        return ch
+
+    async def _confirm(self, worker: bytes, ch: PayerChannel) -> None:
+        """Tell the worker the contract's address and take its signed opening state: OPEN."""
+        if ch.broken:
+            await self._connect(worker, ch)
+        ready = await self._request(ch, pf.ChannelOpened(ch.address))
+        if not isinstance(ready, pf.ChannelReady) or ready.channel_id != ch.issuer.channel_id:
             raise PaymentFailed(f"worker refused the channel: {ready!r}")
         opening = SignedSemiChannel.from_record(ready.b_state)
         try:
             opening.verify(VerifyKey(public_key_from_peer_id(worker)))
         except CocoonError as exc:
             raise PaymentFailed(f"the worker's opening state: {exc}") from exc
-        if opening.state.channel_id != channel_id or opening.state.body.sent != 0:
+        if opening.state.channel_id != ch.issuer.channel_id or opening.state.body.sent != 0:
             raise PaymentFailed("the worker's opening state is not for this channel")
-        ch = PayerChannel(address, VoucherIssuer(channel_id=channel_id, key=self.key, deposit_a=deposit), opening)
-        ch.stream, ch.reader, ch.broken = probe.stream, probe.reader, False
-        self.open[worker] = ch
+        ch.b_state = opening
+        self._advance(ch, _E.OPEN_CONFIRMED)
         self.channels_opened += 1
-        self._save()
-        log.info("channel %s to %s open with %d nanoton", address, ID(worker), deposit)
-        return ch
+
+    async def _resume_opening(self, worker: bytes, ch: PayerChannel) -> None:
+        """An opening that did not finish (a restart, a refusal): confirm it if the chain shows
+        the contract open, else abandon it (the caller then opens a new channel)."""
+        try:
+            active = await trio.to_thread.run_sync(self.config.chain.state, ch.address) == "active"
+            on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, ch.address) if active else None
+        except CocoonError as exc:  # the chain cannot tell now: try again with the next job
+            raise PaymentFailed(f"channel {ch.address} is opening, the chain cannot say how far: {exc}") from exc
+        if on_chain is not None and on_chain.state == OPEN and on_chain.channel_id == ch.issuer.channel_id:
+            await self._confirm(worker, ch)
+            return
+        log.warning("channel %s to %s never opened on chain: abandoned", ch.address, ID(worker))
+        self._advance(ch, _E.OPEN_ABANDONED)
 
     def _deploy(self, address: str, init: Any, channel_id: int, deposit: int) -> None:
         chain, wallet = self.config.chain, self.config.wallet
@@ -236,20 +316,12 @@ class Payer:
         ch.acked = reply.received
         return reply.received
 
-    def paid_to(self, worker: bytes) -> int:
-        ch = self.open.get(worker)
-        return ch.issuer.sent if ch else 0
-
     # ---- settling ---------------------------------------------------------------------
 
-    def _retire(self, worker: bytes, ch: PayerChannel) -> None:
-        del self.open[worker]
-        self.closing[ch.address] = ch.issuer.channel_id
-        self._save()
-
-    def _terms(self, ch: PayerChannel) -> m.CloseTerms:
-        i = ch.issuer
-        return m.CloseTerms(i.channel_id, i.deposit_a - i.sent, i.sent, max(i.seqno, 1), 1)
+    async def _close_request(self, worker: bytes, ch: PayerChannel, request: pf.CloseRequest) -> pf.PayFrame:
+        if ch.broken or ch.acked < ch.issuer.sent:  # gone and back, or an acknowledgement lost
+            await self._connect(worker, ch)
+        return await self._request(ch, request)
 
     async def settle(self, worker: bytes, *, uncooperative_if_gone: bool = False) -> int:
         """Close the channel to ``worker`` cooperatively on chain: the worker is paid what
@@ -257,34 +329,28 @@ class Payer:
 
         ``uncooperative_if_gone``: when the worker cannot be reached, start an
         uncooperative close instead of failing (finished later by :meth:`watch_once`)."""
-        ch = self.open.get(worker)
-        if ch is None:
+        ch = self._current.get(worker)
+        if ch is None or ch.state is not ChannelState.OPEN:
             return 0
-        terms = self._terms(ch)
+        terms = payer_terms(ch.issuer)
         sig_a = m.sign_body(terms.body(), self.key)
         request = pf.CloseRequest(terms.balance_a, terms.balance_b, terms.seqno_a, terms.seqno_b, sig_a)
         async with ch.lock:
-            if self.open.get(worker) is not ch:
+            if ch.state is not ChannelState.OPEN:
                 return ch.issuer.sent  # closed meanwhile (the worker proposed it)
             try:
-                reply: pf.PayFrame = pf.PayError("unreachable")
-                for attempt in (1, 2):  # a worker that restarted since our last request: reconnect once
-                    try:
-                        if ch.broken or ch.acked < ch.issuer.sent:  # gone and back, or an ack lost
-                            await self._connect(worker, ch)
-                        reply = await self._request(ch, request)
-                        break
-                    except PaymentFailed:
-                        if attempt == 2:
-                            raise
+                try:
+                    reply = await self._close_request(worker, ch, request)
+                except PaymentFailed:  # a worker that restarted since our last request: once more
+                    reply = await self._close_request(worker, ch, request)
             except PaymentFailed:
                 if not uncooperative_if_gone or ch.last is None or ch.b_state is None:
                     raise
-                self._retire(worker, ch)
+                self._advance(ch, _E.UNCOOPERATIVE_CLOSE_STARTED)
                 body = m.start_uncooperative_close(ch.issuer.channel_id, ch.last, ch.b_state, key=self.key, is_a=True)
                 await self._send(ch.address, body)
                 return ch.issuer.sent
-            self._retire(worker, ch)
+            self._advance(ch, _E.CLOSE_PROPOSED)  # no more vouchers on it, whatever the answer
         if not isinstance(reply, pf.CloseSigned):
             raise PaymentFailed(f"worker refused to close: {reply!r}")
         if not m.signed_by(terms.body(), reply.signature_b, public_key_from_peer_id(worker)):
@@ -294,47 +360,45 @@ class Payer:
 
     async def agree_close(self, worker: bytes, proposal: pf.CloseProposal) -> pf.PayFrame:
         """The worker asks to close: sign if it claims no more than our vouchers gave it."""
-        ch = self.open.get(worker)
-        if ch is None:
-            return pf.PayError("channel", "no open channel with you")
+        ch = self._current.get(worker)
+        if ch is None or ch.state is not ChannelState.OPEN:
+            return pf.PayError(pf.PayErrorCode.CHANNEL, "no open channel with you")
         async with ch.lock:  # no voucher in flight while we decide
-            i = ch.issuer
-            terms = m.CloseTerms(
-                i.channel_id, proposal.balance_a, proposal.balance_b, proposal.seqno_a, proposal.seqno_b
-            )
-            if proposal.balance_b > i.sent or proposal.balance_a + proposal.balance_b != i.deposit_a:
-                return pf.PayError("close", f"the split {proposal.balance_a}/{proposal.balance_b} is not ours")
-            if min(proposal.seqno_a, proposal.seqno_b) < 1:
-                return pf.PayError("close", "seqnos must be above the committed ones")
-            if not m.signed_by(terms.body(), proposal.signature_b, public_key_from_peer_id(worker)):
-                return pf.PayError("bad-signature", "the close is not signed by the worker")
-            if self.open.get(worker) is ch:
-                self._retire(worker, ch)
+            refusal = proposal_refusal(ch.issuer, proposal, public_key_from_peer_id(worker))
+            if refusal is not None:
+                return refusal
+            if ch.state is ChannelState.OPEN:
+                self._advance(ch, _E.CLOSE_PROPOSED)
+            p = proposal
+            terms = m.CloseTerms(ch.issuer.channel_id, p.balance_a, p.balance_b, p.seqno_a, p.seqno_b)
             return pf.CloseAgreed(m.sign_body(terms.body(), self.key))
 
     async def _send(self, address: str, body: object) -> None:
         await trio.to_thread.run_sync(send_control, self.config, address, body)
         self.onchain_ops += 1
 
-    async def watch_once(self) -> dict[str, str]:
+    async def watch_once(self) -> dict[str, CloseOutcome]:
         """Follow channels being closed: forget the closed, finish quarantines that are over."""
-        done: dict[str, str] = {}
+        done: dict[str, CloseOutcome] = {}
         now = 0  # the chain's clock, asked once per pass and only for a quarantine
-        for address, cid in list(self.closing.items()):
+        for address, ch in self.closing.items():
             try:
                 on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, address)
-                if on_chain.state == UNINITED or on_chain.channel_id != cid:
-                    del self.closing[address]
-                    self._save()
-                    done[address] = "closed"
+                if on_chain.state == UNINITED or on_chain.channel_id != ch.issuer.channel_id:
+                    self._advance(ch, _E.CLOSED_ON_CHAIN)
+                    done[address] = CloseOutcome.CLOSED
                 elif on_chain.state != OPEN:
+                    if ch.state is not ChannelState.CLOSING_UNCOOPERATIVE:
+                        self._advance(ch, _E.QUARANTINE_SEEN)
                     now = now or await trio.to_thread.run_sync(self.config.chain.now)
                     if quarantine_action(on_chain.view(now), we_are_a=True, our_seqno=0, our_sent=0) is Action.FINISH:
+                        self._advance(ch, _E.CLOSE_FINISHED)
                         await self._send(address, m.finish_uncooperative_close())
-                        done[address] = "finished"
+                        done[address] = CloseOutcome.FINISHED
             except CocoonError as exc:
                 log.warning("channel %s: %s", address, exc)
         return done
 
     def close(self) -> None:
+        """Close the voucher log (the payer is unusable after)."""
         self.issued.close()

@@ -26,8 +26,23 @@ from __future__ import annotations
 import enum
 from dataclasses import dataclass
 
-# Channel states as the contract's get_channel_state reports them.
-UNINITED, OPEN, CLOSURE_STARTED, SETTLING_CONDITIONALS, AWAITING_FINALIZATION = 0, 1, 2, 3, 4
+
+class ContractState(enum.IntEnum):
+    """A channel's state as the contract's get_channel_state reports it (not our
+    :class:`~.channelstate.ChannelState`, which also covers what is off chain)."""
+
+    UNINITED = 0  # never initialised, or closed and paid out
+    OPEN = 1
+    CLOSURE_STARTED = 2  # quarantine
+    SETTLING_CONDITIONALS = 3
+    AWAITING_FINALIZATION = 4
+
+
+UNINITED = ContractState.UNINITED
+OPEN = ContractState.OPEN
+CLOSURE_STARTED = ContractState.CLOSURE_STARTED
+SETTLING_CONDITIONALS = ContractState.SETTLING_CONDITIONALS
+AWAITING_FINALIZATION = ContractState.AWAITING_FINALIZATION
 
 
 @dataclass(frozen=True)
@@ -42,6 +57,8 @@ class SettlementPolicy:
 
 
 class Action(enum.Enum):
+    """What the settlement policy says to do with a channel now."""
+
     KEEP = "keep"  # nothing to do now
     ROLL_OVER = "roll-over"  # client: close this channel cooperatively; the next job opens a new one
     CLOSE = "close"  # worker: close now, cooperatively if the payer answers, else uncooperatively

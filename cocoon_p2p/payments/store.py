@@ -1,17 +1,24 @@
 """A worker's durable record of its payment channels: vouchers survive a kill -9.
 
 Per channel, a folder under the data directory holds ``channel.json`` (the terms:
-channel id, payer key, deposits, fine; written atomically with fsync) and a
-``vouchers.log`` (:class:`~.voucherlog.VoucherLog`). :meth:`ChannelStore.accept`
-checks a batch of vouchers against the channel's rules, makes them durable with
-one fsync, and only then counts them: what it returns may be acknowledged.
+channel id, payer key, deposits, fine; written atomically with fsync), a
+``vouchers.log`` (:class:`~.voucherlog.VoucherLog`) and ``state.json`` (its
+:class:`~.channelstate.Lifecycle`). :meth:`ChannelStore.accept` checks a batch of
+vouchers against the channel's rules, makes them durable with one fsync, and
+only then counts them: what it returns may be acknowledged.
+:meth:`ChannelStore.advance` writes a channel's next lifecycle state before the
+caller acts on it.
+
 On restart every channel is rebuilt from its folder, each logged voucher
-re-verified, so keys, channel states and earnings come back intact.
+re-verified, so keys, channel states and earnings come back intact. A folder
+written before states were recorded has no ``state.json``: its state is derived
+as it used to be (a ``closed`` marker: CLOSED, else OPEN).
 """
 
 from __future__ import annotations
 
 import json
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,8 +27,13 @@ from nacl.signing import VerifyKey
 from cocoon_p2p.core.durable import write_atomic
 from cocoon_p2p.core.errors import ProtocolError
 
+from .channelstate import UNSETTLED, ChannelEvent, ChannelState, Lifecycle
+from .errors import ChannelConflict, UnknownChannel
 from .voucherlog import VoucherLog
 from .vouchers import SignedSemiChannel, VoucherBook
+
+STATE_FILE = "state.json"
+LEGACY_CLOSED_MARKER = "closed"  # how a settled channel was marked before states were recorded
 
 
 @dataclass(frozen=True)
@@ -73,7 +85,7 @@ class _Channel:
     def __init__(self, folder: Path, terms: ChannelTerms) -> None:
         self.folder = folder
         self.terms = terms
-        self.closed = (folder / "closed").is_file()  # settled on chain: nothing left to watch
+        self.life = self._load_life(folder)
         self.book = VoucherBook(
             channel_id=terms.channel_id,
             payer_key=VerifyKey(terms.payer_key),
@@ -86,6 +98,27 @@ class _Channel:
             voucher = SignedSemiChannel.from_record(record)
             self.book.check(voucher)
             self.book.commit(voucher)
+
+    @staticmethod
+    def _load_life(folder: Path) -> Lifecycle:
+        path = folder / STATE_FILE
+        if path.is_file():
+            return Lifecycle.from_json(json.loads(path.read_text()), default=ChannelState.OPEN)
+        legacy = ChannelState.CLOSED if (folder / LEGACY_CLOSED_MARKER).is_file() else ChannelState.OPEN
+        return Lifecycle.from_json({}, default=legacy)
+
+    def save_life(self, life: Lifecycle) -> None:
+        write_atomic(self.folder / STATE_FILE, json.dumps(life.to_json()).encode())
+        self.life = life
+
+    @property
+    def state(self) -> ChannelState:
+        return self.life.state
+
+    @property
+    def closed(self) -> bool:
+        """Settled on chain: nothing left to watch."""
+        return self.life.state is ChannelState.CLOSED
 
 
 class ChannelStore:
@@ -101,17 +134,44 @@ class ChannelStore:
                 terms = ChannelTerms.from_json(terms_file.read_text())
                 self.channels[terms.channel_id] = _Channel(folder, terms)
 
-    def open(self, terms: ChannelTerms) -> None:
-        """Start tracking a channel (idempotent for the same terms)."""
+    def open(self, terms: ChannelTerms) -> ChannelState:
+        """Start tracking a channel the chain shows open, in state OPEN; returns its state
+        (idempotent for the same terms: a known channel keeps the state it has).
+        Raises ChannelConflict when the id is held with other terms."""
         known = self.channels.get(terms.channel_id)
         if known is not None:
             if known.terms != terms:
-                raise ValueError(f"channel {terms.channel_id:x} is already open with other terms")
-            return
+                raise ChannelConflict(f"channel {terms.channel_id:x} is already held with other terms")
+            return known.state
         folder = self.root / f"{terms.channel_id:032x}"
         folder.mkdir(exist_ok=True, mode=0o700)
         write_atomic(folder / "channel.json", terms.to_json().encode())
-        self.channels[terms.channel_id] = _Channel(folder, terms)
+        channel = _Channel(folder, terms)
+        channel.save_life(Lifecycle(ChannelState.OPEN))
+        self.channels[terms.channel_id] = channel
+        return channel.state
+
+    def _get(self, channel_id: int) -> _Channel:
+        ch = self.channels.get(channel_id)
+        if ch is None:
+            raise UnknownChannel(f"no channel {channel_id:x} in {self.root}")
+        return ch
+
+    def state(self, channel_id: int) -> ChannelState:
+        """Where the channel is in its life (UnknownChannel if it is not held)."""
+        return self._get(channel_id).state
+
+    def lifecycle(self, channel_id: int) -> Lifecycle:
+        """The channel's state and how it is ending."""
+        return self._get(channel_id).life
+
+    def advance(self, channel_id: int, event: ChannelEvent) -> Lifecycle:
+        """Apply ``event`` and make the new state durable, before the caller acts on it.
+        ForbiddenTransition (nothing written) if the channel's state does not allow it."""
+        ch = self._get(channel_id)
+        life = ch.life.apply(event)
+        ch.save_life(life)
+        return life
 
     def accept(self, channel_id: int, vouchers: list[tuple[SignedSemiChannel, int]]) -> Accepted:
         """Check (voucher, amount due) pairs in order, make the good ones durable, count them.
@@ -119,7 +179,7 @@ class ChannelStore:
         A refused voucher does not stop the ones after it; each is checked against
         the state the accepted ones before it left.
         """
-        ch = self.channels[channel_id]
+        ch = self._get(channel_id)
         best, good, refused, added = ch.book.best, [], [], 0
         for voucher, due in vouchers:
             try:
@@ -138,22 +198,21 @@ class ChannelStore:
 
     def earned(self, channel_id: int) -> int:
         """Nanoton the payer has sent us in this channel, by its newest durable voucher."""
-        return self.channels[channel_id].book.received
+        return self._get(channel_id).book.received
 
     def newest(self, channel_id: int) -> SignedSemiChannel | None:
         """The voucher to close with."""
-        return self.channels[channel_id].book.best
-
-    def mark_closed(self, channel_id: int, how: str) -> None:
-        """Record durably that the channel is closed on chain (``how``: a note for operators)."""
-        ch = self.channels[channel_id]
-        write_atomic(ch.folder / "closed", how.encode())
-        ch.closed = True
+        return self._get(channel_id).book.best
 
     def unsettled(self) -> list[int]:
-        """Channels not yet closed on chain."""
-        return [cid for cid, ch in self.channels.items() if not ch.closed]
+        """Channels not yet closed on chain (open or closing)."""
+        return [cid for cid, ch in self.channels.items() if ch.state in UNSETTLED]
+
+    def count_by_state(self) -> Counter[ChannelState]:
+        """How many channels are in each state (for metrics)."""
+        return Counter(ch.state for ch in self.channels.values())
 
     def close(self) -> None:
+        """Close the voucher logs' files (the store is unusable after)."""
         for ch in self.channels.values():
             ch.log.close()

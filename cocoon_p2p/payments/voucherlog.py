@@ -2,9 +2,9 @@
 
 A worker must never acknowledge a voucher (and so a job's payment) that a crash
 could lose. :meth:`VoucherLog.append` writes a batch of records and fsyncs once:
-an fsync costs ~0.26 ms here, so one per voucher would cap a worker near 3,800
-vouchers/s, while a batch of everything that arrived meanwhile keeps the same
-guarantee at a fraction of the cost.
+an fsync costs a fraction of a millisecond, so one per voucher would cap a
+worker at a few thousand vouchers a second, while a batch of everything that
+arrived meanwhile keeps the same guarantee at a fraction of the cost.
 
 Record: 4-byte big-endian length, 4-byte CRC32 of the payload, the payload (a
 voucher's :meth:`~.vouchers.SignedSemiChannel.to_record`). On open, the log is
@@ -28,6 +28,10 @@ MAX_RECORD = 64 * 1024
 
 class LogCorrupted(CocoonError):
     """A record in the middle of the log fails its checksum: the file was damaged."""
+
+
+class RecordTooLarge(CocoonError):
+    """A record over :data:`MAX_RECORD` bytes was given to :meth:`VoucherLog.append`."""
 
 
 class VoucherLog:
@@ -63,13 +67,14 @@ class VoucherLog:
         return records, pos
 
     def append(self, payloads: list[bytes]) -> None:
-        """Write ``payloads`` and make them durable (one fsync). Only then acknowledge them."""
+        """Write ``payloads`` and make them durable (one fsync). Only then acknowledge them.
+        RecordTooLarge (nothing written) if one exceeds :data:`MAX_RECORD`."""
         if not payloads:
             return
         blob = bytearray()
         for p in payloads:
             if len(p) > MAX_RECORD:
-                raise ValueError(f"record of {len(p)} bytes exceeds {MAX_RECORD}")
+                raise RecordTooLarge(f"record of {len(p)} bytes exceeds {MAX_RECORD}")
             blob += len(p).to_bytes(4, "big") + zlib.crc32(p).to_bytes(4, "big") + p
         view = memoryview(blob)
         while view:
@@ -79,4 +84,5 @@ class VoucherLog:
         self.fsyncs += 1
 
     def close(self) -> None:
+        """Close the file (the log is unusable after)."""
         os.close(self._fd)

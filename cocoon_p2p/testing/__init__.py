@@ -1,6 +1,7 @@
 """Test helpers that ship with the library, as :mod:`trio.testing` does.
 
 A tiny ONNX model (:mod:`.tinymodel`), the payment-channel contract in TON's
-emulator (:mod:`.emulator`), and a local TON chain behind the toncenter API
-(:mod:`.localchain`). Nothing else in the library imports this package.
+emulator (:mod:`.emulator`), a local TON chain behind the toncenter API
+(:mod:`.localchain`), and node programs as child processes (:mod:`.processes`).
+Nothing else in the library imports this package.
 """

@@ -29,6 +29,7 @@ class LocalChain(TonCenter):
     confirm_poll_s = 0.2
 
     def fund(self, address: str, amount: int) -> None:
+        """Give ``address`` ``amount`` nanoton from the faucet."""
         self._call("/cocoon/fund", body={"address": address, "amount": str(amount)})
 
     def new_wallet(self, amount: int) -> Wallet:
@@ -46,9 +47,11 @@ class LocalChain(TonCenter):
         wallet.ensure_deployed(self)
 
     def advance(self, seconds: int) -> int:
+        """Move the chain's clock ahead (a quarantine ends); the new chain time."""
         return int(self._call("/cocoon/advance", body={"seconds": seconds})["now"])
 
     def now(self) -> int:
+        """The chain's clock, which :meth:`advance` moves."""
         return int(self._call("/cocoon/now")["now"])
 
 

@@ -1,0 +1,136 @@
+"""The client's retry policy for one job (pure: no trio; time passed in).
+
+A job goes to one worker at a time, chosen by the :class:`~.routing.Router`;
+when an attempt fails, :class:`JobAttempts` decides what happens next:
+
+* another worker may be tried only after a *retryable* failure (:func:`retryable`):
+  the worker's own refusals that another worker may not share (busy, backend,
+  shutting-down, unknown-model, price) and the client's own worker-lost and
+  payment-setup. Anything else (bad-input, too-large, deadline, cancelled,
+  payment) would fail the same way elsewhere, and ends the job;
+* a job that already streamed chunks to its caller is never retried: the caller
+  has seen part of one answer;
+* each worker is tried at most once, at most ``max_attempts`` in all, and no
+  attempt starts at or after the deadline;
+* every failure is reported to the router (the worker cools down); a worker
+  lost mid-job is also to be forgotten until it announces itself again
+  (:attr:`AfterFailure.forget_worker`: the caller tells its directory).
+
+:class:`~.client.JobClient` drives one of these per job over real streams; the
+simulator (``cocoon_p2p.simulations``) drives the same class in virtual time.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from cocoon_p2p.core.errors import CocoonError, LocalProtocolError
+from cocoon_p2p.overlay.directory import WorkerOffer
+
+from . import frames as jf
+from .routing import Router
+
+# Codes after which another worker may succeed with the same request.
+RETRYABLE = frozenset(
+    {jf.BUSY, jf.BACKEND, jf.SHUTTING_DOWN, jf.UNKNOWN_MODEL, jf.PRICE, jf.WORKER_LOST, jf.PAYMENT_SETUP}
+)
+ATTEMPTS = "attempts"  # the attempts ran out without a failure code (none was made)
+
+
+def retryable(code: str) -> bool:
+    """Whether a job whose attempt failed with ``code`` may go to another worker."""
+    return code in RETRYABLE
+
+
+class JobFailed(CocoonError):
+    """A job ended without a result. ``code`` is the worker's error code or one the
+    client notes itself (``worker-lost``, ``payment-setup``, ``no-workers``,
+    ``deadline``); ``retryable`` says another worker may succeed."""
+
+    def __init__(self, code: str, message: str, *, worker: bytes | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.worker = worker
+
+    @property
+    def retryable(self) -> bool:
+        return retryable(self.code)
+
+
+@dataclass(frozen=True)
+class AfterFailure:
+    """What a failed attempt leads to: whether the job may go on elsewhere
+    (subject to :meth:`JobAttempts.stop`), and whether the worker is to be
+    forgotten until it announces itself again."""
+
+    retry: bool
+    forget_worker: bool
+
+
+class JobAttempts:
+    """One job's attempts: which worker next, what a failure means, when to stop.
+
+    Use: ``while (why := a.stop(now)) is None``: ``offer = a.choose(offers, now)``
+    (None: no eligible worker, the job ends with ``no-workers``), then
+    ``a.started(peer)`` and one of :meth:`succeeded`, :meth:`failed` or
+    :meth:`interrupted` for that attempt.
+    """
+
+    def __init__(self, router: Router, *, max_price: int, max_attempts: int = 3, deadline: float = math.inf) -> None:
+        if max_attempts < 1:
+            raise LocalProtocolError(f"a job needs at least one attempt, not {max_attempts}")
+        self.router = router
+        self.max_price = max_price
+        self.max_attempts = max_attempts
+        self.deadline = deadline
+        self.tried: set[bytes] = set()
+        self.count = 0  # attempts started
+        self.last_code: str | None = None  # of the last failed attempt
+        self._ended: str | None = None  # a failure that ends the job
+
+    @property
+    def exclude(self) -> frozenset[bytes]:
+        """Workers this job must not go to again."""
+        return frozenset(self.tried)
+
+    def stop(self, now: float) -> str | None:
+        """Why no further attempt may start (a failure code), or None: choose a worker."""
+        if self._ended is not None:
+            return self._ended
+        if now >= self.deadline:
+            return jf.DEADLINE
+        if self.count >= self.max_attempts:
+            return self.last_code or ATTEMPTS
+        return None
+
+    def choose(self, offers: Iterable[WorkerOffer], now: float) -> WorkerOffer | None:
+        """The router's choice for the next attempt among workers not tried yet; None when none is eligible."""
+        return self.router.choose(offers, max_price=self.max_price, now=now, exclude=self.exclude)
+
+    def started(self, peer: bytes) -> None:
+        """An attempt on ``peer`` begins (whoever chose it)."""
+        self.tried.add(peer)
+        self.count += 1
+        self.router.started(peer)
+
+    def succeeded(self, peer: bytes, elapsed_s: float, *, compute_us: int = 0) -> None:
+        """The attempt on ``peer`` brought a result after ``elapsed_s``; ``compute_us`` is
+        the worker's own figure for the run (JobResult.compute_us, 0 when not given)."""
+        self.router.finished(peer, elapsed_s, service_s=compute_us / 1e6 if compute_us else None)
+
+    def failed(self, peer: bytes, code: str, now: float, *, streamed: bool = False) -> AfterFailure:
+        """The attempt on ``peer`` failed with ``code``; ``streamed``: chunks of it already
+        reached the caller."""
+        self.router.failed(peer, now)
+        self.last_code = code
+        retry = retryable(code) and not streamed
+        if not retry:
+            self._ended = code
+        return AfterFailure(retry=retry, forget_worker=code == jf.WORKER_LOST)
+
+    def interrupted(self, peer: bytes, now: float) -> None:
+        """The attempt on ``peer`` was cancelled from outside (the caller, or the job's
+        deadline): not the worker's fault, so no cool-down."""
+        self.router.failed(peer, now, cooldown_s=0)
