@@ -88,7 +88,7 @@ def test_the_wheel_holds_the_package_and_its_data_under_one_name(wheel: Path) ->
     assert f"Version: {cocoon_p2p.__version__}" in meta
     assert "Requires-Dist: cryptography" in meta
     assert "Requires-Dist: h11>=0.16" in meta
-    for extra in ("sim", "export", "gpu"):
+    for extra in ("sim", "export", "gpu", "testing"):
         assert f"Provides-Extra: {extra}" in meta
 
 
