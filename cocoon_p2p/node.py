@@ -21,10 +21,9 @@ outlives the block. The key file, and the payment state under
 from __future__ import annotations
 
 import logging
-import math
 import random
 from collections.abc import AsyncGenerator, AsyncIterator
-from contextlib import AsyncExitStack, asynccontextmanager
+from contextlib import AsyncExitStack, aclosing, asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import TracebackType
@@ -40,9 +39,10 @@ from cocoon_p2p.core.errors import ConfigError, NotRunning
 from cocoon_p2p.core.identity import Identity, load_or_create_identity
 from cocoon_p2p.core.metrics import Metric, metric
 from cocoon_p2p.execution.backends import Backend
+from cocoon_p2p.execution.limits import InputLimits
 from cocoon_p2p.execution.models import ModelSpec
 from cocoon_p2p.execution.tensors import Tensor
-from cocoon_p2p.jobs.client import InferenceResult, JobClient, JobFailed
+from cocoon_p2p.jobs.client import InferenceResult, JobClient
 from cocoon_p2p.jobs.frames import JobChunk
 from cocoon_p2p.jobs.worker import JobWorker
 from cocoon_p2p.overlay import protocols
@@ -55,9 +55,10 @@ from cocoon_p2p.overlay.events import EventQueue, NodeEvent, PeerBanned, WorkerS
 from cocoon_p2p.overlay.gossip import Gossip, MeshParams, Subscription, build_pubsub
 from cocoon_p2p.overlay.guard import PeerGuard
 from cocoon_p2p.overlay.peerscore import PeerScores
-from cocoon_p2p.overlay.peerset import PeerSet
+from cocoon_p2p.overlay.peerset import PeerSet, split_p2p_addr
 from cocoon_p2p.payments.service import PaymentConfig, PaymentService
-from cocoon_p2p.transport.host import build_host, quiet_libp2p_logs
+from cocoon_p2p.transport.host import build_host, close_connections, quiet_libp2p_logs
+from cocoon_p2p.transport.limits import Admission, ResourceLimits
 from cocoon_p2p.transport.yamux import YamuxStats
 
 __all__ = [
@@ -96,6 +97,7 @@ class NodeConfig:
     gossip_heartbeat_s: int = 1
     event_queue_size: int = 256
     job_capacity: int = 8  # jobs a worker admits at once before answering "busy"
+    limits: ResourceLimits = field(default_factory=ResourceLimits)  # what one peer or IP may hold open
     payments: PaymentConfig | None = None
     quiet_logs: bool = True
     seed: int | None = None  # for the backoff jitter and the router; None: from the OS
@@ -115,7 +117,10 @@ class Node:
         if not cfg.listen_addrs:
             raise ConfigError("a node needs at least one listen address")
         self.muxer_stats = YamuxStats()  # every connection's yamux counters, added up
-        self.host: IHost = build_host(self.identity, announce_addrs=cfg.announce_addrs, muxer_stats=self.muxer_stats)
+        self.admission = Admission(cfg.limits)  # and what the resource limits refused
+        self.host: IHost = build_host(
+            self.identity, announce_addrs=cfg.announce_addrs, muxer_stats=self.muxer_stats, admission=self.admission
+        )
         # Pure state, shared by the services below.
         self.directory = WorkerDirectory()
         self.scores = PeerScores()
@@ -123,6 +128,7 @@ class Node:
         self.peerset.local_peer_id = self.identity.peer_id
         for addr in cfg.bootstrap:
             self.peerset.add_bootstrap(addr)
+            self.scores.protect(split_p2p_addr(addr)[0])  # never banned for long: our way in
         self._events = EventQueue(cfg.event_queue_size)
         # Overlay services.
         self.pubsub, self._gossipsub = build_pubsub(
@@ -172,7 +178,13 @@ class Node:
         )
         self.payments: PaymentService | None = None
         if cfg.payments is not None:
-            self.payments = PaymentService(self.identity, self.host, cfg.payments, peer_addrs=self.directory.addrs_of)
+            self.payments = PaymentService(
+                self.identity,
+                self.host,
+                cfg.payments,
+                peer_addrs=self.directory.addrs_of,
+                misbehaved=self.guard.misbehaved,
+            )
         self.job_client: JobClient | None = None
         self.job_worker: JobWorker | None = None
         self._stack: AsyncExitStack | None = None
@@ -208,7 +220,7 @@ class Node:
             # On exit, hang up on every peer before the services above stop: py-libp2p's
             # pubsub keeps reading open streams and spawns into its closed nursery
             # otherwise ("Nursery is closed to new arrivals" out of the host's tasks).
-            stack.push_async_callback(self._close_network)
+            stack.push_async_callback(close_connections, self.host, CLOSE_TIMEOUT_S)
             await self.gossip.join()
             self.host.set_stream_handler(TProtocol(protocols.INFO_PROTOCOL), self.advertiser.handle_info)
             if self.payments is not None:
@@ -240,21 +252,6 @@ class Node:
         stack, self._stack, self._nursery = self._stack, None, None
         if stack is not None:
             await stack.__aexit__(exc_type, exc, tb)
-
-    async def _close_network(self) -> None:
-        # Connections only: listeners stay open until the host exits, because
-        # gossipsub reads their sockets for our addresses while it winds down.
-        network = self.host.get_network()
-        gate = getattr(network, "connection_gate", None)
-        if gate is not None:  # and no new ones, in or out, while the services stop
-
-            async def refuse(_addr: Multiaddr) -> bool:
-                return False
-
-            gate.is_allowed = refuse
-        with trio.move_on_after(CLOSE_TIMEOUT_S):
-            for peer in list(network.connections):
-                await network.close_peer(peer)
 
     def _running(self) -> trio.Nursery:
         if self._nursery is None:
@@ -309,10 +306,21 @@ class Node:
         """Report current load; it goes out with the next announcement."""
         self.advertiser.set_load(running_jobs=running_jobs, free_capacity=free_capacity)
 
-    def serve_model(self, spec: ModelSpec, backend: Backend, *, price_nanoton: int, gpu: str = "cpu") -> None:
-        """Serve a hash-checked model: accept its jobs and advertise it (gossip + DHT)."""
+    def serve_model(
+        self,
+        spec: ModelSpec,
+        backend: Backend,
+        *,
+        price_nanoton: int,
+        gpu: str = "cpu",
+        limits: InputLimits | None = None,
+    ) -> None:
+        """Serve a hash-checked model: accept its jobs and advertise it (gossip + DHT).
+
+        ``limits``: what one job may ask (None: derived from the model); bigger jobs
+        are refused with ``too-large`` before any work starts."""
         worker = self._job_worker()
-        worker.serve(spec, backend, price_nanoton=price_nanoton)
+        worker.serve(spec, backend, price_nanoton=price_nanoton, limits=limits)
         caps = [c for c in self.advertiser.capabilities if c.model_id != spec.model_id]
         caps.append(
             ModelCapability(
@@ -387,34 +395,12 @@ class Node:
         :func:`~.execution.generation.chatml_prompt`). Leaving the loop early cancels
         the job on the worker. Raises :class:`~.jobs.client.JobFailed`.
         """
-        client, nursery = self._client(), self._running()
-        send, recv = trio.open_memory_channel[JobChunk | InferenceResult | JobFailed](math.inf)
-        scope = trio.CancelScope()
-
-        async def run() -> None:
-            with scope, send:
-                try:
-                    result = await client.infer(
-                        model_id,
-                        texts=(prompt,),
-                        max_tokens=max_tokens,
-                        max_price=max_price_nanoton,
-                        timeout_s=timeout_s,
-                        on_chunk=send.send_nowait,
-                    )
-                    send.send_nowait(result)
-                except JobFailed as exc:
-                    send.send_nowait(exc)
-
-        nursery.start_soon(run)
-        try:
-            async with recv:
-                async for item in recv:
-                    if isinstance(item, JobFailed):
-                        raise item
-                    yield item
-        finally:
-            scope.cancel()  # synchronous: safe even when the generator is finalised late
+        stream = self._client().generate(
+            model_id, prompt, max_tokens=max_tokens, max_price=max_price_nanoton, timeout_s=timeout_s
+        )
+        async with aclosing(stream) as items:
+            async for item in items:
+                yield item
 
     # ---- metrics ----------------------------------------------------------------------
 
@@ -429,7 +415,7 @@ class Node:
             )
         ]
         out += self.dialer.metrics() + self.gossip.metrics() + self.advertiser.metrics()
-        out += self.guard.metrics() + self.dht.metrics() + self.muxer_stats.metrics()
+        out += self.guard.metrics() + self.dht.metrics() + self.muxer_stats.metrics() + self.admission.metrics()
         for service in (self.job_worker, self.job_client, self.payments):
             if service is not None:
                 out += service.metrics()

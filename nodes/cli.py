@@ -339,14 +339,40 @@ def _pid(peer_id: bytes) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run one subcommand. A CocoonError (a damaged or exposed file, a bad flag, a chain that
+    cannot be reached) is printed as one line and exits 2, never as a traceback, also when
+    trio delivers it inside exception groups."""
     args = build_parser().parse_args(argv)
     try:
         return _dispatch(args)
     except CocoonError as exc:
         print(f"cocoon-node: {exc}", file=sys.stderr)
         return 2
+    except BaseExceptionGroup as group:
+        errors = _cocoon_errors(group)
+        if errors is None:
+            raise
+        for error in errors:
+            print(f"cocoon-node: {error}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
+
+
+def _cocoon_errors(group: BaseExceptionGroup[BaseException]) -> list[CocoonError] | None:
+    """The errors in ``group`` if every one of them is a CocoonError, else None."""
+    matched, rest = group.split(CocoonError)
+    if matched is None or rest is not None:
+        return None
+    out: list[CocoonError] = []
+    stack: list[BaseException] = [matched]
+    while stack:
+        exc = stack.pop()
+        if isinstance(exc, BaseExceptionGroup):
+            stack.extend(reversed(exc.exceptions))
+        elif isinstance(exc, CocoonError):
+            out.append(exc)
+    return out
 
 
 def _dispatch(args: argparse.Namespace) -> int:

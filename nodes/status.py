@@ -1,13 +1,15 @@
 """``cocoon-node status``: what a node's data directory holds, and what it is doing now.
 
-Read from disk (works whether the node runs or not): its PeerId, its wallet, the
-channels it holds as a worker (earned, settled or not) and as a client (deposit
-left). With ``--metrics URL`` it also reads a running node's ``/metrics``.
+Read from disk (works whether the node runs or not, and writes nothing): its
+PeerId, its wallet, the channels it holds as a worker (earned, settled or not)
+and as a client (deposit left), and ``warnings`` for what is damaged but
+survivable (a torn voucher log). A damaged or exposed file is a named error, as
+when the node starts. With ``--metrics URL`` it also reads a running node's
+``/metrics``.
 """
 
 from __future__ import annotations
 
-import json
 import urllib.request
 from pathlib import Path
 from typing import Any
@@ -15,16 +17,23 @@ from typing import Any
 from cocoon_p2p.core.identity import load_or_create_identity
 from cocoon_p2p.core.metrics import parse
 from cocoon_p2p.payments.chain import Wallet
+from cocoon_p2p.payments.channelstate import CLOSING
+from cocoon_p2p.payments.payerbook import CURRENT, ChannelRecord, load_book
 from cocoon_p2p.payments.store import ChannelStore
+from cocoon_p2p.payments.voucherlog import VoucherLog
 
 KEY_FILE = "node.key"
 
 
-def _payer(folder: Path) -> dict[str, Any]:
-    path = folder / "payer.json"
-    if not path.is_file():
-        return {"open": {}, "closing": {}}
-    return dict(json.loads(path.read_text()))
+def _client_side(folder: Path, warnings: list[str]) -> list[ChannelRecord]:
+    issued = VoucherLog(folder / "issued.log", read_only=True)
+    try:
+        records, _ = load_book(folder / "payer.json", issued)
+        if issued.torn is not None:
+            warnings.append(issued.torn.describe(issued.path, len(issued.records)))
+        return records
+    finally:
+        issued.close()
 
 
 def collect(data_dir: Path, metrics_url: str | None = None) -> dict[str, Any]:
@@ -36,8 +45,10 @@ def collect(data_dir: Path, metrics_url: str | None = None) -> dict[str, Any]:
     out["wallet"] = Wallet.load_or_create(wallet).address if wallet.is_file() else None
     pay = data_dir / "payments"
     worker: list[dict[str, Any]] = []
+    warnings: list[str] = []
     if (pay / "channels").is_dir():
-        store = ChannelStore(pay / "channels")
+        store = ChannelStore(pay / "channels", read_only=True)
+        warnings += store.warnings
         try:
             for cid, ch in sorted(store.channels.items()):
                 worker.append(
@@ -53,9 +64,12 @@ def collect(data_dir: Path, metrics_url: str | None = None) -> dict[str, Any]:
             store.close()
     out["worker_channels"] = worker
     out["earned_unsettled_nanoton"] = sum(c["earned_nanoton"] for c in worker if not c["settled"])
-    payer = _payer(pay)
-    out["client_channels"] = [{"worker": w, **d} for w, d in payer["open"].items()]
-    out["client_channels_closing"] = len(payer["closing"])
+    book = _client_side(pay, warnings)
+    out["client_channels"] = [
+        {"worker": r.worker.hex(), **r.to_json()} for r in book if r.worker is not None and r.life.state in CURRENT
+    ]
+    out["client_channels_closing"] = sum(1 for r in book if r.life.state in CLOSING)
+    out["warnings"] = warnings
     if metrics_url:
         with urllib.request.urlopen(metrics_url, timeout=5) as resp:
             text = resp.read().decode()
@@ -76,5 +90,7 @@ def print_status(status: dict[str, Any]) -> None:
     print(f"client    {len(client)} channel(s) open, {status['client_channels_closing']} closing")
     for c in client:
         print(f"          to {c['worker'][:16]}...: {c['address']} (deposit {c['deposit']})")
+    for warning in status["warnings"]:
+        print(f"warning   {warning}")
     for name, value in sorted(status.get("metrics", {}).items()):
         print(f"metric    {name} {value:g}")

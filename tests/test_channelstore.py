@@ -10,8 +10,11 @@ from pathlib import Path
 import pytest
 from nacl.signing import SigningKey
 
+from cocoon_p2p.core.durable import StateFileDamaged
+from cocoon_p2p.payments.channelstate import ChannelEvent, ChannelState
 from cocoon_p2p.payments.errors import ChannelConflict, UnknownChannel
 from cocoon_p2p.payments.store import ChannelStore, ChannelTerms
+from cocoon_p2p.payments.voucherlog import OpenedReadOnly
 from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody
 
 A = SigningKey(bytes([1]) * 32)
@@ -65,3 +68,46 @@ def test_kill_minus_nine_loses_no_acknowledged_voucher(tmp_path: Path) -> None:
     acked = [int(x) for x in out.stdout.split()]
     assert acked and acked[-1] == 380 * 7
     assert ChannelStore(tmp_path).earned(TERMS.channel_id) == acked[-1]
+
+
+def test_what_jobs_cost_is_written_in_batches_and_restored(tmp_path: Path) -> None:
+    store = ChannelStore(tmp_path)
+    store.open(TERMS)
+    store.bill(TERMS.channel_id, 100)
+    store.bill(TERMS.channel_id, 50)
+    batch = store.take_unwritten_bills()
+    assert batch == {TERMS.channel_id: 150} and store.take_unwritten_bills() == {}
+    store.write_bills(batch)
+    store.bill(TERMS.channel_id, 25)  # not yet written: a kill -9 now forgets it
+    assert ChannelStore(tmp_path, read_only=True).billed(TERMS.channel_id) == 150
+    store.flush_bills()
+    store.close()
+    again = ChannelStore(tmp_path)
+    assert again.billed(TERMS.channel_id) == 175 and again.earned(TERMS.channel_id) == 0
+    again.close()
+
+
+def test_a_read_only_store_writes_nothing(tmp_path: Path) -> None:
+    store = ChannelStore(tmp_path)
+    store.open(TERMS)
+    store.close()
+    peek = ChannelStore(tmp_path, read_only=True)
+    with pytest.raises(OpenedReadOnly):
+        peek.advance(TERMS.channel_id, ChannelEvent.CLOSE_PROPOSED)
+    with pytest.raises(OpenedReadOnly):
+        peek.accept(TERMS.channel_id, [(voucher(1, 100), 0)])
+    peek.close()
+    assert ChannelStore(tmp_path).state(TERMS.channel_id) is ChannelState.OPEN
+
+
+@pytest.mark.parametrize("name", ["channel.json", "state.json", "billed.json"])
+def test_a_damaged_channel_file_is_named(tmp_path: Path, name: str) -> None:
+    store = ChannelStore(tmp_path)
+    store.open(TERMS)
+    store.bill(TERMS.channel_id, 1)
+    store.flush_bills()
+    store.close()
+    path = tmp_path / f"{TERMS.channel_id:032x}" / name
+    path.write_bytes(path.read_bytes()[:7])
+    with pytest.raises(StateFileDamaged, match=name):
+        ChannelStore(tmp_path)

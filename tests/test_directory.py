@@ -47,7 +47,14 @@ def test_tampered_announcement() -> None:
         ([(1, 0, 0, 1)], ["ok"]),
         ([(1, 0, 0, 1), (1, 0, 1000, 1)], ["ok", ReplayedMessage]),
         ([(1, 0, 0, 1), (1, -5, 1000, 1)], ["ok", ReplayedMessage]),
-        ([(1, 0, 0, 1), (1, 10, 10, 1)], ["ok", RateLimited]),
+        # Bunched delivery (a cache replayed to a new peer) is accepted up to max_burst...
+        ([(1, 0, 0, 1), (1, 10, 10, 1)], ["ok", "ok"]),
+        ([(1, 10 * i, 10 * i, 1) for i in range(5)], ["ok"] * 4 + [RateLimited]),
+        # ...and the sustained rate stays one per min_interval_ms.
+        (
+            [(1, 0, 0, 1)] + [(1, 10 * i, 10 * i, 1) for i in range(1, 4)] + [(1, 250, 250, 1), (1, 260, 260, 1)],
+            ["ok"] * 5 + [RateLimited],
+        ),  # fmt: skip
         ([(1, 0, 0, 1), (1, 300, 300, 1)], ["ok", "ok"]),
         ([(1, 0, 0, 2)], [ForeignKey]),
         ([(1, 0, 40_000, 1)], [ExpiredMessage]),

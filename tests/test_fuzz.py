@@ -1,10 +1,20 @@
 """Random and mutated bytes into every decoder: a named RemoteProtocolError or a
-valid message, never another exception, never a hang."""
+valid message, never another exception, never a hang.
+
+Decoders: capability records, announcements, job frames and the job connection,
+pay frames and the pay connection, vouchers (record and BOC), Noise messages,
+and the OpenAI API's JSON bodies (those answer a 400 APIError). Each property
+runs ``COCOON_FUZZ_EXAMPLES`` examples (400 by default: seconds, in CI);
+``python -m benchmarks.fuzz`` runs them far longer.
+"""
+
+import os
 
 import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from cocoon_p2p.api import openai as openai_api
 from cocoon_p2p.core.errors import RemoteProtocolError
 from cocoon_p2p.core.framing import NEED_DATA
 from cocoon_p2p.execution import tensors
@@ -12,13 +22,21 @@ from cocoon_p2p.jobs import connection as jobconn
 from cocoon_p2p.jobs import frames as jobframes
 from cocoon_p2p.overlay import announcement, capability
 from cocoon_p2p.overlay.directory import WorkerDirectory
+from cocoon_p2p.payments import connection as payconn
+from cocoon_p2p.payments import frames as pf
+from cocoon_p2p.payments import vouchers
+from cocoon_p2p.transport.noise import NoiseCipher, NoiseDecryptError
 
 from .helpers import NOW, ident, record
 from .helpers import announcement as make_announcement
 
 VALID_RECORD = record(ident(1)).encode()
 VALID_ANN = make_announcement(ident(1)).encode()
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=int(os.environ.get("COCOON_FUZZ_EXAMPLES", "400")),
+    deadline=None,
+    suppress_health_check=[HealthCheck.too_slow],
+)
 
 
 def _mutate(data: bytes, flips: list[tuple[int, int]]) -> bytes:
@@ -115,3 +133,96 @@ def test_job_connection_stream_garbage(chunks: list[bytes], role: jobconn.Role) 
                 pass
     except RemoteProtocolError:
         assert conn.errored is not None
+
+
+# ---- pay frames, the pay connection, vouchers ---------------------------------------------
+
+_PAY_FRAMES = [
+    pf.PayHello(),
+    pf.PayInfo("0:" + "ab" * 32),
+    pf.PayVoucher(bytes(104)),
+    pf.PaidUpTo(12345),
+    pf.PayError("payment", "owes too much"),
+    pf.CloseRequest(10, 20, 1, 2, bytes(64)),
+]
+
+
+@FUZZ
+@given(msgpack_values)
+def test_pay_frame_structured_garbage(value: object) -> None:
+    _check(pf.decode, msgpack.packb(value, use_bin_type=True))
+
+
+@FUZZ
+@given(st.sampled_from(_PAY_FRAMES), st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), max_size=6))
+def test_pay_frame_mutations(frame: pf.PayFrame, flips: list[tuple[int, int]]) -> None:
+    body = pf.encode(frame)[4:]
+    _check(pf.decode, _mutate(body, flips) if flips else body)
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=64), max_size=8), st.sampled_from(list(payconn.Side)))
+def test_pay_connection_stream_garbage(chunks: list[bytes], side: payconn.Side) -> None:
+    conn = payconn.PayConnection(side)
+    try:
+        for chunk in chunks:
+            conn.receive_data(chunk)
+            while conn.next_event() is not NEED_DATA:
+                pass
+    except RemoteProtocolError:
+        pass
+
+
+@FUZZ
+@given(st.binary(max_size=1100))
+def test_voucher_random_bytes(data: bytes) -> None:
+    _check(vouchers.SignedSemiChannel.from_boc, data)
+    _check(vouchers.SignedSemiChannel.from_record, data)
+
+
+# ---- Noise messages ----------------------------------------------------------------------
+
+
+@FUZZ
+@given(st.lists(st.binary(max_size=200), max_size=6))
+def test_noise_random_messages_are_refused_by_name(chunks: list[bytes]) -> None:
+    cipher = NoiseCipher(bytes(32), bytes(range(32)))
+    try:
+        for chunk in chunks:
+            assert cipher.feed(chunk) == b""  # nothing decrypts without the key
+    except NoiseDecryptError:
+        pass
+
+
+@FUZZ
+@given(st.binary(min_size=1, max_size=300), st.lists(st.tuples(st.integers(0, 400), st.integers(0, 255)), min_size=1))
+def test_noise_tampered_message_is_refused(plain: bytes, flips: list[tuple[int, int]]) -> None:
+    sender, receiver = NoiseCipher(b"k" * 32, b"r" * 32), NoiseCipher(b"r" * 32, b"k" * 32)
+    sealed = sender.encrypt(plain)
+    tampered = _mutate(sealed, flips)
+    try:
+        out = receiver.feed(tampered)
+    except NoiseDecryptError:
+        return
+    assert out in (b"", plain) and (out == b"" or tampered[2:] == sealed[2:])  # only a changed length can hide
+
+
+# ---- OpenAI JSON bodies --------------------------------------------------------------------
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=40),
+    lambda inner: st.lists(inner, max_size=6) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+_KEYS = st.sampled_from(["model", "input", "messages", "max_tokens", "n", "encoding_format", "stream", "role"])
+request_like = st.dictionaries(_KEYS, json_values, max_size=6)
+
+
+@FUZZ
+@given(json_values | request_like)
+def test_openai_bodies_parse_or_answer_400(body: object) -> None:
+    for parse in (openai_api.parse_embeddings, openai_api.parse_chat):
+        try:
+            parse(body)
+        except openai_api.APIError as err:
+            assert err.status == 400

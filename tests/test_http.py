@@ -132,3 +132,61 @@ def test_percentile_is_nearest_rank() -> None:
     assert percentile(values, 50) == 50 and percentile(values, 99) == 99 and percentile(values, 100) == 100
     assert percentile([3.0, 1.0, 2.0], 0) == 1 and percentile([7.0], 99) == 7
     assert math.isnan(percentile([], 50))
+
+
+# ---- issue 15: hostile bodies to the gateway ----------------------------------------------------
+
+
+def _post(path: str, body: bytes) -> bytes:
+    head = f"POST {path} HTTP/1.1\r\nHost: h\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return head.encode() + b"Connection: close\r\n\r\n" + body
+
+
+def _error_of(out: bytes) -> dict[str, object]:
+    error = json.loads(out.split(b"\r\n\r\n", 1)[1])["error"]
+    assert set(error) == {"message", "type", "param", "code"}  # OpenAI's shape
+    return dict(error)
+
+
+@pytest.mark.parametrize(
+    ("body", "depth"),
+    [
+        (b"", 0),
+        (b'{"model": "m", "input": ["a", "b"]}', 2),
+        (b'["[[[[", {"a": [1]}]', 3),  # brackets in strings do not nest
+        (b'["\\"[[[", 1]', 1),  # nor after an escaped quote
+        (b'["\\\\", [1]]', 2),  # an escaped backslash ends no string
+        (b"[" * 100 + b"]" * 100, 100),
+        (b"[" * 100, 100),  # not JSON: still counted, then refused by the parser
+    ],
+)
+def test_nesting_depth_is_found_without_parsing(body: bytes, depth: int) -> None:
+    assert api.nesting_depth(body) == depth
+
+
+async def test_the_gateway_answers_deep_json_400_and_huge_bodies_413_before_parsing() -> None:
+    from cocoon_p2p.api.gateway import Gateway
+
+    gateway = Gateway(None, [], max_price_nanoton=1)  # type: ignore[arg-type]  # refused before any job
+    async with trio.open_nursery() as nursery:
+        port = await nursery.start(gateway.serve, "127.0.0.1", 0)
+        too_deep = api.MAX_JSON_DEPTH + 1
+        for body in (
+            b"[" * 100_000 + b"]" * 100_000,  # was a 500 RecursionError
+            b"[" * 200_000,
+            b'{"model": "m", "input": ' + b"[" * too_deep + b"]" * too_deep + b"}",
+        ):
+            for path in ("/v1/embeddings", "/v1/chat/completions"):
+                out = await exchange(port, _post(path, body))
+                assert out.startswith(b"HTTP/1.1 400"), out[:300]
+                error = _error_of(out)
+                assert error["type"] == "invalid_request_error" and error["code"] == "json_too_deep"
+        out = await exchange(port, _post("/v1/embeddings", b'{"model": "m", "input": "x"}'))
+        assert out.startswith(b"HTTP/1.1 404") and _error_of(out)["code"] == "model_not_found"  # parsed, shallow
+        # A body over the limit is refused from its Content-Length, before a byte of it is read.
+        head = b"POST /v1/embeddings HTTP/1.1\r\nHost: h\r\nContent-Length: %d\r\n\r\n" % (MAX_BODY + 1)
+        out = await exchange(port, head)
+        assert out.startswith(b"HTTP/1.1 413") and _error_of(out)["code"] == "request_too_large"
+        out = await exchange(port, b"GET /v1/nothing HTTP/1.1\r\nHost: h\r\nConnection: close\r\n\r\n")
+        assert out.startswith(b"HTTP/1.1 404")  # still up
+        nursery.cancel_scope.cancel()

@@ -63,3 +63,35 @@ def test_self_is_never_a_target() -> None:
     ps.add_bootstrap(addr(A))
     ps.add_candidate(A.peer_id, (addr(A),))
     assert ps.poll(0) == []
+
+
+def test_a_banned_bootstrap_peer_is_dialled_again_when_its_ban_ends() -> None:
+    # Dialling a banned peer only gets the connection hung up on, over and over
+    # ("closing every new connection at once"); when the ban ends, at once.
+    ps = PeerSet(rng=random.Random(4), base_backoff_ms=100)
+    ps.add_bootstrap(addr(A))
+    ps.add_candidate(B.peer_id, (addr(B),))
+    for pid in (A.peer_id, B.peer_id):
+        ps.on_connected(pid)
+        ps.on_banned(pid, 30_000)
+        ps.on_disconnected(pid, 1_000)  # the ban's disconnect lands after the ban
+    assert ps.poll(29_999) == []
+    assert ps.next_deadline_ms() == 30_000
+    assert [d.peer_id for d in ps.poll(30_000)] == [A.peer_id]  # B, not a bootstrap peer, is forgotten
+    ps.add_candidate(B.peer_id, (addr(B),))  # until it is learnt again
+    assert [d.peer_id for d in ps.poll(30_000)] == [B.peer_id]
+
+
+def test_sync_sees_a_connection_that_came_and_went_between_two_looks() -> None:
+    # A bootstrap connection dialled, then dropped (banned) before the dialer looked
+    # again stayed "connected" here: it was never dialled again.
+    ps = PeerSet(rng=random.Random(5), base_backoff_ms=100)
+    ps.add_bootstrap(addr(A))
+    ps.poll(0)
+    ps.on_connected(A.peer_id)  # the dial succeeded
+    ps.sync(set(), 50)  # the next look: gone already
+    deadline = ps.next_deadline_ms()
+    assert deadline is not None and 50 < deadline <= 150
+    assert [d.peer_id for d in ps.poll(deadline)] == [A.peer_id]
+    ps.sync({A.peer_id}, deadline + 10)
+    assert ps.connected_count() == 1 and ps.poll(10**9) == []

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cocoon_p2p.payments.voucherlog import LogCorrupted, VoucherLog
+from cocoon_p2p.payments.voucherlog import LogCorrupted, OpenedReadOnly, TornTail, VoucherLog
 
 
 def test_records_survive_reopen_and_file_is_private(tmp_path: Path) -> None:
@@ -38,9 +38,28 @@ def test_a_torn_last_record_is_cut_off(tmp_path: Path) -> None:
         f.write((100).to_bytes(4, "big") + b"\x00\x00\x00\x00part")
     log = VoucherLog(path)
     assert log.records == [b"kept", b"also kept"]
+    assert log.torn == TornTail(offset=2 * 8 + len(b"kept") + len(b"also kept"), length=12)  # reported
     log.append([b"next"])
     log.close()
     assert VoucherLog(path).records == [b"kept", b"also kept", b"next"]
+
+
+def test_a_read_only_log_reports_a_torn_tail_and_writes_nothing(tmp_path: Path) -> None:
+    path = tmp_path / "v.log"
+    log = VoucherLog(path)
+    log.append([b"kept"])
+    log.close()
+    with path.open("ab") as f:  # an append in progress, seen by `cocoon-node status`
+        f.write((100).to_bytes(4, "big") + b"\x00\x00\x00\x00part")
+    before = path.read_bytes()
+    peek = VoucherLog(path, read_only=True)
+    assert peek.records == [b"kept"] and peek.torn == TornTail(offset=12, length=12)
+    with pytest.raises(OpenedReadOnly):
+        peek.append([b"x"])
+    peek.close()
+    assert path.read_bytes() == before
+    assert VoucherLog(tmp_path / "absent.log", read_only=True).records == []
+    assert not (tmp_path / "absent.log").exists()
 
 
 def test_damage_before_good_records_is_refused(tmp_path: Path) -> None:

@@ -34,6 +34,7 @@ if TYPE_CHECKING:  # no import cycle at run time
     from cocoon_p2p.node import Node
 
 log = logging.getLogger(__name__)
+INLINE_JSON_BYTES = 64 * 1024  # bodies up to this size are parsed on the event loop
 
 # Job failures as HTTP statuses: the network's state, not the caller's fault, is 5xx.
 _STATUS = {
@@ -86,9 +87,9 @@ class Gateway:
             if req.path == "/v1/models" and req.method == "GET":
                 return Response.of_json(await self._models())
             if req.path == "/v1/embeddings" and req.method == "POST":
-                return await self._embeddings(api.parse_embeddings(self._json(req)))
+                return await self._embeddings(api.parse_embeddings(await self._json(req)))
             if req.path == "/v1/chat/completions" and req.method == "POST":
-                return await self._chat(api.parse_chat(self._json(req)))
+                return await self._chat(api.parse_chat(await self._json(req)))
             if req.path in ("/v1/models", "/v1/embeddings", "/v1/chat/completions", "/metrics"):
                 raise api.APIError(405, f"{req.method} is not allowed on {req.path}")
             raise api.APIError(404, f"no route {req.path}", code="not_found")
@@ -96,11 +97,12 @@ class Gateway:
             return Response.of_json(exc.body(), exc.status)
 
     @staticmethod
-    def _json(req: Request) -> object:
-        try:
-            return req.json()
-        except ValueError as exc:
-            raise api.APIError(400, f"the body is not JSON: {exc}") from exc
+    async def _json(req: Request) -> object:
+        """The body's JSON: its nesting bounded before parsing (its size by the HTTP layer);
+        a large body is parsed in a thread, so it does not stall other requests."""
+        if len(req.body) <= INLINE_JSON_BYTES:
+            return api.parse_json(req.body)
+        return await trio.to_thread.run_sync(api.parse_json, req.body)
 
     def _model(self, name: str, kind: str) -> GatewayModel:
         model = self.models.get(name) or next((m for m in self.models.values() if m.model_id.hex() == name), None)

@@ -1,7 +1,8 @@
 """A small HTTP/1.1 server on trio + h11, for the gateway and ``/metrics``.
 
 h11 does the protocol (sans-IO); this adapter reads bytes, feeds it, and writes
-what it produces. Keep-alive, request bodies capped at ``MAX_BODY``, a deadline
+what it produces. Keep-alive, request bodies capped at ``MAX_BODY`` (a larger Content-Length is
+answered 413 before the body is read), a deadline
 for each request to arrive, and streamed (chunked) responses for server-sent
 events. Bound to 127.0.0.1 by the callers: it is a local API, not a public one.
 """
@@ -21,6 +22,7 @@ import trio
 log = logging.getLogger(__name__)
 MAX_BODY = 4 << 20
 REQUEST_TIMEOUT_S = 30.0  # to receive one whole request
+LINGER_S = 5.0  # how long a refused body is read and dropped before the connection is closed
 SERVER = b"cocoon-p2p"
 
 
@@ -53,7 +55,11 @@ Handler = Callable[[Request], Awaitable[Response]]
 
 
 class _TooLarge(Exception):
-    pass
+    """The request's body is over MAX_BODY; ``unread``: how much of it the client may still send."""
+
+    def __init__(self, unread: int) -> None:
+        super().__init__(unread)
+        self.unread = unread
 
 
 async def _next_event(conn: h11.Connection, stream: trio.SocketStream) -> Any:
@@ -79,13 +85,16 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> Requ
         return None
     if not isinstance(event, h11.Request):
         raise h11.RemoteProtocolError("expected a request")
+    declared = dict(event.headers).get(b"content-length")  # h11 has checked it is a number
+    if declared is not None and int(declared) > MAX_BODY:
+        raise _TooLarge(int(declared))  # answered before a byte of the body is read
     body = bytearray()
     while True:
         part = await _next_event(conn, stream)
         if isinstance(part, h11.Data):
             body += part.data
             if len(body) > MAX_BODY:
-                raise _TooLarge
+                raise _TooLarge(int(declared) - len(body) if declared is not None else MAX_BODY)
         elif isinstance(part, h11.EndOfMessage):
             break
         else:
@@ -111,8 +120,19 @@ async def _respond(conn: h11.Connection, stream: trio.SocketStream, resp: Respon
     await _send(conn, stream, h11.EndOfMessage())
 
 
-def error_response(status: int, message: str) -> Response:
-    return Response.of_json({"error": {"message": message, "type": "http_error", "param": None, "code": None}}, status)
+def error_response(status: int, message: str, *, kind: str = "http_error", code: str | None = None) -> Response:
+    """An error in OpenAI's shape: ``{"error": {"message", "type", "param", "code"}}``."""
+    return Response.of_json({"error": {"message": message, "type": kind, "param": None, "code": code}}, status)
+
+
+async def _discard(stream: trio.SocketStream, unread: int) -> None:
+    """After an early answer: tell the client we are done, then read and drop what it still
+    sends (up to ``unread`` bytes, for ``LINGER_S``), so that closing with its bytes unread
+    does not reset the connection before it has read the answer."""
+    await stream.send_eof()
+    with trio.move_on_after(LINGER_S):
+        while unread > 0 and (data := await stream.receive_some(65536)):
+            unread -= len(data)
 
 
 async def _serve_connection(handler: Handler, stream: trio.SocketStream) -> None:
@@ -122,8 +142,11 @@ async def _serve_connection(handler: Handler, stream: trio.SocketStream) -> None
             try:
                 with trio.fail_after(REQUEST_TIMEOUT_S):
                     request = await _read_request(conn, stream)
-            except _TooLarge:
-                await _respond(conn, stream, error_response(413, f"request body over {MAX_BODY} bytes"))
+            except _TooLarge as exc:
+                too_large = f"request body over {MAX_BODY} bytes"
+                await _respond(conn, stream, error_response(413, too_large, kind="invalid_request_error",
+                                                            code="request_too_large"))  # fmt: skip
+                await _discard(stream, exc.unread)
                 return
             except (h11.RemoteProtocolError, trio.TooSlowError) as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):

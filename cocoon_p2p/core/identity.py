@@ -100,6 +100,20 @@ class Identity:
         return f"Identity(peer_id={self.peer_id_str})"
 
 
+class KeyFileExposed(IdentityError):
+    """A file holding a secret (a node key, a wallet's mnemonic) is open to other users."""
+
+    code = "key-file-exposed"
+
+
+def refuse_if_exposed(path: Path) -> None:
+    """KeyFileExposed if group or others may read or write ``path``: whoever can read a
+    secret key can sign as us (a node key) or spend our money (a wallet)."""
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o077:
+        raise KeyFileExposed(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+
+
 def load_or_create_identity(path: Path) -> Identity:
     """Load the identity stored at ``path``, creating it (mode 0600) on first use.
 
@@ -115,9 +129,7 @@ def load_or_create_identity(path: Path) -> Identity:
             seed = bytes.fromhex(data[len(_KEY_FILE_MAGIC) :].decode("ascii").strip())
         except (UnicodeDecodeError, ValueError) as exc:
             raise IdentityError(f"{path} holds a damaged key") from exc
-        mode = path.stat().st_mode & 0o777
-        if mode & 0o077:
-            raise IdentityError(f"{path} is readable by others (mode {mode:o}); chmod 600 it")
+        refuse_if_exposed(path)
         return Identity(seed)
     identity = Identity.generate()
     write_atomic(path, _KEY_FILE_MAGIC + identity.seed.hex().encode("ascii") + b"\n", mode=0o600)

@@ -10,8 +10,11 @@ Synchronous (the worker service calls it in a thread). Kinds:
 * ``generation``: one prompt, greedy decoding with the KV cache, token by token
   (:meth:`Executor.token_stream`); usage = prompt + generated tokens.
 
-A request that does not fit the model fails alone in :meth:`Executor.check`,
-before it can spoil a batch.
+A request that does not fit the model, or asks more of it than its
+:class:`~.limits.InputLimits` allow, fails alone in :meth:`Executor.check`, before
+any work starts and before it can spoil a batch. However many jobs a batch holds,
+one backend run holds at most ``max_job_tokens`` tokens (texts sorted by length
+and run in slices), and a large run gives the backend's spare memory back after it.
 """
 
 from __future__ import annotations
@@ -25,10 +28,17 @@ from cocoon_p2p.core.errors import MalformedMessage
 
 from .backends import Backend, check_feeds
 from .generation import TokenStream, greedy_tokens
+from .limits import InputLimits, Overflow
 from .models import ModelError, ModelSpec
 from .tensors import Tensor, from_numpy, to_numpy
 
 BAD_INPUT = "bad-input"  # the code of a request the model cannot take (the job protocol's, as in backends)
+TOO_LARGE = "too-large"  # the code of a request beyond the model's input limits
+# A backend run this large gives its spare memory back after it: a text model's
+# activations grow with its tokens (MiniLM, 32 x 256 tokens: +500 MB held), a tensor
+# model's, as far as we can tell, with its inputs. Smaller runs keep it for reuse.
+RELEASE_TOKENS = 1024
+RELEASE_BYTES = 1 << 20
 
 
 @dataclass(frozen=True, kw_only=True, slots=True)
@@ -53,22 +63,32 @@ class _NotBatchAligned(Exception):
 
 
 class Executor:
-    """One model on one backend. ModelError if a text model comes without its tokenizer."""
+    """One model on one backend, within ``limits`` (None: :meth:`InputLimits.for_model`).
+    ModelError if a text model comes without its tokenizer; ConfigError if the model
+    cannot honour ``limits``."""
 
-    def __init__(self, spec: ModelSpec, backend: Backend) -> None:
+    def __init__(self, spec: ModelSpec, backend: Backend, *, limits: InputLimits | None = None) -> None:
         self.spec = spec
         self.backend = backend
+        self.limits = (limits or InputLimits.for_model(spec)).check_for(spec)
         self.batchable = True  # until a batched run shows otherwise
         self.tokenizer: Any = None
+        self._counter: Any = None  # the tokenizer without truncation: a text's whole length
+        self._pad_id = 0
         if spec.kind in ("embedding", "generation") and spec.tokenizer is None:
             raise ModelError(f"a {spec.kind} model needs its tokenizer")
         if spec.kind == "embedding":
             from tokenizers import Tokenizer
 
             assert spec.tokenizer is not None  # checked above; for mypy
+            self._counter = Tokenizer.from_file(str(spec.tokenizer))
+            self._counter.no_truncation()
+            self._counter.no_padding()
             tok = Tokenizer.from_file(str(spec.tokenizer))
-            tok.enable_truncation(max_length=spec.max_seq)
-            tok.enable_padding()
+            tok.enable_truncation(max_length=self.limits.max_text_tokens)
+            tok.enable_padding()  # only to learn the model's padding token: runs pad their own slices
+            self._pad_id = int(tok.padding["pad_id"]) if tok.padding else 0
+            tok.no_padding()
             self.tokenizer = tok
         elif spec.kind == "generation":
             from tokenizers import Tokenizer
@@ -77,16 +97,18 @@ class Executor:
             self.tokenizer = Tokenizer.from_file(str(spec.tokenizer))
 
     def check(self, req: RunRequest) -> object:
-        """Validate ``req`` against the model; return its batch key (jobs with equal keys batch)."""
+        """Validate ``req`` against the model and its input limits; return its batch key
+        (jobs with equal keys batch). MalformedMessage: ``bad-input`` for a request the
+        model cannot take, ``too-large`` for one beyond the limits."""
         if self.spec.kind == "generation":
             if req.inputs or len(req.texts) != 1 or req.max_tokens < 1:
                 raise MalformedMessage("a generation job carries one prompt and max_tokens >= 1", code=BAD_INPUT)
+            self._check_prompt(req.texts[0], req.max_tokens)
             return "prompt"
         if self.spec.kind == "embedding":
             if req.inputs or not req.texts:
                 raise MalformedMessage("an embedding job carries texts, not tensors", code=BAD_INPUT)
-            if len(req.texts) > self.spec.max_batch * 8:
-                raise MalformedMessage("too many texts in one job", code=BAD_INPUT)
+            self._check_texts(req.texts)
             return "texts"
         if req.texts or not req.inputs:
             raise MalformedMessage("a tensor job carries tensors, not texts", code=BAD_INPUT)
@@ -94,7 +116,51 @@ class Executor:
         if len(feeds) != len(req.inputs):
             raise MalformedMessage("duplicate input names", code=BAD_INPUT)
         check_feeds(self.backend.inputs, feeds)
+        rows = max(t.shape[0] if t.shape else 1 for t in req.inputs)
+        if rows > self.limits.max_items:
+            raise MalformedMessage(f"{rows} rows in one job: at most {self.limits.max_items}", code=TOO_LARGE)
         return tuple((t.name, t.dtype, t.shape[1:]) for t in sorted(req.inputs, key=lambda t: t.name))
+
+    def _check_chars(self, texts: tuple[str, ...]) -> None:
+        lim = self.limits
+        if len(texts) > lim.max_items:
+            raise MalformedMessage(f"{len(texts)} texts in one job: at most {lim.max_items}", code=TOO_LARGE)
+        longest = max(len(t) for t in texts)
+        if longest > lim.max_text_chars:
+            raise MalformedMessage(f"a text of {longest} characters: at most {lim.max_text_chars}", code=TOO_LARGE)
+        total = sum(len(t) for t in texts)
+        if total > lim.max_total_chars:
+            raise MalformedMessage(f"{total} characters in one job: at most {lim.max_total_chars}", code=TOO_LARGE)
+
+    def _check_texts(self, texts: tuple[str, ...]) -> None:
+        """An embedding job's texts within the limits: counts and characters first (cheap),
+        then tokens, counted only when the texts could exceed the job's token budget."""
+        self._check_chars(texts)
+        lim = self.limits
+        window = lim.max_text_tokens
+        if lim.overflow is Overflow.TRUNCATE and len(texts) * window <= lim.max_job_tokens:
+            return  # even a full window each stays within the budget: no need to tokenize
+        counts = [len(e.ids) for e in self._counter.encode_batch(list(texts))]
+        if lim.overflow is Overflow.REFUSE and max(counts) > window:
+            raise MalformedMessage(f"a text of {max(counts)} tokens: the window is {window}", code=TOO_LARGE)
+        tokens = sum(min(n, window) for n in counts)
+        if tokens > lim.max_job_tokens:
+            raise MalformedMessage(f"{tokens} tokens in one job: at most {lim.max_job_tokens}", code=TOO_LARGE)
+
+    def _check_prompt(self, prompt: str, max_tokens: int) -> None:
+        """A generation job's prompt and length within the limits and the model's context."""
+        lim = self.limits
+        if max_tokens > lim.max_new_tokens:
+            raise MalformedMessage(f"max_tokens {max_tokens}: at most {lim.max_new_tokens}", code=TOO_LARGE)
+        self._check_chars((prompt,))
+        n = len(self.tokenizer.encode(prompt, add_special_tokens=False).ids)
+        if not n:
+            raise MalformedMessage("an empty prompt", code=BAD_INPUT)
+        if n > lim.max_text_tokens or n + max_tokens > self.spec.max_context:
+            raise MalformedMessage(
+                f"prompt of {n} tokens and {max_tokens} new ones do not fit the context of {self.spec.max_context}",
+                code=TOO_LARGE,
+            )
 
     def run(self, requests: list[RunRequest]) -> list[Outcome]:
         """Run checked requests with one key together; one Outcome per request, in order.
@@ -117,8 +183,8 @@ class Executor:
         """A generation job's tokens, and the prompt's length in tokens (billed too)."""
         spec = self.spec
         prompt_ids = self.tokenizer.encode(req.texts[0], add_special_tokens=False).ids
-        if not prompt_ids or len(prompt_ids) + req.max_tokens > spec.max_context:
-            raise MalformedMessage(f"prompt of {len(prompt_ids)} tokens does not fit the context", code=BAD_INPUT)
+        if not prompt_ids or len(prompt_ids) + req.max_tokens > spec.max_context:  # check() said so; a caller may not
+            raise MalformedMessage(f"prompt of {len(prompt_ids)} tokens does not fit the context", code=TOO_LARGE)
         tokens = greedy_tokens(
             self.backend.run,
             prompt_ids,
@@ -136,18 +202,51 @@ class Executor:
         for spec in self.backend.inputs:
             parts = [to_numpy(next(t for t in req.inputs if t.name == spec.name)) for req in requests]
             feeds[spec.name] = parts[0] if len(parts) == 1 else np.concatenate(parts, axis=0)
-        out = self.backend.run(feeds)
-        return self._split(out, rows)
+        large = sum(a.nbytes for a in feeds.values()) >= RELEASE_BYTES
+        return self._split(self._backend_run(feeds, large=large), rows)
+
+    def _backend_run(self, feeds: dict[str, np.ndarray[Any, Any]], *, large: bool) -> dict[str, np.ndarray[Any, Any]]:
+        """One backend run; a large one gives the backend's spare memory back after it
+        (onnxruntime's arena would otherwise keep its peak for good)."""
+        return self.backend.run(feeds, release=True) if large else self.backend.run(feeds)
 
     def _run_texts(self, requests: list[RunRequest]) -> list[Outcome]:
         texts = [t for req in requests for t in req.texts]
-        enc = self.tokenizer.encode_batch(texts)
-        ids = np.array([e.ids for e in enc], dtype=np.int64)
-        mask = np.array([e.attention_mask for e in enc], dtype=np.int64)
-        available = {"input_ids": ids, "attention_mask": mask, "token_type_ids": np.zeros_like(ids)}
-        feeds = {spec.name: available[spec.name] for spec in self.backend.inputs}
-        out = self.backend.run(feeds)
+        enc = self.tokenizer.encode_batch(texts)  # truncated to the window, not padded
+        out = self._embed_slices([e.ids for e in enc])
         return self._split(out, [len(req.texts) for req in requests])
+
+    def _embed_slices(self, ids: list[list[int]]) -> dict[str, np.ndarray[Any, Any]]:
+        """Every text's outputs, in order; one run per slice of at most ``max_job_tokens``
+        padded tokens (texts sorted by length, so a slice pads little), whatever the batch."""
+        budget = self.limits.max_job_tokens
+        if len(ids) * max(len(x) for x in ids) <= budget:  # one run, as it comes
+            return self._embed(ids)
+        order = sorted(range(len(ids)), key=lambda i: len(ids[i]))
+        slices: list[list[int]] = [[]]
+        for i in order:  # lengths grow: a slice's width is its last text's
+            if slices[-1] and (len(slices[-1]) + 1) * len(ids[i]) > budget:
+                slices.append([])
+            slices[-1].append(i)
+        parts = [(part, self._embed([ids[i] for i in part])) for part in slices]
+        out: dict[str, np.ndarray[Any, Any]] = {}
+        for name, first in parts[0][1].items():
+            whole = np.empty((len(ids), *first.shape[1:]), dtype=first.dtype)
+            for part, arrays in parts:
+                whole[part] = arrays[name]
+            out[name] = whole
+        return out
+
+    def _embed(self, ids: list[list[int]]) -> dict[str, np.ndarray[Any, Any]]:
+        width = max(len(x) for x in ids)
+        tokens = np.full((len(ids), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(ids), width), dtype=np.int64)
+        for row, x in enumerate(ids):
+            tokens[row, : len(x)] = x
+            mask[row, : len(x)] = 1
+        available = {"input_ids": tokens, "attention_mask": mask, "token_type_ids": np.zeros_like(tokens)}
+        feeds = {spec.name: available[spec.name] for spec in self.backend.inputs}
+        return self._backend_run(feeds, large=tokens.size >= RELEASE_TOKENS)
 
     def _split(self, out: dict[str, np.ndarray[Any, Any]], rows: list[int]) -> list[Outcome]:
         if len(rows) == 1:  # one request: its outputs whole, whatever their shapes

@@ -1,9 +1,10 @@
 """Jobs over ``/cocoon/job/1`` streams (Noise + yamux): the protocol, routing, client and worker.
 
 Pure cores: frames and their codec (:mod:`.frames`), the per-stream rules of
-order (:mod:`.connection`), batching (:mod:`.batching`), worker choice
-(:mod:`.routing`) and the retry policy (:mod:`.attempts`); the simulator runs
-these unchanged. Trio services: :class:`~.worker.JobWorker` serves models,
+order (:mod:`.connection`), a worker's job slots, held per stream
+(:mod:`.slots`), batching (:mod:`.batching`), worker choice (:mod:`.routing`)
+and the retry policy (:mod:`.attempts`); the simulator runs these unchanged.
+Trio services: :class:`~.worker.JobWorker` serves models,
 :class:`~.client.JobClient` sends jobs, each through its end of a job stream
 (:mod:`.worker_link`, :mod:`.client_link`). Payment and peer scoring are not
 decided here: the services take the ports of :mod:`.ports` at construction

@@ -14,7 +14,10 @@ when an attempt fails, :class:`JobAttempts` decides what happens next:
   attempt starts at or after the deadline;
 * every failure is reported to the router (the worker cools down); a worker
   lost mid-job is also to be forgotten until it announces itself again
-  (:attr:`AfterFailure.forget_worker`: the caller tells its directory).
+  (:attr:`AfterFailure.forget_worker`: the caller tells its directory);
+* an attempt that ran into the job's deadline (:meth:`JobAttempts.timed_out`)
+  cools its worker down for longer; one cancelled by the caller
+  (:meth:`JobAttempts.interrupted`) does not.
 
 :class:`~.client.JobClient` drives one of these per job over real streams; the
 simulator (``cocoon_p2p.simulations``) drives the same class in virtual time.
@@ -131,6 +134,12 @@ class JobAttempts:
         return AfterFailure(retry=retry, forget_worker=code == jf.WORKER_LOST)
 
     def interrupted(self, peer: bytes, now: float) -> None:
-        """The attempt on ``peer`` was cancelled from outside (the caller, or the job's
-        deadline): not the worker's fault, so no cool-down."""
+        """The attempt on ``peer`` was cancelled from outside (the caller): not the
+        worker's fault, so no cool-down."""
         self.router.failed(peer, now, cooldown_s=0)
+
+    def timed_out(self, peer: bytes, now: float) -> None:
+        """The job's deadline ran out while ``peer`` had it: whether the worker swallowed
+        the job or is just too slow for it, the client's next jobs go elsewhere for a
+        while (:meth:`Router.timed_out`)."""
+        self.router.timed_out(peer, now)

@@ -4,7 +4,10 @@ One long-lived stream per worker carries every job to it (no per-job stream or
 protocol negotiation), through a :class:`~.client_link.ClientLink`;
 :meth:`JobClient.infer` drives the retry policy of :mod:`.attempts` (worker
 choice by :class:`~.routing.Router`, retries elsewhere on refusal, error or a
-worker lost mid-job). A client is charged only by a :class:`JobResult`. What the
+worker lost mid-job; a worker that let a job's deadline run out cools down for
+longer). A client pays only for a :class:`JobResult` whose cost is price x usage
+and whose usage the request can hold (:func:`~.frames.usage_bound`: a worker that
+bills more broke the protocol and is reported to ``feedback``). What the
 client needs from payments and the overlay comes in through the ports of
 :mod:`.ports`, at construction.
 """
@@ -12,9 +15,10 @@ client needs from payments and the overlay comes in through the ports of
 from __future__ import annotations
 
 import logging
+import math
 import random
 import time
-from collections.abc import Callable
+from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -198,6 +202,10 @@ class JobClient:
                     raise JobFailed(item.code, item.message, worker=offer.peer_id)
                 elif isinstance(item, jf.JobResult):
                     done = True
+                    if why := jf.usage_refusal(req, item.usage_units, streamed_tokens=tokens):
+                        # More units than we sent: a bill we can check, and a broken rule.
+                        self.feedback.misbehaved(offer.peer_id, MalformedMessage(why))
+                        raise JobFailed(jf.WORKER_LOST, why, worker=offer.peer_id)
                     if why := jf.charge_refusal(price, item.usage_units, item.cost_nanoton):
                         raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
                     return item, price
@@ -259,8 +267,10 @@ class JobClient:
                 worker = offer.peer_id
                 plan.started(worker)
                 t_job = time.perf_counter()
+                sent = False  # the job reached the worker (its payment set-up is done)
                 try:
                     await self._prepare(offer.peer_id)
+                    sent = True
                     result, price = await self.run_on(
                         offer,
                         model_id=model_id,
@@ -280,7 +290,11 @@ class JobClient:
                     last = exc
                     continue
                 except BaseException:
-                    plan.interrupted(offer.peer_id, trio.current_time())
+                    now = trio.current_time()
+                    if sent and now >= plan.deadline:  # the job's own deadline, with the worker
+                        plan.timed_out(offer.peer_id, now)
+                    else:
+                        plan.interrupted(offer.peer_id, now)
                     raise
                 plan.succeeded(offer.peer_id, time.perf_counter() - t_job, compute_us=result.compute_us)
                 await self._pay(offer.peer_id, result.cost_nanoton)
@@ -324,6 +338,40 @@ class JobClient:
             # (the worker went away). It goes again on reconnect or at settlement.
             self.stats.payments_pending += 1
             log.warning("payment to %s not acknowledged yet: %s", ID(worker), exc)
+
+    async def generate(
+        self, model_id: bytes, prompt: str, *, max_tokens: int, max_price: int, timeout_s: float = 120.0
+    ) -> AsyncGenerator[jf.JobChunk | InferenceResult, None]:
+        """:meth:`infer` for text generation, as an async iterator: each chunk as the
+        worker streams it, then the result. Leaving the loop early cancels the job
+        (the job runs in this client's nursery, so the generator may be finalised late)."""
+        send, recv = trio.open_memory_channel[jf.JobChunk | InferenceResult | JobFailed](math.inf)
+        scope = trio.CancelScope()
+
+        async def run() -> None:
+            with scope, send:
+                try:
+                    result = await self.infer(
+                        model_id,
+                        texts=(prompt,),
+                        max_tokens=max_tokens,
+                        max_price=max_price,
+                        timeout_s=timeout_s,
+                        on_chunk=send.send_nowait,
+                    )
+                    send.send_nowait(result)
+                except JobFailed as exc:
+                    send.send_nowait(exc)
+
+        self.nursery.start_soon(run)
+        try:
+            async with recv:
+                async for item in recv:
+                    if isinstance(item, JobFailed):
+                        raise item
+                    yield item
+        finally:
+            scope.cancel()  # synchronous: safe even when the generator is finalised late
 
     def metrics(self) -> list[Metric]:
         """The client's series for ``/metrics``: jobs sent, retries, payments, latency."""

@@ -63,6 +63,36 @@ def charge_refusal(price: int, usage_units: int, cost_nanoton: int) -> str | Non
     return "charged cost differs from price x usage" if cost_nanoton != usage_units * price else None
 
 
+def usage_bound(request: JobRequest, *, streamed_tokens: int = 0) -> int:
+    """The most units an honest worker can bill for ``request``, from what the client sent
+    and received alone (it needs no tokenizer, and trusts none of the worker's).
+
+    * tensors: rows (axis 0) of the largest input: a tensor job's unit is an item (a row);
+    * embedding texts: one unit per text sent;
+    * generation (``max_tokens`` > 0): tokens, the prompt's and the generated ones. The
+      generated ones are counted exactly: one per token id streamed (at most
+      ``max_tokens``, which the client also checks). The prompt's are bounded by its
+      length in UTF-8 bytes: a tokenizer of bytes (BPE, byte fallback) covers at least
+      one byte per token (SmolLM2's byte-level BPE has no normalizer), so a worker can
+      inflate the prompt's count by at most that margin (about 4x for English text).
+    """
+    if request.max_tokens > 0:
+        prompt = sum(len(t.encode("utf-8", "surrogatepass")) for t in request.texts)
+        return prompt + min(streamed_tokens, request.max_tokens)
+    if request.texts:
+        return len(request.texts)
+    return max((t.shape[0] if t.shape else 1 for t in request.inputs), default=0)
+
+
+def usage_refusal(request: JobRequest, usage_units: int, *, streamed_tokens: int = 0) -> str | None:
+    """Why a client must not pay a result billing ``usage_units`` for ``request``, if it
+    must not: more units than the request can hold (:func:`usage_bound`) break the protocol."""
+    bound = usage_bound(request, streamed_tokens=streamed_tokens)
+    if usage_units > bound:
+        return f"job {request.job_id}: usage {usage_units} above the {bound} units the request holds"
+    return None
+
+
 @dataclass(frozen=True, kw_only=True)
 class JobRequest:
     """Client -> worker: run ``model_id`` on ``inputs`` (tensors) or ``texts``.

@@ -12,7 +12,11 @@ random choice and central oracles).
 
 The router learns from its own jobs: running count and an exponentially
 weighted average of each worker's compute time per job (reported in its
-results). A worker that refused or failed is avoided for a short cool-down.
+results). A worker that refused or failed is avoided for a short cool-down; one
+that let a job run into its deadline, for longer, doubling with each timeout in a
+row until it brings a result again: a worker that swallows jobs (accepts the
+stream, never answers) costs each client one job's timeout now and then, not every
+job (issue 15).
 """
 
 from __future__ import annotations
@@ -27,6 +31,8 @@ from cocoon_p2p.overlay.directory import WorkerOffer
 DEFAULT_JOB_S = 0.05  # assumed job time for a worker we have no figures for
 EWMA_ALPHA = 0.2
 COOLDOWN_S = 5.0
+TIMEOUT_COOLDOWN_S = 30.0  # after a job's deadline ran out on a worker; doubles per timeout in a row
+MAX_TIMEOUT_COOLDOWN_S = 600.0
 
 
 @dataclass
@@ -38,6 +44,7 @@ class WorkerEstimate:
     jobs_ok: int = 0
     jobs_failed: int = 0
     avoid_until: float = 0.0
+    timeouts: int = 0  # jobs in a row whose deadline ran out there (0 after any result)
 
 
 class Router:
@@ -121,6 +128,7 @@ class Router:
         s = self._estimate_of(peer_id)
         s.running = max(0, s.running - 1)
         s.jobs_ok += 1
+        s.timeouts = 0
         sample = service_s if service_s is not None and service_s > 0 else elapsed_s
         s.avg_job_s += EWMA_ALPHA * (sample - s.avg_job_s)
 
@@ -130,3 +138,13 @@ class Router:
         s.running = max(0, s.running - 1)
         s.jobs_failed += 1
         s.avoid_until = now + cooldown_s
+
+    def timed_out(self, peer_id: bytes, now: float) -> float:
+        """A job's deadline ran out while ``peer_id`` had it: avoid it for
+        TIMEOUT_COOLDOWN_S, doubled for each timeout in a row (at most
+        MAX_TIMEOUT_COOLDOWN_S). The cool-down, in seconds."""
+        s = self._estimate_of(peer_id)
+        s.timeouts += 1
+        cooldown = min(MAX_TIMEOUT_COOLDOWN_S, TIMEOUT_COOLDOWN_S * float(1 << min(s.timeouts - 1, 16)))
+        self.failed(peer_id, now, cooldown_s=cooldown)
+        return cooldown

@@ -1,7 +1,9 @@
 """The worker's side of ``/cocoon/job/1``: :class:`JobWorker` serves models.
 
-Admission (unknown model, price cap, deadline, capacity, payment -> typed
-refusals), batching (:mod:`.batching`), execution (the executor, in a thread
+Admission (unknown model, price cap, deadline, capacity, payment, the model's
+input limits -> typed refusals, before any work starts; each admitted job holds
+a slot that its stream gives back when the job or the stream ends, see
+:mod:`.slots`), batching (:mod:`.batching`), execution (the executor, in a thread
 for slow models), cancellation and deadlines. A quick job for an idle model runs
 where its request was parsed, in the connection's reading task
 (:mod:`.worker_link`), and its JobAccepted and JobResult leave in one write.
@@ -15,17 +17,17 @@ import contextlib
 import logging
 import math
 import time
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from libp2p.custom_types import TProtocol
 
 from cocoon_p2p.core.clock import now_ms
-from cocoon_p2p.core.errors import ConfigError, LocalProtocolError, ProtocolError, RemoteProtocolError
-from cocoon_p2p.core.metrics import Histogram, Metric, metric
+from cocoon_p2p.core.errors import ConfigError, LocalProtocolError, ProtocolError
+from cocoon_p2p.core.metrics import Metric
 from cocoon_p2p.execution.backends import Backend
 from cocoon_p2p.execution.executor import Executor, Outcome
+from cocoon_p2p.execution.limits import InputLimits
 from cocoon_p2p.execution.models import ModelSpec
 from cocoon_p2p.transport.host import close_quietly
 
@@ -33,8 +35,9 @@ from . import frames as jf
 from .batching import Batcher
 from .ports import LoadReport, PeerFeedback, WorkerPayments
 from .serving import FLUSH_ACCEPTED_S, INLINE_RUN_S, Served, last_frame, run_request, timed_run
-from .stream import remote_peer
+from .slots import Slots
 from .worker_link import Flush, WorkerJob, WorkerLink
+from .worker_stats import WorkerStats, worker_metrics
 
 __all__ = ["JobWorker", "WorkerStats"]
 
@@ -42,17 +45,9 @@ log = logging.getLogger(__name__)
 _CANCELLED = (jf.CANCELLED, "cancelled by the client")
 
 
-@dataclass
-class WorkerStats:
-    """What a worker's jobs came to (exported by :meth:`JobWorker.metrics`)."""
-
-    jobs_ok: int = 0
-    jobs_failed: int = 0
-    refused: dict[str, int] = field(default_factory=dict)  # by error code
-    batches: int = 0
-    batched_items: int = 0
-    earned_nanoton: int = 0
-    latency_s: Histogram = field(default_factory=Histogram)  # admission to result, jobs that succeeded
+def _input_code(exc: ProtocolError) -> str:
+    """The error code for a request the model refused: its own if it is one of ours."""
+    return exc.code if exc.code in (jf.TOO_LARGE, jf.BAD_INPUT) else jf.BAD_INPUT
 
 
 class JobWorker:
@@ -77,29 +72,46 @@ class JobWorker:
         payments: WorkerPayments | None = None,
         max_wait_s: float = 0.0,
     ) -> None:
-        if capacity < 1:
-            raise ConfigError(f"a worker admits at least one job at once, not {capacity}")
         self.host = host
         self.nursery = nursery
-        self.capacity = capacity
+        self.slots = Slots(capacity)  # each held by the stream of its job (see .slots)
         self.feedback = feedback
         self.load = load
         self.payments = payments
         self.max_wait_s = max_wait_s
         self.models: dict[bytes, Served] = {}
-        self.running = 0
         self._accepting = True
         self.stats = WorkerStats()
         host.set_stream_handler(TProtocol(jf.JOB_PROTOCOL), self._handle_stream)
 
-    def serve(self, spec: ModelSpec, backend: Backend, *, price_nanoton: int) -> None:
-        """Serve ``spec`` (already hash-checked) on ``backend`` at ``price_nanoton`` per unit."""
+    def serve(
+        self, spec: ModelSpec, backend: Backend, *, price_nanoton: int, limits: InputLimits | None = None
+    ) -> None:
+        """Serve ``spec`` (already hash-checked) on ``backend`` at ``price_nanoton`` per unit.
+
+        ``limits``: what one job may ask of it (None: :meth:`InputLimits.for_model`,
+        derived from the model); a job beyond them is refused (``too-large``) before
+        any work starts. :meth:`limits` tells them, for the node to advertise."""
         if price_nanoton < 0:
             raise ConfigError(f"a price is not negative: {price_nanoton}")
         batcher: Batcher[WorkerJob] = Batcher(max_batch=spec.max_batch, max_wait_s=self.max_wait_s)
-        served = Served(spec, Executor(spec, backend), price_nanoton, batcher)
+        served = Served(spec, Executor(spec, backend, limits=limits), price_nanoton, batcher)
         self.models[spec.model_id] = served
         self.nursery.start_soon(self._model_loop, served)
+
+    def limits(self, model_id: bytes) -> InputLimits:
+        """The input limits a served model's jobs are held to (KeyError: not served)."""
+        return self.models[model_id].executor.limits
+
+    @property
+    def capacity(self) -> int:
+        """Jobs admitted at once, at most."""
+        return self.slots.capacity
+
+    @property
+    def running(self) -> int:
+        """Jobs admitted and not finished: the slots that streams hold."""
+        return self.slots.taken
 
     @property
     def accepting(self) -> bool:
@@ -112,26 +124,12 @@ class JobWorker:
 
     def metrics(self) -> list[Metric]:
         """The worker's series for ``/metrics``: jobs, load, batches, earnings, refusals."""
-        ws = self.stats
-        out = [
-            metric("cocoon_worker_jobs_total", "counter", "Jobs this worker ran", ws.jobs_ok, outcome="ok"),
-            metric("cocoon_worker_jobs_total", "counter", "Jobs this worker ran", ws.jobs_failed, outcome="failed"),
-            metric("cocoon_worker_jobs_running", "gauge", "Jobs admitted and not finished (queue depth)", self.running),
-            metric("cocoon_worker_capacity", "gauge", "Jobs this worker admits at once", self.capacity),
-            metric("cocoon_worker_batches_total", "counter", "Batches run", ws.batches),
-            metric("cocoon_worker_earned_nanoton_total", "counter", "Nanoton billed for jobs", ws.earned_nanoton),
-            metric("cocoon_worker_job_seconds", "histogram", "Admission to result, successful jobs", ws.latency_s),
-        ]
-        out += [
-            metric("cocoon_worker_refused_total", "counter", "Jobs refused", n, code=code)
-            for code, n in sorted(ws.refused.items())
-        ]
-        return out
+        return worker_metrics(self.stats, running=self.running, capacity=self.capacity)
 
     # ---- streams and admission -------------------------------------------------------
 
     async def _handle_stream(self, stream: Any) -> None:
-        link = WorkerLink(stream, self._try_inline)
+        link = WorkerLink(stream, self._try_inline, self.slots)
         try:
             while (item := await link.next_item()) is not None:
                 if isinstance(item, Exception):
@@ -142,15 +140,26 @@ class JobWorker:
                     await self._cancel(link, item.job_id)
                 elif isinstance(item, Flush):
                     await link.flush()
-        except RemoteProtocolError as exc:
-            log.info("client broke the job protocol: %s", exc)
-            self.feedback.misbehaved(remote_peer(stream), exc)
         except Exception as exc:  # the stream broke: its jobs are abandoned
             log.debug("job stream ended: %r", exc)
         finally:
-            for job in link.jobs.values():
-                job.cancelled = True
+            if (broken := link.conn.errored) is not None:  # whichever path ran into it first
+                log.info("client broke the job protocol: %s", broken)
+                self.feedback.misbehaved(link.peer, broken)
+            self._abandon(link)
             await close_quietly(stream)
+
+    def _abandon(self, link: WorkerLink) -> None:
+        """The stream of ``link`` ended: its slots go back now, whatever ended it; its jobs
+        still queued leave their batches, and those running end unanswered and unbilled."""
+        abandoned = link.close()
+        for job in abandoned:
+            served = self.models.get(job.req.model_id)
+            if served is not None:
+                served.batcher.remove(job.key, job)
+            self.stats.jobs_failed += 1
+        if abandoned:
+            self._report_load()
 
     async def _refuse(self, link: WorkerLink, req: jf.JobRequest, code: str, message: str) -> None:
         self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
@@ -172,11 +181,13 @@ class JobWorker:
             return code, "open a payment channel or pay what is owed first"
         return None
 
-    def _accept(self, link: WorkerLink, job: WorkerJob, *, report: bool = True) -> None:
-        link.jobs[job.req.job_id] = job
-        self.running += 1
+    def _accept(self, link: WorkerLink, job: WorkerJob, *, report: bool = True) -> bool:
+        """Give ``job`` a slot, held by its stream; False when the stream has ended meanwhile."""
+        if not link.jobs.hold(job.req.job_id, job):
+            return False
         if report:
             self._report_load()
+        return True
 
     def _report_load(self) -> None:
         free = max(0, self.capacity - self.running)
@@ -190,10 +201,11 @@ class JobWorker:
         run = run_request(req)
         try:
             key = served.executor.check(run)
-        except ProtocolError as exc:
-            return await self._refuse(link, req, jf.BAD_INPUT, str(exc))
+        except ProtocolError as exc:  # too-large (beyond the limits) or bad-input (does not fit)
+            return await self._refuse(link, req, _input_code(exc), str(exc))
         job = WorkerJob(req, run, link, key)
-        self._accept(link, job)
+        if not self._accept(link, job):
+            return
         accepted = jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit)
         if served.spec.kind == "generation":  # token by token, never batched
             await link.send(accepted)
@@ -228,7 +240,8 @@ class JobWorker:
             return False
         # Running and done within this call: no announcement can see the load change.
         job = WorkerJob(req, run, link, key)
-        self._accept(link, job, report=False)
+        if not self._accept(link, job, report=False):
+            return False
         link.send_later(jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit))
         frame = self._run_now(served, job)
         link.flush_now()
@@ -329,7 +342,7 @@ class JobWorker:
         try:
             stream, prompt_tokens = served.executor.token_stream(job.run)
         except ProtocolError as exc:
-            return await self._finish(job, error=(jf.BAD_INPUT, str(exc)))
+            return await self._finish(job, error=(_input_code(exc), str(exc)))
         seq = 0
         while True:
             if job.cancelled:
@@ -376,9 +389,8 @@ class JobWorker:
     def _close(self, job: WorkerJob, frame: jf.Frame, *, report: bool = True) -> bool:
         """Close the books on ``job``, ended by ``frame``: counts, load, the bill.
         False if it had ended already (nothing to send)."""
-        if job.link.jobs.pop(job.req.job_id, None) is None:
+        if job.link.jobs.release(job.req.job_id) is None:
             return False
-        self.running -= 1
         if report:
             self._report_load()
         if isinstance(frame, jf.JobResult):

@@ -14,6 +14,7 @@ from cocoon_p2p.transport.fastlock import FastLock
 
 from . import frames as jf
 from .connection import JobConnection, Role
+from .slots import Slots, StreamSlots
 from .stream import READ_SIZE, Inbox, StreamIO, remote_peer
 
 
@@ -44,15 +45,18 @@ class WorkerLink:
     connection's reading task: a quick job for an idle model runs right there
     (``inline`` returns True when it took the request), and everything else
     queues, in order, for the stream's task (:meth:`next_item`).
+
+    The link holds the worker's slots its jobs took (``jobs``, out of ``slots``):
+    :meth:`close` gives them all back when the stream ends, however it ended.
     """
 
-    def __init__(self, stream: Any, inline: Callable[[WorkerLink, jf.JobRequest], bool]) -> None:
+    def __init__(self, stream: Any, inline: Callable[[WorkerLink, jf.JobRequest], bool], slots: Slots) -> None:
         self.stream = stream
         self.io = StreamIO(stream)
         self.peer = remote_peer(stream)
         self.conn = JobConnection(Role.WORKER)
         self.lock = FastLock()  # held only around one write: no scheduler trip when free
-        self.jobs: dict[int, WorkerJob] = {}
+        self.jobs: StreamSlots[WorkerJob] = slots.stream()
         self.pending = bytearray()  # frames held back to share the next write
         self.inbox: Inbox[WorkerItem] = Inbox()
         self._inline = inline
@@ -74,7 +78,19 @@ class WorkerLink:
                     self.inbox.put(frame)
         except Exception as exc:  # the stream's task raises it
             self._failed = True
+            # The stream closes once its task sees this: frames still queued ahead of it
+            # are dropped unserved (a flood of pipelined requests costs nothing more).
+            self.inbox.items.clear()
             self.inbox.put(exc)
+
+    def close(self) -> list[WorkerJob]:
+        """The stream ended: every slot its jobs held goes back, and no job is admitted
+        on it any more. The jobs that were still open, now abandoned (neither answered nor billed)."""
+        self._failed = True
+        jobs = self.jobs.close()
+        for job in jobs:
+            job.cancelled = True
+        return jobs
 
     async def next_item(self) -> WorkerItem:
         """The next frame (or error, or flush) for the stream's task; None at the end."""

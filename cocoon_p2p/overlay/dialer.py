@@ -75,18 +75,13 @@ class Dialer:
 
     async def run(self) -> None:
         """Watch connections and dial as the peer set says (run in the node's nursery)."""
-        connected: set[bytes] = set()
         next_fill = 0
         async with trio.open_nursery() as dials:
             while True:
                 now = now_ms()
                 current = set(self.connected_peers())
-                self.guard.sweep(current, current - connected, dials)
-                for pid in current - connected:
-                    self.peerset.on_connected(pid)
-                for pid in connected - current:
-                    self.peerset.on_disconnected(pid, now)
-                connected = current
+                self.guard.sweep(current, dials)
+                self.peerset.sync(current, now)
                 if len(current) < self.target_peers and now >= next_fill:
                     next_fill = now + FILL_EVERY_MS
                     dials.start_soon(self._learn_candidates)

@@ -47,6 +47,7 @@ _GOSSIP, _DHT, _BOTH = frozenset({"gossip"}), frozenset({"dht"}), frozenset({"go
 class _Origin:
     announcement: Announcement
     accepted_at_ms: int
+    credit: float  # announcements it may still send at once (the rate limit's token bucket)
 
 
 @dataclass
@@ -58,11 +59,14 @@ class _CachedOffers:
 
 @dataclass
 class WorkerDirectory:
-    """Known workers, keyed by PeerId. ``min_interval_ms`` is the fastest rate
-    at which one origin's announcements are accepted; ``max_workers`` bounds memory."""
+    """Known workers, keyed by PeerId. ``min_interval_ms`` is the fastest sustained
+    rate at which one origin's announcements are accepted, ``max_burst`` how many may
+    arrive at once (gossip bunches them: a cache replayed to a new peer, a slow
+    link catching up); ``max_workers`` bounds memory."""
 
     max_workers: int = 10_000
     min_interval_ms: int = 200
+    max_burst: int = 4
     _origins: dict[bytes, _Origin] = field(default_factory=dict)
     _records: dict[tuple[bytes, bytes], CapabilityRecord] = field(default_factory=dict)
     # A client asks for a model's offers on every job, and a scan costs O(workers known):
@@ -87,17 +91,21 @@ class WorkerDirectory:
         if origin is not None and origin != ann.peer_id:
             raise ForeignKey("announcement published by a peer other than its signer")
         known = self._origins.get(ann.peer_id)
+        credit = float(self.max_burst)
         if known is not None:
             if ann.issued_at_ms <= known.announcement.issued_at_ms:
                 raise ReplayedMessage("announcement is not newer than the one already held")
-            if now_ms - known.accepted_at_ms < self.min_interval_ms:
+            if self.min_interval_ms > 0:  # 0: no rate limit
+                earned = max(0, now_ms - known.accepted_at_ms) / self.min_interval_ms
+                credit = min(credit, known.credit + earned)
+            if credit < 1.0:
                 raise RateLimited("origin announces faster than allowed")
         elif len(self._origins) >= self.max_workers:
             self.expire(now_ms)
             if len(self._origins) >= self.max_workers:
                 oldest = min(self._origins, key=lambda p: self._origins[p].announcement.expires_at_ms)
                 del self._origins[oldest]
-        self._origins[ann.peer_id] = _Origin(ann, now_ms)
+        self._origins[ann.peer_id] = _Origin(ann, now_ms, credit - 1.0)
         self._changed(ann.expires_at_ms)
         return ann
 

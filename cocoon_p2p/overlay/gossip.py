@@ -3,11 +3,17 @@
 Announcements are validated inside pubsub, before they are delivered or
 forwarded, by :class:`~.directory.WorkerDirectory` (pure): a rejected message
 goes no further through the mesh and its forwarder is reported to the
-:class:`~.guard.PeerGuard`. Two py-libp2p 0.8.1 behaviours are worked around
-here: its spam protection throttles every *forwarder* at 10 messages/s (so it
-is off; rate limits are per origin, in the directory), and its queues drop
-silently at 32 (so publishing waits for room, and subscriptions get queues of
-our own with a visible drop counter).
+:class:`~.guard.PeerGuard`, blamed as the message's origin or as a mere relay
+(:class:`~.peerscore.Blame`: honest relays replay stale gossip from their caches).
+
+py-libp2p 0.8.1 defects worked around here, each named:
+
+* **Spam protection per forwarder.** It throttles every *forwarder* at 10
+  messages/s, so it is off; rate limits are per origin, in the directory.
+* **Silent drops at 32.** Its queues drop silently, so publishing waits for
+  room, and subscriptions get queues of our own with a visible drop counter.
+* **A ban crashed pubsub** (:func:`safe_blacklist_teardown`; the upstream report
+  is ``docs/upstream/pubsub-blacklist-teardown-keyerror.md``).
 
 Cancellation: the pumps run in the node's nursery and stop with it; a
 cancelled ``publish`` has either handed the message to pubsub or not at all.
@@ -36,6 +42,7 @@ from . import protocols
 from .directory import WorkerDirectory
 from .events import EventQueue, WorkerSeen
 from .guard import PeerGuard
+from .peerscore import Blame
 from .peerset import PeerSet
 
 log = logging.getLogger(__name__)
@@ -54,7 +61,8 @@ class MeshParams:
 
 
 def build_pubsub(host: IHost, params: MeshParams) -> tuple[Pubsub, GossipSub]:
-    """gossipsub v1.1 on ``host``, not yet running (see :class:`Gossip`)."""
+    """gossipsub v1.1 on ``host``, not yet running (see :class:`Gossip`), its
+    blacklist teardown made safe (:func:`safe_blacklist_teardown`)."""
     gossipsub = GossipSub(
         protocols=[TProtocol(protocols.GOSSIPSUB_PROTOCOL)],
         degree=params.degree,
@@ -64,7 +72,32 @@ def build_pubsub(host: IHost, params: MeshParams) -> tuple[Pubsub, GossipSub]:
         spam_protection_enabled=False,  # per forwarder in py-libp2p: see the module docstring
         do_px=True,  # pruned peers learn others to connect to
     )
-    return Pubsub(host, gossipsub), gossipsub
+    pubsub = Pubsub(host, gossipsub)
+    safe_blacklist_teardown(pubsub)
+    return pubsub, gossipsub
+
+
+def safe_blacklist_teardown(pubsub: Pubsub) -> None:
+    """Make ``pubsub.add_to_blacklist`` unable to crash pubsub (py-libp2p 0.8.1 defect).
+
+    Its teardown task looks the peer's stream up, awaits ``stream.reset()``, then
+    does ``del self.peers[peer]``. Whatever ends the peer during that await (its
+    sending loop failing on the reset stream, the dead-peer queue after our
+    disconnect) deletes the entry first, and the KeyError ends pubsub's service and
+    the node with it. The replacement forgets the peer first, with the library's own
+    dead-peer cleanup (idempotent; no await in between), and resets the stream after.
+    """
+
+    async def teardown(peer_id: ID) -> None:
+        stream = pubsub.peers.get(peer_id)
+        pubsub._handle_dead_peer(peer_id)  # peers, outbound queue, router, subscriptions
+        if stream is not None:
+            try:
+                await stream.reset()
+            except Exception:  # already gone: nothing left to tell the peer
+                pass
+
+    pubsub._teardown_if_connected = teardown  # type: ignore[method-assign]  # this instance only
 
 
 @dataclass
@@ -150,13 +183,16 @@ class Gossip:
         if forwarder.to_bytes() == self.local_peer_id:
             return True
         now = now_ms()
+        origin = bytes(msg.from_id)
         try:
-            ann = self.directory.receive_announcement(msg.data, origin=bytes(msg.from_id), now_ms=now)
+            ann = self.directory.receive_announcement(msg.data, origin=origin, now_ms=now)
         except ProtocolError as err:
             self.stats.announcements_rejected += 1
             self.stats.rejected_by_code[err.code] = self.stats.rejected_by_code.get(err.code, 0) + 1
-            log.debug("rejected announcement from %s: %s", forwarder, err)
-            self.guard.misbehaved(forwarder.to_bytes(), err)
+            sender = forwarder.to_bytes()
+            blame = Blame.ORIGIN if sender == origin else Blame.RELAY
+            log.debug("rejected announcement from %s (%s): %s", forwarder, blame.value, err)
+            self.guard.misbehaved(sender, err, blame=blame)
             return False
         self.stats.announcements_accepted += 1
         self.peerset.add_candidate(ann.peer_id, ann.addrs)

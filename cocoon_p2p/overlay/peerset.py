@@ -39,6 +39,7 @@ class _Peer:
     failures: int = 0
     next_dial_ms: int = 0
     dialing: bool = False
+    banned_until_ms: int = 0  # a banned bootstrap peer is not dialled before this
 
 
 @dataclass
@@ -84,6 +85,19 @@ class PeerSet:
         if peer is not None and not peer.bootstrap:
             del self._peers[peer_id]
 
+    def on_banned(self, peer_id: bytes, until_ms: int) -> None:
+        """``peer_id`` is banned until ``until_ms``: a bootstrap peer is dialled again
+        right when its ban ends (never before: a dial would only be hung up on);
+        any other peer is forgotten."""
+        peer = self._peers.get(peer_id)
+        if peer is None:
+            return
+        if not peer.bootstrap:
+            del self._peers[peer_id]
+            return
+        peer.banned_until_ms = max(peer.banned_until_ms, until_ms)
+        peer.failures = 0
+
     def on_connected(self, peer_id: bytes) -> None:
         peer = self._peers.get(peer_id)
         if peer is not None:
@@ -94,6 +108,18 @@ class PeerSet:
         if peer is not None and peer.connected:
             peer.connected, peer.dialing = False, False
             peer.next_dial_ms = now_ms + self._backoff(0)
+
+    def sync(self, connected: set[bytes], now_ms: int) -> None:
+        """Align with the peers connected now. Watching for changes alone misses a
+        connection that opened and closed between two looks: its peer would stay
+        "connected" here, and never be dialled again."""
+        for pid, p in self._peers.items():
+            if pid in connected:
+                if not p.connected:
+                    p.connected, p.dialing, p.failures = True, False, 0
+            elif p.connected:
+                p.connected, p.dialing = False, False
+                p.next_dial_ms = now_ms + self._backoff(0)
 
     def on_dial_failed(self, peer_id: bytes, now_ms: int) -> None:
         peer = self._peers.get(peer_id)
@@ -116,7 +142,7 @@ class PeerSet:
         have = self.connected_count() if connected_total is None else connected_total
         dials: list[Dial] = []
         for pid, p in self._peers.items():
-            if p.connected or p.dialing or p.next_dial_ms > now_ms:
+            if p.connected or p.dialing or max(p.next_dial_ms, p.banned_until_ms) > now_ms:
                 continue
             if not p.bootstrap and have + len(dials) >= self.target_peers:
                 continue
@@ -126,5 +152,5 @@ class PeerSet:
 
     def next_deadline_ms(self) -> int | None:
         """When :meth:`poll` may next have work, for a timer."""
-        times = [p.next_dial_ms for p in self._peers.values() if not (p.connected or p.dialing)]
+        times = [max(p.next_dial_ms, p.banned_until_ms) for p in self._peers.values() if not (p.connected or p.dialing)]
         return min(times) if times else None

@@ -24,9 +24,16 @@ from typing import Any
 
 from pytoniq_core import Cell, begin_cell
 
+from cocoon_p2p.core.durable import StateFileDamaged, read_json, write_atomic
 from cocoon_p2p.core.errors import CocoonError
+from cocoon_p2p.core.identity import refuse_if_exposed
 
 from .settlement import ChainView, Quarantine
+
+WALLET_ADVICE = (
+    "It holds the wallet's mnemonic: restore it from your backup of the mnemonic. Do not delete it: "
+    "a new, empty wallet would be made, and the old one's funds are reachable only through its mnemonic."
+)
 
 
 class ChainError(CocoonError):
@@ -211,15 +218,26 @@ class Wallet:
 
     @classmethod
     def load_or_create(cls, path: Path) -> Wallet:
-        """The wallet whose mnemonic is stored at ``path`` (mode 0600), created on first use."""
+        """The wallet whose mnemonic is stored at ``path`` (mode 0600), created on first use.
+
+        Like a node key, a file readable by others is refused (KeyFileExposed), and a
+        damaged one is a StateFileDamaged naming it: never replaced by a fresh wallet,
+        which would leave the old one's funds reachable only through its mnemonic."""
         from tonsdk.contract.wallet import Wallets, WalletVersionEnum
 
-        from cocoon_p2p.core.durable import write_atomic
-
         if path.is_file():
-            words = json.loads(path.read_text())["mnemonic"]
-            _m, _pub, priv, contract = Wallets.from_mnemonics(words, WalletVersionEnum.v4r2, 0)
+            refuse_if_exposed(path)
+            stored = read_json(path, advice=WALLET_ADVICE)
+            words = stored.get("mnemonic") if isinstance(stored, dict) else None
+            if not isinstance(words, list) or len(words) != 24 or not all(isinstance(w, str) for w in words):
+                raise StateFileDamaged(path, "no mnemonic of 24 words in it", WALLET_ADVICE)
+            try:
+                _m, _pub, priv, contract = Wallets.from_mnemonics(words, WalletVersionEnum.v4r2, 0)
+            except Exception as exc:  # tonsdk's InvalidMnemonicsError, and whatever bad words raise
+                raise StateFileDamaged(path, "its mnemonic is not a valid TON mnemonic", WALLET_ADVICE) from exc
             return cls(contract, priv)
+        if path.exists() or path.is_symlink():  # a folder, a dangling link: not ours to replace
+            raise StateFileDamaged(path, "not a regular file", WALLET_ADVICE)
         words, _pub, priv, contract = Wallets.create(WalletVersionEnum.v4r2, workchain=0)
         write_atomic(path, json.dumps({"mnemonic": words, "version": "v4r2"}).encode(), mode=0o600)
         return cls(contract, priv)

@@ -6,7 +6,11 @@ durable (:class:`~.store.ChannelStore`) before it is acknowledged. Jobs are
 admitted only on a client's current channel while it is OPEN; its lifecycle
 state is written to the store before the worker acts on it, so a restarted
 worker neither admits jobs on a channel it was closing nor forgets a close it
-started.
+started. What each client owes (its jobs' cost less what its vouchers paid) is
+kept in the store too, group-committed as jobs are billed
+(:meth:`Payee.keep_bills_durable`), so a restart gives no fresh credit to a
+client that stopped paying. A client whose voucher breaks the channel's rules
+(a forged signature, a seqno jump) is reported through ``misbehaved``.
 
 Settlement follows :mod:`.settlement`: the worker closes a channel holding its
 earnings when they pass its limit, when the payer has gone silent, or when the
@@ -24,8 +28,8 @@ from collections.abc import Awaitable, Callable
 import trio
 from nacl.signing import SigningKey
 
-from cocoon_p2p.core.durable import write_atomic
-from cocoon_p2p.core.errors import CocoonError, ProtocolError
+from cocoon_p2p.core.durable import StateFileDamaged, read_json, write_atomic
+from cocoon_p2p.core.errors import CocoonError, ProtocolError, ReplayedMessage
 from cocoon_p2p.core.identity import public_key_from_peer_id
 
 from . import frames as pf
@@ -47,17 +51,23 @@ _E, _S = ChannelEvent, ChannelState
 Ask = Callable[[bytes, pf.PayFrame], Awaitable[pf.PayFrame]]
 # The job protocol's refusal code for "pay first" (admission answers with it).
 PAYMENT_REQUIRED = "payment"
+# The least time between two writes of what jobs billed: a group commit of everything
+# billed meanwhile, so a busy worker writes a few times a second, not once per job.
+BILL_WRITE_INTERVAL_S = 0.05
+# Reports a peer that broke the payment rules (the node passes its peer guard's).
+Misbehaved = Callable[[bytes, ProtocolError], None]
 
 
 class Payee:
     """A worker's channels, the jobs billed on them, and its side of settlement."""
 
-    def __init__(self, key: SigningKey, config: PaymentConfig) -> None:
+    def __init__(self, key: SigningKey, config: PaymentConfig, *, misbehaved: Misbehaved | None = None) -> None:
         self.key = key
         self.config = config
+        self.misbehaved: Misbehaved = misbehaved or (lambda peer, error: None)
         self.store = ChannelStore(config.data_dir / "channels")
         self._channel_of: dict[bytes, int] = self._load_clients()  # client PeerId -> current channel
-        self.billed: dict[int, int] = {}  # what the jobs on each channel cost
+        self._billed = trio.Event()  # set when a bill waits to be written
         self.last_seen: dict[bytes, float] = {}  # client -> trio time of its last pay frame
         self.onchain_ops = 0  # messages this worker sent to channel contracts
 
@@ -68,7 +78,7 @@ class Payee:
         cid = self._channel_of.get(client)
         if cid is None:
             return 0
-        return self.billed.get(cid, 0) - self.store.earned(cid)
+        return self.store.billed(cid) - self.store.earned(cid)
 
     def admission(self, client: bytes) -> str | None:
         """None if ``client`` may start a job, else why not (a job error code)."""
@@ -80,16 +90,55 @@ class Payee:
         return None
 
     def bill(self, client: bytes, cost: int) -> None:
-        """Count ``cost`` nanoton against ``client``'s current channel."""
+        """Count ``cost`` nanoton against ``client``'s current channel (written to the store
+        by :meth:`keep_bills_durable` within moments)."""
         cid = self._channel_of.get(client)
         if cid is not None:
-            self.billed[cid] = self.billed.get(cid, 0) + cost
+            self.store.bill(cid, cost)
+            self._billed.set()
+
+    async def flush_bills(self) -> None:
+        """Write what was billed since the last write, off the event loop. Cancelled: the
+        write finishes or not; either way the bills are written again with the next."""
+        bills = self.store.take_unwritten_bills()
+        if not bills:
+            return
+        try:
+            await trio.to_thread.run_sync(self.store.write_bills, bills)
+        except BaseException:
+            self.store.requeue_bills(bills)
+            raise
+
+    async def keep_bills_durable(self) -> None:
+        """Write bills as they come, a batch at a time (run in a nursery until cancelled).
+        A kill -9 loses at most the bills of the last ``BILL_WRITE_INTERVAL_S`` and one
+        write, in the client's favour; a failed write (a full disk) is retried."""
+        while True:
+            await self._billed.wait()
+            self._billed = trio.Event()
+            try:
+                await self.flush_bills()
+            except OSError as exc:
+                log.warning("could not write what clients owe (retrying): %r", exc)
+                self._billed.set()
+            await trio.sleep(BILL_WRITE_INTERVAL_S)
+
+    def close_store(self) -> None:
+        """Write the bills not yet written and close the store (blocking; the payee is
+        unusable after)."""
+        try:
+            self.store.flush_bills()
+        finally:
+            self.store.close()
 
     def _load_clients(self) -> dict[bytes, int]:
         path = self.config.data_dir / "clients.json"
         if not path.is_file():
             return {}
-        return {bytes.fromhex(k): int(v, 16) for k, v in json.loads(path.read_text()).items()}
+        try:
+            return {bytes.fromhex(k): int(v, 16) for k, v in read_json(path).items()}
+        except (ValueError, TypeError, AttributeError) as exc:
+            raise StateFileDamaged(path, f"not a map of clients to channels: {exc!r}") from exc
 
     def _save_clients(self) -> None:
         data = {k.hex(): f"{v:x}" for k, v in self._channel_of.items()}
@@ -119,10 +168,13 @@ class Payee:
         try:
             voucher = SignedSemiChannel.from_record(frame.record)
         except ProtocolError as exc:
+            self.misbehaved(client, exc)
             return pf.PayError(exc.code, str(exc))
         result = await trio.to_thread.run_sync(self.store.accept, cid, [(voucher, 0)])  # fsync off the loop
         if result.refused:
             _, refusal = result.refused[0]
+            if not isinstance(refusal, ReplayedMessage):  # a replay is a resend whose acknowledgement was lost
+                self.misbehaved(client, refusal)
             return pf.PayError(refusal.code, str(refusal))
         return pf.PaidUpTo(self.store.earned(cid))
 

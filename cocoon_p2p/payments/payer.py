@@ -48,7 +48,7 @@ from .channelstate import CLOSING, ChannelEvent, ChannelState, CloseOutcome, Lif
 from .closeterms import payer_terms, proposal_refusal
 from .connection import PayConnection, Side
 from .contract import payment_channel_code
-from .payerbook import ChannelRecord, decode_book, encode_book
+from .payerbook import ChannelRecord, encode_book, load_book
 from .settlement import OPEN, UNINITED, Action, client_action, quarantine_action
 from .voucherlog import VoucherLog
 from .vouchers import SignedSemiChannel, VoucherIssuer
@@ -104,7 +104,11 @@ class Payer:
         self._opening: dict[bytes, trio.Lock] = {}
         self.onchain_ops = 0  # messages this client sent to channel contracts
         self.channels_opened = 0
-        self._restore()
+        try:
+            self._restore()
+        except BaseException:
+            self.issued.close()
+            raise
 
     @property
     def open(self) -> dict[bytes, PayerChannel]:
@@ -127,11 +131,10 @@ class Payer:
     # ---- durable state ----------------------------------------------------------
 
     def _restore(self) -> None:
-        path = self.config.data_dir / "payer.json"
-        if not path.is_file():
-            return
-        logged = [SignedSemiChannel.from_record(r) for r in self.issued.records]
-        for r in decode_book(path.read_text()):
+        """Channels from ``payer.json``, each continuing after its newest logged voucher
+        (StateFileDamaged, never a fresh start, if the two files do not allow it)."""
+        records, logged = load_book(self.config.data_dir / "payer.json", self.issued)
+        for r in records:
             issuer = VoucherIssuer(channel_id=r.channel_id, key=self.key, deposit_a=r.deposit)
             mine = [v for v in logged if v.state.channel_id == r.channel_id]
             issuer.restore(mine)

@@ -1,4 +1,4 @@
-"""What a client writes down about its channels: ``payer.json`` (sans-IO codec).
+"""What a client writes down about its channels: ``payer.json`` (its codec, and reading it back).
 
 One record per channel not yet closed: the worker it pays, the contract's
 address, channel id and deposit, the worker's signed opening state (needed, with
@@ -21,14 +21,20 @@ CLOSING_COOPERATIVE until the chain shows a quarantine.
 from __future__ import annotations
 
 import json
+import logging
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
+from cocoon_p2p.core.durable import StateFileDamaged, read_json
 from cocoon_p2p.core.errors import MalformedMessage
 
 from .channelstate import CLOSING, ChannelState, Lifecycle
+from .voucherlog import VoucherLog
 from .vouchers import SignedSemiChannel
+
+log = logging.getLogger(__name__)
 
 CURRENT = frozenset({ChannelState.OPENING, ChannelState.OPEN})  # a worker's current channel
 
@@ -70,6 +76,14 @@ def decode_book(text: str) -> list[ChannelRecord]:
     """The records in ``payer.json`` (either version). MalformedMessage if it is not one."""
     try:
         data = json.loads(text)
+    except (ValueError, RecursionError) as exc:
+        raise MalformedMessage(f"payer.json: not JSON ({exc!r})") from exc
+    return book_from_json(data)
+
+
+def book_from_json(data: Any) -> list[ChannelRecord]:
+    """The records in a parsed ``payer.json``. MalformedMessage if it is not a channel book."""
+    try:
         out = [_record(d, worker=bytes.fromhex(w), default=ChannelState.OPEN) for w, d in data["open"].items()]
         for address, d in data["closing"].items():
             if isinstance(d, str):  # first version: address -> channel id
@@ -79,6 +93,34 @@ def decode_book(text: str) -> list[ChannelRecord]:
     except (ValueError, KeyError, TypeError, AttributeError) as exc:
         raise MalformedMessage(f"payer.json: not a channel book ({exc!r})") from exc
     return out
+
+
+def load_book(path: Path, issued: VoucherLog) -> tuple[list[ChannelRecord], list[SignedSemiChannel]]:
+    """The records in ``payer.json`` at ``path`` and the vouchers logged in ``issued``.
+
+    StateFileDamaged, never a fresh start, when the book is damaged, or missing
+    while the log holds vouchers: the channels they pay into hold our deposits.
+    A torn log (:attr:`VoucherLog.torn`) is survivable and reported: see
+    :mod:`.voucherlog` for what its lost voucher can cost.
+    """
+    try:
+        logged = [SignedSemiChannel.from_record(r) for r in issued.records]
+    except MalformedMessage as exc:
+        raise StateFileDamaged(issued.path, f"a voucher record does not decode: {exc}") from exc
+    if issued.torn is not None:
+        log.warning(
+            "%s: the next voucher continues from the last complete one; if the torn one was sent, the worker "
+            "refuses its seqno once as replayed and our payments come up short by its amount",
+            issued.path,
+        )
+    if not path.is_file():
+        if logged:
+            raise StateFileDamaged(path, f"missing, while {issued.path.name} holds {len(logged)} signed voucher(s)")
+        return [], logged
+    try:
+        return book_from_json(read_json(path)), logged
+    except MalformedMessage as exc:
+        raise StateFileDamaged(path, str(exc)) from exc
 
 
 def _record(d: dict[str, Any], *, worker: bytes | None, default: ChannelState) -> ChannelRecord:

@@ -5,7 +5,8 @@ and a worker (:class:`~.payee.Payee`: accepts channels and vouchers, bills jobs)
 at once. This module joins them to the host: the stream handler (each stream
 checked by a :class:`~.connection.PayConnection`), the requests a worker makes
 to a client, :meth:`PaymentService.watch`, the loop that applies the settlement
-policy (:mod:`.settlement`) to every channel on chain, and the payment metrics.
+policy (:mod:`.settlement`) to every channel on chain and writes what clients
+owe as jobs are billed, and the payment metrics.
 
 Cancellation: a payment cancelled mid-send counts as broken (the stream is
 dropped); the voucher is already in the client's log, so the next payment
@@ -37,7 +38,7 @@ from . import frames as pf
 from .channelops import PAY_PROTOCOL, PaymentConfig, PaymentFailed, exchange
 from .channelstate import ChannelState, CloseOutcome
 from .connection import PayConnection, Side
-from .payee import Payee
+from .payee import Misbehaved, Payee
 from .payer import Payer, PayerChannel
 
 __all__ = ["PAY_PROTOCOL", "CloseOutcome", "PaymentConfig", "PaymentFailed", "PaymentService"]
@@ -50,6 +51,9 @@ class PaymentService:
 
     ``peer_addrs``: a peer's currently announced addresses (the node passes its
     directory's), used to find a worker again after it restarted elsewhere.
+    ``misbehaved``: told of a client whose voucher broke the channel's rules
+    (forged, malformed, a seqno jump), to score it down (the node passes its peer
+    guard's ``misbehaved``).
     """
 
     def __init__(
@@ -59,13 +63,18 @@ class PaymentService:
         config: PaymentConfig,
         *,
         peer_addrs: Callable[[bytes], list[str]] = lambda peer: [],
+        misbehaved: Misbehaved | None = None,
     ) -> None:
         self.host = host
         self.config = config
         key = SigningKey(identity.seed)
         config.data_dir.mkdir(parents=True, exist_ok=True)
         self.payer = Payer(key, host, config, peer_addrs=peer_addrs)
-        self.payee = Payee(key, config)
+        try:
+            self.payee = Payee(key, config, misbehaved=misbehaved)
+        except BaseException:
+            self.payer.close()
+            raise
         host.set_stream_handler(TProtocol(PAY_PROTOCOL), self._handle)
 
     # ---- what the job protocol and the node call ----------------------------------
@@ -150,8 +159,15 @@ class PaymentService:
         return done
 
     async def watch(self) -> None:
-        """Apply the settlement policy every ``watch_interval_s`` (run in a nursery).
-        Cancelled: stops between passes or inside one; each step's state is already written."""
+        """Apply the settlement policy every ``watch_interval_s``, and write what clients owe
+        as jobs are billed (run in a nursery). Cancelled: stops between passes or inside
+        one; each step's state is already written; bills not yet written are written by
+        :meth:`close`."""
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(self.payee.keep_bills_durable)
+            await self._settle_forever()
+
+    async def _settle_forever(self) -> None:
         while True:
             await trio.sleep(self.config.watch_interval_s)
             try:
@@ -167,9 +183,12 @@ class PaymentService:
         return await self.watch_once(shutting_down=True)
 
     def close(self) -> None:
-        """Close the durable logs (after every task using the service has stopped)."""
-        self.payer.close()
-        self.payee.store.close()
+        """Write the last bills and close the durable logs (after every task using the
+        service has stopped)."""
+        try:
+            self.payee.close_store()
+        finally:
+            self.payer.close()
 
     # ---- metrics -------------------------------------------------------------------------
 

@@ -14,9 +14,9 @@ of A says "A has sent B this much in all".
 
 A *voucher* is what the client (A) hands the worker (B) after each job: its newest
 signed SemiChannel. :class:`VoucherBook` is the worker's side: it accepts only
-vouchers that are signed by A, name this channel, raise the seqno, never lower
-``sent``, stay within A's deposit, and keep the contract able to finish an
-uncooperative close (see :func:`finish_is_possible`).
+vouchers that are signed by A, name this channel, raise the seqno (by at most
+:data:`MAX_SEQNO_STEP`), never lower ``sent``, stay within A's deposit, and keep
+the contract able to finish an uncooperative close (see :func:`finish_is_possible`).
 """
 
 from __future__ import annotations
@@ -38,6 +38,13 @@ from cocoon_p2p.core.errors import (
 
 TAG_STATE = 0x43685374
 MAX_COINS = (1 << 120) - 1  # Coins is VarUInteger 16: at most 15 bytes
+# How far one voucher may move the seqno past the newest one held. The contract only
+# asks that it grow, but it is a 64-bit counter: a validly signed 2^64-1 would leave no
+# seqno for the next voucher, so every later one is "replayed" and jobs go unpaid. An
+# honest client raises it by one per job; a gap is vouchers lost on the way (signed,
+# never delivered), and no client signs 2^32 of those between two that arrive. At this
+# step, freezing a channel takes 2^32 accepted vouchers.
+MAX_SEQNO_STEP = 1 << 32
 
 
 class ChannelRuleBroken(RemoteProtocolError):
@@ -235,10 +242,14 @@ class VoucherBook:
         """All A has sent B so far, in nanoton, by the newest accepted voucher."""
         return self.best.state.body.sent if self.best else 0
 
-    def check(self, voucher: SignedSemiChannel, *, expect_at_least: int = 0) -> int:
+    def check(
+        self, voucher: SignedSemiChannel, *, expect_at_least: int = 0, max_seqno_step: int | None = MAX_SEQNO_STEP
+    ) -> int:
         """Validate ``voucher``; return the amount it adds. Raises a RemoteProtocolError.
 
         ``expect_at_least``: the amount the voucher must add (the job's cost).
+        ``max_seqno_step``: how far past the newest voucher its seqno may jump (None: any
+        distance, for replaying a log of vouchers accepted before the bound existed).
         """
         state = voucher.state
         if state.channel_id != self.channel_id:
@@ -246,6 +257,11 @@ class VoucherBook:
         voucher.verify(self.payer_key)
         if state.body.seqno <= self.seqno:
             raise ReplayedMessage(f"voucher seqno {state.body.seqno} is not above {self.seqno}")
+        if max_seqno_step is not None and state.body.seqno - self.seqno > max_seqno_step:
+            raise ChannelRuleBroken(
+                f"voucher seqno {state.body.seqno} jumps more than {max_seqno_step} past {self.seqno}: "
+                "it would use up the channel's 64-bit seqno"
+            )
         added = state.body.sent - self.received
         if added < 0:
             raise ChannelRuleBroken(f"voucher lowers sent from {self.received} to {state.body.sent}")

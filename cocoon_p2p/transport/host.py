@@ -22,12 +22,25 @@ Each work-around for a py-libp2p 0.8.1 defect lives here, named and explained:
 * **Quiet logs.** py-libp2p logs hundreds of empty "Failed to read DHT message"
   lines and LifecycleError tracebacks at shutdown; :func:`quiet_libp2p_logs`
   raises its loggers' thresholds (they stay reachable for debugging).
+* **A failing stream handler fails its stream, not the node.** py-libp2p runs
+  each inbound stream's handler in its connection's accept loop and lets its
+  exceptions out: one raised by a handler (a write to a stream the peer has just
+  reset will do) went up through the swarm and ended the whole node.
+  :func:`contain_stream_errors` ends the stream instead.
+* **No py-libp2p resource manager; limits of our own.** ``new_host()`` installs
+  ``libp2p.rcmgr`` whether asked or not. Its counters leak: after 40 peers came
+  and went it counted 36 connections and 172 streams open where 1 and 0 were, and
+  at its limit (1000 connections) it refuses every new one: a node that stays up
+  ends with no peers. It also has no per-peer stream limit and trips a circuit
+  breaker for 60 s. It is removed; :func:`enforce_limits` applies
+  :class:`~.limits.Admission` instead, from counts read off the live connections
+  (``docs/upstream/rcmgr-accounting-leak.md``).
 """
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, cast
 
 import trio
@@ -38,6 +51,7 @@ from libp2p.crypto.ed25519 import create_new_key_pair
 from libp2p.crypto.x25519 import create_new_key_pair as create_x25519_key_pair
 from libp2p.custom_types import TProtocol
 from libp2p.network.config import ConnectionConfig
+from libp2p.network.exceptions import SwarmException
 from libp2p.network.stream.net_stream import NetStream
 from libp2p.peer.id import ID
 from libp2p.security.noise.transport import PROTOCOL_ID as NOISE_PROTOCOL_ID
@@ -48,11 +62,13 @@ from multiaddr import Multiaddr
 from cocoon_p2p.core.identity import Identity
 
 from .fastlock import FastLock
+from .limits import Admission
 from .muxer import PROTOCOL_ID as MUXER_PROTOCOL_ID
 from .muxer import WRITE_TIMEOUT_S, YamuxMuxer
 from .noise import NoiseCipher, NoiseSession
 from .yamux import YamuxStats
 
+log = logging.getLogger(__name__)
 # Loggers whose INFO/WARNING output is routine noise for an operator.
 _NOISY_LOGGERS = {
     "libp2p": logging.ERROR,
@@ -177,10 +193,15 @@ def quiet_libp2p_logs() -> None:
 
 
 def build_host(
-    identity: Identity, *, announce_addrs: Sequence[str] = (), muxer_stats: YamuxStats | None = None
+    identity: Identity,
+    *,
+    announce_addrs: Sequence[str] = (),
+    muxer_stats: YamuxStats | None = None,
+    admission: Admission | None = None,
 ) -> IHost:
-    """A libp2p host for ``identity``: TCP, Noise only, yamux only, fast dials.
-    ``muxer_stats`` collects the counters of all its yamux sessions."""
+    """A libp2p host for ``identity``: TCP, Noise only, yamux only, fast dials, under
+    the resource limits of ``admission`` (the defaults when None). ``muxer_stats``
+    collects the counters of all its yamux sessions."""
     key_pair = create_new_key_pair(identity.seed)
     host_id = ID.from_pubkey(key_pair.public_key)
     if host_id.to_bytes() != identity.peer_id:  # our PeerId derivation must agree with libp2p's
@@ -194,31 +215,144 @@ def build_host(
         announce_addrs=[Multiaddr(a) for a in announce_addrs] or None,
     )
     disable_auto_connector(host)
-    use_own_yamux(host, stats=muxer_stats)
+    host.get_network().set_resource_manager(None)  # type: ignore[attr-defined]  # see the module docstring
+    admission = admission or Admission()
+    enforce_limits(host, admission)
+    use_own_yamux(host, stats=muxer_stats, admit_stream=stream_admission(host, admission))
+    contain_stream_errors(host)
     host.get_network().register_notifee(StreamLockNotifee())
     return host
 
 
-def use_own_yamux(host: IHost, *, write_timeout_s: float = WRITE_TIMEOUT_S, stats: YamuxStats | None = None) -> None:
+def contain_stream_errors(host: IHost) -> None:
+    """Whatever an inbound stream's handler raises ends that stream (reset), and
+    nothing else: not the connection's accept loop, not the swarm, not the node."""
+    swarm: Any = host.get_network()
+    handle = swarm.common_stream_handler
+
+    async def contained(stream: INetStream) -> None:
+        try:
+            await handle(stream)
+        except Exception as exc:
+            log.debug("stream handler failed (%s); resetting the stream", exc)
+            try:
+                await stream.reset()
+            except Exception:  # already reset or closed: nothing left to end
+                pass
+
+    swarm.common_stream_handler = contained  # instance attribute: this host only
+
+
+def use_own_yamux(
+    host: IHost,
+    *,
+    write_timeout_s: float = WRITE_TIMEOUT_S,
+    stats: YamuxStats | None = None,
+    admit_stream: Callable[[YamuxMuxer], bool] | None = None,
+) -> None:
     """Make ``host`` run yamux sessions with :class:`YamuxMuxer`.
 
     py-libp2p's muxer negotiation constructs its own ``Yamux`` whenever the
     protocol is ``/yamux/1.0.0``, whatever class the muxer options name, so the
     negotiation step of this host's upgrader is replaced (instance attribute: this
     host only). The wire protocol and its negotiation are unchanged. ``stats``,
-    when given, adds up every connection's counters.
+    when given, adds up every connection's counters; ``admit_stream`` is asked
+    for each stream a peer opens (:func:`stream_admission`).
     """
     muxers = host.get_network().upgrader.muxer_multistream  # type: ignore[attr-defined]
 
     async def new_conn(conn: ISecureConn, peer_id: ID) -> IMuxedConn:
         protocol, muxer_class = await muxers._selector.select(conn, conn.is_initiator, muxers.negotiate_timeout)
         if protocol == MUXER_PROTOCOL_ID:
-            muxed: IMuxedConn = YamuxMuxer(conn, peer_id, write_timeout_s=write_timeout_s, stats=stats)
+            muxed: IMuxedConn = YamuxMuxer(
+                conn, peer_id, write_timeout_s=write_timeout_s, stats=stats, admit_stream=admit_stream
+            )
         else:
             muxed = muxer_class(conn, peer_id)
         return cast(IMuxedConn, muxers._annotate_connection(muxed, conn, protocol))
 
     muxers.new_conn = new_conn
+
+
+def _remote_ip(conn: Any) -> str:
+    address = conn.get_remote_address()
+    return str(address[0]) if address else ""
+
+
+def enforce_limits(host: IHost, admission: Admission) -> None:
+    """Refuse inbound handshakes and connections beyond ``admission``'s limits.
+
+    Wraps two steps of this host's swarm (instance attributes: this host only):
+    the inbound upgrade (handshakes in progress, connections per IP: refused before
+    any cryptography, the socket closed at once) and the registration of a
+    connection, either direction (connections per peer: py-libp2p trims extra
+    connections only after a grace period, so a burst of them would all stay).
+    Each refusal is counted in ``admission.refused``.
+    """
+    swarm: Any = host.get_network()
+    upgrade_inbound = swarm.upgrade_inbound_raw_conn
+    add_conn = swarm.add_conn
+    # Connections being registered: add_conn awaits before the swarm lists a new
+    # connection, so a burst of them would each see none of the others.
+    registering: dict[ID, set[IMuxedConn]] = {}
+
+    def inbound_from(ip: str) -> int:
+        return sum(
+            1
+            for conns in swarm.connections.values()
+            for c in conns
+            if not c.muxed_conn.is_initiator and _remote_ip(c.muxed_conn) == ip
+        )
+
+    async def limited_upgrade(raw_conn: IRawConnection, maddr: Multiaddr) -> IMuxedConn:
+        ip = _remote_ip(raw_conn)
+        refusal = admission.begin_handshake(ip, inbound_from_ip=inbound_from(ip))
+        if refusal is not None:
+            await close_quietly(raw_conn)
+            raise SwarmException(f"inbound connection from {ip} refused: {refusal.value}")
+        try:
+            return cast(IMuxedConn, await upgrade_inbound(raw_conn, maddr))
+        finally:
+            admission.end_handshake(ip)
+
+    async def limited_add_conn(muxed_conn: IMuxedConn, direction: str = "unknown") -> INetConn:
+        peer = muxed_conn.peer_id
+        pending = registering.setdefault(peer, set())
+        others = {c.muxed_conn for c in swarm.connections.get(peer, ())} | pending
+        others.discard(muxed_conn)
+        refusal = admission.admit_connection(open_with_peer=len(others))
+        if refusal is not None:
+            if not pending:
+                del registering[peer]
+            await close_quietly(muxed_conn)
+            raise SwarmException(f"connection with {peer} refused: {refusal.value}")
+        pending.add(muxed_conn)
+        try:
+            return cast(INetConn, await add_conn(muxed_conn, direction))
+        finally:
+            pending.discard(muxed_conn)
+            if not pending and registering.get(peer) is pending:
+                del registering[peer]
+
+    swarm.upgrade_inbound_raw_conn = limited_upgrade
+    swarm.add_conn = limited_add_conn
+
+
+def stream_admission(host: IHost, admission: Admission) -> Callable[[YamuxMuxer], bool]:
+    """What a :class:`YamuxMuxer` of ``host`` asks for each stream its peer opens:
+    the peer's inbound streams over all its connections, counted from the sessions
+    themselves (nothing to release, so nothing to leak), against the limit."""
+    swarm: Any = host.get_network()
+
+    def admit(muxer: YamuxMuxer) -> bool:
+        open_from_peer = muxer.proto.inbound_streams
+        for c in swarm.connections.get(muxer.peer_id, ()):
+            other = c.muxed_conn
+            if other is not muxer and isinstance(other, YamuxMuxer):
+                open_from_peer += other.proto.inbound_streams
+        return admission.admit_inbound_stream(open_from_peer=open_from_peer) is None
+
+    return admit
 
 
 def disable_auto_connector(host: IHost) -> None:
@@ -237,6 +371,24 @@ def disable_auto_connector(host: IHost) -> None:
             return None
 
         connector.start = stay_stopped  # instance attribute: this host only
+
+
+async def close_connections(host: IHost, timeout_s: float) -> None:
+    """Close every connection and refuse new ones, in or out (a node winding down).
+
+    Listeners stay open until the host exits, because gossipsub reads their
+    sockets for our addresses while it winds down."""
+    network = host.get_network()
+    gate = getattr(network, "connection_gate", None)
+    if gate is not None:
+
+        async def refuse(_addr: Multiaddr) -> bool:
+            return False
+
+        gate.is_allowed = refuse
+    with trio.move_on_after(timeout_s):
+        for peer in list(network.connections):
+            await network.close_peer(peer)
 
 
 async def close_quietly(stream: Any, *, timeout_s: float = 1.0) -> None:

@@ -61,8 +61,11 @@ class YamuxMuxer(IMuxedConn):
         window: int = yamux.DEFAULT_WINDOW,
         write_timeout_s: float = WRITE_TIMEOUT_S,
         stats: yamux.YamuxStats | None = None,
+        admit_stream: Callable[[YamuxMuxer], bool] | None = None,
     ) -> None:
         self.secured_conn = secured_conn
+        # Asked for each stream the peer opens (after the session's own limit): False resets it.
+        self._admit_stream = admit_stream
         self.peer_id = peer_id
         self.proto = yamux.YamuxConnection(
             client=secured_conn.is_initiator, window=window, stats=stats or yamux.YamuxStats()
@@ -149,6 +152,9 @@ class YamuxMuxer(IMuxedConn):
             else:  # nobody will read it: give the credit straight back
                 self.proto.acknowledge_received(event.stream_id, len(event.data))
         elif isinstance(event, yamux.StreamOpened):
+            if self._admit_stream is not None and not self._admit_stream(self):
+                self.proto.reset_stream(event.stream_id)  # the peer holds too many: refused
+                return
             stream = MuxedStream(self, event.stream_id)
             try:
                 self._accept_send.send_nowait(stream)

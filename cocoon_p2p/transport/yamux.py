@@ -280,6 +280,11 @@ class YamuxConnection:
     def is_open(self, stream_id: int) -> bool:
         return stream_id in self._streams
 
+    @property
+    def inbound_streams(self) -> int:
+        """Streams the peer opened that are still open (either way)."""
+        return self._inbound
+
     def _open_for_sending(self, stream_id: int) -> _Stream:
         stream = self._streams.get(stream_id)
         if stream is None:

@@ -36,14 +36,18 @@ class IOSpec:
 
 
 class Backend(Protocol):
-    """A loaded model ready to run. ``run`` is synchronous; callers run it in a thread."""
+    """A loaded model ready to run. ``run`` is synchronous; callers run it in a thread.
+    ``release``: after this (large) run, give the memory the backend keeps for reuse
+    back to the system, so one large job does not raise the worker's memory for good."""
 
     name: str
     device: str
     inputs: tuple[IOSpec, ...]
     outputs: tuple[IOSpec, ...]
 
-    def run(self, feeds: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]: ...
+    def run(
+        self, feeds: dict[str, np.ndarray[Any, Any]], *, release: bool = False
+    ) -> dict[str, np.ndarray[Any, Any]]: ...
 
     def close(self) -> None: ...
 

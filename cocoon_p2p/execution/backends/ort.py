@@ -45,12 +45,17 @@ class OnnxRuntimeBackend:
         except Exception as exc:  # onnxruntime raises its own untyped errors
             raise BackendError(f"onnxruntime cannot load {path}: {exc}") from exc
         self.device = "cuda" if self.session.get_providers()[0] == "CUDAExecutionProvider" else "cpu"
+        # The arena keeps small runs fast, but keeps a large run's peak for good (MiniLM,
+        # 256 texts of 256 tokens: 4.9 GB): after a large run it shrinks back.
+        self._release = ort.RunOptions()
+        arenas = "cpu:0;gpu:0" if self.device == "cuda" else "cpu:0"
+        self._release.add_run_config_entry("memory.enable_memory_arena_shrinkage", arenas)
         self.inputs = tuple(_spec(a) for a in self.session.get_inputs())
         self.outputs = tuple(_spec(a) for a in self.session.get_outputs())
 
-    def run(self, feeds: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+    def run(self, feeds: dict[str, np.ndarray[Any, Any]], *, release: bool = False) -> dict[str, np.ndarray[Any, Any]]:
         try:
-            results = self.session.run(None, feeds)
+            results = self.session.run(None, feeds, self._release if release else None)
         except Exception as exc:
             raise BackendError(f"onnxruntime failed: {exc}") from exc
         return {spec.name: np.asarray(r) for spec, r in zip(self.outputs, results, strict=True)}

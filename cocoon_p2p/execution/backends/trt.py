@@ -111,7 +111,7 @@ class TensorRTBackend:
         timing_path.write_bytes(bytes(config.get_timing_cache().serialize()))
         return bytes(blob)
 
-    def run(self, feeds: dict[str, np.ndarray[Any, Any]]) -> dict[str, np.ndarray[Any, Any]]:
+    def run(self, feeds: dict[str, np.ndarray[Any, Any]], *, release: bool = False) -> dict[str, np.ndarray[Any, Any]]:
         torch = self._torch
         keep: list[Any] = []
         with torch.cuda.stream(self.stream):
@@ -129,7 +129,11 @@ class TensorRTBackend:
             if not self.context.execute_async_v3(self.stream.cuda_stream):
                 raise BackendError("TensorRT execute_async_v3 failed")
         self.stream.synchronize()
-        return {name: o.cpu().numpy() for name, o in outs.items()}
+        result = {name: o.cpu().numpy() for name, o in outs.items()}
+        if release:  # torch's caching allocator would keep this run's peak on the GPU
+            del keep, outs
+            torch.cuda.empty_cache()
+        return result
 
     def close(self) -> None:
         del self.context, self.engine
