@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Callable
+import signal
+import subprocess
+from collections.abc import AsyncIterator, Callable, Iterable
 from contextlib import AsyncExitStack, asynccontextmanager
 
 import trio
@@ -67,3 +69,14 @@ async def open_raw_peer(ident: Identity) -> AsyncIterator[tuple[object, Pubsub, 
         await stack.enter_async_context(background_trio_service(dht))
         await pubsub.wait_until_ready()
         yield host, pubsub, dht
+
+
+def stop_processes(procs: Iterable[subprocess.Popen[str]], *, timeout_s: float = 30) -> None:
+    """SIGTERM each process still running (a node settles and exits), SIGKILL it after ``timeout_s``."""
+    for p in procs:
+        if p.poll() is None:
+            p.send_signal(signal.SIGTERM)
+            try:
+                p.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                p.kill()

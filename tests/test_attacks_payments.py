@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import stat
 import subprocess
 import sys
@@ -51,7 +50,7 @@ from cocoon_p2p.payments.vouchers import (
     VoucherBook,
 )
 
-from .netutil import fast_config, wait_for
+from .netutil import fast_config, stop_processes, wait_for
 
 A, B = SigningKey(bytes([1]) * 32), SigningKey(bytes([2]) * 32)
 TERMS = ChannelTerms(channel_id=0xC0C0A, payer_key=bytes(A.verify_key), deposit_a=10**9, address="0:" + "cc" * 32)
@@ -423,13 +422,7 @@ async def test_a_client_that_stopped_paying_is_still_refused_after_a_worker_kill
                             continue
                         raise AssertionError("the restarted worker gave a fresh credit to a client that owes it")
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-                    try:
-                        p.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+            stop_processes(procs)
 
 
 async def _job(client: Node, model: ModelSpec) -> None:

@@ -17,6 +17,8 @@ import pytest
 from cocoon_p2p.core.metrics import parse
 from cocoon_p2p.testing.localchain import open_local_chain
 
+from .netutil import stop_processes
+
 CLI = [sys.executable, "-m", "cocoon_p2p.nodes.cli"]
 
 
@@ -171,13 +173,7 @@ def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path)
             gained = chain.balance(wallet) - before
             assert 3000 - 60_000_000 < gained  # its 3000 nanoton arrived, less the close's gas
         finally:
-            for p in procs:
-                if p.poll() is None:
-                    p.send_signal(signal.SIGTERM)
-                    try:
-                        p.wait(timeout=30)
-                    except subprocess.TimeoutExpired:
-                        p.kill()
+            stop_processes(procs)
 
 
 def _status(data_dir: Path) -> dict[str, object]:
