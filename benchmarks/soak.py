@@ -16,9 +16,13 @@ client as a Poisson stream at ``--load`` of that, while
 
 Every ``--sample-s`` it records, per minute: jobs ok and failed, p50/p99
 latency, and each worker's resident memory. At the end it stops the workers and
-audits the money: what the clients (the honest one and the paying attacker)
-paid for results against the vouchers the workers hold on disk (``cocoon-node status``'s reading of their data
-directories). Writes ``benchmarks/results/soak.json`` and ``soak.png``.
+audits the money channel by channel: the newest voucher each client (the honest
+one and the paying attacker) wrote to its ``issued.log``, the total each worker
+acknowledged, and the vouchers the workers hold on disk (``cocoon-node status``'s
+reading of their data directories). Money is lost when a worker acknowledged more
+than it holds, paid twice when it holds more than was signed; vouchers signed and
+not yet acknowledged stay in the client's log and are resent on its next
+connection. Writes ``benchmarks/results/soak.json`` and ``soak.png``.
 """
 
 from __future__ import annotations
@@ -48,6 +52,8 @@ from cocoon_p2p.node import ModelCapability, Node, NodeConfig
 from cocoon_p2p.overlay import protocols
 from cocoon_p2p.payments.service import PaymentConfig
 from cocoon_p2p.payments.settlement import SettlementPolicy
+from cocoon_p2p.payments.voucherlog import VoucherLog
+from cocoon_p2p.payments.vouchers import SignedSemiChannel
 from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
 from cocoon_p2p.testing.processes import NODE_CLI, start_process
 from cocoon_p2p.transport.host import quiet_libp2p_logs
@@ -243,18 +249,50 @@ async def run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[s
                 clients = [c.job_client for c in (client, s.attacker) if c is not None and c.job_client is not None]
                 paid = sum(c.stats.paid_nanoton for c in clients)
                 pending = sum(c.stats.payments_pending for c in clients)
+                acked = {
+                    ch.issuer.channel_id: ch.acked
+                    for node in (client, s.attacker)
+                    if node is not None and node.payments is not None
+                    for ch in node.payments.payer.channels.values()
+                }
         finally:
             for proc in [*s.workers, boot]:
                 if proc.returncode is None:
                     proc.send_signal(signal.SIGKILL)
             nursery.cancel_scope.cancel()
-    held = 0
-    for i in range(args.workers):
-        held += sum(c["earned_nanoton"] for c in status_mod.collect(root / f"w{i}")["worker_channels"])
-    return _report(s, capacity, rate, paid=paid, held=held, pending=pending)
+    money = _audit(root, args.workers, acked)
+    return _report(s, capacity, rate, paid=paid, pending=pending, money=money)
 
 
-def _report(s: Soak, capacity: float, rate: float, *, paid: int, held: int, pending: int) -> dict[str, Any]:
+def _audit(root: Path, workers: int, acked: dict[int, int]) -> dict[str, int]:
+    """The money, channel by channel: signed (clients' logs), acknowledged, held (workers' disks)."""
+    signed: dict[int, int] = {}
+    for name in ("client", "attacker"):
+        path = root / name / "issued.log"
+        if path.is_file():
+            log = VoucherLog(path, read_only=True)
+            for record in log.records:  # in order: the last one per channel is its total
+                v = SignedSemiChannel.from_record(record)
+                signed[v.state.channel_id] = v.state.body.sent
+            log.close()
+    held: dict[int, int] = {}
+    for i in range(workers):
+        for c in status_mod.collect(root / f"w{i}")["worker_channels"]:
+            held[int(c["channel_id"], 16)] = c["earned_nanoton"]
+    out = {"channels": 0, "signed_nanoton": 0, "held_nanoton": 0, "lost_nanoton": 0, "paid_twice_nanoton": 0,
+           "unacknowledged_nanoton": 0}  # fmt: skip
+    for cid in signed.keys() | held.keys():
+        s, h, a = signed.get(cid, 0), held.get(cid, 0), acked.get(cid, 0)
+        out["channels"] += 1
+        out["signed_nanoton"] += s
+        out["held_nanoton"] += h
+        out["lost_nanoton"] += max(0, a - h)  # acknowledged as durable, yet not on the worker's disk
+        out["paid_twice_nanoton"] += max(0, h - s)  # held beyond anything the client signed
+        out["unacknowledged_nanoton"] += max(0, s - max(a, h))  # in the client's log, resent on reconnect
+    return out
+
+
+def _report(s: Soak, capacity: float, rate: float, *, paid: int, pending: int, money: dict[str, int]) -> dict[str, Any]:
     minutes = []
     for m in range(int(s.args.minutes)):
         window = [j for j in s.jobs if m * 60 <= j.t < (m + 1) * 60]
@@ -285,12 +323,10 @@ def _report(s: Soak, capacity: float, rate: float, *, paid: int, held: int, pend
         "failed_by_code": failed,
         "latency_ms_p50": percentile(ok_all, 50),
         "latency_ms_p99": percentile(ok_all, 99),
-        "paid_by_clients_nanoton": paid,
-        "vouchers_held_by_workers_nanoton": held,
+        "paid_by_clients_nanoton": paid,  # acknowledged payments the job clients counted
         "payments_pending": pending,
-        # > 0: paid for, held by no worker (lost); < 0: held beyond what was paid (paid twice).
-        # Unacknowledged vouchers count as held once a worker has them on disk.
-        "money_lost_nanoton": paid - held,
+        "vouchers": money,
+        "money_lost_nanoton": money["lost_nanoton"] + money["paid_twice_nanoton"],
         "per_minute": minutes,
         "memory": s.memory,
         "events": s.events,

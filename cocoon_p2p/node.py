@@ -54,6 +54,7 @@ from cocoon_p2p.overlay.directory import WorkerDirectory, WorkerOffer
 from cocoon_p2p.overlay.events import EventQueue, NodeEvent, PeerBanned, WorkerSeen
 from cocoon_p2p.overlay.gossip import Gossip, MeshParams, Subscription, build_pubsub
 from cocoon_p2p.overlay.guard import PeerGuard
+from cocoon_p2p.overlay.joblimits import JobLimits
 from cocoon_p2p.overlay.peerscore import PeerScores
 from cocoon_p2p.overlay.peerset import PeerSet, split_p2p_addr
 from cocoon_p2p.payments.service import PaymentConfig, PaymentService
@@ -72,6 +73,14 @@ __all__ = [
     "open_node",
 ]
 log = logging.getLogger(__name__)
+
+
+def advertised(limits: InputLimits) -> JobLimits:
+    """What a client can check of a model's input limits before it sends a job (characters
+    and counts; tokens only the worker's tokenizer knows)."""
+    return JobLimits(limits.max_items, limits.max_text_chars, limits.max_total_chars, limits.max_new_tokens)
+
+
 LOOKUP_FALLBACK_TIMEOUT_S = 5.0  # the DHT, asked when gossip knows no worker for a model
 CLOSE_TIMEOUT_S = 5.0
 
@@ -97,6 +106,7 @@ class NodeConfig:
     gossip_heartbeat_s: int = 1
     event_queue_size: int = 256
     job_capacity: int = 8  # jobs a worker admits at once before answering "busy"
+    jobs_per_client: int | None = None  # of those, what one client may hold (None: all)
     limits: ResourceLimits = field(default_factory=ResourceLimits)  # what one peer or IP may hold open
     payments: PaymentConfig | None = None
     quiet_logs: bool = True
@@ -331,6 +341,7 @@ class Node:
                 price_nanoton=price_nanoton,
                 unit=spec.unit,
                 capacity=worker.capacity,
+                limits=advertised(worker.limits(spec.model_id)),
             )
         )
         self.set_capabilities(caps)
@@ -349,6 +360,7 @@ class Node:
                 feedback=self.guard,
                 load=self.advertiser,
                 payments=self.payments,
+                per_client=self.config.jobs_per_client,
             )
         return self.job_worker
 

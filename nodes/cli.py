@@ -34,6 +34,7 @@ from cocoon_p2p.payments.chain import TonCenter, Wallet
 from cocoon_p2p.payments.service import PaymentConfig
 from cocoon_p2p.payments.settlement import SettlementPolicy
 from cocoon_p2p.testing.localchain import LocalChain
+from cocoon_p2p.transport.limits import ResourceLimits
 
 from . import config as config_mod
 from . import demo, logs
@@ -112,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=BACKENDS, help="execution backend (default auto: TensorRT if present)")
     p.add_argument("--price-nanoton", type=int, help="price per unit of work")
     p.add_argument("--capacity", type=int, help="jobs run at once; more are refused as busy")
+    p.add_argument("--jobs-per-client", type=int, help="jobs one client may run at once (default: capacity)")
     _payments(p)
     p.add_argument("--announce-interval-s", type=float, help="seconds between announcements")
 
@@ -160,6 +162,13 @@ def _node_config(cfg: config_mod.RoleConfig, payments: PaymentConfig | None = No
         announce_interval_s=cfg.announce_interval_s,
         announce_ttl_s=max(5 * cfg.announce_interval_s, 15.0),  # outlives a busy machine's delays
         job_capacity=cfg.capacity,
+        jobs_per_client=cfg.jobs_per_client or None,
+        limits=ResourceLimits(
+            max_pending_handshakes=cfg.max_pending_handshakes,
+            max_connections_per_ip=cfg.max_connections_per_ip,
+            max_connections_per_peer=cfg.max_connections_per_peer,
+            max_inbound_streams_per_peer=cfg.max_inbound_streams_per_peer,
+        ),
     )
 
 
@@ -291,6 +300,8 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
         if pay is not None and args.settle:
             settled = await pay.settle(r.worker)
             print(f"channel closed on chain: {settled} nanoton to the worker", file=sys.stderr)
+            for channel, how in (await pay.watch_once()).items():  # closes a restart left unfinished
+                print(f"channel {channel}: {how}", file=sys.stderr)
     print(
         f"served by {_pid(r.worker)}: {r.usage_units} units x {r.price_nanoton} = {r.cost_nanoton} nanoton, "
         f"{r.latency_s * 1000:.0f} ms, {r.attempts} attempt(s)",

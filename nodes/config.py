@@ -29,6 +29,12 @@ class RoleConfig:
     models: list[str] = field(default_factory=list)  # ONNX paths or built-in names
     price_nanoton: int = 1000
     capacity: int = 8
+    jobs_per_client: int = 0  # worker: jobs one client may run at once (0: up to capacity)
+    # What one peer or address may hold open (cocoon_p2p.transport.limits.ResourceLimits).
+    max_pending_handshakes: int = 128
+    max_connections_per_ip: int = 64
+    max_connections_per_peer: int = 2
+    max_inbound_streams_per_peer: int = 256
     backend: str = "auto"
     # Payments: a toncenter v2 endpoint (empty: no payments). local_chain: it is the
     # local test chain, whose faucet funds this node's wallet.

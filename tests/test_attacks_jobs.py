@@ -11,6 +11,7 @@ slow run real peers on 127.0.0.1."""
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
@@ -40,7 +41,7 @@ from cocoon_p2p.jobs.connection import MAX_OPEN_JOBS, JobConnection, Role
 from cocoon_p2p.jobs.routing import MAX_TIMEOUT_COOLDOWN_S, TIMEOUT_COOLDOWN_S, Router
 from cocoon_p2p.jobs.slots import Slots, StreamSlots
 from cocoon_p2p.jobs.worker import JobWorker
-from cocoon_p2p.node import Node
+from cocoon_p2p.node import Node, advertised
 from cocoon_p2p.overlay.directory import WorkerOffer
 
 from .helpers import JOB_PRICE as PRICE
@@ -122,6 +123,8 @@ async def test_a_flooded_stream_over_real_peers_leaks_no_slot(tiny_model: ModelS
         worker = w.job_worker
         assert worker is not None
         await wait_for(lambda: bool(honest.directory.workers_for(tiny_model.model_id, now_ms=now_ms())))
+        (seen,) = honest.directory.workers_for(tiny_model.model_id, now_ms=now_ms())
+        assert seen.limits == advertised(worker.limits(tiny_model.model_id))  # gossiped with the offer
         for _ in range(capacity + 2):  # the attack of the issue: one write of ~2,000 requests, each time
             stream = await attacker.host.new_stream(ID(w.peer_id), [TProtocol(jf.JOB_PROTOCOL)])
             await stream.write(_flood(tiny_model.model_id))
@@ -144,6 +147,43 @@ def test_a_stream_gives_back_its_slots_when_it_ends_and_takes_no_more() -> None:
     assert sorted(a.close()) == ["a1", "a2"] and slots.taken == 0  # the stream ended: all back
     assert not a.hold(3, "a3") and slots.taken == 0  # nothing is admitted on an ended stream
     assert a.release(1) is None  # a job of that stream ending later gives back nothing twice
+
+
+def test_one_client_holds_at_most_its_share_of_the_slots_over_all_its_streams() -> None:
+    slots = Slots(4, per_client=2)
+    a1: StreamSlots[str] = slots.stream(b"alice")
+    a2: StreamSlots[str] = slots.stream(b"alice")
+    b: StreamSlots[str] = slots.stream(b"bob")
+    assert a1.hold(1, "a") and a2.hold(1, "a'") and not a2.hold(2, "a''")  # 2 for alice, over two streams
+    assert slots.free == 2 and slots.free_for(b"alice") == 0 and slots.free_for(b"bob") == 2
+    assert b.hold(1, "b") and b.hold(2, "b'") and not b.hold(3, "b''")
+    assert a1.close() == ["a"] and slots.free_for(b"alice") == 1 and slots.by_client[b"alice"] == 1
+    assert a2.release(1) == "a'" and b"alice" not in slots.by_client  # nothing kept for a client gone
+    assert Slots(4).per_client == 4 and Slots(2, per_client=9).per_client == 2
+
+
+async def test_a_greedy_client_gets_busy_past_its_share_while_others_are_served(slow_model: ModelSpec) -> None:
+    mid = slow_model.model_id
+    async with trio.open_nursery() as nursery:
+        hosts = _Hosts(nursery)
+        worker = JobWorker(hosts, nursery, capacity=3, feedback=Ports(), load=Ports(), per_client=1)
+        worker.serve(slow_model, OnnxRuntimeBackend(slow_model.path, threads=1), price_nanoton=PRICE)
+        greedy = JobClient(hosts, nursery, _offers(mid), feedback=Ports())
+        outcomes: list[str] = []
+
+        async def one() -> None:
+            try:
+                await greedy.infer(mid, inputs=(from_numpy("x", x_rows(1)),), max_price=10, timeout_s=30)
+                outcomes.append("ok")
+            except JobFailed as exc:
+                outcomes.append(exc.code)
+
+        async with trio.open_nursery() as jobs:
+            for _ in range(3):
+                jobs.start_soon(one)
+        assert sorted(outcomes) == ["busy", "busy", "ok"] and worker.stats.refused == {jf.BUSY: 2}
+        assert worker.running == 0
+        nursery.cancel_scope.cancel()
 
 
 # ---- several workers in memory ------------------------------------------------------------------
@@ -494,6 +534,30 @@ async def test_the_worker_refuses_a_heavy_job_before_any_work(embedder: ModelSpe
         assert backend.runs == [] and worker.stats.refused == {jf.TOO_LARGE: 3} and worker.running == 0
         r = await client.infer(mid, texts=("w1 w2", _words(30)), max_price=10, timeout_s=5)
         assert to_numpy(r.output())[:, 0].tolist() == [4.0, 8.0] and r.usage_units == 2
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_client_sends_a_job_only_to_workers_whose_advertised_limits_take_it(embedder: ModelSpec) -> None:
+    ports, mid = Ports(), embedder.model_id
+    async with trio.open_nursery() as nursery:
+        hosts = _Hosts(nursery)
+        worker = JobWorker(hosts, nursery, capacity=2, feedback=ports, load=ports)
+        worker.serve(embedder, OnnxRuntimeBackend(embedder.path, threads=1), price_nanoton=PRICE)
+        (plain,) = await _offers(mid)(mid)
+        said = advertised(worker.limits(mid))
+        small = dataclasses.replace(said, max_items=2)
+        listing = [dataclasses.replace(plain, limits=said), dataclasses.replace(plain, peer_id=HOLE, limits=small)]
+
+        async def offers(_: bytes) -> list[WorkerOffer]:
+            return listing
+
+        client = JobClient(hosts, nursery, offers, feedback=Ports())
+        with pytest.raises(JobFailed) as err:  # beyond every worker's limits: no worker is asked
+            await client.infer(mid, texts=("w1",) * (said.max_items + 1), max_price=10, timeout_s=5)
+        assert err.value.code == jf.TOO_LARGE and f"at most {said.max_items}" in str(err.value)
+        assert worker.stats.refused == {} and client.stats.jobs_failed == 1
+        r = await client.infer(mid, texts=("w1",) * 3, max_price=10, timeout_s=5)  # only WORKER takes 3
+        assert r.worker == WORKER and r.usage_units == 3
         nursery.cancel_scope.cancel()
 
 

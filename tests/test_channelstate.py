@@ -3,6 +3,7 @@ on both sides (the worker's store, the client's book)."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -23,7 +24,7 @@ from cocoon_p2p.payments.channelops import PaymentConfig
 from cocoon_p2p.payments.channelstate import ChannelEvent, ChannelState, CloseOutcome, Lifecycle
 from cocoon_p2p.payments.closeterms import payee_terms
 from cocoon_p2p.payments.errors import ForbiddenTransition, UnknownChannel
-from cocoon_p2p.payments.payee import PAYMENT_REQUIRED, Payee
+from cocoon_p2p.payments.payee import CHANNEL_ENDED, Payee
 from cocoon_p2p.payments.payer import Payer
 from cocoon_p2p.payments.payerbook import ChannelRecord, decode_book, encode_book
 from cocoon_p2p.payments.service import PaymentService
@@ -195,6 +196,23 @@ def _config(root: Path) -> PaymentConfig:
     return PaymentConfig(TonCenter("http://127.0.0.1:9"), Wallet(contract=None, secret_key=b""), root)
 
 
+async def test_an_older_channels_last_voucher_is_taken_after_the_client_moved_on(tmp_path: Path) -> None:
+    """A client restarted while closing a channel resends its last voucher there after it
+    opened a new one: it goes to the older channel (same payer), not refused as malformed."""
+    payee = Payee(B, _config(tmp_path))
+    newer = dataclasses.replace(TERMS, channel_id=0xC0C0B, address="0:" + "cd" * 32)
+    stranger = dataclasses.replace(TERMS, channel_id=0xC0C0C, payer_key=bytes(B.verify_key), address="0:" + "ce" * 32)
+    for terms in (TERMS, newer, stranger):
+        payee.store.open(terms)
+    payee._channel_of[CLIENT] = newer.channel_id
+    assert await payee.answer(CLIENT, pf.PayVoucher(voucher(1, 100).to_record())) == pf.PaidUpTo(100)
+    assert payee.store.earned(TERMS.channel_id) == 100 and payee.store.earned(newer.channel_id) == 0
+    theirs = SemiChannel(stranger.channel_id, SemiChannelBody(1, 100)).sign(A)  # not this client's channel
+    refused = await payee.answer(CLIENT, pf.PayVoucher(theirs.to_record()))
+    assert isinstance(refused, pf.PayError) and payee.store.earned(stranger.channel_id) == 0
+    payee.store.close()
+
+
 async def test_a_restarted_worker_admits_no_job_on_a_channel_it_was_closing(tmp_path: Path) -> None:
     payee = Payee(B, _config(tmp_path))
     payee.store.open(TERMS)
@@ -206,12 +224,12 @@ async def test_a_restarted_worker_admits_no_job_on_a_channel_it_was_closing(tmp_
     sig_a = m.sign_body(terms.body(), A)
     request = pf.CloseRequest(terms.balance_a, terms.balance_b, terms.seqno_a, terms.seqno_b, sig_a)
     assert isinstance(await payee.answer(CLIENT, request), pf.CloseSigned)
-    assert payee.admission(CLIENT) == PAYMENT_REQUIRED
+    assert payee.admission(CLIENT) == CHANNEL_ENDED  # the client is told to open a new channel
     payee.store.close()
 
     again = Payee(B, _config(tmp_path))  # restarted
     assert again.store.state(TERMS.channel_id) is S.CLOSING_COOPERATIVE
-    assert again.admission(CLIENT) == PAYMENT_REQUIRED
+    assert again.admission(CLIENT) == CHANNEL_ENDED
     assert isinstance(await again.answer(CLIENT, request), pf.CloseSigned)  # a lost signature, given again
     assert await again.answer(CLIENT, pf.PayVoucher(voucher(2, 150).to_record())) == pf.PaidUpTo(150)
     again.store.advance(TERMS.channel_id, E.CLOSED_ON_CHAIN)

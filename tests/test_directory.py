@@ -9,6 +9,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from cocoon_p2p.core import signed, wire
 from cocoon_p2p.core.errors import (
     BadSignature,
     ExpiredMessage,
@@ -20,6 +21,7 @@ from cocoon_p2p.core.errors import (
 )
 from cocoon_p2p.overlay import announcement as ann_mod
 from cocoon_p2p.overlay.directory import WorkerDirectory
+from cocoon_p2p.overlay.joblimits import JobLimits, JobSize
 
 from .helpers import MODEL, MODEL_B, NOW, announcement, ident, offer, record
 
@@ -32,6 +34,37 @@ def test_announcement_round_trip_and_limits() -> None:
     too_many = tuple(offer(bytes([i]) * 32) for i in range(ann_mod.MAX_OFFERS + 1))
     with pytest.raises(MalformedMessage):
         ann_mod.decode(dataclasses.replace(a, offers=too_many).encode(), now_ms=NOW)
+
+
+def test_offers_carry_their_job_limits_and_older_offers_without_them_still_decode() -> None:
+    limits = JobLimits(max_items=256, max_text_chars=8192, max_total_chars=65536)
+    a = announcement(ident(1), offers=(offer(limits=limits), offer(MODEL_B)))
+    back = ann_mod.decode(a.encode(), now_ms=NOW)
+    assert back == a and back.offers[0].limits == limits and back.offers[1].limits is None
+    d = WorkerDirectory()
+    d.receive_announcement(a.encode(), origin=ident(1).peer_id, now_ms=NOW)
+    assert [w.limits for w in d.workers_for(MODEL, now_ms=NOW)] == [limits]
+    for bad in ([0, 1, 1, 0], [1, 1, 1], [1, 1, 1, -1], "limits"):  # refused, not half-read
+        forged = dataclasses.replace(a, offers=(offer(),))
+        raw = forged._unsigned()
+        raw[3] = [[*offer()._fields(), bad]]
+        with pytest.raises(MalformedMessage):
+            ann_mod.decode(wire.pack([*raw, signed.sign(ident(1), ann_mod.DOMAIN, raw)]), now_ms=NOW)
+
+
+@pytest.mark.parametrize(
+    ("size", "why"),
+    [
+        (JobSize.of(texts=("x",) * 257), "257 items: at most 256"),
+        (JobSize.of(texts=("x" * 8193,)), "a text of 8193 characters: at most 8192"),
+        (JobSize.of(texts=("x" * 8000,) * 9), "72000 characters in all: at most 65536"),
+        (JobSize.of(texts=("x",), new_tokens=10**6), None),  # 0: no generation limit said
+        (JobSize.of(rows=256), None),
+    ],
+)
+def test_job_limits_say_why_a_job_is_beyond_them(size: JobSize, why: str | None) -> None:
+    assert JobLimits(256, 8192, 65536).refusal(size) == why
+    assert JobLimits(1, 100, 100, max_new_tokens=64).refusal(JobSize.of(texts=("hi",), new_tokens=65)) is not None
 
 
 def test_tampered_announcement() -> None:

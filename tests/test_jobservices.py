@@ -38,6 +38,7 @@ class Ports:
     calls: list[tuple[Any, ...]] = field(default_factory=list)
     admission_code: str | None = None
     channel_error: CocoonError | None = None
+    pay_s: float = 0.0  # how long a payment takes
 
     def misbehaved(self, peer: bytes, error: ProtocolError) -> None:
         self.calls.append(("misbehaved", peer, error.code))
@@ -54,7 +55,12 @@ class Ports:
         self.calls.append(("channel", worker))
 
     async def pay(self, worker: bytes, cost: int) -> None:
+        await trio.sleep(self.pay_s)
         self.calls.append(("pay", worker, cost))
+
+    async def channel_ended(self, worker: bytes) -> None:
+        self.calls.append(("ended", worker))
+        self.admission_code = None  # a new channel: the worker admits the job
 
     def admission(self, client: bytes) -> str | None:
         return self.admission_code
@@ -156,6 +162,42 @@ async def test_refusals_through_the_ports(
         assert worker.stats.refused == refused and worker.running == 0
         assert client.stats.jobs_failed == 1 and client.stats.retries == int(err.value.retryable)
         assert not [call for call in ports.calls if call[0] in ("bill", "pay", "load")]
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_worker_closing_our_channel_gets_the_job_again_on_a_new_one(tiny_model: ModelSpec) -> None:
+    """The worker signed a close we never heard of (it crashed before answering): it refuses
+    jobs as ``channel-ended``; the client replaces the channel and the same worker runs the job."""
+    ports, mid = Ports(admission_code=jf.CHANNEL_ENDED), tiny_model.model_id
+    async with trio.open_nursery() as nursery:
+        hosts = _Hosts(nursery)
+        worker = JobWorker(hosts, nursery, capacity=2, feedback=ports, load=ports, payments=ports)
+        worker.serve(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
+        client = JobClient(hosts, nursery, _offers(mid), feedback=ports, payments=ports)
+        r = await client.infer(mid, inputs=(from_numpy("x", x_rows(1)),), max_price=10)
+        assert r.worker == WORKER and r.attempts == 2 and worker.stats.refused == {jf.CHANNEL_ENDED: 1}
+        steps = [c[0] for c in ports.calls if c[0] in ("channel", "ended", "pay")]
+        assert steps == ["channel", "ended", "channel", "pay"]
+        ports.admission_code = jf.CHANNEL_ENDED  # and once more: the replacement did not help
+        ports.channel_ended = lambda worker: trio.lowlevel.checkpoint()  # type: ignore[method-assign,assignment,return-value]
+        with pytest.raises(JobFailed) as err:
+            await client.infer(mid, inputs=(from_numpy("x", x_rows(1)),), max_price=10)
+        assert err.value.code == jf.CHANNEL_ENDED and worker.stats.refused == {jf.CHANNEL_ENDED: 3}
+        nursery.cancel_scope.cancel()
+
+
+async def test_a_result_paid_for_after_the_deadline_is_returned_not_failed(tiny_model: ModelSpec) -> None:
+    """The voucher went out for a result in hand; a slow acknowledgement past the job's
+    deadline must not turn a paid job into a failed one (the soak saw 354 such jobs)."""
+    ports, mid = Ports(pay_s=1.0), tiny_model.model_id
+    async with trio.open_nursery() as nursery:
+        hosts = _Hosts(nursery)
+        worker = JobWorker(hosts, nursery, capacity=2, feedback=ports, load=ports, payments=ports)
+        worker.serve(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
+        client = JobClient(hosts, nursery, _offers(mid), feedback=ports, payments=ports)
+        r = await client.infer(mid, inputs=(from_numpy("x", x_rows(1)),), max_price=10, timeout_s=0.5)
+        assert r.cost_nanoton == PRICE and r.latency_s >= 1.0 and ("pay", WORKER, PRICE) in ports.calls
+        assert client.stats.jobs_ok == 1 and client.stats.jobs_failed == 0
         nursery.cancel_scope.cancel()
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ import trio
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
 from cocoon_p2p.execution.models import ModelSpec
-from cocoon_p2p.execution.tensors import from_numpy
+from cocoon_p2p.execution.tensors import Tensor, from_numpy
 from cocoon_p2p.jobs import JobFailed
 from cocoon_p2p.jobs import frames as jf
 from cocoon_p2p.node import Node
@@ -95,3 +96,66 @@ async def _infer(client: Node, model: ModelSpec, x: tuple[object, ...]) -> None:
         await client.infer(model.model_id, inputs=x, max_price_nanoton=PRICE)  # type: ignore[arg-type]
     except JobFailed as exc:
         raise AssertionError(f"job failed: {exc!r}") from exc
+
+
+async def test_an_opening_whose_init_was_lost_is_initialised_not_forgotten(
+    tiny_model: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The deposit landed but the init message did not (or the client died between them):
+    the channel stays OPENING, written down, and the next job initialises and confirms it."""
+    from cocoon_p2p.payments import payer as payer_mod
+    from cocoon_p2p.payments.channelstate import ChannelState
+
+    with open_local_chain() as chain:
+        w_cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "worker")
+        c_cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "client")
+        async with (
+            Node(fast_config(payments=w_cfg)) as worker,
+            Node(fast_config(bootstrap=[worker.addrs[0]], payments=c_cfg)) as client,
+        ):
+            assert client.payments is not None
+            payer = client.payments.payer
+            worker.serve_model(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
+            await wait_for(lambda: client.directory.workers_for(tiny_model.model_id, now_ms=now_ms()) != [])
+            monkeypatch.setattr(payer_mod, "OPEN_WAIT_S", 1.0)
+            monkeypatch.setattr(payer, "_initialise", lambda *args: None)  # the init message is lost
+            with pytest.raises(JobFailed) as err:
+                await client.infer(tiny_model.model_id, inputs=_x(), max_price_nanoton=PRICE)
+            assert err.value.code == jf.PAYMENT_SETUP and "not open on chain" in str(err.value)
+            (ch,) = payer.channels.values()
+            assert ch.state is ChannelState.OPENING and ch.since > 0 and chain.balance(ch.address) > 0
+            assert read_channel(chain, ch.address).state == 0  # deployed with the deposit, not initialised
+            monkeypatch.undo()
+            r = await client.infer(tiny_model.model_id, inputs=_x(), max_price_nanoton=PRICE)
+            assert r.cost_nanoton == 2 * PRICE and payer.open[worker.peer_id] is ch  # the same channel
+            assert read_channel(chain, ch.address).state == 1
+
+
+async def test_an_opening_is_abandoned_only_once_its_deposit_cannot_land(tmp_path: Path) -> None:
+    from nacl.signing import SigningKey
+
+    from cocoon_p2p.payments import payer as payer_mod
+    from cocoon_p2p.payments.channelops import PaymentFailed
+    from cocoon_p2p.payments.channelstate import ChannelState, Lifecycle
+    from cocoon_p2p.payments.payer import Payer, PayerChannel
+    from cocoon_p2p.payments.vouchers import VoucherIssuer
+
+    with open_local_chain() as chain:
+        cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "client")
+        payer = Payer(SigningKey.generate(), None, cfg)
+        for since, expect in [(0, ChannelState.CLOSED), (int(time.time()), ChannelState.OPENING),
+                              (int(time.time() - payer_mod.OPEN_WAIT_S - 1), ChannelState.CLOSED)]:  # fmt: skip
+            ch = PayerChannel("0:" + "ab" * 32, b"w", VoucherIssuer(1, payer.key, TON), None,
+                              Lifecycle(ChannelState.OPENING), since=since)  # fmt: skip
+            payer.channels[ch.address] = ch
+            if expect is ChannelState.OPENING:  # handed to the chain moments ago: it may still land
+                with pytest.raises(PaymentFailed, match="still opening"):
+                    await payer._resume_opening(b"w", ch)
+            else:
+                await payer._resume_opening(b"w", ch)
+            assert ch.state is expect
+        payer.close()
+
+
+def _x() -> tuple[Tensor, ...]:
+    return (from_numpy("x", np.ones((2, 4), dtype=np.float32)),)

@@ -12,6 +12,8 @@ when an attempt fails, :class:`JobAttempts` decides what happens next:
   has seen part of one answer;
 * each worker is tried at most once, at most ``max_attempts`` in all, and no
   attempt starts at or after the deadline;
+* a worker that refuses the job because it is closing our payment channel
+  (``channel-ended``) is tried once more, on a new channel, without a cool-down;
 * every failure is reported to the router (the worker cools down); a worker
   lost mid-job is also to be forgotten until it announces itself again
   (:attr:`AfterFailure.forget_worker`: the caller tells its directory);
@@ -92,6 +94,7 @@ class JobAttempts:
         self.count = 0  # attempts started
         self.last_code: str | None = None  # of the last failed attempt
         self._ended: str | None = None  # a failure that ends the job
+        self._renewed: set[bytes] = set()  # workers retried after they ended our channel
 
     @property
     def exclude(self) -> frozenset[bytes]:
@@ -126,8 +129,15 @@ class JobAttempts:
     def failed(self, peer: bytes, code: str, now: float, *, streamed: bool = False) -> AfterFailure:
         """The attempt on ``peer`` failed with ``code``; ``streamed``: chunks of it already
         reached the caller."""
-        self.router.failed(peer, now)
         self.last_code = code
+        if code == jf.CHANNEL_ENDED and peer not in self._renewed and not streamed:
+            # Not the worker's fault: our channel there is closing. Once the caller has
+            # stopped using it, the same worker may take the job on a new channel.
+            self._renewed.add(peer)
+            self.tried.discard(peer)
+            self.router.failed(peer, now, cooldown_s=0)
+            return AfterFailure(retry=True, forget_worker=False)
+        self.router.failed(peer, now)
         retry = retryable(code) and not streamed
         if not retry:
             self._ended = code

@@ -32,6 +32,7 @@ from cocoon_p2p.core.errors import CocoonError, LocalProtocolError, MalformedMes
 from cocoon_p2p.core.metrics import Histogram, Metric, metric
 from cocoon_p2p.execution.tensors import Tensor
 from cocoon_p2p.overlay.directory import WorkerOffer
+from cocoon_p2p.overlay.joblimits import JobSize
 from cocoon_p2p.transport.host import unblock_peer
 
 from . import frames as jf
@@ -257,10 +258,20 @@ class JobClient:
         last: JobFailed | None = None
         worker: bytes | None = None  # of the latest attempt
         why: str | None = None
+        done: tuple[jf.JobResult, int] | None = None  # the result and its price
+        rows = inputs[0].shape[0] if inputs and inputs[0].shape else 0
+        size = JobSize.of(texts=texts, rows=rows, new_tokens=max_tokens)
         # A bare cancel scope: trio.fail_after's context manager costs a few us more per job.
         with trio.CancelScope(deadline=plan.deadline) as scope:
             while (why := plan.stop(trio.current_time())) is None:
-                offer = plan.choose(await self.offers(model_id), trio.current_time())
+                offers = await self.offers(model_id)
+                fitting = [o for o in offers if o.limits is None or o.limits.refusal(size) is None]
+                if offers and not fitting:  # every worker says it would refuse: no need to ask
+                    assert offers[0].limits is not None
+                    why = jf.TOO_LARGE
+                    last = JobFailed(jf.TOO_LARGE, f"beyond every worker's limits: {offers[0].limits.refusal(size)}")
+                    break
+                offer = plan.choose(fitting, trio.current_time())
                 if offer is None:
                     why = jf.NO_WORKERS
                     break
@@ -282,6 +293,8 @@ class JobClient:
                         on_chunk=collect,
                     )
                 except JobFailed as exc:
+                    if exc.code == jf.CHANNEL_ENDED:
+                        await self._channel_ended(offer.peer_id)
                     after = plan.failed(offer.peer_id, exc.code, trio.current_time(), streamed=bool(chunks))
                     if after.forget_worker:
                         self.feedback.worker_lost(offer.peer_id)
@@ -297,21 +310,28 @@ class JobClient:
                         plan.interrupted(offer.peer_id, now)
                     raise
                 plan.succeeded(offer.peer_id, time.perf_counter() - t_job, compute_us=result.compute_us)
-                await self._pay(offer.peer_id, result.cost_nanoton)
-                self.stats.jobs_ok += 1
-                self.stats.latency_s.observe(time.perf_counter() - t0)
-                self.stats.paid_nanoton += result.cost_nanoton
-                return InferenceResult(
-                    outputs=result.outputs,
-                    worker=offer.peer_id,
-                    usage_units=result.usage_units,
-                    cost_nanoton=result.cost_nanoton,
-                    price_nanoton=price,
-                    latency_s=time.perf_counter() - t0,
-                    attempts=plan.count,
-                    token_ids=tuple(t for c in chunks for t in c.token_ids) if chunks else (),
-                    text="".join(c.text for c in chunks) if chunks else "",
-                )
+                done = result, price
+                break
+        if done is not None and worker is not None:
+            # Paid outside the job's deadline: a result in hand is owed, and is returned once
+            # paid even if that took past the deadline (the payer bounds its wait for an
+            # acknowledgement; an unacknowledged voucher goes again later).
+            result, price = done
+            await self._pay(worker, result.cost_nanoton)
+            self.stats.jobs_ok += 1
+            self.stats.latency_s.observe(time.perf_counter() - t0)
+            self.stats.paid_nanoton += result.cost_nanoton
+            return InferenceResult(
+                outputs=result.outputs,
+                worker=worker,
+                usage_units=result.usage_units,
+                cost_nanoton=result.cost_nanoton,
+                price_nanoton=price,
+                latency_s=time.perf_counter() - t0,
+                attempts=plan.count,
+                token_ids=tuple(t for c in chunks for t in c.token_ids) if chunks else (),
+                text="".join(c.text for c in chunks) if chunks else "",
+            )
         self.stats.jobs_failed += 1
         if scope.cancelled_caught or why == jf.DEADLINE:
             raise JobFailed(jf.DEADLINE, f"no result within {timeout_s} s", worker=worker)
@@ -328,14 +348,23 @@ class JobClient:
         except CocoonError as exc:
             raise JobFailed(jf.PAYMENT_SETUP, str(exc), worker=worker) from exc
 
+    async def _channel_ended(self, worker: bytes) -> None:
+        if self.payments is None:
+            return
+        try:
+            await self.payments.channel_ended(worker)
+        except CocoonError as exc:  # the next job's payment set-up tries again
+            log.warning("could not replace the channel %s is closing: %s", ID(worker), exc)
+
     async def _pay(self, worker: bytes, cost: int) -> None:
         if self.payments is None or not cost:
             return
         try:
             await self.payments.pay(worker, cost)
         except CocoonError as exc:
-            # The voucher is signed and logged; only its acknowledgement is missing
-            # (the worker went away). It goes again on reconnect or at settlement.
+            # The voucher is signed and logged; only its acknowledgement is missing (the
+            # worker went away, or did not answer in time). It goes again on reconnect or
+            # at settlement.
             self.stats.payments_pending += 1
             log.warning("payment to %s not acknowledged yet: %s", ID(worker), exc)
 

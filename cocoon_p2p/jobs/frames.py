@@ -40,9 +40,11 @@ BACKEND = "backend"
 TOO_LARGE = "too-large"
 SHUTTING_DOWN = "shutting-down"
 PAYMENT = "payment"  # no open channel with this client, or it owes more than its credit
+CHANNEL_ENDED = "channel-ended"  # the client's channel here is closing or closed: open a new one
 ERROR_CODES = frozenset(
-    {BUSY, UNKNOWN_MODEL, BAD_INPUT, PRICE, DEADLINE, CANCELLED, BACKEND, TOO_LARGE, SHUTTING_DOWN, PAYMENT}
-)
+    {BUSY, UNKNOWN_MODEL, BAD_INPUT, PRICE, DEADLINE, CANCELLED, BACKEND, TOO_LARGE, SHUTTING_DOWN, PAYMENT,
+     CHANNEL_ENDED}
+)  # fmt: skip
 # Failures the client notes itself (never sent in an error frame). Which codes are
 # retried on another worker is the client's policy: see :mod:`.attempts`.
 WORKER_LOST = "worker-lost"  # the worker went away mid-job, broke the protocol, or was unreachable

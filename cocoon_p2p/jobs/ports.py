@@ -30,6 +30,11 @@ class ClientPayments(Protocol):
         """Pay ``cost`` nanoton for a finished job; raise when the payment failed."""
         ...
 
+    async def channel_ended(self, worker: bytes) -> None:
+        """``worker`` refused a job because it is closing our channel: stop using it (the
+        next :meth:`ensure_channel` opens a new one); raise if that could not be done."""
+        ...
+
 
 class WorkerPayments(Protocol):
     """How a worker gets paid (implemented by :class:`~cocoon_p2p.payments.service.PaymentService`)."""

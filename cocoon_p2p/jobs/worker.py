@@ -56,7 +56,9 @@ class JobWorker:
     ``feedback`` hears of clients that broke the protocol; ``load`` gets the
     running count and free capacity per model whenever they change;
     ``payments`` (None: jobs are free) admits clients and is billed for each
-    result sent. ``max_wait_s`` > 0 holds a lone job that long for batch company.
+    result sent. ``per_client`` (None: ``capacity``) caps the jobs one client
+    runs at once; beyond it that client is answered ``busy``. ``max_wait_s`` > 0
+    holds a lone job that long for batch company.
     Tasks run in ``nursery``: the worker stops with it, and a job cut off there
     is neither answered nor billed.
     """
@@ -71,10 +73,11 @@ class JobWorker:
         load: LoadReport,
         payments: WorkerPayments | None = None,
         max_wait_s: float = 0.0,
+        per_client: int | None = None,
     ) -> None:
         self.host = host
         self.nursery = nursery
-        self.slots = Slots(capacity)  # each held by the stream of its job (see .slots)
+        self.slots = Slots(capacity, per_client=per_client)  # each held by the stream of its job (see .slots)
         self.feedback = feedback
         self.load = load
         self.payments = payments
@@ -177,7 +180,11 @@ class JobWorker:
             return jf.DEADLINE, "deadline already passed"
         if self.running >= self.capacity:
             return jf.BUSY, f"all {self.capacity} slots taken"
+        if self.slots.free_for(link.peer) <= 0:
+            return jf.BUSY, f"at most {self.slots.per_client} jobs per client at once"
         if self.payments is not None and (code := self.payments.admission(link.peer)) is not None:
+            if code == jf.CHANNEL_ENDED:
+                return code, "your payment channel here is closing: open a new one"
             return code, "open a payment channel or pay what is owed first"
         return None
 

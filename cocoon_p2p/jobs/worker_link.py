@@ -56,7 +56,7 @@ class WorkerLink:
         self.peer = remote_peer(stream)
         self.conn = JobConnection(Role.WORKER)
         self.lock = FastLock()  # held only around one write: no scheduler trip when free
-        self.jobs: StreamSlots[WorkerJob] = slots.stream()
+        self.jobs: StreamSlots[WorkerJob] = slots.stream(self.peer)
         self.pending = bytearray()  # frames held back to share the next write
         self.inbox: Inbox[WorkerItem] = Inbox()
         self._inline = inline

@@ -29,6 +29,7 @@ from .announcement import Announcement, Offer
 from .capability import CapabilityRecord
 from .dht import CapabilityDht
 from .gossip import Gossip
+from .joblimits import JobLimits
 
 log = logging.getLogger(__name__)
 # The shortest gap between two of our announcements; receivers refuse gaps under 0.2 s.
@@ -47,6 +48,7 @@ class ModelCapability:
     price_nanoton: int
     unit: str
     capacity: int = 1
+    limits: JobLimits | None = None  # what one job may ask; announced in gossip offers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -113,6 +115,7 @@ class Advertiser:
                 unit=c.unit,
                 capacity=c.capacity,
                 free_capacity=max(0, min(c.capacity, self._free.get(c.model_id, c.capacity))),
+                limits=c.limits,
             )
             for c in self._capabilities
         )

@@ -3,7 +3,10 @@
 Wire format (version 1), a canonical msgpack array::
 
     [1, peer_id, addrs, offers, running_jobs, issued_at_ms, expires_at_ms, signature]
-    offer = [model_id, backend, gpu, price_nanoton, unit, capacity, free_capacity]
+    offer = [model_id, backend, gpu, price_nanoton, unit, capacity, free_capacity(, limits)]
+
+``limits`` (:mod:`.joblimits`) is optional: an offer without it is read as one
+that says nothing of its limits (as every offer did before it existed).
 
 ``issued_at_ms`` doubles as the origin's sequence number: a receiver keeps the
 newest per origin and rejects anything not newer (replays). The signature is by
@@ -19,6 +22,8 @@ from typing import Any
 from cocoon_p2p.core import signed, wire
 from cocoon_p2p.core.errors import MalformedMessage
 from cocoon_p2p.core.identity import PEER_ID_BYTES, Identity, peer_id_to_str
+
+from .joblimits import JobLimits
 
 VERSION = 1
 DOMAIN = b"cocoon/announce/1"
@@ -40,13 +45,17 @@ class Offer:
     unit: str
     capacity: int
     free_capacity: int
+    limits: JobLimits | None = None  # what one job may ask (None: not said)
 
     def _fields(self) -> list[Any]:
-        return [self.model_id, self.backend, self.gpu, self.price_nanoton, self.unit, self.capacity, self.free_capacity]
+        fields = [self.model_id, self.backend, self.gpu, self.price_nanoton, self.unit, self.capacity,
+                  self.free_capacity]  # fmt: skip
+        return fields + [self.limits.fields()] if self.limits is not None else fields
 
     @classmethod
     def _parse(cls, obj: Any) -> Offer:
-        f = wire.expect_list(obj, _OFFER_FIELDS, "offer")
+        with_limits = isinstance(obj, list) and len(obj) == _OFFER_FIELDS + 1
+        f = wire.expect_list(obj, _OFFER_FIELDS + with_limits, "offer")
         capacity = wire.expect_int(f[5], "capacity", lo=1, hi=1 << 20)
         return cls(
             model_id=wire.expect_bytes(f[0], "model_id", min_len=32, max_len=32),
@@ -56,6 +65,7 @@ class Offer:
             unit=wire.expect_str(f[4], "unit", min_len=1, max_len=64),
             capacity=capacity,
             free_capacity=wire.expect_int(f[6], "free_capacity", hi=capacity),
+            limits=JobLimits.parse(f[7]) if with_limits else None,
         )
 
 

@@ -16,6 +16,7 @@ from cocoon_p2p.core.errors import ForeignKey, RateLimited, ReplayedMessage
 from . import announcement as ann_mod
 from .announcement import Announcement
 from .capability import CapabilityRecord
+from .joblimits import JobLimits
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -37,6 +38,7 @@ class WorkerOffer:
     sources: frozenset[str]  # {"gossip", "dht"}
     gpu_memory_mb: int | None = None
     max_batch: int | None = None
+    limits: JobLimits | None = None  # what one job may ask (None: not advertised; only gossip says)
 
 
 MAX_CACHED_MODELS = 1024
@@ -190,6 +192,7 @@ class WorkerDirectory:
                         issued_at_ms=a.issued_at_ms,
                         expires_at_ms=a.expires_at_ms,
                         sources=_GOSSIP,
+                        limits=o.limits,
                     )
         for (peer_id, mid), r in self._records.items():
             if mid != model_id or r.expires_at_ms <= now_ms:
@@ -214,6 +217,7 @@ class WorkerDirectory:
                 sources=_BOTH if have else _DHT,
                 gpu_memory_mb=r.gpu_memory_mb,
                 max_batch=r.max_batch,
+                limits=have.limits if have else None,
             )
         offers = sorted(rows.values(), key=lambda w: (-w.issued_at_ms, w.peer_id))
         if len(self._offers) >= MAX_CACHED_MODELS:

@@ -28,6 +28,7 @@ from collections.abc import Awaitable, Callable
 import trio
 from nacl.signing import SigningKey
 
+from cocoon_p2p.core.crashpoints import CrashPoint, crash_point
 from cocoon_p2p.core.durable import StateFileDamaged, read_json, write_atomic
 from cocoon_p2p.core.errors import CocoonError, ProtocolError, ReplayedMessage
 from cocoon_p2p.core.identity import public_key_from_peer_id
@@ -49,11 +50,17 @@ _E, _S = ChannelEvent, ChannelState
 
 # Sends one frame to a peer on a fresh pay stream and returns its answer.
 Ask = Callable[[bytes, pf.PayFrame], Awaitable[pf.PayFrame]]
-# The job protocol's refusal code for "pay first" (admission answers with it).
+# The job protocol's refusal codes (admission answers with them): "pay first", and "your
+# channel here is closing or closed, open a new one" (we signed or started its close, perhaps
+# without the client hearing of it: a crash between the two).
 PAYMENT_REQUIRED = "payment"
+CHANNEL_ENDED = "channel-ended"
 # The least time between two writes of what jobs billed: a group commit of everything
 # billed meanwhile, so a busy worker writes a few times a second, not once per job.
 BILL_WRITE_INTERVAL_S = 0.05
+# Reads of a channel a client says is open before refusing it (backing off from the chain
+# client's poll interval: 1+2+4 s on TON, within the client's wait for our answer).
+OPEN_READS = 4
 # Reports a peer that broke the payment rules (the node passes its peer guard's).
 Misbehaved = Callable[[bytes, ProtocolError], None]
 
@@ -83,8 +90,10 @@ class Payee:
     def admission(self, client: bytes) -> str | None:
         """None if ``client`` may start a job, else why not (a job error code)."""
         cid = self._channel_of.get(client)
-        if cid is None or self.store.state(cid) is not _S.OPEN:
+        if cid is None:
             return PAYMENT_REQUIRED
+        if self.store.state(cid) is not _S.OPEN:
+            return CHANNEL_ENDED
         if self.owed(client) > self.config.credit_nanoton:
             return PAYMENT_REQUIRED
         return None
@@ -160,17 +169,19 @@ class Payee:
         return pf.PayError(PayErrorCode.PROTOCOL, f"unexpected {type(frame).__name__}")
 
     async def _accept_voucher(self, client: bytes, frame: pf.PayVoucher) -> pf.PayFrame:
-        cid = self._channel_of.get(client)
-        if cid is None:
-            return pf.PayError(PayErrorCode.CHANNEL, "no channel with you")
-        if self.store.state(cid) is _S.CLOSED:  # a closing channel still takes them: a newer one may challenge
-            return pf.PayError(PayErrorCode.CHANNEL, "the channel is closed")
         try:
             voucher = SignedSemiChannel.from_record(frame.record)
         except ProtocolError as exc:
             self.misbehaved(client, exc)
             return pf.PayError(exc.code, str(exc))
+        cid = self._channel_for(client, voucher.state.channel_id)
+        if cid is None:
+            return pf.PayError(PayErrorCode.CHANNEL, "no channel with you")
+        if self.store.state(cid) is _S.CLOSED:  # a closing channel still takes them: a newer one may challenge
+            return pf.PayError(PayErrorCode.CHANNEL, "the channel is closed")
+        crash_point(CrashPoint.PAYEE_VOUCHER_RECEIVED)
         result = await trio.to_thread.run_sync(self.store.accept, cid, [(voucher, 0)])  # fsync off the loop
+        crash_point(CrashPoint.PAYEE_VOUCHER_LOGGED)
         if result.refused:
             _, refusal = result.refused[0]
             if not isinstance(refusal, ReplayedMessage):  # a replay is a resend whose acknowledgement was lost
@@ -178,11 +189,31 @@ class Payee:
             return pf.PayError(refusal.code, str(refusal))
         return pf.PaidUpTo(self.store.earned(cid))
 
+    def _channel_for(self, client: bytes, cid: int) -> int | None:
+        """The channel a voucher from ``client`` naming ``cid`` goes to: that one if the
+        client pays through it (an older channel's last voucher, resent after a restart),
+        else the client's current channel (whose rules then refuse it)."""
+        current = self._channel_of.get(client)
+        held = self.store.channels.get(cid)
+        if current is not None and held is not None:  # the current one was accepted with A = the client's key
+            if held.terms.payer_key == self.store.channels[current].terms.payer_key:
+                return cid
+        return current
+
     async def _accept_channel(self, client: bytes, address: str) -> pf.PayFrame:
-        try:
-            on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, address)
-        except CocoonError as exc:
-            return pf.PayError(PayErrorCode.CHANNEL, str(exc))
+        # The client saw it open; our endpoint may lag a block behind theirs: ask a few times.
+        delay = self.config.chain.confirm_poll_s
+        for attempt in range(OPEN_READS):
+            try:
+                on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, address)
+            except CocoonError as exc:
+                if attempt == OPEN_READS - 1:
+                    return pf.PayError(PayErrorCode.CHANNEL, str(exc))
+            else:
+                if on_chain.state == OPEN or attempt == OPEN_READS - 1:
+                    break
+            await trio.sleep(delay)
+            delay *= 2
         problems = []
         if on_chain.state != OPEN:
             problems.append("not open")
@@ -208,6 +239,7 @@ class Payee:
             return pf.PayError(PayErrorCode.CHANNEL, str(exc))
         if state is not _S.OPEN:
             return pf.PayError(PayErrorCode.CHANNEL, f"that channel is {state.value}")
+        crash_point(CrashPoint.PAYEE_CHANNEL_STORED)
         self._channel_of[client] = terms.channel_id  # a new channel after a settled one
         self._save_clients()
         opening = b_state(self.key, terms.channel_id, None)
@@ -232,6 +264,7 @@ class Payee:
             return pf.PayError(PayErrorCode.BAD_SIGNATURE, "the close is not signed by the channel's payer")
         if state is _S.OPEN:
             self.store.advance(cid, _E.CLOSE_PROPOSED)  # no more jobs on this channel
+        crash_point(CrashPoint.PAYEE_CLOSE_SIGNED)
         return pf.CloseSigned(m.sign_body(want.body(), self.key))
 
     # ---- settlement ---------------------------------------------------------------
@@ -251,6 +284,7 @@ class Payee:
         if client is not None and state in (_S.OPEN, _S.CLOSING_COOPERATIVE):
             if state is _S.OPEN:
                 self.store.advance(cid, _E.CLOSE_PROPOSED)  # no more jobs while we ask
+            crash_point(CrashPoint.PAYEE_CLOSE_PROPOSED)
             terms = self._close_terms(cid)
             sig_b = m.sign_body(terms.body(), self.key)
             proposal = pf.CloseProposal(terms.balance_a, terms.balance_b, terms.seqno_a, terms.seqno_b, sig_b)
@@ -265,6 +299,7 @@ class Payee:
             except CocoonError as exc:
                 log.info("cooperative close of channel %x failed (%s): closing it uncooperatively", cid, exc)
         self.store.advance(cid, _E.UNCOOPERATIVE_CLOSE_STARTED)
+        crash_point(CrashPoint.PAYEE_UNCOOPERATIVE_WRITTEN)
         mine = b_state(self.key, cid, newest.state.body)
         await self._send(cid, m.start_uncooperative_close(cid, newest, mine, key=self.key, is_a=False))
         return CloseOutcome.UNCOOPERATIVE

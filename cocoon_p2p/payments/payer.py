@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -35,6 +36,7 @@ from multiaddr import Multiaddr
 from nacl.signing import SigningKey, VerifyKey
 from pytoniq_core import Address
 
+from cocoon_p2p.core.crashpoints import CrashPoint, crash_point
 from cocoon_p2p.core.durable import write_atomic
 from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.identity import public_key_from_peer_id
@@ -55,6 +57,10 @@ from .vouchers import SignedSemiChannel, VoucherIssuer
 
 log = logging.getLogger(__name__)
 RECONNECT_TRIES = 5  # to a worker that went away: it may still be starting up
+REPLY_WAIT_S = 30.0  # for the worker's answer on the pay stream (it may read the chain first)
+# How long a new channel may take to show open on chain: on TON the deposit's internal
+# message lands a block or two after our wallet's transaction (seconds; more when busy).
+OPEN_WAIT_S = 180.0
 _E = ChannelEvent
 
 
@@ -73,6 +79,10 @@ class PayerChannel:
     last: SignedSemiChannel | None = None  # the newest voucher signed
     acked: int = 0  # the total the worker confirmed holding durably
     broken: bool = True  # no usable stream: (re)connect before the next request
+    # The cooperative close was sent on chain, or is the worker's to send, by this process;
+    # False for a channel restored CLOSING_COOPERATIVE: a crash may have kept it from the chain.
+    close_in_hand: bool = False
+    since: int = 0  # unix seconds when its deposit was handed to the chain (0: not yet)
 
     @property
     def state(self) -> ChannelState:
@@ -80,7 +90,7 @@ class PayerChannel:
 
     def record(self) -> ChannelRecord:
         i = self.issuer
-        return ChannelRecord(self.worker, self.address, i.channel_id, i.deposit_a, self.b_state, self.life)
+        return ChannelRecord(self.worker, self.address, i.channel_id, i.deposit_a, self.b_state, self.life, self.since)
 
 
 class Payer:
@@ -138,7 +148,7 @@ class Payer:
             issuer = VoucherIssuer(channel_id=r.channel_id, key=self.key, deposit_a=r.deposit)
             mine = [v for v in logged if v.state.channel_id == r.channel_id]
             issuer.restore(mine)
-            ch = PayerChannel(r.address, r.worker, issuer, r.b_state, r.life)
+            ch = PayerChannel(r.address, r.worker, issuer, r.b_state, r.life, since=r.since)
             ch.last = mine[-1] if mine else None  # resent on reconnect: its acknowledgement may be lost
             self.channels[r.address] = ch
             if r.worker is not None and ch.state in (ChannelState.OPENING, ChannelState.OPEN):
@@ -167,7 +177,8 @@ class Payer:
     async def _request(self, ch: PayerChannel, frame: pf.PayFrame) -> pf.PayFrame:
         """Send one request on the channel's stream and read its answer (hold ``ch.lock``)."""
         try:
-            return await exchange(ch.stream, ch.conn, frame)
+            with trio.fail_after(REPLY_WAIT_S):
+                return await exchange(ch.stream, ch.conn, frame)
         except BaseException as exc:
             ch.broken = True  # a half-done request (failed or cancelled): the stream is useless now
             if isinstance(exc, Exception):
@@ -218,7 +229,18 @@ class Payer:
                 ch = self._current.get(worker)
             if ch is not None and ch.state is ChannelState.OPEN:
                 return ch
+            await self._finish_closes(worker)
             return await self._open(worker)
+
+    async def _finish_closes(self, worker: bytes) -> None:
+        """Before a new channel to ``worker``: send the cooperative closes a restart left
+        unsent, while the worker still takes them as closes of our current channel with it."""
+        for old in list(self.channels.values()):
+            if old.worker == worker and old.state is ChannelState.CLOSING_COOPERATIVE and not old.close_in_hand:
+                try:
+                    await self._close_again(old)
+                except CocoonError as exc:  # watch_once asks again; the worker may close it itself
+                    log.warning("channel %s: could not finish its close: %s", old.address, exc)
 
     async def _open(self, worker: bytes) -> PayerChannel:
         try:
@@ -245,10 +267,33 @@ class Payer:
         ch = PayerChannel(address_of(init), worker, issuer, None, opening, probe.stream, probe.conn, broken=False)
         self.channels[ch.address], self._current[worker] = ch, ch
         self._save()  # written down before the deposit leaves
+        crash_point(CrashPoint.PAYER_OPENING_WRITTEN)
+        ch.since = int(time.time())
+        self._save()  # from here on the deposit may land, even if we die before hearing of it
         await trio.to_thread.run_sync(self._deploy, ch.address, init, channel_id, deposit)
+        crash_point(CrashPoint.PAYER_DEPOSIT_SENT)
+        await self._wait_until_open(ch)
         await self._confirm(worker, ch)
         log.info("channel %s to %s open with %d nanoton", ch.address, ID(worker), deposit)
         return ch
+
+    async def _wait_until_open(self, ch: PayerChannel) -> None:
+        """Until the chain shows our contract deployed and initialised, polled with backoff: a
+        worker told of it earlier would find it not open yet and refuse it. PaymentFailed after
+        ``OPEN_WAIT_S``: the channel stays OPENING, written down, and is checked again."""
+        delay = self.config.chain.confirm_poll_s
+        deadline = trio.current_time() + OPEN_WAIT_S
+        while True:
+            try:
+                on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, ch.address)
+                if on_chain.state == OPEN and on_chain.channel_id == ch.issuer.channel_id:
+                    return
+            except CocoonError:  # not deployed yet, or the endpoint hiccuped: ask again
+                pass
+            if trio.current_time() + delay > deadline:
+                raise PaymentFailed(f"channel {ch.address} not open on chain after {OPEN_WAIT_S:.0f} s")
+            await trio.sleep(delay)
+            delay = min(2 * delay, 10.0)
 
     async def _confirm(self, worker: bytes, ch: PayerChannel) -> None:
         """Tell the worker the contract's address and take its signed opening state: OPEN."""
@@ -269,25 +314,43 @@ class Payer:
         self.channels_opened += 1
 
     async def _resume_opening(self, worker: bytes, ch: PayerChannel) -> None:
-        """An opening that did not finish (a restart, a refusal): confirm it if the chain shows
-        the contract open, else abandon it (the caller then opens a new channel)."""
+        """An opening that did not finish (a restart, a refusal). Open on chain: confirm it.
+        Deployed with our deposit but not initialised (the init was lost): initialise it
+        again. Not deployed: abandon it (the caller opens a new channel) if its deposit was
+        never handed to the chain, else once it no longer can land (``OPEN_WAIT_S`` after
+        it was sent: a wallet message is valid for 60 s). Never forgotten with money in it:
+        a contract holding a balance is not abandoned."""
+        chain = self.config.chain
         try:
-            active = await trio.to_thread.run_sync(self.config.chain.state, ch.address) == "active"
-            on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, ch.address) if active else None
+            active = await trio.to_thread.run_sync(chain.state, ch.address) == "active"
+            on_chain = await trio.to_thread.run_sync(read_channel, chain, ch.address) if active else None
+            balance = 0 if active else await trio.to_thread.run_sync(chain.balance, ch.address)
         except CocoonError as exc:  # the chain cannot tell now: try again with the next job
             raise PaymentFailed(f"channel {ch.address} is opening, the chain cannot say how far: {exc}") from exc
-        if on_chain is not None and on_chain.state == OPEN and on_chain.channel_id == ch.issuer.channel_id:
+        ours = on_chain is not None and on_chain.channel_id == ch.issuer.channel_id
+        if ours and on_chain is not None and on_chain.state == UNINITED:
+            log.warning("channel %s holds our deposit but was never initialised: initialising it", ch.address)
+            await trio.to_thread.run_sync(self._initialise, ch.address, ch.issuer.channel_id, ch.issuer.deposit_a)
+            await self._wait_until_open(ch)
+            on_chain = await trio.to_thread.run_sync(read_channel, chain, ch.address)
+        if ours and on_chain is not None and on_chain.state == OPEN:
             await self._confirm(worker, ch)
             return
+        if active or balance > 0 or (ch.since and time.time() - ch.since < OPEN_WAIT_S):
+            raise PaymentFailed(f"channel {ch.address} is still opening (its deposit may not have landed yet)")
         log.warning("channel %s to %s never opened on chain: abandoned", ch.address, ID(worker))
         self._advance(ch, _E.OPEN_ABANDONED)
 
     def _deploy(self, address: str, init: Any, channel_id: int, deposit: int) -> None:
         chain, wallet = self.config.chain, self.config.wallet
         wallet.transfer(chain, address, deposit + CONTROL_FEE, body=m.top_up(deposit, 0), init=init)
+        self.onchain_ops += 1
+        self._initialise(address, channel_id, deposit)
+
+    def _initialise(self, address: str, channel_id: int, deposit: int) -> None:
         init_body = m.init_channel(channel_id, deposit, 0, key=self.key, is_a=True)
-        wallet.transfer(chain, address, CONTROL_FEE, body=init_body)
-        self.onchain_ops += 2
+        self.config.wallet.transfer(self.config.chain, address, CONTROL_FEE, body=init_body)
+        self.onchain_ops += 1
 
     async def pay(self, worker: bytes, cost: int) -> int:
         """Pay ``worker`` for one job: the next voucher, logged, sent, acknowledged.
@@ -301,7 +364,9 @@ class Payer:
             ch = await self.ensure_channel(worker)
         async with ch.lock:  # vouchers go out in seqno order, one at a time per channel
             voucher = ch.issuer.next(cost)
+            crash_point(CrashPoint.PAYER_VOUCHER_SIGNED)
             await trio.to_thread.run_sync(self.issued.append, [voucher.to_record()])  # write-ahead
+            crash_point(CrashPoint.PAYER_VOUCHER_LOGGED)
             ch.last = voucher  # from here on we owe it; a lost acknowledgement is repaired later
             if ch.broken:
                 await self._connect(worker, ch)
@@ -335,9 +400,7 @@ class Payer:
         ch = self._current.get(worker)
         if ch is None or ch.state is not ChannelState.OPEN:
             return 0
-        terms = payer_terms(ch.issuer)
-        sig_a = m.sign_body(terms.body(), self.key)
-        request = pf.CloseRequest(terms.balance_a, terms.balance_b, terms.seqno_a, terms.seqno_b, sig_a)
+        request = self._our_close(ch)
         async with ch.lock:
             if ch.state is not ChannelState.OPEN:
                 return ch.issuer.sent  # closed meanwhile (the worker proposed it)
@@ -354,12 +417,55 @@ class Payer:
                 await self._send(ch.address, body)
                 return ch.issuer.sent
             self._advance(ch, _E.CLOSE_PROPOSED)  # no more vouchers on it, whatever the answer
+            ch.close_in_hand = isinstance(reply, pf.CloseSigned)  # else watch_once asks again
+        await self._send_close(ch, request, reply)
+        return ch.issuer.sent
+
+    def _our_close(self, ch: PayerChannel) -> pf.CloseRequest:
+        """The cooperative close our vouchers allow, signed by us."""
+        t = payer_terms(ch.issuer)
+        return pf.CloseRequest(t.balance_a, t.balance_b, t.seqno_a, t.seqno_b, m.sign_body(t.body(), self.key))
+
+    async def _send_close(self, ch: PayerChannel, ours: pf.CloseRequest, reply: pf.PayFrame) -> None:
+        """Send the close the worker countersigned in ``reply`` on chain (PaymentFailed if it did not)."""
+        assert ch.worker is not None
         if not isinstance(reply, pf.CloseSigned):
             raise PaymentFailed(f"worker refused to close: {reply!r}")
-        if not m.signed_by(terms.body(), reply.signature_b, public_key_from_peer_id(worker)):
+        terms = m.CloseTerms(ch.issuer.channel_id, ours.balance_a, ours.balance_b, ours.seqno_a, ours.seqno_b)
+        if not m.signed_by(terms.body(), reply.signature_b, public_key_from_peer_id(ch.worker)):
             raise PaymentFailed("the worker's close signature does not verify")
-        await self._send(ch.address, m.cooperative_close(terms, sig_a, reply.signature_b))
-        return ch.issuer.sent
+        crash_point(CrashPoint.PAYER_CLOSE_WRITTEN)
+        await self._send(ch.address, m.cooperative_close(terms, ours.signature_a, reply.signature_b))
+        ch.close_in_hand = True
+        crash_point(CrashPoint.PAYER_CLOSE_SENT)
+
+    async def _close_again(self, ch: PayerChannel) -> None:
+        """A cooperative close written down before a restart, never seen on chain: ask the
+        worker to countersign the same terms again and send it (PaymentFailed if it will not)."""
+        assert ch.worker is not None
+        request = self._our_close(ch)
+        async with ch.lock:
+            reply = await self._close_request(ch.worker, ch, request)
+        await self._send_close(ch, request, reply)
+
+    async def channel_ended(self, worker: bytes) -> None:
+        """The worker refuses jobs on our channel because it is closing it: it signed our
+        close and went away before we heard (a crash), or closes it on its own. Close it
+        cooperatively if it countersigns our newest terms again; otherwise stop paying into
+        it anyway and let :meth:`watch_once` follow its close on chain. Either way the next
+        :meth:`ensure_channel` opens a new channel."""
+        ch = self._current.get(worker)
+        if ch is None or ch.state is not ChannelState.OPEN:
+            return
+        try:
+            await self.settle(worker)
+            log.info("channel %s: the worker was closing it; closed cooperatively", ch.address)
+        except PaymentFailed as exc:
+            async with ch.lock:
+                if ch.state is ChannelState.OPEN:
+                    self._advance(ch, _E.CLOSE_PROPOSED)  # no more vouchers on it
+                ch.close_in_hand = True  # the worker is closing it: not ours to ask again
+            log.warning("channel %s: the worker is closing it (%s); following its close on chain", ch.address, exc)
 
     async def agree_close(self, worker: bytes, proposal: pf.CloseProposal) -> pf.PayFrame:
         """The worker asks to close: sign if it claims no more than our vouchers gave it."""
@@ -372,6 +478,7 @@ class Payer:
                 return refusal
             if ch.state is ChannelState.OPEN:
                 self._advance(ch, _E.CLOSE_PROPOSED)
+            ch.close_in_hand = True  # the worker sends it
             p = proposal
             terms = m.CloseTerms(ch.issuer.channel_id, p.balance_a, p.balance_b, p.seqno_a, p.seqno_b)
             return pf.CloseAgreed(m.sign_body(terms.body(), self.key))
@@ -390,7 +497,11 @@ class Payer:
                 if on_chain.state == UNINITED or on_chain.channel_id != ch.issuer.channel_id:
                     self._advance(ch, _E.CLOSED_ON_CHAIN)
                     done[address] = CloseOutcome.CLOSED
-                elif on_chain.state != OPEN:
+                elif on_chain.state == OPEN:
+                    if ch.state is ChannelState.CLOSING_COOPERATIVE and not ch.close_in_hand and ch.worker:
+                        await self._close_again(ch)
+                        done[address] = CloseOutcome.COOPERATIVE
+                else:  # in quarantine
                     if ch.state is not ChannelState.CLOSING_UNCOOPERATIVE:
                         self._advance(ch, _E.QUARANTINE_SEEN)
                     now = now or await trio.to_thread.run_sync(self.config.chain.now)
@@ -400,6 +511,7 @@ class Payer:
                         done[address] = CloseOutcome.FINISHED
             except CocoonError as exc:
                 log.warning("channel %s: %s", address, exc)
+                done[address] = CloseOutcome.FAILED
         return done
 
     def close(self) -> None:

@@ -9,8 +9,12 @@ write-ahead log ``issued.log``.
 
 Layout (readable by tools written for the first version, which had no states):
 
-    {"open":    {worker hex: {address, channel_id, deposit, b_state, state, ending}},
-     "closing": {address:    {worker, channel_id, deposit, b_state, state, ending}}}
+    {"open":    {worker hex: {address, channel_id, deposit, b_state, state, ending, since}},
+     "closing": {address:    {worker, channel_id, deposit, b_state, state, ending, since}}}
+
+``since`` is when the deposit was handed to the chain (unix seconds; 0: not yet, or a
+record written before it existed): an OPENING channel is not given up while its
+deposit may still land.
 
 "open" holds each worker's current channel (OPENING or OPEN), "closing" the
 channels being closed. A first-version record has no state: one under "open" is
@@ -49,6 +53,7 @@ class ChannelRecord:
     deposit: int
     b_state: SignedSemiChannel | None
     life: Lifecycle
+    since: int = 0  # unix seconds when the deposit was handed to the chain (0: not yet)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -58,6 +63,7 @@ class ChannelRecord:
             "deposit": self.deposit,
             "b_state": self.b_state.to_record().hex() if self.b_state else "",
             **self.life.to_json(),
+            "since": self.since,
         }
 
 
@@ -132,4 +138,5 @@ def _record(d: dict[str, Any], *, worker: bytes | None, default: ChannelState) -
         deposit=int(d["deposit"]),
         b_state=opening,
         life=Lifecycle.from_json(d, default=default),
+        since=int(d.get("since", 0)),
     )

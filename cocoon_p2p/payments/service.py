@@ -95,6 +95,11 @@ class PaymentService:
         """Pay ``cost`` for a job; the total ``worker`` holds durably. Raises PaymentFailed."""
         return await self.payer.pay(worker, cost)
 
+    async def channel_ended(self, worker: bytes) -> None:
+        """``worker`` is closing our channel: close it with it and open a new one next
+        (see :meth:`Payer.channel_ended`)."""
+        await self.payer.channel_ended(worker)
+
     async def settle(self, worker: bytes, *, uncooperative_if_gone: bool = False) -> int:
         """Close our channel to ``worker``; what it was paid (see :meth:`Payer.settle`)."""
         return await self.payer.settle(worker, uncooperative_if_gone=uncooperative_if_gone)

@@ -1,0 +1,35 @@
+"""Node program configuration: TOML keys, flag overrides, and what reaches the node."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+from cocoon_p2p.nodes import config as config_mod
+from cocoon_p2p.nodes.cli import _node_config, build_parser
+
+from cocoon_p2p.core.errors import ConfigError
+
+EXAMPLE = Path(__file__).resolve().parents[1] / "nodes" / "example-worker.toml"
+
+
+def test_the_example_worker_config_loads_with_every_commented_key_too(tmp_path: Path) -> None:
+    assert config_mod.load(EXAMPLE, {}).capacity == 8
+    uncommented = re.sub(r"(?m)^# ([a-z_]+ = )", r"\1", EXAMPLE.read_text())  # every "# key = value"
+    (tmp_path / "all.toml").write_text(uncommented)
+    cfg = config_mod.load(tmp_path / "all.toml", {})
+    assert cfg.max_connections_per_ip == 64 and cfg.jobs_per_client == 0 and cfg.chain
+
+
+def test_client_and_resource_limits_reach_the_node(tmp_path: Path) -> None:
+    (tmp_path / "w.toml").write_text("jobs_per_client = 2\nmax_connections_per_ip = 4\n")
+    args = build_parser().parse_args(["worker", "--config", str(tmp_path / "w.toml"), "--jobs-per-client", "3"])
+    overrides = {k: getattr(args, k, None) for k in config_mod.RoleConfig.__dataclass_fields__}
+    node = _node_config(config_mod.load(args.config, overrides))
+    assert node.jobs_per_client == 3  # the flag wins over the file
+    assert node.limits.max_connections_per_ip == 4 and node.limits.max_connections_per_peer == 2
+    assert _node_config(config_mod.load(None, {})).jobs_per_client is None  # 0: up to capacity
+    (tmp_path / "bad.toml").write_text("max_connections_per_peer = 0\n")
+    with pytest.raises(ConfigError, match="max_connections_per_peer"):
+        _node_config(config_mod.load(tmp_path / "bad.toml", {}))
