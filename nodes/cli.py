@@ -37,7 +37,7 @@ from cocoon_p2p.testing.localchain import LocalChain
 from cocoon_p2p.transport.limits import ResourceLimits
 
 from . import config as config_mod
-from . import demo, logs
+from . import demo, funding, logs
 from . import status as status_mod
 
 KEY_FILE = "node.key"
@@ -48,22 +48,32 @@ FAUCET_NANOTON = 2_000_000_000  # what the local chain's faucet gives a node's w
 
 
 def _payments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--chain", help="toncenter v2 endpoint for payments (default: no payments)")
+    p.add_argument("--chain", help="toncenter v2 endpoint for payments (default: no payments, or testnet's)")
     p.add_argument("--chain-api-key", help="toncenter API key")
     p.add_argument("--local-chain", action="store_true", default=None, help="the chain is the local test chain")
+    p.add_argument(
+        "--testnet",
+        action="store_true",
+        default=None,
+        help=f"TON testnet: pay through {config_mod.TESTNET_CHAIN} unless --chain says otherwise",
+    )
+    p.add_argument(
+        "--funding-timeout-s", type=float, help="give up if the wallet is not funded in time (default: wait)"
+    )
 
 
-def _payment_config(cfg: config_mod.RoleConfig) -> PaymentConfig | None:
-    """The node's wallet (data-dir/wallet.json) on the configured chain; funded by the
-    local chain's faucet when it is the local chain."""
+def _payment_config(cfg: config_mod.RoleConfig, role: funding.Role) -> PaymentConfig | None:
+    """The node's wallet (data-dir/wallet.json) on the configured chain; on the local
+    chain the faucet funds it with what ``role`` needs (unless ``local_chain_faucet`` is
+    off). Elsewhere it is funded by its operator: see :func:`.funding.fund_wallet`."""
     if not cfg.chain:
         return None
     chain: TonCenter = LocalChain(cfg.chain) if cfg.local_chain else TonCenter(cfg.chain, api_key=cfg.chain_api_key)
     wallet = Wallet.load_or_create(cfg.data_dir / "wallet.json")
-    if isinstance(chain, LocalChain):
-        chain.top_up(wallet, FAUCET_NANOTON)
-    else:
-        wallet.ensure_deployed(chain)
+    if isinstance(chain, LocalChain) and cfg.local_chain_faucet:
+        # top_up refills below half of what it gives: give twice the need, so it is always met
+        need = funding.required_nanoton(role, cfg.deposit_nanoton)
+        chain.top_up(wallet, max(FAUCET_NANOTON, 2 * need))
     policy = SettlementPolicy(
         deposit_nanoton=cfg.deposit_nanoton,
         settle_above_nanoton=cfg.settle_above_nanoton or None,
@@ -217,13 +227,14 @@ async def _serve_metrics(node: Node, where: str, nursery: trio.Nursery) -> None:
 
 async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel]) -> None:
     """A client node behind the OpenAI-compatible API, until SIGINT/SIGTERM."""
-    payments = await trio.to_thread.run_sync(_payment_config, cfg)
+    payments = await trio.to_thread.run_sync(_payment_config, cfg, funding.Role.GATEWAY)
     host, port = _host_port(cfg.http)
     async with Node(_node_config(cfg, payments)) as node, trio.open_nursery() as nursery:
         for addr in node.addrs:
             print(f"listening {addr}", flush=True)
-        if payments is not None:
-            print(f"wallet {payments.wallet.address}", flush=True)
+        if payments is not None and not await funding.fund_wallet(cfg, payments, funding.Role.GATEWAY):
+            print("stopping", flush=True)
+            return
         gateway = Gateway(node, models, max_price_nanoton=cfg.max_price_nanoton)
         bound = await nursery.start(gateway.serve, host, port)
         print(f"gateway http://{host}:{bound}/v1 models: {', '.join(m.name for m in models)}", flush=True)
@@ -239,14 +250,16 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
     backends = [
         open_backend(cfg.backend, m.path, model_id=m.model_id, cache_dir=engines, max_batch=m.max_batch) for m in models
     ]
-    payments = await trio.to_thread.run_sync(_payment_config, cfg) if models else None
+    payments = await trio.to_thread.run_sync(_payment_config, cfg, funding.Role.WORKER) if models else None
     async with Node(_node_config(cfg, payments)) as node, trio.open_nursery() as nursery:
         for addr in node.addrs:
             print(f"listening {addr}", flush=True)
         if cfg.metrics:
             await _serve_metrics(node, cfg.metrics, nursery)
-        if payments is not None:
-            print(f"wallet {payments.wallet.address}", flush=True)
+        if payments is not None and not await funding.fund_wallet(cfg, payments, funding.Role.WORKER):
+            print("stopping", flush=True)  # signalled before it was funded: nothing served, nothing to settle
+            nursery.cancel_scope.cancel()
+            return
         for spec, backend in zip(models, backends, strict=True):
             node.serve_model(spec, backend, price_nanoton=cfg.price_nanoton)
             print(
@@ -273,9 +286,12 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
 async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> int:
     name = args.job_model or {"embed": "minilm", "chat": "smollm2"}[args.task]
     model_id = bytes.fromhex(name) if len(name) == 64 and name not in BUILTIN_MODELS else resolve_model(name).model_id
-    payments = await trio.to_thread.run_sync(_payment_config, cfg)
+    payments = await trio.to_thread.run_sync(_payment_config, cfg, funding.Role.CLIENT)
     async with Node(_node_config(cfg, payments)) as node:
         pay = node.payments
+        # stdout carries the job's output: the wallet and fund lines go to stderr
+        if payments is not None and not await funding.fund_wallet(cfg, payments, funding.Role.CLIENT, sys.stderr):
+            return 130
         with trio.move_on_after(args.wait_s):
             while not await node.find_workers(model_id, use_dht=False):
                 await trio.sleep(0.1)

@@ -10,6 +10,8 @@ from typing import Any
 from cocoon_p2p.core.errors import ConfigError
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+# toncenter's public testnet endpoint, whose v2 API is under /api/v2 (TonCenter adds that part).
+TESTNET_CHAIN = "https://testnet.toncenter.com"
 
 
 @dataclass
@@ -36,11 +38,15 @@ class RoleConfig:
     max_connections_per_peer: int = 2
     max_inbound_streams_per_peer: int = 256
     backend: str = "auto"
-    # Payments: a toncenter v2 endpoint (empty: no payments). local_chain: it is the
-    # local test chain, whose faucet funds this node's wallet.
+    # Payments: a toncenter v2 endpoint (empty: no payments, unless testnet). local_chain: it
+    # is the local test chain, whose faucet funds this node's wallet (unless local_chain_faucet
+    # is false: then the node waits to be funded, as on TON).
     chain: str = ""
     chain_api_key: str = ""
     local_chain: bool = False
+    local_chain_faucet: bool = True
+    testnet: bool = False  # TON testnet: its toncenter unless chain is set; testnet-flagged addresses
+    funding_timeout_s: float = 0.0  # how long to wait for the wallet to be funded (0: no limit)
     deposit_nanoton: int = 500_000_000  # client: each channel's deposit
     credit_nanoton: int = 100_000_000  # worker: what a client may owe before its jobs are refused
     settle_above_nanoton: int = 0  # worker: close a channel holding this much unsettled (0: no limit)
@@ -66,5 +72,7 @@ def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
             values[key] = value
     cfg = RoleConfig(**values)
     cfg.data_dir = Path(cfg.data_dir)
+    if cfg.testnet and not cfg.chain:
+        cfg.chain = TESTNET_CHAIN
     cfg.models = [str(m) for m in cfg.models]
     return cfg

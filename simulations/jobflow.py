@@ -240,6 +240,7 @@ class JobFlow:
             return
         att = job.current
         if att is not None and att.job_id in att.link.client.jobs:  # tell the worker to stop
+            job.attempts.timed_out(att.worker.ident.peer_id, self.world.events.now)  # cooled down, as JobClient does
             cancel = att.link.client.send(JobCancel(job_id=att.job_id))
             if self.world.online[att.worker.idx] and att.link.session == att.worker.session:
                 att.link.worker.receive_data(cancel)
