@@ -68,7 +68,8 @@ def _payment_config(cfg: config_mod.RoleConfig, role: funding.Role) -> PaymentCo
     off). Elsewhere it is funded by its operator: see :func:`.funding.fund_wallet`."""
     if not cfg.chain:
         return None
-    chain: TonCenter = LocalChain(cfg.chain) if cfg.local_chain else TonCenter(cfg.chain, api_key=cfg.chain_api_key)
+    key = cfg.chain_api_key or None
+    chain: TonCenter = LocalChain(cfg.chain, api_key=key) if cfg.local_chain else TonCenter(cfg.chain, api_key=key)
     wallet = Wallet.load_or_create(cfg.data_dir / "wallet.json")
     if isinstance(chain, LocalChain) and cfg.local_chain_faucet:
         # top_up refills below half of what it gives: give twice the need, so it is always met

@@ -30,8 +30,9 @@ from cocoon_p2p.execution.models import ModelSpec
 from cocoon_p2p.jobs import InferenceResult, JobFailed
 from cocoon_p2p.jobs import frames as jf
 from cocoon_p2p.node import Node, NodeConfig
+from cocoon_p2p.payments.chain import read_channel
 from cocoon_p2p.payments.service import PaymentConfig
-from cocoon_p2p.payments.settlement import SettlementPolicy
+from cocoon_p2p.payments.settlement import UNINITED, SettlementPolicy
 from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
 from cocoon_p2p.testing.processes import NODE_CLI, start_process
 
@@ -61,6 +62,11 @@ def add_parser(sub: Any) -> None:
     )
     p.add_argument("--timeout-s", type=float, default=60.0, help="give up discovery after this long")
     p.add_argument("--json", action="store_true", help="print one JSON object as the summary")
+    p.add_argument(
+        "--realistic-chain",
+        action="store_true",
+        help="a testnet-like local chain: blocks every 400 ms, rate limits, 2%% of API calls failing",
+    )
 
 
 def _progress(msg: str) -> None:
@@ -101,6 +107,8 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     "4",
                     "--chain",
                     chain.endpoint,
+                    "--chain-api-key",
+                    f"demo-worker-{i}",  # each operator has its own toncenter key, and rate limit
                     "--local-chain",
                     "--log-level",
                     "WARNING",
@@ -140,9 +148,15 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 paid = sum(ch.issuer.sent for ch in pay.payer.open.values())
                 channels = len(pay.payer.open)
                 _progress(f"settling {channels} channel(s) on the local chain (cooperative close)")
+                await trio.to_thread.run_sync(chain.settle)  # what the workers sent has landed
                 before = {w: await trio.to_thread.run_sync(chain.balance, w) for w in worker_wallets}
-                for worker_peer in list(pay.payer.open):
+                settle_waits = []
+                for worker_peer, ch in list(pay.payer.open.items()):
+                    t0 = time.perf_counter()
                     await pay.settle(worker_peer)
+                    await _closed_on_chain(chain, ch.address)
+                    settle_waits.append(time.perf_counter() - t0)
+                await trio.to_thread.run_sync(chain.settle)  # the payouts have landed
                 after = {w: await trio.to_thread.run_sync(chain.balance, w) for w in worker_wallets}
                 assert client.job_client is not None
                 client_stats = client.job_client.stats
@@ -170,6 +184,12 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 "killed_worker": worker_ids[1 % args.workers] if args.kill_worker else None,
                 "payments_pending": client_stats.payments_pending,
                 "onchain_ops": pay.onchain_ops,  # deploy + init, then one close, per channel
+                "realistic_chain": args.realistic_chain,
+                "open_wait_s_p50": _p(pay.payer.open_waits_s, 50),
+                "open_wait_s_p99": _p(pay.payer.open_waits_s, 99),
+                "settle_wait_s_p50": _p(settle_waits, 50),
+                "settle_wait_s_p99": _p(settle_waits, 99),
+                "chain_retries": dict(chain.retried),
                 "per_worker": per_worker,
                 "sample_chat": next((j["text"] for j in ok_jobs if j["kind"] == "chat"), ""),
                 "ok": discovery["discovery_ok"]
@@ -190,6 +210,17 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     proc.kill()
             nursery.cancel_scope.cancel()
     return result
+
+
+def _p(values: list[float], q: float) -> float:
+    return round(percentile(sorted(values), q), 2) if values else -1.0
+
+
+async def _closed_on_chain(chain: LocalChain, address: str) -> None:
+    """Until the chain shows the channel's contract closed (a block or two after the close is sent)."""
+    with trio.fail_after(120):
+        while (await trio.to_thread.run_sync(read_channel, chain, address)).state != UNINITED:
+            await trio.sleep(chain.confirm_poll_s)
 
 
 async def _discover(client: Node, models: dict[str, ModelSpec], args: argparse.Namespace) -> dict[str, Any]:
@@ -290,7 +321,7 @@ async def _chat(client: Node, model_id: bytes, prompt: str, max_tokens: int) -> 
 
 def run(args: argparse.Namespace) -> int:
     _progress("starting the local chain (@ton/sandbox behind the toncenter API)")
-    with open_local_chain() as chain:
+    with open_local_chain(realistic=args.realistic_chain) as chain:
         if args.data_dir is not None:
             args.data_dir.mkdir(parents=True, exist_ok=True)
             result = trio.run(_run, args, args.data_dir, chain)

@@ -10,7 +10,16 @@ from nacl.signing import SigningKey
 from pytoniq_core import Address
 
 from cocoon_p2p.payments import messages as m
-from cocoon_p2p.payments.chain import ChainError, Wallet, address_of, read_channel, state_init, wait_until
+from cocoon_p2p.payments.chain import (
+    ChainError,
+    TransferFailed,
+    Wallet,
+    address_of,
+    raw_address,
+    read_channel,
+    state_init,
+    wait_until,
+)
 from cocoon_p2p.payments.contract import payment_channel_code
 from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody, VoucherBook
 from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
@@ -69,8 +78,15 @@ def test_open_pay_and_cooperatively_close_on_chain() -> None:
         # The 1 TON it earned, less the value it attached to the close (which goes to A
         # with the remainder) and its wallet's fees.
         assert TON - FEE - TON // 100 < received < TON - FEE
-        payout = [t for t in chain.transactions(worker.address) if t["in_msg"] and t["in_msg"]["source"] == channel]
-        assert payout and TON - TON // 1000 < int(payout[0]["in_msg"]["value"]) <= TON  # less the forward fee
+        payout = [t for t in chain.transactions(worker.address) if t.in_source == channel]
+        assert payout and TON - TON // 1000 < payout[0].in_value <= TON  # less the forward fee
+        closed = chain.transactions(channel, 1)[0]  # the close, as the chain ran it
+        assert closed.in_source == raw_address(worker.address) and closed.succeeded and not closed.bounced
+        assert {dest for dest, _value in closed.out_messages} == {
+            raw_address(client.address),
+            raw_address(worker.address),
+        }
+        assert chain.settle().pending == 0  # synchronous: nothing is ever left queued
 
 
 def test_transfers_from_one_wallet_in_several_threads_all_land() -> None:
@@ -111,11 +127,26 @@ def test_worker_closes_alone_after_the_quarantine_when_the_client_vanishes() -> 
         start = m.start_uncooperative_close(CHANNEL_ID, newest, mine, key=key_b, is_a=False)
         worker.transfer(chain, channel, FEE, body=start)
         assert chain.run_get_method(channel, "get_channel_state") == [2]  # quarantine
-        worker.transfer(chain, channel, FEE, body=m.finish_uncooperative_close())
-        assert chain.run_get_method(channel, "get_channel_state") == [2]  # too early: refused
+        with pytest.raises(TransferFailed, match="exit code 113.*bounced back"):  # too early: refused, and seen
+            worker.transfer(chain, channel, FEE, body=m.finish_uncooperative_close())
+        assert chain.run_get_method(channel, "get_channel_state") == [2]
         chain.advance(601)
         before = chain.balance(worker.address)
         worker.transfer(chain, channel, FEE, body=m.finish_uncooperative_close())
         assert chain.run_get_method(channel, "get_channel_state") == [0]
         gained = chain.balance(worker.address) - before
         assert 3 * TON - FEE - TON // 100 < gained < 3 * TON  # paid by the voucher, without the client
+
+
+def test_a_transfer_is_confirmed_by_its_transactions_not_by_the_seqno() -> None:
+    """An underfunded wallet's transaction lands (the seqno moves) yet sends nothing: that is
+    a TransferFailed, not a success; a good transfer returns the destination's transaction."""
+    with open_local_chain() as chain:
+        rich, poor = chain.new_wallet(TON), chain.new_wallet(TON // 10)
+        landed = rich.transfer(chain, poor.address, TON // 100)
+        assert landed.succeeded and landed.in_source == raw_address(rich.address)
+        assert landed.in_value == TON // 100
+        seqno = poor.seqno(chain)
+        with pytest.raises(TransferFailed, match="sent nothing"):
+            poor.transfer(chain, rich.address, 5 * TON)  # more than it holds: mode 3 skips the message
+        assert poor.seqno(chain) == seqno + 1  # the old check would have called this a success

@@ -309,3 +309,28 @@ async def test_payment_metrics_count_channels_by_role_and_state(tmp_path: Path) 
     assert samples['cocoon_channel_states{role="worker",state="closed"}'] == 0
     assert sum(v for k, v in samples.items() if k.startswith("cocoon_channel_states")) == 1
     service.close()
+
+
+async def test_a_close_on_its_way_to_the_chain_is_waited_for_not_proposed_again(tmp_path: Path) -> None:
+    """On TON a cooperative close lands a block or two after it is sent: a settlement pass in
+    between (a shutdown's) must wait, not propose again and fall back to an uncooperative close."""
+    from cocoon_p2p.payments.chain import ChannelOnChain
+    from cocoon_p2p.payments.payee import CLOSE_GRACE_S
+    from cocoon_p2p.payments.settlement import Action
+
+    payee = Payee(B, _config(tmp_path))
+    payee.store.open(TERMS)
+    payee._channel_of[CLIENT] = TERMS.channel_id
+    assert await payee.answer(CLIENT, pf.PayVoucher(voucher(1, 100).to_record())) == pf.PaidUpTo(100)
+    terms = payee_terms(TERMS, 100, payee.store.newest(TERMS.channel_id))
+    request = pf.CloseRequest(
+        terms.balance_a, terms.balance_b, terms.seqno_a, terms.seqno_b, m.sign_body(terms.body(), A)
+    )
+    assert isinstance(await payee.answer(CLIENT, request), pf.CloseSigned)  # the client sends it on chain
+    still_open = ChannelOnChain(1, 10**9, 0, bytes(A.verify_key), bytes(B.verify_key), TERMS.channel_id, 3600, 0,
+                                0, 0, "0:" + "aa" * 32, "0:" + "bb" * 32)  # fmt: skip
+    sent = payee._closing_since[TERMS.channel_id]
+    assert payee._decide(TERMS.channel_id, still_open, 0, sent + 1, shutting_down=True) is Action.WAIT
+    late = payee._decide(TERMS.channel_id, still_open, 0, sent + CLOSE_GRACE_S + 1, shutting_down=True)
+    assert late is Action.CLOSE  # it never landed: the worker closes it itself
+    payee.store.close()

@@ -72,9 +72,22 @@ def test_worker_and_client_commands(tmp_path: Path) -> None:
     assert "stopping" in rest and "served 1 jobs, earned 1000 nanoton" in rest
 
 
-def test_demo_survives_a_killed_worker() -> None:
+def test_demo_survives_a_killed_worker_on_a_testnet_like_chain() -> None:
+    """Blocks every 400 ms, sendBoc only "accepted", rate limits and 2% failing API calls."""
     out = subprocess.run(
-        [*CLI, "demo", "--json", "--workers", "2", "--jobs", "9", "--max-tokens", "8", "--kill-worker"],
+        [
+            *CLI,
+            "demo",
+            "--json",
+            "--workers",
+            "2",
+            "--jobs",
+            "9",
+            "--max-tokens",
+            "8",
+            "--kill-worker",
+            "--realistic-chain",
+        ],  # fmt: skip
         capture_output=True,
         text=True,
         timeout=600,
@@ -85,6 +98,8 @@ def test_demo_survives_a_killed_worker() -> None:
     assert r["jobs_ok"] == 9 and r["jobs_failed"] == 0 and r["errors"] == []  # every job completed
     assert sum(w["earned_nanoton"] for w in r["per_worker"].values()) == r["paid_nanoton"]  # each paid once
     assert 0 < r["settled_nanoton"] <= r["paid_nanoton"]  # the restarted worker settled too
+    assert r["realistic_chain"] and r["ok"] and r["payments_pending"] == 0
+    assert 0 < r["open_wait_s_p50"] <= r["open_wait_s_p99"] and 0 < r["settle_wait_s_p50"]  # waited for blocks
 
 
 def _expect(proc: subprocess.Popen[str], prefix: str) -> str:

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 
 from cocoon_p2p.core.crashpoints import ENV, CrashPoint
-from cocoon_p2p.payments.chain import Wallet, read_channel
+from cocoon_p2p.payments.chain import Wallet, raw_address, read_channel
 from cocoon_p2p.payments.channelstate import ChannelState, CloseOutcome
 from cocoon_p2p.payments.settlement import UNINITED
 from cocoon_p2p.payments.store import ChannelStore
@@ -42,6 +42,7 @@ CLI = [sys.executable, "-m", "cocoon_p2p.nodes.cli"]
 TON = 1_000_000_000
 PRICE = 10_000_000  # a job of one text costs 0.01 TON: far above any forward fee
 QUARANTINE_S = 60
+DEPOSIT = TON // 2
 FORWARD_FEE_MAX = TON // 1000
 P = CrashPoint
 
@@ -65,6 +66,7 @@ class Case:
 
 CASES = [
     Case(P.PAYER_OPENING_WRITTEN, 0, "job"),
+    Case(P.PAYER_DEPOSIT_LANDED, 0, "job"),
     Case(P.PAYER_DEPOSIT_SENT, 0, "job"),
     Case(P.PAYER_VOUCHER_SIGNED, 1, "job", unpaid_jobs=1),
     Case(P.PAYER_VOUCHER_LOGGED, 1, "job", paid_unseen=1),
@@ -82,7 +84,8 @@ WORKER_SIDE = {p for p in CrashPoint if p.value.startswith("payee-")}
 
 @pytest.fixture(scope="module")
 def chain() -> Iterator[LocalChain]:
-    with open_local_chain() as c:
+    """Testnet-like: sendBoc only "accepted", blocks every 400 ms, rate limits, failing calls."""
+    with open_local_chain(realistic=True) as c:
         yield c
 
 
@@ -100,14 +103,15 @@ class Net:
     def __post_init__(self) -> None:
         for role, text in (
             ("worker", f"credit_nanoton = {10 * PRICE}\nwatch_interval_s = 1.0\n"),
-            ("client", f"quarantine_s = {QUARANTINE_S}\ndeposit_nanoton = {TON // 2}\n"),
+            ("client", f"quarantine_s = {QUARANTINE_S}\ndeposit_nanoton = {DEPOSIT}\n"),
         ):
             (self.root / role).mkdir(parents=True)
             (self.root / role / f"{role}.toml").write_text(text)
 
     def _common(self, role: str) -> list[str]:
         return ["--config", str(self.root / role / f"{role}.toml"), "--data-dir", str(self.root / role),
-                "--chain", self.chain.endpoint, "--local-chain", "--log-level", "WARNING"]  # fmt: skip
+                "--chain", self.chain.endpoint, "--chain-api-key", f"crash-{role}", "--local-chain",
+                "--log-level", "WARNING"]  # fmt: skip
 
     def start_worker(self, crash: CrashPoint | None = None) -> None:
         cmd = [*CLI, "worker", *self._common("worker"), "--model", "minilm", "--backend", "onnxruntime",
@@ -226,6 +230,7 @@ def _run_out_quarantines(net: Net) -> None:
 
 
 def _audit(net: Net, case: Case) -> None:
+    net.chain.settle()  # every message sent has landed
     signed: dict[int, int] = {}  # channel -> the total of the newest voucher the client signed
     log = VoucherLog(net.root / "client" / "payments" / "issued.log", read_only=True)
     for record in log.records:
@@ -235,8 +240,8 @@ def _audit(net: Net, case: Case) -> None:
     wallet = Wallet.load_or_create(net.root / "worker" / "wallet.json").address
     payouts: dict[str, int] = {}
     for tx in net.chain.transactions(wallet, limit=100):
-        if tx["in_msg"] and tx["in_msg"]["source"]:
-            payouts[tx["in_msg"]["source"]] = payouts.get(tx["in_msg"]["source"], 0) + int(tx["in_msg"]["value"])
+        if tx.in_source:
+            payouts[tx.in_source] = payouts.get(tx.in_source, 0) + tx.in_value
     store = net.worker_store()
     try:
         held = {cid: store.earned(cid) for cid in store.channels}
@@ -247,7 +252,7 @@ def _audit(net: Net, case: Case) -> None:
             address = store.channels[cid].terms.address
             assert read_channel(net.chain, address).state == UNINITED, f"channel {cid:x} is still open on chain"
             assert store.state(cid) is ChannelState.CLOSED
-            paid_out = payouts.get(address, 0)
+            paid_out = payouts.get(raw_address(address), 0)
             assert held[cid] - FORWARD_FEE_MAX < paid_out <= held[cid] or held[cid] == paid_out == 0
         # Billed but unpaid: the job whose voucher died unsigned. A killed worker may also
         # have lost its last job's bill (written in groups, every 50 ms): in the client's favour.
@@ -259,3 +264,7 @@ def _audit(net: Net, case: Case) -> None:
     finally:
         store.close()
     assert sum(signed.values()) == (net.served + case.paid_unseen) * PRICE
+    # No deposit left behind: every contract the client's wallet funded has paid it out again.
+    client_wallet = Wallet.load_or_create(net.root / "client" / "wallet.json").address
+    funded = {d for tx in net.chain.transactions(client_wallet, limit=100) for d, v in tx.out_messages if v >= DEPOSIT}
+    assert funded and all(net.chain.balance(d) < FORWARD_FEE_MAX for d in funded), "a deposit sits in a contract"

@@ -115,13 +115,18 @@ def _offers(model_id: bytes) -> Callable[[bytes], Awaitable[list[WorkerOffer]]]:
     return offers
 
 
+def _services(nursery: trio.Nursery, ports: Ports, model: ModelSpec) -> tuple[JobWorker, JobClient]:
+    """A worker serving ``model`` at PRICE (capacity 2) and a client of it, in memory, on ``ports``."""
+    hosts = _Hosts(nursery)
+    worker = JobWorker(hosts, nursery, capacity=2, feedback=ports, load=ports, payments=ports)
+    worker.serve(model, OnnxRuntimeBackend(model.path, threads=1), price_nanoton=PRICE)
+    return worker, JobClient(hosts, nursery, _offers(model.model_id), feedback=ports, payments=ports)
+
+
 async def test_the_services_call_their_ports_and_report_their_metrics(tiny_model: ModelSpec) -> None:
     ports, mid = Ports(), tiny_model.model_id
     async with trio.open_nursery() as nursery:
-        hosts = _Hosts(nursery)
-        worker = JobWorker(hosts, nursery, capacity=2, feedback=ports, load=ports, payments=ports)
-        worker.serve(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
-        client = JobClient(hosts, nursery, _offers(mid), feedback=ports, payments=ports)
+        worker, client = _services(nursery, ports, tiny_model)
         r = await client.infer(mid, inputs=(from_numpy("x", x_rows(3)),), max_price=10)
         assert r.cost_nanoton == 3 * PRICE and r.attempts == 1
         assert ports.calls == [
@@ -151,10 +156,7 @@ async def test_refusals_through_the_ports(
 ) -> None:
     ports, mid = Ports(), tiny_model.model_id
     async with trio.open_nursery() as nursery:
-        hosts = _Hosts(nursery)
-        worker = JobWorker(hosts, nursery, capacity=2, feedback=ports, load=ports, payments=ports)
-        worker.serve(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
-        client = JobClient(hosts, nursery, _offers(mid), feedback=ports, payments=ports)
+        worker, client = _services(nursery, ports, tiny_model)
         setup(worker, ports)
         with pytest.raises(JobFailed) as err:
             await client.infer(mid, inputs=(from_numpy("x", x_rows(1)),), max_price=10)
@@ -170,10 +172,7 @@ async def test_a_worker_closing_our_channel_gets_the_job_again_on_a_new_one(tiny
     jobs as ``channel-ended``; the client replaces the channel and the same worker runs the job."""
     ports, mid = Ports(admission_code=jf.CHANNEL_ENDED), tiny_model.model_id
     async with trio.open_nursery() as nursery:
-        hosts = _Hosts(nursery)
-        worker = JobWorker(hosts, nursery, capacity=2, feedback=ports, load=ports, payments=ports)
-        worker.serve(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
-        client = JobClient(hosts, nursery, _offers(mid), feedback=ports, payments=ports)
+        worker, client = _services(nursery, ports, tiny_model)
         r = await client.infer(mid, inputs=(from_numpy("x", x_rows(1)),), max_price=10)
         assert r.worker == WORKER and r.attempts == 2 and worker.stats.refused == {jf.CHANNEL_ENDED: 1}
         steps = [c[0] for c in ports.calls if c[0] in ("channel", "ended", "pay")]
@@ -191,10 +190,7 @@ async def test_a_result_paid_for_after_the_deadline_is_returned_not_failed(tiny_
     deadline must not turn a paid job into a failed one (the soak saw 354 such jobs)."""
     ports, mid = Ports(pay_s=1.0), tiny_model.model_id
     async with trio.open_nursery() as nursery:
-        hosts = _Hosts(nursery)
-        worker = JobWorker(hosts, nursery, capacity=2, feedback=ports, load=ports, payments=ports)
-        worker.serve(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
-        client = JobClient(hosts, nursery, _offers(mid), feedback=ports, payments=ports)
+        worker, client = _services(nursery, ports, tiny_model)
         r = await client.infer(mid, inputs=(from_numpy("x", x_rows(1)),), max_price=10, timeout_s=0.5)
         assert r.cost_nanoton == PRICE and r.latency_s >= 1.0 and ("pay", WORKER, PRICE) in ports.calls
         assert client.stats.jobs_ok == 1 and client.stats.jobs_failed == 0

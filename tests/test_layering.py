@@ -45,7 +45,16 @@ ADAPTERS = {
     "transport": {"host", "noise", "muxer", "muxed_stream", "sealed", "fastlock"},
     "overlay": {"dht", "events", "guard", "gossip", "dialer", "advertiser"},
     "jobs": {"client", "client_link", "worker", "worker_link", "serving", "stream"},
-    "payments": {"chain", "channelops", "payer", "payee", "service", "contract"},  # contract: fetched with npm
+    "payments": {
+        "chain",
+        "toncenter",
+        "wallet",
+        "channelops",
+        "payer",
+        "payee",
+        "service",
+        "contract",
+    },  # contract: npm
     "execution": set(),
     "core": set(),
 }

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import shutil
 import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import numpy as np
@@ -32,18 +34,25 @@ def funded_wallet(chain: LocalChain) -> Wallet:
     return chain.new_wallet(10 * TON)
 
 
+@asynccontextmanager
+async def paid_pair(chain: LocalChain, model: ModelSpec, root: Path) -> AsyncIterator[tuple[Node, Node]]:
+    """A worker serving ``model`` at PRICE and a client that sees it, each with a funded wallet."""
+    w_cfg = PaymentConfig(chain, funded_wallet(chain), root / "worker")
+    c_cfg = PaymentConfig(chain, funded_wallet(chain), root / "client")
+    async with (
+        Node(fast_config(payments=w_cfg)) as worker,
+        Node(fast_config(bootstrap=[worker.addrs[0]], payments=c_cfg)) as client,
+    ):
+        worker.serve_model(model, OnnxRuntimeBackend(model.path, threads=1), price_nanoton=PRICE)
+        await wait_for(lambda: client.directory.workers_for(model.model_id, now_ms=now_ms()) != [])
+        yield worker, client
+
+
 async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp_path: Path) -> None:
-    with open_local_chain() as chain:
-        w_cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "worker")
-        c_cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "client")
-        async with (
-            Node(fast_config(payments=w_cfg)) as worker,
-            Node(fast_config(bootstrap=[worker.addrs[0]], payments=c_cfg)) as client,
-        ):
+    with open_local_chain(realistic=True) as chain:
+        async with paid_pair(chain, tiny_model, tmp_path) as (worker, client):
             w_pay, c_pay = worker.payments, client.payments
             assert w_pay is not None and c_pay is not None
-            worker.serve_model(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
-            await wait_for(lambda: client.directory.workers_for(tiny_model.model_id, now_ms=now_ms()) != [])
             x = (from_numpy("x", np.ones((2, 4), np.float32)),)
             costs = []
             for _ in range(5):
@@ -64,6 +73,7 @@ async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp
             # Settle: a cooperative close on chain pays the worker's wallet what the vouchers say.
             before = chain.balance(w_pay.config.wallet.address)
             assert await c_pay.settle(worker.peer_id) == sum(costs)
+            await trio.to_thread.run_sync(chain.settle)  # the close, then the payout, land blocks later
             assert read_channel(chain, channel.address).state == 0
             gained = chain.balance(w_pay.config.wallet.address) - before
             assert sum(costs) - TON // 1000 < gained <= sum(costs)  # less the payout's forward fee
@@ -106,17 +116,10 @@ async def test_an_opening_whose_init_was_lost_is_initialised_not_forgotten(
     from cocoon_p2p.payments import payer as payer_mod
     from cocoon_p2p.payments.channelstate import ChannelState
 
-    with open_local_chain() as chain:
-        w_cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "worker")
-        c_cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "client")
-        async with (
-            Node(fast_config(payments=w_cfg)) as worker,
-            Node(fast_config(bootstrap=[worker.addrs[0]], payments=c_cfg)) as client,
-        ):
+    with open_local_chain(realistic=True) as chain:
+        async with paid_pair(chain, tiny_model, tmp_path) as (worker, client):
             assert client.payments is not None
             payer = client.payments.payer
-            worker.serve_model(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
-            await wait_for(lambda: client.directory.workers_for(tiny_model.model_id, now_ms=now_ms()) != [])
             monkeypatch.setattr(payer_mod, "OPEN_WAIT_S", 1.0)
             monkeypatch.setattr(payer, "_initialise", lambda *args: None)  # the init message is lost
             with pytest.raises(JobFailed) as err:
@@ -140,7 +143,7 @@ async def test_an_opening_is_abandoned_only_once_its_deposit_cannot_land(tmp_pat
     from cocoon_p2p.payments.payer import Payer, PayerChannel
     from cocoon_p2p.payments.vouchers import VoucherIssuer
 
-    with open_local_chain() as chain:
+    with open_local_chain(realistic=True) as chain:
         cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "client")
         payer = Payer(SigningKey.generate(), None, cfg)
         for since, expect in [(0, ChannelState.CLOSED), (int(time.time()), ChannelState.OPENING),

@@ -36,7 +36,7 @@ FEE_SLACK = TON // 1000  # the payout's forward fee
 
 @pytest.fixture(scope="module")
 def chain() -> object:
-    with open_local_chain() as c:
+    with open_local_chain() as c:  # synchronous: these steps read the chain right after each message
         yield c
 
 

@@ -23,7 +23,8 @@ class CrashPoint(enum.StrEnum):
     """Where a node may be killed (client = payer, worker = payee)."""
 
     PAYER_OPENING_WRITTEN = "payer-opening-written"  # the channel is written down, no deposit sent
-    PAYER_DEPOSIT_SENT = "payer-deposit-sent"  # the contract is funded, the worker not yet told
+    PAYER_DEPOSIT_LANDED = "payer-deposit-landed"  # the contract deployed with the deposit, not initialised
+    PAYER_DEPOSIT_SENT = "payer-deposit-sent"  # the contract funded and initialised, the worker not yet told
     PAYER_VOUCHER_SIGNED = "payer-voucher-signed"  # a job's voucher signed, not yet in issued.log
     PAYER_VOUCHER_LOGGED = "payer-voucher-logged"  # in issued.log, not yet sent
     PAYER_CLOSE_WRITTEN = "payer-close-written"  # both signed the close, not yet sent on chain

@@ -61,6 +61,11 @@ BILL_WRITE_INTERVAL_S = 0.05
 # Reads of a channel a client says is open before refusing it (backing off from the chain
 # client's poll interval: 1+2+4 s on TON, within the client's wait for our answer).
 OPEN_READS = 4
+# How long a cooperative close sent (by us, or by the client with our signature) may take to
+# show on chain before the settlement policy acts on the channel again: on TON it lands a
+# block or two later, and acting meanwhile would propose it again and, refused by a client
+# that already let the channel go, close it uncooperatively.
+CLOSE_GRACE_S = 120.0
 # Reports a peer that broke the payment rules (the node passes its peer guard's).
 Misbehaved = Callable[[bytes, ProtocolError], None]
 
@@ -76,6 +81,7 @@ class Payee:
         self._channel_of: dict[bytes, int] = self._load_clients()  # client PeerId -> current channel
         self._billed = trio.Event()  # set when a bill waits to be written
         self.last_seen: dict[bytes, float] = {}  # client -> trio time of its last pay frame
+        self._closing_since: dict[int, float] = {}  # channel -> trio time its cooperative close went out
         self.onchain_ops = 0  # messages this worker sent to channel contracts
 
     # ---- admission and billing ------------------------------------------------
@@ -201,17 +207,18 @@ class Payee:
         return current
 
     async def _accept_channel(self, client: bytes, address: str) -> pf.PayFrame:
-        # The client saw it open; our endpoint may lag a block behind theirs: ask a few times.
+        # The client saw it open; our endpoint may lag a block behind theirs: a contract that
+        # names us and the client but is not open yet is read again a few times. Anything
+        # else is refused at once (a bogus address must not buy repeated chain reads).
         delay = self.config.chain.confirm_poll_s
         for attempt in range(OPEN_READS):
             try:
                 on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, address)
             except CocoonError as exc:
-                if attempt == OPEN_READS - 1:
-                    return pf.PayError(PayErrorCode.CHANNEL, str(exc))
-            else:
-                if on_chain.state == OPEN or attempt == OPEN_READS - 1:
-                    break
+                return pf.PayError(PayErrorCode.CHANNEL, str(exc))
+            ours = on_chain.key_b == bytes(self.key.verify_key) and on_chain.key_a == public_key_from_peer_id(client)
+            if on_chain.state == OPEN or not ours or attempt == OPEN_READS - 1:
+                break
             await trio.sleep(delay)
             delay *= 2
         problems = []
@@ -264,6 +271,7 @@ class Payee:
             return pf.PayError(PayErrorCode.BAD_SIGNATURE, "the close is not signed by the channel's payer")
         if state is _S.OPEN:
             self.store.advance(cid, _E.CLOSE_PROPOSED)  # no more jobs on this channel
+        self._closing_since[cid] = trio.current_time()  # the client sends it
         crash_point(CrashPoint.PAYEE_CLOSE_SIGNED)
         return pf.CloseSigned(m.sign_body(want.body(), self.key))
 
@@ -295,6 +303,7 @@ class Payee:
                 if not m.signed_by(terms.body(), reply.signature_a, self.store.channels[cid].terms.payer_key):
                     raise PaymentFailed("the client's close signature does not verify")
                 await self._send(cid, m.cooperative_close(terms, reply.signature_a, sig_b))
+                self._closing_since[cid] = trio.current_time()
                 return CloseOutcome.COOPERATIVE
             except CocoonError as exc:
                 log.info("cooperative close of channel %x failed (%s): closing it uncooperatively", cid, exc)
@@ -345,6 +354,9 @@ class Payee:
             return quarantine_action(on_chain.view(chain_now), we_are_a=False, our_seqno=seqno, our_sent=sent)
         if state is _S.CLOSING_UNCOOPERATIVE:
             return Action.CLOSE  # we started it, yet the contract is open: our message never landed
+        went_out = self._closing_since.get(cid)
+        if state is _S.CLOSING_COOPERATIVE and went_out is not None and now_t - went_out < CLOSE_GRACE_S:
+            return Action.WAIT  # its close is on its way to the chain
         client = self.client_of(cid)
         silent = now_t - self.last_seen.get(client, now_t) if client is not None else float("inf")
         return worker_action(

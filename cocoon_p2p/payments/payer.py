@@ -114,6 +114,7 @@ class Payer:
         self._opening: dict[bytes, trio.Lock] = {}
         self.onchain_ops = 0  # messages this client sent to channel contracts
         self.channels_opened = 0
+        self.open_waits_s: list[float] = []  # per channel opened: deposit sent to OPEN, in seconds
         try:
             self._restore()
         except BaseException:
@@ -270,10 +271,12 @@ class Payer:
         crash_point(CrashPoint.PAYER_OPENING_WRITTEN)
         ch.since = int(time.time())
         self._save()  # from here on the deposit may land, even if we die before hearing of it
+        t0 = time.monotonic()
         await trio.to_thread.run_sync(self._deploy, ch.address, init, channel_id, deposit)
         crash_point(CrashPoint.PAYER_DEPOSIT_SENT)
         await self._wait_until_open(ch)
         await self._confirm(worker, ch)
+        self.open_waits_s.append(time.monotonic() - t0)
         log.info("channel %s to %s open with %d nanoton", ch.address, ID(worker), deposit)
         return ch
 
@@ -345,6 +348,7 @@ class Payer:
         chain, wallet = self.config.chain, self.config.wallet
         wallet.transfer(chain, address, deposit + CONTROL_FEE, body=m.top_up(deposit, 0), init=init)
         self.onchain_ops += 1
+        crash_point(CrashPoint.PAYER_DEPOSIT_LANDED)
         self._initialise(address, channel_id, deposit)
 
     def _initialise(self, address: str, channel_id: int, deposit: int) -> None:
