@@ -15,6 +15,7 @@ from typing import Any
 
 from nacl.signing import SigningKey
 
+from cocoon_p2p.core.metrics import percentile
 from cocoon_p2p.payments.voucherlog import VoucherLog
 from cocoon_p2p.payments.vouchers import SemiChannel, SemiChannelBody, SignedSemiChannel, VoucherBook
 
@@ -120,9 +121,11 @@ def _ops_by_policy(jobs: int, cost: int, deposit: int, reserve: float) -> tuple[
     return channels, 3 * channels
 
 
-async def bench_onchain_ops(payments: int) -> dict[str, float]:
+async def bench_onchain_ops(payments: int, *, realistic: bool = False) -> dict[str, float]:
     """Real payments (voucher, durable log on both sides, acknowledgement) between two
-    peers on the local chain, with the default settlement policy: what touches the chain."""
+    peers on the local chain, with the default settlement policy: what touches the chain.
+    ``realistic``: on the testnet-like local chain (blocks, rate limits, failing calls), where
+    each roll-over waits for its close and the next channel's opening to land."""
     import shutil
 
     import trio
@@ -137,7 +140,7 @@ async def bench_onchain_ops(payments: int) -> dict[str, float]:
     ton, cost = 1_000_000_000, 14_000_000  # a 2-item MiniLM job at 7M nanoton an item
     policy = SettlementPolicy(deposit_nanoton=ton)
     out: dict[str, float] = {}
-    with open_local_chain() as chain, tempfile.TemporaryDirectory() as d:
+    with open_local_chain(realistic=realistic) as chain, tempfile.TemporaryDirectory() as d:
         wallets = [chain.new_wallet(200 * ton) for _ in range(2)]
         w_cfg = PaymentConfig(chain, wallets[0], Path(d) / "w", policy=policy)
         c_cfg = PaymentConfig(chain, wallets[1], Path(d) / "c", policy=policy)
@@ -157,11 +160,16 @@ async def bench_onchain_ops(payments: int) -> dict[str, float]:
             await trio.sleep(0)
             ops = c_pay.onchain_ops + w_pay.onchain_ops
             channels = c_pay.payer.channels_opened
+            waits = sorted(c_pay.payer.open_waits_s)
+            retries = sum(chain.retried.values())
     out["paid_jobs"] = payments
     out["paid_jobs_per_s"] = payments / elapsed
     out["onchain_ops"] = ops
     out["onchain_ops_per_channel"] = ops / channels
     out["onchain_ops_per_10k_jobs"] = ops * 10_000 / payments
+    out["channel_open_wait_s_p50"] = percentile(waits, 50)
+    out["channel_open_wait_s_max"] = waits[-1]
+    out["chain_calls_retried"] = retries
     for deposit_ton in (1, 10, 100):
         _, model_ops = _ops_by_policy(10_000, cost, deposit_ton * ton, policy.reserve_fraction)
         out[f"policy_ops_per_10k_jobs_deposit_{deposit_ton}_ton"] = model_ops
@@ -172,4 +180,5 @@ BENCHES: list[tuple[str, Callable[[bool], Any]]] = [
     ("vouchers", lambda quick: bench_vouchers(4000 if quick else 20000)),
     ("contract_gas", bench_gas),
     ("onchain_ops", lambda quick: bench_onchain_ops(1000 if quick else 10_000)),
+    ("onchain_ops_realistic", lambda quick: bench_onchain_ops(300 if quick else 3000, realistic=True)),
 ]

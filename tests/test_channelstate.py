@@ -38,7 +38,11 @@ CLIENT = b"client-peer-id"
 
 # The whole map, written out again independently of the module's table.
 EXPECTED: dict[ChannelState, dict[ChannelEvent, ChannelState]] = {
-    S.OPENING: {E.OPEN_CONFIRMED: S.OPEN, E.OPEN_ABANDONED: S.CLOSED},
+    S.OPENING: {
+        E.OPEN_CONFIRMED: S.OPEN,
+        E.OPEN_ABANDONED: S.CLOSED,
+        E.UNCOOPERATIVE_CLOSE_STARTED: S.CLOSING_UNCOOPERATIVE,
+    },
     S.OPEN: {
         E.CLOSE_PROPOSED: S.CLOSING_COOPERATIVE,
         E.UNCOOPERATIVE_CLOSE_STARTED: S.CLOSING_UNCOOPERATIVE,

@@ -49,6 +49,7 @@ ADAPTERS = {
         "chain",
         "toncenter",
         "wallet",
+        "deposits",
         "channelops",
         "payer",
         "payee",

@@ -113,15 +113,15 @@ async def test_an_opening_whose_init_was_lost_is_initialised_not_forgotten(
 ) -> None:
     """The deposit landed but the init message did not (or the client died between them):
     the channel stays OPENING, written down, and the next job initialises and confirms it."""
-    from cocoon_p2p.payments import payer as payer_mod
+    from cocoon_p2p.payments import deposits
     from cocoon_p2p.payments.channelstate import ChannelState
 
     with open_local_chain(realistic=True) as chain:
         async with paid_pair(chain, tiny_model, tmp_path) as (worker, client):
             assert client.payments is not None
             payer = client.payments.payer
-            monkeypatch.setattr(payer_mod, "OPEN_WAIT_S", 1.0)
-            monkeypatch.setattr(payer, "_initialise", lambda *args: None)  # the init message is lost
+            monkeypatch.setattr(deposits, "OPEN_WAIT_S", 1.0)
+            monkeypatch.setattr(payer.deposits, "initialise", lambda *args: None)  # the init message is lost
             with pytest.raises(JobFailed) as err:
                 await client.infer(tiny_model.model_id, inputs=_x(), max_price_nanoton=PRICE)
             assert err.value.code == jf.PAYMENT_SETUP and "not open on chain" in str(err.value)
@@ -137,7 +137,7 @@ async def test_an_opening_whose_init_was_lost_is_initialised_not_forgotten(
 async def test_an_opening_is_abandoned_only_once_its_deposit_cannot_land(tmp_path: Path) -> None:
     from nacl.signing import SigningKey
 
-    from cocoon_p2p.payments import payer as payer_mod
+    from cocoon_p2p.payments import deposits
     from cocoon_p2p.payments.channelops import PaymentFailed
     from cocoon_p2p.payments.channelstate import ChannelState, Lifecycle
     from cocoon_p2p.payments.payer import Payer, PayerChannel
@@ -147,7 +147,7 @@ async def test_an_opening_is_abandoned_only_once_its_deposit_cannot_land(tmp_pat
         cfg = PaymentConfig(chain, funded_wallet(chain), tmp_path / "client")
         payer = Payer(SigningKey.generate(), None, cfg)
         for since, expect in [(0, ChannelState.CLOSED), (int(time.time()), ChannelState.OPENING),
-                              (int(time.time() - payer_mod.OPEN_WAIT_S - 1), ChannelState.CLOSED)]:  # fmt: skip
+                              (int(time.time() - deposits.OPEN_WAIT_S - 1), ChannelState.CLOSED)]:  # fmt: skip
             ch = PayerChannel("0:" + "ab" * 32, b"w", VoucherIssuer(1, payer.key, TON), None,
                               Lifecycle(ChannelState.OPENING), since=since)  # fmt: skip
             payer.channels[ch.address] = ch
@@ -162,3 +162,42 @@ async def test_an_opening_is_abandoned_only_once_its_deposit_cannot_land(tmp_pat
 
 def _x() -> tuple[Tensor, ...]:
     return (from_numpy("x", np.ones((2, 4), dtype=np.float32)),)
+
+
+async def test_a_deposit_the_worker_never_confirms_is_refunded(
+    tiny_model: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The contract is open with our deposit, but the worker refuses it (or vanished): the
+    client holds the worker's opening state from before it paid, closes the channel alone
+    and, after the quarantine, has its deposit back."""
+    from cocoon_p2p.payments import deposits
+    from cocoon_p2p.payments import frames as pf
+    from cocoon_p2p.payments.channelstate import ChannelState
+
+    with open_local_chain(realistic=True) as chain:
+        async with paid_pair(chain, tiny_model, tmp_path) as (worker, client):
+            assert client.payments is not None and worker.payments is not None
+            payer = client.payments.payer
+
+            async def refuse(client_peer: bytes, address: str) -> pf.PayFrame:
+                return pf.PayError(pf.PayErrorCode.CHANNEL, "not today")
+
+            monkeypatch.setattr(worker.payments.payee, "_accept_channel", refuse)
+            wallet = client.payments.config.wallet.address
+            before = chain.balance(wallet)
+            with pytest.raises(JobFailed) as err:
+                await client.infer(tiny_model.model_id, inputs=_x(), max_price_nanoton=PRICE)
+            assert err.value.code == jf.PAYMENT_SETUP and "refused the channel" in str(err.value)
+            (ch,) = payer.channels.values()
+            assert ch.state is ChannelState.OPENING and ch.b_state is not None  # signed before we paid
+            assert read_channel(chain, ch.address).state == 1  # our deposit is in an open contract
+            monkeypatch.setattr(deposits, "OPEN_WAIT_S", 0.0)  # it has waited long enough
+            await payer.watch_once()
+            assert ch.state is ChannelState.CLOSING_UNCOOPERATIVE
+            await trio.to_thread.run_sync(chain.settle)
+            chain.advance(payer.config.quarantine_s + 1)
+            assert await payer.watch_once() == {ch.address: "finished"}
+            await trio.to_thread.run_sync(chain.settle)
+            assert read_channel(chain, ch.address).state == 0
+            assert await payer.watch_once() == {ch.address: "closed"} and payer.channels == {}
+            assert before - chain.balance(wallet) < TON // 10  # the deposit came back, less fees

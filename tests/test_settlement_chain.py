@@ -36,8 +36,14 @@ FEE_SLACK = TON // 1000  # the payout's forward fee
 
 @pytest.fixture(scope="module")
 def chain() -> object:
-    with open_local_chain() as c:  # synchronous: these steps read the chain right after each message
+    """Testnet-like: each message lands blocks after it is sent (see :func:`landed`)."""
+    with open_local_chain(realistic=True) as c:
         yield c
+
+
+async def landed(chain: LocalChain) -> None:
+    """Until every message sent so far has landed (the local chain's test-only wait)."""
+    await trio.to_thread.run_sync(chain.settle)
 
 
 def funded_wallet(chain: LocalChain, path: Path) -> Wallet:
@@ -88,6 +94,7 @@ async def test_worker_closes_cooperatively_on_shutdown(
         before = chain.balance(w_pay.config.wallet.address)
         done = await w_pay.shutdown()
         assert list(done.values()) == ["cooperative"]
+        await landed(chain)
         assert read_channel(chain, ch.address).state == 0  # closed on chain
         gained = chain.balance(w_pay.config.wallet.address) - before
         assert paid - 2 * CONTROL_SLACK < gained <= paid  # its earnings, less the close's gas
@@ -116,16 +123,18 @@ async def test_vanished_client_is_closed_uncooperatively(
         await trio.sleep(0.6)
         w_before = chain.balance(w_pay.config.wallet.address)
         assert list((await w_pay.watch_once()).values()) == ["uncooperative"]
+        await landed(chain)
         assert read_channel(chain, ch.address).state == 2  # quarantine
         assert await w_pay.watch_once() == {}  # nothing to do until quarantine ends
         chain.advance(3601)
         assert list((await w_pay.watch_once()).values()) == ["finished"]
+        await landed(chain)
         assert read_channel(chain, ch.address).state == 0
         gained = chain.balance(w_pay.config.wallet.address) - w_before
         assert paid - 3 * CONTROL_SLACK < gained <= paid
         refund = chain.balance(c_pay.config.wallet.address) - c_before
         assert refund >= c_pay.config.policy.deposit_nanoton - paid  # the rest, and the unused gas
-        assert w_pay.payee.store.unsettled() == [] and await w_pay.watch_once() == {}  # settled: unwatched
+        assert await w_pay.watch_once() == {} and w_pay.payee.store.unsettled() == []  # seen closed: unwatched
 
 
 async def test_cheating_client_is_challenged(chain: LocalChain, tiny_model: ModelSpec, tmp_path: Path) -> None:
@@ -136,14 +145,17 @@ async def test_cheating_client_is_challenged(chain: LocalChain, tiny_model: Mode
         assert ch.b_state is not None
         cheat = m.start_uncooperative_close(ch.issuer.channel_id, old, ch.b_state, key=c_pay.payer.key, is_a=True)
         await trio.to_thread.run_sync(send_control, c_pay.config, ch.address, cheat)
+        await landed(chain)
         q = read_channel(chain, ch.address).quarantine
         assert q is not None and q.sent_a == 4 * PRICE and q.committed_by_a  # two jobs' worth
         w_before = chain.balance(w_pay.config.wallet.address)
         assert list((await w_pay.watch_once()).values()) == ["challenged"]
+        await landed(chain)
         q = read_channel(chain, ch.address).quarantine
         assert q is not None and q.sent_a == paid  # the newest voucher replaced the old one
         chain.advance(3601)
         assert list((await w_pay.watch_once()).values()) == ["finished"]
+        await landed(chain)
         gained = chain.balance(w_pay.config.wallet.address) - w_before
         assert paid - 3 * CONTROL_SLACK < gained <= paid
 
@@ -161,6 +173,7 @@ async def test_channels_roll_over_at_three_operations_each(
         assert c_pay.onchain_ops == 3 * 2 + 2  # two channels opened and closed, the third opened
         assert w_pay.onchain_ops == 0
         await c_pay.settle(worker.peer_id)
+        await landed(chain)
         gained = chain.balance(w_pay.config.wallet.address) - w_before
         assert paid - 3 * FEE_SLACK < gained <= paid
 
@@ -181,5 +194,6 @@ async def test_both_parties_restart_mid_channel(chain: LocalChain, tiny_model: M
         assert len(c_pay.payer.open) == 1  # the same channel: nothing new on chain
         before = chain.balance(w_pay.config.wallet.address)
         assert await c_pay.settle(worker.peer_id) == first + second
+        await landed(chain)
         gained = chain.balance(w_pay.config.wallet.address) - before
         assert first + second - FEE_SLACK < gained <= first + second

@@ -24,6 +24,7 @@ The whole transition map (a missing entry raises :class:`ForbiddenTransition`):
 
     OPENING                --OPEN_CONFIRMED-------------->  OPEN
     OPENING                --OPEN_ABANDONED-------------->  CLOSED
+    OPENING                --UNCOOPERATIVE_CLOSE_STARTED->  CLOSING_UNCOOPERATIVE (never confirmed: refund)
     OPEN                   --CLOSE_PROPOSED-------------->  CLOSING_COOPERATIVE
     OPEN                   --UNCOOPERATIVE_CLOSE_STARTED->  CLOSING_UNCOOPERATIVE
     OPEN                   --QUARANTINE_SEEN------------->  CLOSING_UNCOOPERATIVE
@@ -99,6 +100,7 @@ TRANSITIONS: dict[ChannelState, dict[ChannelEvent, ChannelState]] = {
     _S.OPENING: {
         _E.OPEN_CONFIRMED: _S.OPEN,
         _E.OPEN_ABANDONED: _S.CLOSED,
+        _E.UNCOOPERATIVE_CLOSE_STARTED: _S.CLOSING_UNCOOPERATIVE,
     },
     _S.OPEN: {
         _E.CLOSE_PROPOSED: _S.CLOSING_COOPERATIVE,

@@ -2,7 +2,7 @@
 
 One stream per client-worker pair, request then reply, in order:
 
-    client: PayHello                  worker: PayInfo(wallet address)
+    client: PayHello(channel id?)     worker: PayInfo(wallet address, B's opening state?)
     client: ChannelOpened(address)    worker: ChannelReady(channel id, deposit) | PayError
     client: PayVoucher(record)        worker: PaidUpTo(total received)       | PayError
     client: CloseRequest(terms, sig A) worker: CloseSigned(sig B)             | PayError
@@ -15,8 +15,11 @@ Which frame may follow which is :mod:`.connection`'s business; this module only
 encodes and decodes. A PayError's code is a short string on the wire (at most
 32 bytes); the codes this implementation sends are :class:`PayErrorCode`.
 
-ChannelReady carries B's signed opening state, which the client needs (with its
-own newest voucher) to close uncooperatively if the worker disappears.
+PayInfo (when PayHello names the channel the client is about to fund) and
+ChannelReady carry B's signed opening state, which the client needs (with its own
+newest voucher) to close uncooperatively if the worker disappears: asked before the
+deposit leaves, it lets a client get its deposit back from a channel the worker
+never confirms. Both fields are optional on the wire (older peers send neither).
 
 The channel's keys are the peers' own libp2p identities (A = the client's PeerId
 key, B = the worker's), so a worker knows who signs its vouchers without any
@@ -41,16 +44,19 @@ _HELLO, _INFO, _OPENED, _READY, _VOUCHER, _PAID, _ERROR, _CLOSE, _SIGNED, _PROPO
 
 @dataclass(frozen=True)
 class PayHello:
+    channel_id: int | None = None  # the channel about to be funded: sign its opening state
+
     def to_wire(self) -> list[Any]:
-        return [_HELLO]
+        return [_HELLO] if self.channel_id is None else [_HELLO, self.channel_id.to_bytes(16, "big")]
 
 
 @dataclass(frozen=True)
 class PayInfo:
     wallet: str  # the worker's wallet: where the channel pays B
+    b_state: bytes = b""  # B's signed opening state for the channel PayHello named, if it named one
 
     def to_wire(self) -> list[Any]:
-        return [_INFO, self.wallet]
+        return [_INFO, self.wallet, self.b_state] if self.b_state else [_INFO, self.wallet]
 
 
 @dataclass(frozen=True)
@@ -181,10 +187,16 @@ def decode(body: bytes) -> PayFrame:
         raise MalformedMessage("pay frame: expected a non-empty array")
     kind = obj[0]
     if kind == _HELLO:
-        expect_list(obj, 1, "pay hello")
-        return PayHello()
+        if len(obj) == 1:
+            return PayHello()
+        cid = expect_bytes(expect_list(obj, 2, "pay hello")[1], "channel id", min_len=16, max_len=16)
+        return PayHello(int.from_bytes(cid, "big"))
     if kind == _INFO:
-        return PayInfo(expect_str(expect_list(obj, 2, "pay info")[1], "wallet", max_len=100, min_len=3))
+        fields = expect_list(obj, 3 if len(obj) == 3 else 2, "pay info")
+        wallet = expect_str(fields[1], "wallet", max_len=100, min_len=3)
+        return PayInfo(
+            wallet, expect_bytes(fields[2], "B's state", min_len=104, max_len=127) if len(fields) == 3 else b""
+        )
     if kind == _OPENED:
         return ChannelOpened(expect_str(expect_list(obj, 2, "channel opened")[1], "address", max_len=100, min_len=3))
     if kind == _READY:

@@ -165,7 +165,10 @@ class Payee:
         """The reply to a client's request (the connection has checked it is one)."""
         self.last_seen[client] = trio.current_time()
         if isinstance(frame, pf.PayHello):
-            return pf.PayInfo(self.config.wallet.address)
+            # Our opening state for the channel the client is about to fund: it can only ever
+            # let the client close with its own vouchers, which pay us; it costs us nothing.
+            opening = b_state(self.key, frame.channel_id, None).to_record() if frame.channel_id is not None else b""
+            return pf.PayInfo(self.config.wallet.address, opening)
         if isinstance(frame, pf.ChannelOpened):
             return await self._accept_channel(client, frame.address)
         if isinstance(frame, pf.PayVoucher):

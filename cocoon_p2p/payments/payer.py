@@ -33,7 +33,7 @@ import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
 from multiaddr import Multiaddr
-from nacl.signing import SigningKey, VerifyKey
+from nacl.signing import SigningKey
 from pytoniq_core import Address
 
 from cocoon_p2p.core.crashpoints import CrashPoint, crash_point
@@ -42,14 +42,16 @@ from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.identity import public_key_from_peer_id
 from cocoon_p2p.transport.host import unblock_peer
 
+from . import deposits
 from . import frames as pf
 from . import messages as m
 from .chain import address_of, read_channel, state_init
-from .channelops import CONTROL_FEE, PAY_PROTOCOL, PaymentConfig, PaymentFailed, exchange, send_control
+from .channelops import PAY_PROTOCOL, PaymentConfig, PaymentFailed, exchange, send_control
 from .channelstate import CLOSING, ChannelEvent, ChannelState, CloseOutcome, Lifecycle
 from .closeterms import payer_terms, proposal_refusal
 from .connection import PayConnection, Side
 from .contract import payment_channel_code
+from .deposits import Deposits, opening_state
 from .payerbook import ChannelRecord, encode_book, load_book
 from .settlement import OPEN, UNINITED, Action, client_action, quarantine_action
 from .voucherlog import VoucherLog
@@ -58,9 +60,6 @@ from .vouchers import SignedSemiChannel, VoucherIssuer
 log = logging.getLogger(__name__)
 RECONNECT_TRIES = 5  # to a worker that went away: it may still be starting up
 REPLY_WAIT_S = 30.0  # for the worker's answer on the pay stream (it may read the chain first)
-# How long a new channel may take to show open on chain: on TON the deposit's internal
-# message lands a block or two after our wallet's transaction (seconds; more when busy).
-OPEN_WAIT_S = 180.0
 _E = ChannelEvent
 
 
@@ -109,10 +108,11 @@ class Payer:
         self.config = config
         self.peer_addrs = peer_addrs  # a peer's announced addresses: to find a restarted worker
         self.issued = VoucherLog(config.data_dir / "issued.log")  # every voucher signed, write-ahead
+        self.deposits = Deposits(key, config)  # the chain side of opening channels
         self.channels: dict[str, PayerChannel] = {}  # address -> every channel not yet closed
         self._current: dict[bytes, PayerChannel] = {}  # worker -> its OPENING or OPEN channel
         self._opening: dict[bytes, trio.Lock] = {}
-        self.onchain_ops = 0  # messages this client sent to channel contracts
+        self._control_ops = 0  # closes and other control messages sent to channel contracts
         self.channels_opened = 0
         self.open_waits_s: list[float] = []  # per channel opened: deposit sent to OPEN, in seconds
         try:
@@ -130,6 +130,11 @@ class Payer:
     def closing(self) -> dict[str, PayerChannel]:
         """Address -> each channel being closed."""
         return {a: ch for a, ch in self.channels.items() if ch.state in CLOSING}
+
+    @property
+    def onchain_ops(self) -> int:
+        """Messages this client sent to channel contracts (deposits, inits, closes)."""
+        return self._control_ops + self.deposits.ops
 
     def count_by_state(self) -> Counter[ChannelState]:
         return Counter(ch.state for ch in self.channels.values())
@@ -249,10 +254,13 @@ class Payer:
         except Exception as exc:  # unreachable worker: the job goes elsewhere
             raise PaymentFailed(f"cannot reach the worker: {exc!r}") from exc
         probe = PayerChannel("", worker, VoucherIssuer(0, self.key, 0), None, stream=stream, broken=False)
-        info = await self._request(probe, pf.PayHello())
+        channel_id = random.getrandbits(128)
+        info = await self._request(probe, pf.PayHello(channel_id))
         if not isinstance(info, pf.PayInfo):
             raise PaymentFailed(f"worker answered {info!r}")
-        channel_id = random.getrandbits(128)
+        # The worker's opening state before the deposit leaves: with it we can close the
+        # channel alone (and get the deposit back) should the worker never confirm it.
+        b_opening = opening_state(worker, channel_id, info.b_state) if info.b_state else None
         data = m.initial_data(
             channel_id=channel_id,
             key_a=bytes(self.key.verify_key),
@@ -265,38 +273,20 @@ class Payer:
         deposit = self.config.policy.deposit_nanoton
         issuer = VoucherIssuer(channel_id=channel_id, key=self.key, deposit_a=deposit)
         opening = Lifecycle(ChannelState.OPENING)
-        ch = PayerChannel(address_of(init), worker, issuer, None, opening, probe.stream, probe.conn, broken=False)
+        ch = PayerChannel(address_of(init), worker, issuer, b_opening, opening, probe.stream, probe.conn, broken=False)
         self.channels[ch.address], self._current[worker] = ch, ch
         self._save()  # written down before the deposit leaves
         crash_point(CrashPoint.PAYER_OPENING_WRITTEN)
         ch.since = int(time.time())
         self._save()  # from here on the deposit may land, even if we die before hearing of it
         t0 = time.monotonic()
-        await trio.to_thread.run_sync(self._deploy, ch.address, init, channel_id, deposit)
+        await trio.to_thread.run_sync(self.deposits.deploy, ch.address, init, channel_id, deposit)
         crash_point(CrashPoint.PAYER_DEPOSIT_SENT)
-        await self._wait_until_open(ch)
+        await self.deposits.wait_until_open(ch.address, channel_id)
         await self._confirm(worker, ch)
         self.open_waits_s.append(time.monotonic() - t0)
         log.info("channel %s to %s open with %d nanoton", ch.address, ID(worker), deposit)
         return ch
-
-    async def _wait_until_open(self, ch: PayerChannel) -> None:
-        """Until the chain shows our contract deployed and initialised, polled with backoff: a
-        worker told of it earlier would find it not open yet and refuse it. PaymentFailed after
-        ``OPEN_WAIT_S``: the channel stays OPENING, written down, and is checked again."""
-        delay = self.config.chain.confirm_poll_s
-        deadline = trio.current_time() + OPEN_WAIT_S
-        while True:
-            try:
-                on_chain = await trio.to_thread.run_sync(read_channel, self.config.chain, ch.address)
-                if on_chain.state == OPEN and on_chain.channel_id == ch.issuer.channel_id:
-                    return
-            except CocoonError:  # not deployed yet, or the endpoint hiccuped: ask again
-                pass
-            if trio.current_time() + delay > deadline:
-                raise PaymentFailed(f"channel {ch.address} not open on chain after {OPEN_WAIT_S:.0f} s")
-            await trio.sleep(delay)
-            delay = min(2 * delay, 10.0)
 
     async def _confirm(self, worker: bytes, ch: PayerChannel) -> None:
         """Tell the worker the contract's address and take its signed opening state: OPEN."""
@@ -305,16 +295,17 @@ class Payer:
         ready = await self._request(ch, pf.ChannelOpened(ch.address))
         if not isinstance(ready, pf.ChannelReady) or ready.channel_id != ch.issuer.channel_id:
             raise PaymentFailed(f"worker refused the channel: {ready!r}")
-        opening = SignedSemiChannel.from_record(ready.b_state)
-        try:
-            opening.verify(VerifyKey(public_key_from_peer_id(worker)))
-        except CocoonError as exc:
-            raise PaymentFailed(f"the worker's opening state: {exc}") from exc
-        if opening.state.channel_id != ch.issuer.channel_id or opening.state.body.sent != 0:
-            raise PaymentFailed("the worker's opening state is not for this channel")
-        ch.b_state = opening
+        ch.b_state = opening_state(worker, ch.issuer.channel_id, ready.b_state)
         self._advance(ch, _E.OPEN_CONFIRMED)
         self.channels_opened += 1
+
+    async def _refund(self, ch: PayerChannel) -> None:
+        """A contract holding our deposit that its worker never confirmed: close it alone with
+        our zero state and the worker's opening state; :meth:`watch_once` finishes it after
+        the quarantine and the deposit comes back."""
+        assert ch.b_state is not None
+        self._advance(ch, _E.UNCOOPERATIVE_CLOSE_STARTED)
+        await self._send(ch.address, self.deposits.refund_body(ch.issuer.channel_id, ch.b_state))
 
     async def _resume_opening(self, worker: bytes, ch: PayerChannel) -> None:
         """An opening that did not finish (a restart, a refusal). Open on chain: confirm it.
@@ -323,38 +314,27 @@ class Payer:
         never handed to the chain, else once it no longer can land (``OPEN_WAIT_S`` after
         it was sent: a wallet message is valid for 60 s). Never forgotten with money in it:
         a contract holding a balance is not abandoned."""
-        chain = self.config.chain
-        try:
-            active = await trio.to_thread.run_sync(chain.state, ch.address) == "active"
-            on_chain = await trio.to_thread.run_sync(read_channel, chain, ch.address) if active else None
-            balance = 0 if active else await trio.to_thread.run_sync(chain.balance, ch.address)
-        except CocoonError as exc:  # the chain cannot tell now: try again with the next job
-            raise PaymentFailed(f"channel {ch.address} is opening, the chain cannot say how far: {exc}") from exc
-        ours = on_chain is not None and on_chain.channel_id == ch.issuer.channel_id
-        if ours and on_chain is not None and on_chain.state == UNINITED:
+        cid, seen = ch.issuer.channel_id, await self.deposits.look(ch.address)
+        ours = seen.ours(cid)
+        if ours is not None and ours.state == UNINITED:
             log.warning("channel %s holds our deposit but was never initialised: initialising it", ch.address)
-            await trio.to_thread.run_sync(self._initialise, ch.address, ch.issuer.channel_id, ch.issuer.deposit_a)
-            await self._wait_until_open(ch)
-            on_chain = await trio.to_thread.run_sync(read_channel, chain, ch.address)
-        if ours and on_chain is not None and on_chain.state == OPEN:
-            await self._confirm(worker, ch)
-            return
-        if active or balance > 0 or (ch.since and time.time() - ch.since < OPEN_WAIT_S):
+            await trio.to_thread.run_sync(self.deposits.initialise, ch.address, cid, ch.issuer.deposit_a)
+            await self.deposits.wait_until_open(ch.address, cid)
+            ours = (await self.deposits.look(ch.address)).ours(cid)
+        if ours is not None and ours.state == OPEN:
+            try:
+                await self._confirm(worker, ch)
+                return
+            except PaymentFailed as exc:
+                if ch.b_state is None or time.time() - ch.since < deposits.OPEN_WAIT_S:
+                    raise
+                log.warning("channel %s: the worker never confirmed it (%s): refunding our deposit", ch.address, exc)
+                await self._refund(ch)
+                raise PaymentFailed(f"channel {ch.address} never confirmed by the worker: refunding it") from exc
+        if seen.active or seen.balance > 0 or (ch.since and time.time() - ch.since < deposits.OPEN_WAIT_S):
             raise PaymentFailed(f"channel {ch.address} is still opening (its deposit may not have landed yet)")
         log.warning("channel %s to %s never opened on chain: abandoned", ch.address, ID(worker))
         self._advance(ch, _E.OPEN_ABANDONED)
-
-    def _deploy(self, address: str, init: Any, channel_id: int, deposit: int) -> None:
-        chain, wallet = self.config.chain, self.config.wallet
-        wallet.transfer(chain, address, deposit + CONTROL_FEE, body=m.top_up(deposit, 0), init=init)
-        self.onchain_ops += 1
-        crash_point(CrashPoint.PAYER_DEPOSIT_LANDED)
-        self._initialise(address, channel_id, deposit)
-
-    def _initialise(self, address: str, channel_id: int, deposit: int) -> None:
-        init_body = m.init_channel(channel_id, deposit, 0, key=self.key, is_a=True)
-        self.config.wallet.transfer(self.config.chain, address, CONTROL_FEE, body=init_body)
-        self.onchain_ops += 1
 
     async def pay(self, worker: bytes, cost: int) -> int:
         """Pay ``worker`` for one job: the next voucher, logged, sent, acknowledged.
@@ -489,11 +469,20 @@ class Payer:
 
     async def _send(self, address: str, body: object) -> None:
         await trio.to_thread.run_sync(send_control, self.config, address, body)
-        self.onchain_ops += 1
+        self._control_ops += 1
 
     async def watch_once(self) -> dict[str, CloseOutcome]:
-        """Follow channels being closed: forget the closed, finish quarantines that are over."""
+        """Follow channels being closed: forget the closed, finish quarantines that are over;
+        and settle openings left hanging past ``OPEN_WAIT_S`` (confirmed, abandoned, refunded)."""
         done: dict[str, CloseOutcome] = {}
+        for ch in list(self.channels.values()):
+            stale = ch.since and time.time() - ch.since > deposits.OPEN_WAIT_S
+            if ch.state is ChannelState.OPENING and ch.worker and stale:
+                try:
+                    async with self._opening.setdefault(ch.worker, trio.Lock()):
+                        await self._resume_opening(ch.worker, ch)
+                except CocoonError as exc:
+                    log.warning("channel %s: opening: %s", ch.address, exc)
         now = 0  # the chain's clock, asked once per pass and only for a quarantine
         for address, ch in self.closing.items():
             try:
