@@ -50,6 +50,7 @@ ADAPTERS = {
         "toncenter",
         "wallet",
         "deposits",
+        "payerchannel",
         "channelops",
         "payer",
         "payee",

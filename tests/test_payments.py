@@ -140,7 +140,8 @@ async def test_an_opening_is_abandoned_only_once_its_deposit_cannot_land(tmp_pat
     from cocoon_p2p.payments import deposits
     from cocoon_p2p.payments.channelops import PaymentFailed
     from cocoon_p2p.payments.channelstate import ChannelState, Lifecycle
-    from cocoon_p2p.payments.payer import Payer, PayerChannel
+    from cocoon_p2p.payments.payer import Payer
+    from cocoon_p2p.payments.payerchannel import PayerChannel
     from cocoon_p2p.payments.vouchers import VoucherIssuer
 
     with open_local_chain(realistic=True) as chain:

@@ -10,7 +10,8 @@ client's channel book (:mod:`.payerbook`) and voucher log (:mod:`.voucherlog`).
 Chain access: the toncenter client with its retries and typed transactions
 (:mod:`.toncenter`), the wallet and its confirmed transfers (:mod:`.wallet`),
 channels as the chain shows them (:mod:`.chain`). Trio side: :mod:`.payer`
-(client), :mod:`.payee` (worker) and :mod:`.service`, which joins them to
+(client; its channels and pay streams in :mod:`.payerchannel`, the chain side of
+opening them in :mod:`.deposits`), :mod:`.payee` (worker) and :mod:`.service`, which joins them to
 ``/cocoon/pay/1``. Knows nothing of jobs: the job layer asks it through the
 small protocol it declares.
 """

@@ -26,13 +26,11 @@ import random
 import time
 from collections import Counter
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from typing import Any
 
 import trio
 from libp2p.custom_types import TProtocol
 from libp2p.peer.id import ID
-from multiaddr import Multiaddr
 from nacl.signing import SigningKey
 from pytoniq_core import Address
 
@@ -40,56 +38,24 @@ from cocoon_p2p.core.crashpoints import CrashPoint, crash_point
 from cocoon_p2p.core.durable import write_atomic
 from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.identity import public_key_from_peer_id
-from cocoon_p2p.transport.host import unblock_peer
 
 from . import deposits
 from . import frames as pf
 from . import messages as m
 from .chain import address_of, read_channel, state_init
-from .channelops import PAY_PROTOCOL, PaymentConfig, PaymentFailed, exchange, send_control
+from .channelops import PAY_PROTOCOL, PaymentConfig, PaymentFailed, send_control
 from .channelstate import CLOSING, ChannelEvent, ChannelState, CloseOutcome, Lifecycle
 from .closeterms import payer_terms, proposal_refusal
-from .connection import PayConnection, Side
 from .contract import payment_channel_code
 from .deposits import Deposits, opening_state
-from .payerbook import ChannelRecord, encode_book, load_book
+from .payerbook import encode_book, load_book
+from .payerchannel import PayerChannel, connect, request
 from .settlement import OPEN, UNINITED, Action, client_action, quarantine_action
 from .voucherlog import VoucherLog
-from .vouchers import SignedSemiChannel, VoucherIssuer
+from .vouchers import VoucherIssuer
 
 log = logging.getLogger(__name__)
-RECONNECT_TRIES = 5  # to a worker that went away: it may still be starting up
-REPLY_WAIT_S = 30.0  # for the worker's answer on the pay stream (it may read the chain first)
 _E = ChannelEvent
-
-
-@dataclass
-class PayerChannel:
-    """One channel to a worker: what is written down about it, and its pay stream."""
-
-    address: str
-    worker: bytes | None
-    issuer: VoucherIssuer
-    b_state: SignedSemiChannel | None  # the worker's opening state, for an uncooperative close
-    life: Lifecycle = field(default_factory=lambda: Lifecycle(ChannelState.OPEN))
-    stream: Any = None
-    conn: PayConnection = field(default_factory=lambda: PayConnection(Side.REQUESTER))
-    lock: trio.Lock = field(default_factory=trio.Lock)
-    last: SignedSemiChannel | None = None  # the newest voucher signed
-    acked: int = 0  # the total the worker confirmed holding durably
-    broken: bool = True  # no usable stream: (re)connect before the next request
-    # The cooperative close was sent on chain, or is the worker's to send, by this process;
-    # False for a channel restored CLOSING_COOPERATIVE: a crash may have kept it from the chain.
-    close_in_hand: bool = False
-    since: int = 0  # unix seconds when its deposit was handed to the chain (0: not yet)
-
-    @property
-    def state(self) -> ChannelState:
-        return self.life.state
-
-    def record(self) -> ChannelRecord:
-        i = self.issuer
-        return ChannelRecord(self.worker, self.address, i.channel_id, i.deposit_a, self.b_state, self.life, self.since)
 
 
 class Payer:
@@ -180,44 +146,6 @@ class Payer:
 
     # ---- the pay stream -----------------------------------------------------------
 
-    async def _request(self, ch: PayerChannel, frame: pf.PayFrame) -> pf.PayFrame:
-        """Send one request on the channel's stream and read its answer (hold ``ch.lock``)."""
-        try:
-            with trio.fail_after(REPLY_WAIT_S):
-                return await exchange(ch.stream, ch.conn, frame)
-        except BaseException as exc:
-            ch.broken = True  # a half-done request (failed or cancelled): the stream is useless now
-            if isinstance(exc, Exception):
-                raise PaymentFailed(f"pay stream to the worker failed: {exc!r}") from exc
-            raise
-
-    async def _connect(self, worker: bytes, ch: PayerChannel) -> None:
-        """A fresh pay stream to the worker (same PeerId, maybe a new address after a restart:
-        ``peer_addrs`` asks the directory), then the newest voucher again, since its
-        acknowledgement may be what was lost."""
-        for attempt in range(RECONNECT_TRIES):
-            addrs = [Multiaddr(a) for a in self.peer_addrs(worker)]
-            if addrs:  # only what it announces now: its old address died with it
-                self.host.get_peerstore().clear_addrs(ID(worker))
-                self.host.get_peerstore().add_addrs(ID(worker), addrs, 3600)
-                unblock_peer(self.host, worker)
-            try:
-                ch.stream = await self.host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
-                break
-            except Exception as exc:
-                if attempt == RECONNECT_TRIES - 1:
-                    raise PaymentFailed(f"cannot reach the worker: {exc!r}") from exc
-                await trio.sleep(0.5 * (attempt + 1))
-        ch.conn, ch.broken = PayConnection(Side.REQUESTER), False
-        if ch.last is not None and ch.acked < ch.issuer.sent:
-            reply = await self._request(ch, pf.PayVoucher(ch.last.to_record()))
-            if isinstance(reply, pf.PaidUpTo):
-                ch.acked = reply.received
-            elif not (isinstance(reply, pf.PayError) and reply.code == pf.PayErrorCode.REPLAYED):
-                raise PaymentFailed(f"the worker did not take our newest voucher: {reply!r}")
-            else:
-                ch.acked = ch.issuer.sent  # it already holds it
-
     # ---- opening and paying ---------------------------------------------------------
 
     async def ensure_channel(self, worker: bytes) -> PayerChannel:
@@ -255,7 +183,7 @@ class Payer:
             raise PaymentFailed(f"cannot reach the worker: {exc!r}") from exc
         probe = PayerChannel("", worker, VoucherIssuer(0, self.key, 0), None, stream=stream, broken=False)
         channel_id = random.getrandbits(128)
-        info = await self._request(probe, pf.PayHello(channel_id))
+        info = await request(probe, pf.PayHello(channel_id))
         if not isinstance(info, pf.PayInfo):
             raise PaymentFailed(f"worker answered {info!r}")
         # The worker's opening state before the deposit leaves: with it we can close the
@@ -291,8 +219,8 @@ class Payer:
     async def _confirm(self, worker: bytes, ch: PayerChannel) -> None:
         """Tell the worker the contract's address and take its signed opening state: OPEN."""
         if ch.broken:
-            await self._connect(worker, ch)
-        ready = await self._request(ch, pf.ChannelOpened(ch.address))
+            await connect(self.host, self.peer_addrs, worker, ch)
+        ready = await request(ch, pf.ChannelOpened(ch.address))
         if not isinstance(ready, pf.ChannelReady) or ready.channel_id != ch.issuer.channel_id:
             raise PaymentFailed(f"worker refused the channel: {ready!r}")
         ch.b_state = opening_state(worker, ch.issuer.channel_id, ready.b_state)
@@ -353,13 +281,13 @@ class Payer:
             crash_point(CrashPoint.PAYER_VOUCHER_LOGGED)
             ch.last = voucher  # from here on we owe it; a lost acknowledgement is repaired later
             if ch.broken:
-                await self._connect(worker, ch)
+                await connect(self.host, self.peer_addrs, worker, ch)
                 if ch.acked >= voucher.state.body.sent:
                     return ch.acked
             try:
-                reply = await self._request(ch, pf.PayVoucher(voucher.to_record()))
+                reply = await request(ch, pf.PayVoucher(voucher.to_record()))
             except PaymentFailed:  # a stale stream (the worker restarted?): once more on a fresh one
-                await self._connect(worker, ch)  # resends this voucher
+                await connect(self.host, self.peer_addrs, worker, ch)  # resends this voucher
                 if ch.acked >= voucher.state.body.sent:
                     return ch.acked
                 raise
@@ -370,10 +298,10 @@ class Payer:
 
     # ---- settling ---------------------------------------------------------------------
 
-    async def _close_request(self, worker: bytes, ch: PayerChannel, request: pf.CloseRequest) -> pf.PayFrame:
+    async def _close_request(self, worker: bytes, ch: PayerChannel, close: pf.CloseRequest) -> pf.PayFrame:
         if ch.broken or ch.acked < ch.issuer.sent:  # gone and back, or an acknowledgement lost
-            await self._connect(worker, ch)
-        return await self._request(ch, request)
+            await connect(self.host, self.peer_addrs, worker, ch)
+        return await request(ch, close)
 
     async def settle(self, worker: bytes, *, uncooperative_if_gone: bool = False) -> int:
         """Close the channel to ``worker`` cooperatively on chain: the worker is paid what

@@ -39,7 +39,8 @@ from .channelops import PAY_PROTOCOL, PaymentConfig, PaymentFailed, exchange
 from .channelstate import ChannelState, CloseOutcome
 from .connection import PayConnection, Side
 from .payee import Misbehaved, Payee
-from .payer import Payer, PayerChannel
+from .payer import Payer
+from .payerchannel import PayerChannel
 
 __all__ = ["PAY_PROTOCOL", "CloseOutcome", "PaymentConfig", "PaymentFailed", "PaymentService"]
 log = logging.getLogger(__name__)
