@@ -99,15 +99,16 @@ class Wallet:
 
         On TON ``sendBoc`` only means "accepted" and the wallet sends with "ignore errors":
         success is read back from the chain, not assumed from the seqno. TransferFailed when
-        the wallet's transaction sent nothing (underfunded) or the destination's failed. A
-        message to a live contract is bounceable (a failure sends the value back); a deploy
-        is not (its value must stay with the new contract)."""
+        the wallet's transaction sent nothing (underfunded) or the destination's code failed.
+        A message to a live contract is bounceable (a failure sends the value back); a deploy,
+        or value for an account without code yet (a new wallet), is not: there it must stay."""
         from tonsdk.boc import Cell as TonsdkCell
 
         def convert(cell: Cell | None) -> Any:
             return TonsdkCell.one_from_boc(bytes(cell.to_boc())) if cell is not None else None
 
-        dest = friendly(to, testnet=False, bounceable=init is None)  # tonsdk reads the bounce flag from the form
+        live = init is None and chain.state(to) == "active"
+        dest = friendly(to, testnet=False, bounceable=live)  # tonsdk reads the bounce flag from the form
         with self._lock:
             self._expire_by_chain_clock(chain)
             seqno = self.seqno(chain)
@@ -126,8 +127,8 @@ class Wallet:
                 )
             mine = raw_address(self.address)
             landed = self._landed(chain, to, lambda t: t.in_source == mine and t.lt > sent.lt)
-            if not landed.succeeded:
-                back = "; its value bounced back" if init is None else ""
+            if (live or init is not None) and not landed.succeeded:  # code ran, and failed
+                back = "; its value bounced back" if live else ""
                 raise TransferFailed(f"{to} refused our message (exit code {landed.exit_code}){back}")
             return landed
 
