@@ -8,6 +8,7 @@ runs ``COCOON_FUZZ_EXAMPLES`` examples (400 by default: seconds, in CI);
 ``python -m benchmarks.fuzz`` runs them far longer.
 """
 
+import contextlib
 import os
 
 import msgpack
@@ -122,15 +123,20 @@ def test_job_frame_structured_garbage(value: object) -> None:
     _check(jobframes.decode_frame, msgpack.packb(value, use_bin_type=True))
 
 
+def _feed(conn: jobconn.JobConnection | payconn.PayConnection, chunks: list[bytes]) -> None:
+    """Every chunk into ``conn``, every event it yields taken out (RemoteProtocolError: it broke)."""
+    for chunk in chunks:
+        conn.receive_data(chunk)
+        while conn.next_event() is not NEED_DATA:
+            pass
+
+
 @FUZZ
 @given(st.lists(st.binary(max_size=64), max_size=8), st.sampled_from([jobconn.Role.CLIENT, jobconn.Role.WORKER]))
 def test_job_connection_stream_garbage(chunks: list[bytes], role: jobconn.Role) -> None:
     conn = jobconn.JobConnection(role, max_frame=4096)
     try:
-        for chunk in chunks:
-            conn.receive_data(chunk)
-            while conn.next_event() is not NEED_DATA:
-                pass
+        _feed(conn, chunks)
     except RemoteProtocolError:
         assert conn.errored is not None
 
@@ -139,7 +145,9 @@ def test_job_connection_stream_garbage(chunks: list[bytes], role: jobconn.Role) 
 
 _PAY_FRAMES = [
     pf.PayHello(),
+    pf.PayHello(2**127 + 5),
     pf.PayInfo("0:" + "ab" * 32),
+    pf.PayInfo("0:" + "ab" * 32, bytes(104)),
     pf.PayVoucher(bytes(104)),
     pf.PaidUpTo(12345),
     pf.PayError("payment", "owes too much"),
@@ -163,14 +171,8 @@ def test_pay_frame_mutations(frame: pf.PayFrame, flips: list[tuple[int, int]]) -
 @FUZZ
 @given(st.lists(st.binary(max_size=64), max_size=8), st.sampled_from(list(payconn.Side)))
 def test_pay_connection_stream_garbage(chunks: list[bytes], side: payconn.Side) -> None:
-    conn = payconn.PayConnection(side)
-    try:
-        for chunk in chunks:
-            conn.receive_data(chunk)
-            while conn.next_event() is not NEED_DATA:
-                pass
-    except RemoteProtocolError:
-        pass
+    with contextlib.suppress(RemoteProtocolError):
+        _feed(payconn.PayConnection(side), chunks)
 
 
 @FUZZ
