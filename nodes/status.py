@@ -16,6 +16,7 @@ from typing import Any
 
 from cocoon_p2p.core.identity import load_or_create_identity
 from cocoon_p2p.core.metrics import parse
+from cocoon_p2p.payments.addresses import friendly
 from cocoon_p2p.payments.chain import Wallet
 from cocoon_p2p.payments.channelstate import CLOSING
 from cocoon_p2p.payments.payerbook import CURRENT, ChannelRecord, load_book
@@ -36,13 +37,16 @@ def _client_side(folder: Path, warnings: list[str]) -> list[ChannelRecord]:
         issued.close()
 
 
-def collect(data_dir: Path, metrics_url: str | None = None) -> dict[str, Any]:
-    """The status as one JSON-ready dict."""
+def collect(data_dir: Path, metrics_url: str | None = None, *, testnet: bool = False) -> dict[str, Any]:
+    """The status as one JSON-ready dict. ``wallet`` is the raw address,
+    ``wallet_to_fund`` the form to give a faucet or an exchange (user-friendly,
+    non-bounceable, testnet-flagged when ``testnet``)."""
     out: dict[str, Any] = {"data_dir": str(data_dir)}
     key = data_dir / KEY_FILE
     out["peer_id"] = load_or_create_identity(key).peer_id_str if key.is_file() else None  # never creates one here
     wallet = data_dir / "wallet.json"
     out["wallet"] = Wallet.load_or_create(wallet).address if wallet.is_file() else None
+    out["wallet_to_fund"] = friendly(out["wallet"], testnet=testnet) if out["wallet"] else None
     pay = data_dir / "payments"
     worker: list[dict[str, Any]] = []
     warnings: list[str] = []
@@ -79,7 +83,10 @@ def collect(data_dir: Path, metrics_url: str | None = None) -> dict[str, Any]:
 
 def print_status(status: dict[str, Any]) -> None:
     print(f"peer id   {status['peer_id'] or '(no key yet: run keygen or start the node)'}")
-    print(f"wallet    {status['wallet'] or '(none)'}")
+    if status["wallet"]:
+        print(f"wallet    {status['wallet_to_fund']} (raw {status['wallet']})")
+    else:
+        print("wallet    (none)")
     worker = status["worker_channels"]
     open_ = [c for c in worker if not c["settled"]]
     unsettled, settled = status["earned_unsettled_nanoton"], len(worker) - len(open_)

@@ -158,6 +158,7 @@ def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path)
             worker.wait(timeout=10)
             status = _status(w_dir)
             assert status["earned_unsettled_nanoton"] == 2000 and len(status["worker_channels"]) == 1
+            assert status["wallet_to_fund"] == wallet  # the form the worker printed to fund
             worker = subprocess.Popen(
                 [*w_cmd, "--listen", addr.split("/p2p/")[0], "--log-level", "WARNING"],
                 stdout=subprocess.PIPE,

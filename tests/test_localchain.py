@@ -271,6 +271,10 @@ def test_send_boc_only_accepts_and_each_message_lands_a_block_after_its_parent()
         assert chain.balance(target.address) == TON // 10
         assert chain.settle().pending == 0
 
+        with pytest.raises(ChainError, match="not accepted"):  # a spent seqno: refused at once, never queued
+            chain.send_boc(transfer_boc(wallet, target.address, TON // 10, seqno=1))
+        assert chain.status().pending == 0
+
         sent, credit = chain.transactions(wallet.address, 1)[0], chain.transactions(target.address)[0]
         assert (sent.in_source, sent.exit_code, sent.aborted) == ("", 0, False)
         assert sent.out_messages == ((raw_address(target.address), TON // 10),)
@@ -288,6 +292,27 @@ def test_a_wallet_transfer_lands_through_timed_blocks() -> None:
         settled = chain.settle()
         assert settled.block > first and settled.dropped == 0
         assert chain.balance(target.address) == TON // 10 and wallet.seqno(chain) == 2
+
+
+@pytest.mark.slow
+@needs_node
+def test_a_resend_refused_because_the_first_copy_landed_is_a_success() -> None:
+    with open_local_chain(True, fail_rate=0.0) as chain:
+        wallet, target = chain.new_wallet(TON), Wallet.create()
+        chain.settle()
+        real_send = chain.send_boc
+
+        def first_answer_lost(boc: bytes) -> None:
+            real_send(boc)
+            chain.produce_blocks(1)  # the first copy lands before the resend
+            real_send(boc)  # refused: its seqno is spent
+
+        chain.send_boc = first_answer_lost  # type: ignore[method-assign]
+        with pytest.raises(ChainError, match="not accepted"):
+            first_answer_lost(transfer_boc(wallet, target.address, 1, seqno=wallet.seqno(chain)))
+        chain.settle()
+        landed = wallet.transfer(chain, target.address, TON // 10)
+        assert landed.in_value == TON // 10 and wallet.seqno(chain) == 3  # each message applied once
 
 
 @pytest.mark.slow

@@ -116,7 +116,13 @@ class Wallet:
             msg = self.contract.create_transfer_message(
                 dest, amount, seqno, payload=convert(body), state_init=convert(init)
             )
-            chain.send_boc(bytes(msg["message"].to_boc(False)))
+            try:
+                chain.send_boc(bytes(msg["message"].to_boc(False)))
+            except ChainError:
+                # A resend after a lost answer is refused once the first copy landed (its
+                # seqno is spent): the seqno having moved means ours went through.
+                if self.seqno(chain) <= seqno:
+                    raise
             wait_until(lambda: self.seqno(chain) > seqno, **self._polling(chain))
             sent = self._landed(chain, self.address, lambda t: t.in_source == "" and t.lt > since)
             target = raw_address(to)

@@ -4,7 +4,9 @@
 //
 // Two modes. Synchronous (--block-ms 0, the default, for fast tests): sendBoc applies the message
 // and everything it triggers before it returns. Realistic (--block-ms N > 0), like testnet: sendBoc
-// only checks that the BoC parses and queues it; every N ms a block applies the queued externals,
+// checks that the BoC parses and that its account would accept it now (as a liteserver runs the
+// external's acceptance against the current state: a bad signature or seqno is an error at once),
+// then queues it; every N ms a block applies the queued externals,
 // and each internal message a transaction sends waits for the block after its parent's.
 // --rate-limit: requests/s per API key (X-API-Key header or api_key query); keyless requests share
 // --rate-limit-nokey (default min(1, rate-limit)); 0 = unlimited. --fail-rate: probability of an
@@ -287,13 +289,28 @@ async function sendBoc(body) {
     throw new ApiError(400, `Failed to deserialize boc: ${e.message}`);
   }
   if (msg.info.type !== "external-in") throw new ApiError(400, "Message is not an inbound external message");
-  if (realistic) pending.push(msg);
-  else {
+  if (realistic) {
+    await (producing = producing.then(() => checkAccepted(msg), () => checkAccepted(msg)));
+    pending.push(msg);
+  } else {
     try { await applyNow(msg); } catch (e) {
       throw new ApiError(500, `LITE_SERVER_UNKNOWN: cannot apply external message to current state : ${e.message}`);
     }
   }
   return { "@type": "ok" };
+}
+
+// The acceptance check runs the message on a snapshot and puts the chain back, between blocks.
+async function checkAccepted(msg) {
+  const before = chain.snapshot();
+  chain.now = now();
+  try {
+    await (await chain.sendMessageIter(msg, { allowParallel: true })).next();
+  } catch (e) {
+    throw new ApiError(500, `LITE_SERVER_UNKNOWN: cannot apply external message to current state : External message was not accepted (${e.message})`);
+  } finally {
+    await chain.loadFrom(before);
+  }
 }
 
 async function fund(body) {
