@@ -1,4 +1,4 @@
-"""Run the benchmarks: ``python -m benchmarks [--quick] [--suite overlay|jobs|payments|all] [--only NAME]``.
+"""Run the benchmarks: ``python -m benchmarks [--quick] [--suite overlay|jobs|payments|attestation|all] [--only NAME]``.
 
 Prints one table and writes the figures as JSON (default
 benchmarks/results/overlay.json). Comparisons (ours vs baseline) are always
@@ -20,9 +20,14 @@ import trio
 
 from cocoon_p2p.transport.host import quiet_libp2p_logs
 
-from . import jobs, overlay, payments
+from . import attestation, jobs, overlay, payments
 
-SUITES = {"overlay": overlay.BENCHES, "jobs": jobs.BENCHES, "payments": payments.BENCHES}
+SUITES = {
+    "overlay": overlay.BENCHES,
+    "jobs": jobs.BENCHES,
+    "payments": payments.BENCHES,
+    "attestation": attestation.BENCHES,
+}
 
 GOALS = {
     "connect_ms_p50": ("<=", 10.0),
@@ -35,6 +40,7 @@ GOALS = {
     "vouchers_verified_per_s": (">=", 15_000.0),
     "vouchers_persisted_per_s_group_64": (">=", 10_000.0),
     "onchain_ops_per_channel": ("<=", 3.0),
+    "attest_first_job_extra_ms_beyond_verify_p50": ("<=", 5.0),
 }
 
 

@@ -10,7 +10,10 @@ A composition of services, each built by constructor with what it needs:
 * jobs: :class:`~.jobs.client.JobClient` and, once a model is served,
   :class:`~.jobs.worker.JobWorker`, given the overlay and payments through the ports
   of :mod:`.jobs.ports`;
-* payments (with ``NodeConfig.payments``): :class:`~.payments.service.PaymentService`.
+* payments (with ``NodeConfig.payments``): :class:`~.payments.service.PaymentService`;
+* attestation: :class:`~.attestation.gate.AttestationGate` (judges workers that
+  claim a TEE, for jobs that require one) and, on a confidential worker
+  (``NodeConfig.tee``), :class:`~.attestation.keeper.EvidenceKeeper`.
 
 Cancellation: leaving the ``async with`` block (normally, by an exception, or by
 cancellation) stops every task the node started and closes the host; nothing
@@ -34,6 +37,10 @@ from libp2p.custom_types import TProtocol
 from libp2p.tools.anyio_service import background_trio_service
 from multiaddr import Multiaddr
 
+from cocoon_p2p.attestation import evidence as attest_wire
+from cocoon_p2p.attestation.gate import AttestationGate, ClientAttestation
+from cocoon_p2p.attestation.keeper import EvidenceKeeper, WorkerAttestation
+from cocoon_p2p.attestation.verifier import Verdict
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import ConfigError, NotRunning
 from cocoon_p2p.core.identity import Identity, load_or_create_identity
@@ -109,6 +116,8 @@ class NodeConfig:
     jobs_per_client: int | None = None  # of those, what one client may hold (None: all)
     limits: ResourceLimits = field(default_factory=ResourceLimits)  # what one peer or IP may hold open
     payments: PaymentConfig | None = None
+    tee: WorkerAttestation | None = None  # a confidential worker: where its TEE evidence comes from
+    attestation: ClientAttestation = field(default_factory=ClientAttestation)  # judging others' evidence
     quiet_logs: bool = True
     seed: int | None = None  # for the backoff jitter and the router; None: from the OS
 
@@ -195,6 +204,10 @@ class Node:
                 peer_addrs=self.directory.addrs_of,
                 misbehaved=self.guard.misbehaved,
             )
+        self.tee_gate = AttestationGate(self.host, cfg.attestation, guard=self.guard, events=self._events)
+        self.evidence: EvidenceKeeper | None = None
+        if cfg.tee is not None:
+            self.evidence = EvidenceKeeper(self.identity, cfg.tee, advertiser=self.advertiser)
         self.job_client: JobClient | None = None
         self.job_worker: JobWorker | None = None
         self._stack: AsyncExitStack | None = None
@@ -233,6 +246,8 @@ class Node:
             stack.push_async_callback(close_connections, self.host, CLOSE_TIMEOUT_S)
             await self.gossip.join()
             self.host.set_stream_handler(TProtocol(protocols.INFO_PROTOCOL), self.advertiser.handle_info)
+            if self.evidence is not None:
+                self.host.set_stream_handler(TProtocol(attest_wire.PROTOCOL), self.evidence.handle)
             if self.payments is not None:
                 stack.callback(self.payments.close)  # after every task below has stopped
             nursery = self._nursery = await stack.enter_async_context(trio.open_nursery())
@@ -245,10 +260,14 @@ class Node:
                 self._job_offers,
                 feedback=self.guard,
                 payments=self.payments,
+                tee=self.tee_gate,
                 rng=random.Random(self.config.seed),
             )
             for task in (self.gossip.drain, self.guard.run, self.dialer.run, self.advertiser.run):
                 nursery.start_soon(task)
+            if self.evidence is not None:
+                nursery.start_soon(self.evidence.run)
+                await self.evidence.wait_ready()  # the first announcement carries the claim
         except BaseException:
             await stack.aclose()
             raise
@@ -383,13 +402,28 @@ class Node:
         texts: tuple[str, ...] = (),
         max_price_nanoton: int,
         timeout_s: float = 30.0,
+        require_tee: bool = False,
     ) -> InferenceResult:
         """Run one job on the network: the router picks a worker for ``model_id``
         at no more than ``max_price_nanoton`` per unit; retried elsewhere on failure.
-        Raises :class:`~.jobs.client.JobFailed`."""
+        With ``require_tee`` only workers whose TEE evidence passes
+        ``NodeConfig.attestation`` are candidates. Raises :class:`~.jobs.client.JobFailed`
+        (``no-attested-workers`` when the model has workers but none is attested)."""
         return await self._client().infer(
-            model_id, inputs=inputs, texts=texts, max_price=max_price_nanoton, timeout_s=timeout_s
+            model_id,
+            inputs=inputs,
+            texts=texts,
+            max_price=max_price_nanoton,
+            timeout_s=timeout_s,
+            require_tee=require_tee,
         )
+
+    async def check_attestation(self, peer_id: bytes, *, addrs: tuple[str, ...] = ()) -> Verdict:
+        """Ask ``peer_id`` for its TEE evidence and judge it under ``NodeConfig.attestation``
+        (or return the verdict that still stands). Never raises for a refusal: read
+        ``verdict.accepted`` and ``verdict.reason``."""
+        self._running()
+        return await self.tee_gate.check(peer_id, addrs or tuple(self.directory.addrs_of(peer_id)))
 
     async def generate(
         self,
@@ -399,6 +433,7 @@ class Node:
         max_tokens: int,
         max_price_nanoton: int,
         timeout_s: float = 120.0,
+        require_tee: bool = False,
     ) -> AsyncGenerator[JobChunk | InferenceResult, None]:
         """Generate text: yields each :class:`~.jobs.frames.JobChunk` as the worker
         streams it, then the :class:`~.jobs.client.InferenceResult` (usage and cost).
@@ -408,7 +443,12 @@ class Node:
         the job on the worker. Raises :class:`~.jobs.client.JobFailed`.
         """
         stream = self._client().generate(
-            model_id, prompt, max_tokens=max_tokens, max_price=max_price_nanoton, timeout_s=timeout_s
+            model_id,
+            prompt,
+            max_tokens=max_tokens,
+            max_price=max_price_nanoton,
+            timeout_s=timeout_s,
+            require_tee=require_tee,
         )
         async with aclosing(stream) as items:
             async for item in items:
@@ -428,7 +468,8 @@ class Node:
         ]
         out += self.dialer.metrics() + self.gossip.metrics() + self.advertiser.metrics()
         out += self.guard.metrics() + self.dht.metrics() + self.muxer_stats.metrics() + self.admission.metrics()
-        for service in (self.job_worker, self.job_client, self.payments):
+        out += self.tee_gate.metrics()
+        for service in (self.job_worker, self.job_client, self.payments, self.evidence):
             if service is not None:
                 out += service.metrics()
         return out

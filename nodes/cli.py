@@ -1,6 +1,6 @@
 """``cocoon-node``: run cocoon peers from the command line.
 
-Subcommands: keygen, bootstrap, worker, client, gateway, find, status, demo. Each long-running role
+Subcommands: keygen, bootstrap, worker, client, gateway, find, status, attest, demo. Each long-running role
 prints its full multiaddrs (``listening /ip4/.../p2p/<PeerId>``) as soon as it
 listens, and stops cleanly on SIGINT or SIGTERM.
 """
@@ -36,8 +36,8 @@ from cocoon_p2p.payments.settlement import SettlementPolicy
 from cocoon_p2p.testing.localchain import LocalChain
 from cocoon_p2p.transport.limits import ResourceLimits
 
+from . import attest, demo, funding, logs
 from . import config as config_mod
-from . import demo, funding, logs
 from . import status as status_mod
 
 KEY_FILE = "node.key"
@@ -127,6 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs-per-client", type=int, help="jobs one client may run at once (default: capacity)")
     _payments(p)
     p.add_argument("--announce-interval-s", type=float, help="seconds between announcements")
+    attest.add_worker_flags(p)
 
     p = sub.add_parser("client", help="run one job on the network and print what it cost")
     _common(p)
@@ -138,6 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-s", type=float, default=15.0, help="seconds to wait for a worker to appear")
     _payments(p)
     p.add_argument("--settle", action="store_true", help="close the payment channels after the job")
+    attest.add_client_flags(p)
 
     p = sub.add_parser("gateway", help="serve an OpenAI-compatible HTTP API that runs requests as paid jobs")
     _common(p)
@@ -147,10 +149,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-price-nanoton", type=int, help="most to pay per unit (default 10000)")
     _payments(p)
+    attest.add_client_flags(p)
 
     p = sub.add_parser("status", help="show a node's identity, wallet, channels and earnings (and live metrics)")
     p.add_argument("--data-dir", type=Path, default=Path("cocoon-data"))
     p.add_argument("--metrics-url", help="a running node's /metrics URL, e.g. http://127.0.0.1:9100/metrics")
+    p.add_argument("--testnet", action="store_true", help="show the wallet address with the testnet flag")
     p.add_argument("--json", action="store_true", help="print JSON")
 
     p = sub.add_parser("find", help="list the workers that serve a model")
@@ -159,6 +163,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-s", type=float, default=3.0, help="seconds to listen to gossip first")
     p.add_argument("--json", action="store_true", help="print JSON")
 
+    attest.add_parser(sub)
     demo.add_parser(sub)
     return parser
 
@@ -180,6 +185,8 @@ def _node_config(cfg: config_mod.RoleConfig, payments: PaymentConfig | None = No
             max_connections_per_peer=cfg.max_connections_per_peer,
             max_inbound_streams_per_peer=cfg.max_inbound_streams_per_peer,
         ),
+        tee=attest.worker_attestation(cfg),
+        attestation=attest.client_attestation(cfg),
     )
 
 
@@ -236,9 +243,10 @@ async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel]) ->
         if payments is not None and not await funding.fund_wallet(cfg, payments, funding.Role.GATEWAY):
             print("stopping", flush=True)
             return
-        gateway = Gateway(node, models, max_price_nanoton=cfg.max_price_nanoton)
+        gateway = Gateway(node, models, max_price_nanoton=cfg.max_price_nanoton, require_tee=cfg.require_tee)
         bound = await nursery.start(gateway.serve, host, port)
-        print(f"gateway http://{host}:{bound}/v1 models: {', '.join(m.name for m in models)}", flush=True)
+        tee = " (attested TEE workers only)" if cfg.require_tee else ""
+        print(f"gateway http://{host}:{bound}/v1 models: {', '.join(m.name for m in models)}{tee}", flush=True)
         await _until_signalled()
         print("stopping", flush=True)
         nursery.cancel_scope.cancel()
@@ -255,6 +263,8 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
     async with Node(_node_config(cfg, payments)) as node, trio.open_nursery() as nursery:
         for addr in node.addrs:
             print(f"listening {addr}", flush=True)
+        if node.evidence is not None:
+            attest.report_worker_tee(node.evidence, node.identity.peer_id, cfg.tee)
         if cfg.metrics:
             await _serve_metrics(node, cfg.metrics, nursery)
         if payments is not None and not await funding.fund_wallet(cfg, payments, funding.Role.WORKER):
@@ -297,7 +307,9 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
             while not await node.find_workers(model_id, use_dht=False):
                 await trio.sleep(0.1)
         if args.task == "embed":
-            r = await node.infer(model_id, texts=tuple(args.text), max_price_nanoton=cfg.max_price_nanoton)
+            r = await node.infer(
+                model_id, texts=tuple(args.text), max_price_nanoton=cfg.max_price_nanoton, require_tee=cfg.require_tee
+            )
             emb = to_numpy(r.output())
             for text, row in zip(args.text, emb, strict=True):
                 print(f"{text[:40]!r}: [{', '.join(f'{v:.4f}' for v in row[:4])}, ...] ({len(row)} dims)")
@@ -305,7 +317,11 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
             prompt = chatml_prompt([{"role": "user", "content": " ".join(args.text)}])
             result = None
             async for item in node.generate(
-                model_id, prompt, max_tokens=args.max_tokens, max_price_nanoton=cfg.max_price_nanoton
+                model_id,
+                prompt,
+                max_tokens=args.max_tokens,
+                max_price_nanoton=cfg.max_price_nanoton,
+                require_tee=cfg.require_tee,
             ):
                 if isinstance(item, InferenceResult):
                     result = item
@@ -314,6 +330,8 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
             print()
             assert result is not None
             r = result
+        # the verdict that admitted the worker still stands: this asks nobody
+        attested = attest.verdict_summary(await node.check_attestation(r.worker)) if cfg.require_tee else None
         if pay is not None and args.settle:
             settled = await pay.settle(r.worker)
             print(f"channel closed on chain: {settled} nanoton to the worker", file=sys.stderr)
@@ -324,6 +342,8 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
         f"{r.latency_s * 1000:.0f} ms, {r.attempts} attempt(s)",
         file=sys.stderr,
     )
+    if attested is not None:
+        print(f"attested {attested}", file=sys.stderr)
     return 0
 
 
@@ -410,8 +430,10 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0
     if args.command == "demo":
         return demo.run(args)
+    if args.command == "attest":
+        return attest.run(args)
     if args.command == "status":
-        info = status_mod.collect(args.data_dir, args.metrics_url)
+        info = status_mod.collect(args.data_dir, args.metrics_url, testnet=args.testnet)
         print(json.dumps(info, indent=2)) if args.json else status_mod.print_status(info)
         return 0
     overrides: dict[str, Any] = {k: getattr(args, k, None) for k in config_mod.RoleConfig.__dataclass_fields__}

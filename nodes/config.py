@@ -53,6 +53,17 @@ class RoleConfig:
     idle_close_s: float = 86400.0  # worker: close a channel whose payer is silent this long
     quarantine_s: int = 3600  # client: the channels' uncooperative-close quarantine
     watch_interval_s: float = 10.0  # how often channels are checked on chain
+    # Attestation (Intel TDX). Worker: where its quotes come from ("configfs-tsm", "dstack",
+    # "file:<path>"; empty: it claims no TEE), how long one stands, and Intel's collateral to
+    # send along (one file, or a PCCS). Client, gateway: require_tee, the policy to judge
+    # workers by (empty: TDX, UpToDate, no debug, any image), and collateral to judge with
+    # (files: an offline bundle; pccs_url: fetched; also the worker's own copy).
+    tee: str = ""
+    tee_lifetime_s: float = 3600.0
+    tee_collateral: list[str] = field(default_factory=list)
+    pccs_url: str = ""
+    require_tee: bool = False
+    tee_policy: str = ""
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
@@ -75,4 +86,9 @@ def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
     if cfg.testnet and not cfg.chain:
         cfg.chain = TESTNET_CHAIN
     cfg.models = [str(m) for m in cfg.models]
+    # One file reads naturally as a string in TOML; the client side takes several.
+    collateral: Any = cfg.tee_collateral
+    cfg.tee_collateral = [str(collateral)] if isinstance(collateral, str | Path) else [str(c) for c in collateral]
+    if cfg.tee_policy:
+        cfg.tee_policy = str(cfg.tee_policy)
     return cfg

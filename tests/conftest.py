@@ -32,6 +32,7 @@ def slow_model(tmp_path_factory: pytest.TempPathFactory) -> ModelSpec:
 
 SLOW_MODULES = frozenset(
     {
+        "test_attestation_e2e",
         "test_chain",
         "test_cli",
         "test_contract",

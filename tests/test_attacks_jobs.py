@@ -181,7 +181,10 @@ async def test_a_greedy_client_gets_busy_past_its_share_while_others_are_served(
         async with trio.open_nursery() as jobs:
             for _ in range(3):
                 jobs.start_soon(one)
-        assert sorted(outcomes) == ["busy", "busy", "ok"] and worker.stats.refused == {jf.BUSY: 2}
+        # Usually 1 ok + 2 busy; on a loaded machine the first job may end before the last
+        # arrives, which is then served: what matters is that a second job at once is refused.
+        busy = outcomes.count("busy")
+        assert busy >= 1 and outcomes.count("ok") == 3 - busy and worker.stats.refused == {jf.BUSY: busy}
         assert worker.running == 0
         nursery.cancel_scope.cancel()
 

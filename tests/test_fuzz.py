@@ -1,21 +1,28 @@
 """Random and mutated bytes into every decoder: a named RemoteProtocolError or a
 valid message, never another exception, never a hang.
 
-Decoders: capability records, announcements, job frames and the job connection,
-pay frames and the pay connection, vouchers (record and BOC), Noise messages,
-and the OpenAI API's JSON bodies (those answer a 400 APIError). Each property
+Decoders: capability records, announcements (with TEE claims), job frames and
+the job connection, pay frames and the pay connection, vouchers (record and BOC),
+Noise messages, attestation evidence and requests, TDX quotes through the verifier
+(a refusal verdict, never an exception), and the OpenAI API's JSON bodies (those
+answer a 400 APIError). Each property
 runs ``COCOON_FUZZ_EXAMPLES`` examples (400 by default: seconds, in CI);
 ``python -m benchmarks.fuzz`` runs them far longer.
 """
 
 import contextlib
 import os
+from pathlib import Path
 
 import msgpack
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from cocoon_p2p.api import openai as openai_api
+from cocoon_p2p.attestation import evidence as attest
+from cocoon_p2p.attestation.collateral import Collateral
+from cocoon_p2p.attestation.policy import DEFAULT_POLICY
+from cocoon_p2p.attestation.verifier import verify_quote
 from cocoon_p2p.core.errors import RemoteProtocolError
 from cocoon_p2p.core.framing import NEED_DATA
 from cocoon_p2p.execution import tensors
@@ -23,6 +30,7 @@ from cocoon_p2p.jobs import connection as jobconn
 from cocoon_p2p.jobs import frames as jobframes
 from cocoon_p2p.overlay import announcement, capability
 from cocoon_p2p.overlay.directory import WorkerDirectory
+from cocoon_p2p.overlay.teeclaim import TeeClaim, TeeKind
 from cocoon_p2p.payments import connection as payconn
 from cocoon_p2p.payments import frames as pf
 from cocoon_p2p.payments import vouchers
@@ -33,6 +41,11 @@ from .helpers import announcement as make_announcement
 
 VALID_RECORD = record(ident(1)).encode()
 VALID_ANN = make_announcement(ident(1)).encode()
+VALID_TEE_ANN = announcement.Announcement.create(
+    ident(1), now_ms=NOW, ttl_ms=10_000, addrs=(), offers=(), running_jobs=0, tee=TeeClaim(TeeKind.TDX, b"m" * 32, NOW)
+).encode()
+VALID_EVIDENCE = attest.Evidence("tdx", "file", b"q" * 600, '{"x": 1}', 1, 2, '{"cc": true}').encode()
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "attestation"
 FUZZ = settings(
     max_examples=int(os.environ.get("COCOON_FUZZ_EXAMPLES", "400")),
     deadline=None,
@@ -228,3 +241,49 @@ def test_openai_bodies_parse_or_answer_400(body: object) -> None:
             parse(body)
         except openai_api.APIError as err:
             assert err.status == 400
+
+
+@FUZZ
+@given(st.binary(max_size=3000))
+def test_attestation_random_bytes(data: bytes) -> None:
+    _check(attest.decode_evidence, data)
+    _check(attest.decode_request, data)
+
+
+@FUZZ
+@given(msgpack_values)
+def test_attestation_structured_garbage(value: object) -> None:
+    data = msgpack.packb(value, use_bin_type=True)
+    _check(attest.decode_evidence, data)
+    _check(attest.decode_request, data)
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 10_000), st.integers(0, 255)), min_size=1, max_size=6))
+def test_attestation_mutations(flips: list[tuple[int, int]]) -> None:
+    _check(attest.decode_evidence, _mutate(VALID_EVIDENCE, flips))
+    _check(lambda d: announcement.decode(d, now_ms=NOW), _mutate(VALID_TEE_ANN, flips))
+
+
+@FUZZ
+@given(st.lists(st.tuples(st.integers(0, 5005), st.integers(0, 255)), min_size=1, max_size=8), st.integers(0, 5006))
+def test_mutated_and_cut_quotes_get_a_verdict_never_an_exception(flips: list[tuple[int, int]], cut: int) -> None:
+    if not SAMPLES.is_dir():
+        return
+    quote, coll = _sample_quote()
+    mutated = _mutate(quote, flips)[: max(cut, 1)]
+    verdict = verify_quote(mutated, coll, DEFAULT_POLICY, now_s=1750331763, expected_report_data=None)
+    # Signatures cover the header and TD report (0-631) and the signature and key (636-763);
+    # the certificate data after them is partly not covered (see ../shared/attestation).
+    signed_changed = len(mutated) < 764 or any(mutated[i] != quote[i] for i in [*range(632), *range(636, 764)])
+    assert not (verdict.accepted and signed_changed)
+
+
+_SAMPLE: list[tuple[bytes, Collateral]] = []
+
+
+def _sample_quote() -> tuple[bytes, Collateral]:
+    if not _SAMPLE:
+        text = (SAMPLES / "tdx_quote_collateral.json").read_text()
+        _SAMPLE.append(((SAMPLES / "tdx_quote").read_bytes(), Collateral.from_json(text)))
+    return _SAMPLE[0]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import urllib.request
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -14,6 +15,10 @@ import pytest
 import trio
 
 from cocoon_p2p.api.gateway import Gateway, GatewayModel
+from cocoon_p2p.attestation.gate import ClientAttestation
+from cocoon_p2p.attestation.keeper import WorkerAttestation
+from cocoon_p2p.attestation.policy import parse_policy
+from cocoon_p2p.attestation.sources import FileSource
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
 from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2
@@ -112,3 +117,80 @@ async def test_chat_whole_and_streamed_with_the_openai_client(models: tuple[Mode
         assert "".join(pieces) == text  # greedy decoding: the same answer, token by token
         assert len([p for p in pieces if p]) > 3 and finish == whole.choices[0].finish_reason
         assert usage is not None and usage.cost_nanoton == u.cost_nanoton
+
+
+SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "attestation"
+SAMPLE_MEASUREMENT = "8ef444fda246f7e0d5f9a3ba0a2822ae0be7dbec5e321277d03b73b198fa2545"
+
+
+@asynccontextmanager
+async def tee_gateway(
+    specs: tuple[ModelSpec, ...], *, worker_tee: bool, require_tee: bool = False
+) -> AsyncIterator[str]:
+    """A gateway in front of one MiniLM worker, that serves the real sample TDX evidence when
+    ``worker_tee`` (with the two test-only relaxations: no TDX machine can make a quote bound
+    to its key here) and claims no TEE otherwise."""
+    wcfg = fast_config()
+    if worker_tee:
+        wcfg.tee = WorkerAttestation(
+            source=FileSource(SAMPLES / "tdx_quote"),
+            collateral_file=SAMPLES / "tdx_quote_collateral.json",
+            insecure_serve_unbound_for_tests=True,
+        )
+    gcfg = fast_config()
+    policy = {"insecure_skip_binding_for_tests": True, "insecure_fixed_time_for_tests": 1750331763}
+    gcfg.attestation = ClientAttestation(policy=parse_policy(policy, source="test"), ask_timeout_s=5.0)
+    async with Node(wcfg) as worker:
+        gcfg.bootstrap = [worker.addrs[0]]
+        async with Node(gcfg) as gw_node:
+            for spec in specs:
+                worker.serve_model(spec, OnnxRuntimeBackend(spec.path, threads=1), price_nanoton=PRICE)
+            await wait_for(lambda: all(gw_node.directory.workers_for(m.model_id, now_ms=now_ms()) for m in specs))
+            offered = [GatewayModel.of(m, name) for m, name in zip(specs, ("minilm", "smollm2"), strict=False)]
+            gw = Gateway(gw_node, offered, max_price_nanoton=PRICE, require_tee=require_tee)
+            async with trio.open_nursery() as nursery:
+                port = await nursery.start(gw.serve, "127.0.0.1", 0)
+                yield f"http://127.0.0.1:{port}"
+                nursery.cancel_scope.cancel()
+
+
+TEE = {"cocoon": {"require_tee": True}}
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"no sample evidence at {SAMPLES}")
+async def test_a_request_that_requires_a_tee_gets_503_when_no_worker_claims_one(
+    models: tuple[ModelSpec, ModelSpec],
+) -> None:
+    async with tee_gateway(models, worker_tee=False) as base:
+        c = client(base)
+        plain = await in_thread(c.embeddings.create, model="minilm", input="x")  # not asked: any worker
+        assert plain.usage.worker and not hasattr(plain.usage, "attestation")
+        with pytest.raises(openai.APIStatusError) as err:
+            await in_thread(c.embeddings.create, model="minilm", input="x", extra_body=TEE)
+        assert err.value.status_code == 503
+        body: Any = err.value.body
+        assert body["code"] == "no-attested-workers" and body["type"] == "cocoon_job_error"
+        with pytest.raises(openai.BadRequestError) as bad:  # a misspelt option is refused, not ignored
+            await in_thread(c.embeddings.create, model="minilm", input="x", extra_body={"cocoon": {"require_te": 1}})
+        assert "cocoon.require_te" in str(bad.value)
+        messages = [{"role": "user", "content": "Hi"}]
+        with pytest.raises(openai.APIStatusError) as streamed:  # a stream fails before its headers
+            await in_thread(
+                lambda: list(c.chat.completions.create(model="smollm2", messages=messages, stream=True, extra_body=TEE))
+            )
+        assert streamed.value.status_code == 503 and "no-attested-workers" in str(streamed.value)
+
+
+@pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"no sample evidence at {SAMPLES}")
+async def test_a_gateway_that_requires_a_tee_names_the_attested_image() -> None:
+    async with tee_gateway((ensure_minilm(),), worker_tee=True, require_tee=True) as base:
+        c = client(base)
+        raw = await in_thread(c.embeddings.with_raw_response.create, model="minilm", input="x")
+        assert raw.headers["x-cocoon-attested"] == SAMPLE_MEASUREMENT
+        usage: Any = raw.parse().usage
+        assert usage.attestation == {
+            "tee": "tdx",
+            "status": "UpToDate",
+            "measurement": SAMPLE_MEASUREMENT,
+            "image": None,
+        }

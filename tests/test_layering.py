@@ -2,7 +2,7 @@
 
 Each module's layer comes from its subpackage (the table below), not from a
 hand-kept list of modules: a new module is checked the day it is added. Two
-packages of the same rank (overlay and execution; jobs and payments) must not
+packages of the same rank (overlay and execution; jobs, payments and attestation) must not
 import each other: they meet through what a higher layer passes them.
 
 Sans-IO: every module imports no I/O library (trio, libp2p, sockets...),
@@ -31,6 +31,7 @@ RANKS = {
     "execution": 2,
     "jobs": 3,
     "payments": 3,
+    "attestation": 3,
     "node": 4,
     "api": 5,
     "testing": 6,
@@ -57,6 +58,8 @@ ADAPTERS = {
         "service",
         "contract",
     },  # contract: npm
+    # pccs: dcap-qvl's asyncio fetcher; sources: configfs and dstack's agent; gpu: NVML.
+    "attestation": {"gate", "keeper", "pccs", "sources", "gpu"},
     "execution": set(),
     "core": set(),
 }

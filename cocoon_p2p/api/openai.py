@@ -5,6 +5,17 @@ Covers what the gateway serves: ``GET /v1/models``, ``POST /v1/embeddings``
 ``POST /v1/chat/completions`` (whole, or streamed as server-sent events).
 ``usage`` carries the job's cost in nanoton and the worker that ran it, beside
 the token counts OpenAI clients expect.
+
+One extension field, ``cocoon``, an object, may ride in any POST body (the
+official ``openai`` Python client sends it with ``extra_body``)::
+
+    client.chat.completions.create(..., extra_body={"cocoon": {"require_tee": True}})
+
+``require_tee`` (bool, default false): run the request only on a worker whose TEE
+evidence passes the gateway's policy; when none does, the answer is 503 with
+``error.code`` ``"no-attested-workers"``. An attested job's ``usage`` has an
+``attestation`` object (tee, status, measurement, image). Unknown keys in
+``cocoon`` are refused (400), so a misspelt option never passes silently.
 """
 
 from __future__ import annotations
@@ -39,11 +50,15 @@ class APIError(Exception):
         return {"error": {"message": str(self), "type": self.kind, "param": self.param, "code": self.code}}
 
 
+COCOON_OPTIONS = frozenset({"require_tee"})
+
+
 @dataclass(frozen=True)
 class EmbeddingsRequest:
     model: str
     texts: tuple[str, ...]
     encoding_format: str  # "float" | "base64"
+    require_tee: bool = False  # cocoon.require_tee
 
 
 @dataclass(frozen=True)
@@ -53,6 +68,7 @@ class ChatRequest:
     max_tokens: int
     stream: bool
     include_usage: bool
+    require_tee: bool = False  # cocoon.require_tee
 
 
 def nesting_depth(body: bytes) -> int:
@@ -115,6 +131,23 @@ def _text(value: Any, what: str) -> str:
     return value
 
 
+def _require_tee(body: dict[str, Any]) -> bool:
+    """``cocoon.require_tee`` of a request body (the extension field; see the module doc)."""
+    options = body.get("cocoon")
+    if options is None:
+        return False
+    if not isinstance(options, dict):
+        raise APIError(400, "'cocoon' must be an object", param="cocoon")
+    unknown = sorted(set(options) - COCOON_OPTIONS)
+    if unknown:
+        known = ", ".join(sorted(COCOON_OPTIONS))
+        raise APIError(400, f"unknown option 'cocoon.{unknown[0]}' (known: {known})", param=f"cocoon.{unknown[0]}")
+    required = options.get("require_tee", False)
+    if not isinstance(required, bool):
+        raise APIError(400, "'cocoon.require_tee' must be true or false", param="cocoon.require_tee")
+    return required
+
+
 def parse_embeddings(body: Any) -> EmbeddingsRequest:
     b = _obj(body)
     raw = b.get("input")
@@ -126,7 +159,7 @@ def parse_embeddings(body: Any) -> EmbeddingsRequest:
     fmt = b.get("encoding_format", "float")
     if fmt not in ("float", "base64"):
         raise APIError(400, "'encoding_format' must be 'float' or 'base64'", param="encoding_format")
-    return EmbeddingsRequest(_model(b), tuple(_text(t, "input") for t in texts), fmt)
+    return EmbeddingsRequest(_model(b), tuple(_text(t, "input") for t in texts), fmt, _require_tee(b))
 
 
 def parse_chat(body: Any) -> ChatRequest:
@@ -146,12 +179,16 @@ def parse_chat(body: Any) -> ChatRequest:
         raise APIError(400, "only n=1 is supported", param="n")
     options = b.get("stream_options") or {}
     include_usage = bool(options.get("include_usage")) if isinstance(options, dict) else False
-    return ChatRequest(_model(b), tuple(parsed), limit, bool(b.get("stream", False)), include_usage)
+    stream = bool(b.get("stream", False))
+    return ChatRequest(_model(b), tuple(parsed), limit, stream, include_usage, _require_tee(b))
 
 
-def usage(units: int, cost: int, price: int, worker: str, *, completion: int = 0) -> dict[str, Any]:
+def usage(
+    units: int, cost: int, price: int, worker: str, *, completion: int = 0, attestation: dict[str, Any] | None = None
+) -> dict[str, Any]:
+    """OpenAI's token counts, the job's cost and worker, and (a TEE job) the worker's attestation."""
     prompt = units - completion
-    return {
+    out = {
         "prompt_tokens": prompt,
         "completion_tokens": completion,
         "total_tokens": prompt + completion,
@@ -159,6 +196,9 @@ def usage(units: int, cost: int, price: int, worker: str, *, completion: int = 0
         "price_nanoton": price,
         "worker": worker,
     }
+    if attestation is not None:
+        out["attestation"] = attestation
+    return out
 
 
 def embeddings_response(

@@ -38,7 +38,7 @@ from cocoon_p2p.transport.host import unblock_peer
 from . import frames as jf
 from .attempts import JobAttempts, JobFailed
 from .client_link import ClientLink
-from .ports import ClientPayments, OfferSource, PeerFeedback
+from .ports import ClientPayments, OfferSource, PeerFeedback, TeeGate
 from .routing import Router
 from .stream import Inbox
 
@@ -91,7 +91,8 @@ class JobClient:
 
     ``feedback`` hears of workers that broke the protocol or were lost mid-job;
     ``payments`` (None: jobs are not paid for) opens a channel before a job and
-    pays for its result. Links and their reading tasks live in ``nursery``.
+    pays for its result; ``tee`` (None: no job may require a TEE) says which
+    workers are attested. Links and their reading tasks live in ``nursery``.
     """
 
     def __init__(
@@ -102,6 +103,7 @@ class JobClient:
         *,
         feedback: PeerFeedback,
         payments: ClientPayments | None = None,
+        tee: TeeGate | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.host = host
@@ -109,6 +111,7 @@ class JobClient:
         self.offers = offers
         self.feedback = feedback
         self.payments = payments
+        self.tee = tee
         self.router = Router(rng=rng or random.Random())
         self.links: dict[bytes, ClientLink] = {}
         self._opening: dict[bytes, trio.Lock] = {}
@@ -231,9 +234,12 @@ class JobClient:
         timeout_s: float = 30.0,
         attempts: int = 3,
         on_chunk: Callable[[jf.JobChunk], None] | None = None,
+        require_tee: bool = False,
     ) -> InferenceResult:
         """Run a job on the best worker for ``model_id``; retry elsewhere when that fails
         (the policy of :class:`~.attempts.JobAttempts`, up to ``attempts`` workers).
+        With ``require_tee`` only workers attested by the client's gate are candidates
+        (``no-attested-workers`` when the model has workers but none is attested).
 
         A job that already streamed chunks to ``on_chunk`` is not retried (the caller
         has seen part of one answer). Raises JobFailed: ``deadline`` when no result
@@ -243,6 +249,8 @@ class JobClient:
         """
         if timeout_s <= 0:
             raise LocalProtocolError(f"a job needs a positive timeout, not {timeout_s}")
+        if require_tee and self.tee is None:
+            raise LocalProtocolError("require_tee needs a client configured for attestation")
         chunks: list[jf.JobChunk] = []
 
         def collect(chunk: jf.JobChunk) -> None:
@@ -265,6 +273,13 @@ class JobClient:
         with trio.CancelScope(deadline=plan.deadline) as scope:
             while (why := plan.stop(trio.current_time())) is None:
                 offers = await self.offers(model_id)
+                if require_tee and offers:
+                    assert self.tee is not None
+                    offers = await self.tee.attested(offers)
+                    if not offers:
+                        why = jf.NO_ATTESTED_WORKERS
+                        last = JobFailed(why, f"no attested worker for model {model_id.hex()[:16]}")
+                        break
                 fitting = [o for o in offers if o.limits is None or o.limits.refusal(size) is None]
                 if offers and not fitting:  # every worker says it would refuse: no need to ask
                     assert offers[0].limits is not None
@@ -369,7 +384,14 @@ class JobClient:
             log.warning("payment to %s not acknowledged yet: %s", ID(worker), exc)
 
     async def generate(
-        self, model_id: bytes, prompt: str, *, max_tokens: int, max_price: int, timeout_s: float = 120.0
+        self,
+        model_id: bytes,
+        prompt: str,
+        *,
+        max_tokens: int,
+        max_price: int,
+        timeout_s: float = 120.0,
+        require_tee: bool = False,
     ) -> AsyncGenerator[jf.JobChunk | InferenceResult, None]:
         """:meth:`infer` for text generation, as an async iterator: each chunk as the
         worker streams it, then the result. Leaving the loop early cancels the job
@@ -387,6 +409,7 @@ class JobClient:
                         max_price=max_price,
                         timeout_s=timeout_s,
                         on_chunk=send.send_nowait,
+                        require_tee=require_tee,
                     )
                     send.send_nowait(result)
                 except JobFailed as exc:

@@ -50,6 +50,7 @@ ERROR_CODES = frozenset(
 WORKER_LOST = "worker-lost"  # the worker went away mid-job, broke the protocol, or was unreachable
 PAYMENT_SETUP = "payment-setup"  # no payment channel to the worker could be opened
 NO_WORKERS = "no-workers"  # no eligible worker (left) for the job
+NO_ATTESTED_WORKERS = "no-attested-workers"  # the job requires a TEE and no worker of the model is attested
 
 
 _REQUEST, _ACCEPTED, _CHUNK, _RESULT, _ERROR, _CANCEL = 1, 2, 3, 4, 5, 6

@@ -66,3 +66,12 @@ class LoadReport(Protocol):
     """Where a worker reports its load (implemented by :class:`~cocoon_p2p.overlay.advertiser.Advertiser`)."""
 
     def set_load(self, *, running_jobs: int, free_capacity: dict[bytes, int]) -> None: ...
+
+
+class TeeGate(Protocol):
+    """Which workers are attested to run in a TEE under the client's policy
+    (implemented by :class:`~cocoon_p2p.attestation.gate.AttestationGate`)."""
+
+    async def attested(self, offers: list[WorkerOffer]) -> list[WorkerOffer]:
+        """The subset of ``offers`` whose worker is attested now (it may ask workers first)."""
+        ...

@@ -30,6 +30,7 @@ from .capability import CapabilityRecord
 from .dht import CapabilityDht
 from .gossip import Gossip
 from .joblimits import JobLimits
+from .teeclaim import TeeClaim
 
 log = logging.getLogger(__name__)
 # The shortest gap between two of our announcements; receivers refuse gaps under 0.2 s.
@@ -81,6 +82,7 @@ class Advertiser:
         self._capabilities: tuple[ModelCapability, ...] = ()
         self._free: dict[bytes, int] = {}
         self._running_jobs = 0
+        self._tee: TeeClaim | None = None
         self._changed = trio.Event()
         self._last_announce_ms = 0
 
@@ -96,6 +98,17 @@ class Advertiser:
         self._capabilities = tuple(capabilities)
         self._free = {c.model_id: self._free.get(c.model_id, c.capacity) for c in capabilities}
         self._changed.set()
+
+    @property
+    def tee_claim(self) -> TeeClaim | None:
+        return self._tee
+
+    def set_tee_claim(self, claim: TeeClaim | None) -> None:
+        """Claim a TEE (or stop claiming one) in announcements and records, from the next
+        announcement on; records are republished with it."""
+        if claim != self._tee:
+            self._tee = claim
+            self._changed.set()
 
     def set_load(self, *, running_jobs: int, free_capacity: dict[bytes, int]) -> None:
         """Report current load; it goes out with the next announcement (now, if the gap allows)."""
@@ -128,12 +141,13 @@ class Advertiser:
             addrs=tuple(self.addrs()),
             offers=offers,
             running_jobs=self._running_jobs,
+            tee=self._tee,
         )
 
     async def run(self) -> None:
         """Announce on every change and interval; refresh DHT records (run in the node's nursery)."""
         next_publish = 0.0
-        published: tuple[ModelCapability, ...] | None = None
+        published: tuple[tuple[ModelCapability, ...], TeeClaim | None] | None = None
         while True:
             with trio.move_on_after(self.times.announce_interval_s):
                 await self._changed.wait()
@@ -142,8 +156,8 @@ class Advertiser:
                 continue
             await self.gossip.publish(protocols.ANNOUNCE_TOPIC, self.announcement(now_ms()).encode())
             self.announcements_sent += 1
-            if published != self._capabilities or trio.current_time() >= next_publish:
-                published = self._capabilities
+            if published != (self._capabilities, self._tee) or trio.current_time() >= next_publish:
+                published = (self._capabilities, self._tee)
                 next_publish = trio.current_time() + self.times.record_ttl_s / 2
                 await self._publish_records()
             # Load changes come in bursts (every job start and end): announce at most
@@ -168,6 +182,7 @@ class Advertiser:
                 unit=c.unit,
                 capacity=c.capacity,
                 addrs=tuple(self.addrs()),
+                tee=self._tee,
             )
             await self.dht.publish(rec)
 

@@ -2,11 +2,12 @@
 
 Wire format (version 1), a canonical msgpack array::
 
-    [1, peer_id, addrs, offers, running_jobs, issued_at_ms, expires_at_ms, signature]
+    [1, peer_id, addrs, offers, running_jobs, issued_at_ms, expires_at_ms(, tee), signature]
     offer = [model_id, backend, gpu, price_nanoton, unit, capacity, free_capacity(, limits)]
 
 ``limits`` (:mod:`.joblimits`) is optional: an offer without it is read as one
-that says nothing of its limits (as every offer did before it existed).
+that says nothing of its limits (as every offer did before it existed). So is
+``tee`` (:mod:`.teeclaim`), the worker's claim to run in a TEE; absent, it claims none.
 
 ``issued_at_ms`` doubles as the origin's sequence number: a receiver keeps the
 newest per origin and rejects anything not newer (replays). The signature is by
@@ -24,6 +25,7 @@ from cocoon_p2p.core.errors import MalformedMessage
 from cocoon_p2p.core.identity import PEER_ID_BYTES, Identity, peer_id_to_str
 
 from .joblimits import JobLimits
+from .teeclaim import TeeClaim
 
 VERSION = 1
 DOMAIN = b"cocoon/announce/1"
@@ -79,6 +81,7 @@ class Announcement:
     running_jobs: int
     issued_at_ms: int
     expires_at_ms: int
+    tee: TeeClaim | None = None
     signature: bytes = b""
 
     @classmethod
@@ -91,6 +94,7 @@ class Announcement:
         addrs: tuple[str, ...],
         offers: tuple[Offer, ...],
         running_jobs: int,
+        tee: TeeClaim | None = None,
     ) -> Announcement:
         ann = cls(
             peer_id=ident.peer_id,
@@ -99,6 +103,7 @@ class Announcement:
             running_jobs=running_jobs,
             issued_at_ms=now_ms,
             expires_at_ms=now_ms + ttl_ms,
+            tee=tee,
         )
         for offer in ann.offers:  # validate our own output with the receiver's rules
             Offer._parse(offer._fields())
@@ -109,7 +114,7 @@ class Announcement:
         return peer_id_to_str(self.peer_id)
 
     def _unsigned(self) -> list[Any]:
-        return [
+        fields = [
             VERSION,
             self.peer_id,
             list(self.addrs),
@@ -118,6 +123,7 @@ class Announcement:
             self.issued_at_ms,
             self.expires_at_ms,
         ]
+        return fields + [self.tee.fields()] if self.tee is not None else fields
 
     def encode(self) -> bytes:
         data = wire.pack([*self._unsigned(), self.signature])
@@ -128,9 +134,9 @@ class Announcement:
 
 def decode(data: bytes, *, now_ms: int) -> Announcement:
     """Parse and validate an announcement: size, shape, canonical form, window, signature."""
-    obj = wire.expect_list(
-        wire.unpack(data, max_size=MAX_ANNOUNCEMENT_BYTES, what="announcement"), _FIELDS, "announcement"
-    )
+    raw = wire.unpack(data, max_size=MAX_ANNOUNCEMENT_BYTES, what="announcement")
+    with_tee = isinstance(raw, list) and len(raw) == _FIELDS + 1
+    obj = wire.expect_list(raw, _FIELDS + with_tee, "announcement")
     if obj[0] != VERSION:
         raise MalformedMessage(f"announcement: unknown version {obj[0]!r}", code="version")
     offers_raw = obj[3]
@@ -143,7 +149,8 @@ def decode(data: bytes, *, now_ms: int) -> Announcement:
         running_jobs=wire.expect_int(obj[4], "running_jobs", hi=1 << 20),
         issued_at_ms=wire.expect_int(obj[5], "issued_at_ms"),
         expires_at_ms=wire.expect_int(obj[6], "expires_at_ms"),
-        signature=wire.expect_bytes(obj[7], "signature", min_len=64, max_len=64),
+        tee=TeeClaim.parse(obj[7]) if with_tee else None,
+        signature=wire.expect_bytes(obj[-1], "signature", min_len=64, max_len=64),
     )
     signed.check_window(ann.issued_at_ms, ann.expires_at_ms, now_ms, max_ttl_ms=MAX_TTL_MS, what="announcement")
     signed.verify(ann.peer_id, DOMAIN, ann._unsigned(), ann.signature)

@@ -8,7 +8,9 @@ and verifies each worker's record. Pure data and codecs: no I/O.
 Wire format (version 1), a canonical msgpack array::
 
     [1, peer_id, model_id, backend, gpu, gpu_memory_mb, max_batch,
-     price_nanoton, unit, capacity, addrs, issued_at_ms, expires_at_ms, signature]
+     price_nanoton, unit, capacity, addrs, issued_at_ms, expires_at_ms(, tee), signature]
+
+``tee`` (:mod:`.teeclaim`) is optional: the worker's claim to run in a TEE.
 
 The signature is Ed25519 by the PeerId's key over ``b"cocoon/capability/1\\0"``
 followed by the canonical encoding of every field before it.
@@ -23,6 +25,8 @@ from typing import Any
 from cocoon_p2p.core import signed, wire
 from cocoon_p2p.core.errors import ForeignKey, MalformedMessage
 from cocoon_p2p.core.identity import PEER_ID_BYTES, Identity, peer_id_from_str, peer_id_to_str
+
+from .teeclaim import TeeClaim
 
 VERSION = 1
 DOMAIN = b"cocoon/capability/1"
@@ -53,6 +57,7 @@ class CapabilityRecord:
     addrs: tuple[str, ...]
     issued_at_ms: int  # also the record's sequence number: newer wins
     expires_at_ms: int
+    tee: TeeClaim | None = None
     signature: bytes = b""
 
     @classmethod
@@ -67,7 +72,7 @@ class CapabilityRecord:
         return peer_id_to_str(self.peer_id)
 
     def _unsigned(self) -> list[Any]:
-        return [
+        fields = [
             VERSION,
             self.peer_id,
             self.model_id,
@@ -82,6 +87,7 @@ class CapabilityRecord:
             self.issued_at_ms,
             self.expires_at_ms,
         ]
+        return fields + [self.tee.fields()] if self.tee is not None else fields
 
     def _check_fields(self) -> None:
         wire.expect_bytes(self.peer_id, "peer_id", min_len=PEER_ID_BYTES, max_len=PEER_ID_BYTES)
@@ -108,9 +114,9 @@ class CapabilityRecord:
 
 def decode(data: bytes, *, now_ms: int) -> CapabilityRecord:
     """Parse and fully validate a record: size, shape, canonical form, signature, expiry."""
-    obj = wire.expect_list(
-        wire.unpack(data, max_size=MAX_RECORD_BYTES, what="capability record"), _FIELDS, "capability record"
-    )
+    raw = wire.unpack(data, max_size=MAX_RECORD_BYTES, what="capability record")
+    with_tee = isinstance(raw, list) and len(raw) == _FIELDS + 1
+    obj = wire.expect_list(raw, _FIELDS + with_tee, "capability record")
     if obj[0] != VERSION:
         raise MalformedMessage(f"capability record: unknown version {obj[0]!r}", code="version")
     rec = CapabilityRecord(
@@ -126,7 +132,8 @@ def decode(data: bytes, *, now_ms: int) -> CapabilityRecord:
         addrs=wire.expect_str_list(obj[10], "addrs", max_items=MAX_ADDRS, max_len=MAX_ADDR_LEN),
         issued_at_ms=wire.expect_int(obj[11], "issued_at_ms"),
         expires_at_ms=wire.expect_int(obj[12], "expires_at_ms"),
-        signature=wire.expect_bytes(obj[13], "signature", min_len=64, max_len=64),
+        tee=TeeClaim.parse(obj[13]) if with_tee else None,
+        signature=wire.expect_bytes(obj[-1], "signature", min_len=64, max_len=64),
     )
     rec._check_fields()
     signed.check_window(rec.issued_at_ms, rec.expires_at_ms, now_ms, max_ttl_ms=MAX_TTL_MS, what="capability record")

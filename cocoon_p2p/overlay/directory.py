@@ -17,6 +17,7 @@ from . import announcement as ann_mod
 from .announcement import Announcement
 from .capability import CapabilityRecord
 from .joblimits import JobLimits
+from .teeclaim import TeeClaim
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -39,6 +40,7 @@ class WorkerOffer:
     gpu_memory_mb: int | None = None
     max_batch: int | None = None
     limits: JobLimits | None = None  # what one job may ask (None: not advertised; only gossip says)
+    tee: TeeClaim | None = None  # the worker's claim to run in a TEE (unverified)
 
 
 MAX_CACHED_MODELS = 1024
@@ -193,6 +195,7 @@ class WorkerDirectory:
                         expires_at_ms=a.expires_at_ms,
                         sources=_GOSSIP,
                         limits=o.limits,
+                        tee=a.tee,
                     )
         for (peer_id, mid), r in self._records.items():
             if mid != model_id or r.expires_at_ms <= now_ms:
@@ -218,6 +221,7 @@ class WorkerDirectory:
                 gpu_memory_mb=r.gpu_memory_mb,
                 max_batch=r.max_batch,
                 limits=have.limits if have else None,
+                tee=base.tee,
             )
         offers = sorted(rows.values(), key=lambda w: (-w.issued_at_ms, w.peer_id))
         if len(self._offers) >= MAX_CACHED_MODELS:

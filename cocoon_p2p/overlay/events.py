@@ -31,7 +31,26 @@ class PeerBanned:
     reason: str
 
 
-NodeEvent = WorkerSeen | PeerBanned
+@dataclass(frozen=True)
+class PeerAttested:
+    """Event: ``peer_id``'s TEE evidence passed this client's policy."""
+
+    peer_id: bytes
+    tee: str
+    measurement: str  # hex digest of the image's registers
+    image: str  # the policy's name for it ("" when the policy names none)
+
+
+@dataclass(frozen=True)
+class AttestationRefused:
+    """Event: ``peer_id``'s TEE evidence was refused (``reason``: a RefusalReason value)."""
+
+    peer_id: bytes
+    reason: str
+    message: str
+
+
+NodeEvent = WorkerSeen | PeerBanned | PeerAttested | AttestationRefused
 
 
 class EventQueue:

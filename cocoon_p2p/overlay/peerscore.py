@@ -29,6 +29,7 @@ from cocoon_p2p.core.errors import ProtocolError
 # can cause through reordering) least.
 PENALTIES: dict[str, float] = {
     "bad-signature": 50.0,
+    "forged-evidence": 100.0,  # a TEE quote that fails its signatures or names another peer: banned at once
     "foreign-key": 40.0,
     "malformed": 25.0,
     "too-large": 25.0,
