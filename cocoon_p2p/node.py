@@ -46,11 +46,16 @@ from cocoon_p2p.core.errors import ConfigError, NotRunning
 from cocoon_p2p.core.identity import Identity, load_or_create_identity
 from cocoon_p2p.core.metrics import Metric, metric
 from cocoon_p2p.execution.backends import Backend
+from cocoon_p2p.execution.executor import RunRequest
 from cocoon_p2p.execution.limits import InputLimits
 from cocoon_p2p.execution.models import ModelSpec
 from cocoon_p2p.execution.tensors import Tensor
 from cocoon_p2p.jobs.client import InferenceResult, JobClient
 from cocoon_p2p.jobs.frames import JobChunk
+from cocoon_p2p.jobs.fraudproof import FraudProof
+from cocoon_p2p.jobs.fraudwatch import FraudWatch, RerunResult
+from cocoon_p2p.jobs.receiptlog import ReceiptLog
+from cocoon_p2p.jobs.spotcheck import SpotCheckPolicy
 from cocoon_p2p.jobs.worker import JobWorker
 from cocoon_p2p.overlay import protocols
 from cocoon_p2p.overlay.advertiser import Advertiser, AdvertiseTimes, ModelCapability
@@ -118,6 +123,11 @@ class NodeConfig:
     payments: PaymentConfig | None = None
     tee: WorkerAttestation | None = None  # a confidential worker: where its TEE evidence comes from
     attestation: ClientAttestation = field(default_factory=ClientAttestation)  # judging others' evidence
+    spot_checks: SpotCheckPolicy | None = None  # re-check a share of results on other workers
+    receipts_file: Path | None = None  # keep paid jobs' receipts here (default: beside the payment state)
+    fraud_trusted_reporters: frozenset[bytes] = frozenset()  # act on their fraud proofs without re-running
+    fraud_rate_per_min: int = 10  # fraud proofs judged per reporter per minute
+    watch_fraud: bool = True  # judge the fraud proofs gossiped by others (ours are published either way)
     quiet_logs: bool = True
     seed: int | None = None  # for the backoff jitter and the router; None: from the OS
 
@@ -204,6 +214,17 @@ class Node:
                 peer_addrs=self.directory.addrs_of,
                 misbehaved=self.guard.misbehaved,
             )
+        self.fraud = FraudWatch(
+            self.identity,
+            self.gossip,
+            self.guard,
+            self._events,
+            rerun=self._rerun_proof,
+            trusted_reporters=cfg.fraud_trusted_reporters,
+            cosine_min=(cfg.spot_checks or SpotCheckPolicy()).cosine_min,
+            rate_per_min=cfg.fraud_rate_per_min,
+        )
+        self._rerunning = trio.Lock()
         self.tee_gate = AttestationGate(self.host, cfg.attestation, guard=self.guard, events=self._events)
         self.evidence: EvidenceKeeper | None = None
         if cfg.tee is not None:
@@ -261,10 +282,15 @@ class Node:
                 feedback=self.guard,
                 payments=self.payments,
                 tee=self.tee_gate,
+                checks=self.config.spot_checks,
+                cheats=self.fraud,
+                receipts=self._receipt_log(stack),
                 rng=random.Random(self.config.seed),
             )
             for task in (self.gossip.drain, self.guard.run, self.dialer.run, self.advertiser.run):
                 nursery.start_soon(task)
+            if self.config.watch_fraud:
+                await nursery.start(self.fraud.run)
             if self.evidence is not None:
                 nursery.start_soon(self.evidence.run)
                 await self.evidence.wait_ready()  # the first announcement carries the claim
@@ -274,6 +300,33 @@ class Node:
         self._stack = stack
         log.info("node %s listening on %s", self.peer_id_str, " ".join(self.addrs))
         return self
+
+    async def _rerun_proof(self, proof: FraudProof) -> RerunResult | None:
+        """A fraud proof's job run here, when we serve its model (else None: no verdict)."""
+        served = self.job_worker.models.get(proof.receipt.model_id) if self.job_worker is not None else None
+        if served is None:
+            return None
+        req = RunRequest(inputs=proof.inputs, texts=proof.texts, max_tokens=proof.max_tokens)
+
+        def run() -> RerunResult:
+            served.executor.check(req)
+            if req.max_tokens > 0:
+                stream, _ = served.executor.token_stream(req)
+                return (), tuple(token for token, _ in stream)
+            return served.executor.run([req])[0].outputs, ()
+
+        async with self._rerunning:  # one at a time, beside the jobs
+            return await trio.to_thread.run_sync(run)
+
+    def _receipt_log(self, stack: AsyncExitStack) -> ReceiptLog | None:
+        path = self.config.receipts_file
+        if path is None and self.config.payments is not None:
+            path = self.config.payments.data_dir / "receipts.log"
+        if path is None:
+            return None
+        log_ = ReceiptLog(path)
+        stack.callback(log_.close)
+        return log_
 
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
@@ -380,6 +433,7 @@ class Node:
                 load=self.advertiser,
                 payments=self.payments,
                 per_client=self.config.jobs_per_client,
+                identity=self.identity,
             )
         return self.job_worker
 
@@ -468,7 +522,7 @@ class Node:
         ]
         out += self.dialer.metrics() + self.gossip.metrics() + self.advertiser.metrics()
         out += self.guard.metrics() + self.dht.metrics() + self.muxer_stats.metrics() + self.admission.metrics()
-        out += self.tee_gate.metrics()
+        out += self.tee_gate.metrics() + self.fraud.metrics()
         for service in (self.job_worker, self.job_client, self.payments, self.evidence):
             if service is not None:
                 out += service.metrics()

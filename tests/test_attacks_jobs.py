@@ -201,6 +201,9 @@ class _Workers:
         self.handlers: dict[bytes, Callable[[Any], Awaitable[None]]] = {}
         self._setting: bytes | None = None
 
+    def get_id(self) -> ID:
+        return ID(CLIENT)
+
     def on(self, peer: bytes) -> _Workers:
         """The host as worker ``peer`` sees it (for JobWorker's set_stream_handler)."""
         self._setting = peer

@@ -3,7 +3,7 @@ valid message, never another exception, never a hang.
 
 Decoders: capability records, announcements (with TEE claims), job frames and
 the job connection, pay frames and the pay connection, vouchers (record and BOC),
-Noise messages, attestation evidence and requests, TDX quotes through the verifier
+Noise messages, receipts, attestation evidence and requests, TDX quotes through the verifier
 (a refusal verdict, never an exception), and the OpenAI API's JSON bodies (those
 answer a 400 APIError). Each property
 runs ``COCOON_FUZZ_EXAMPLES`` examples (400 by default: seconds, in CI);
@@ -28,6 +28,7 @@ from cocoon_p2p.core.framing import NEED_DATA
 from cocoon_p2p.execution import tensors
 from cocoon_p2p.jobs import connection as jobconn
 from cocoon_p2p.jobs import frames as jobframes
+from cocoon_p2p.jobs import receipts
 from cocoon_p2p.overlay import announcement, capability
 from cocoon_p2p.overlay.directory import WorkerDirectory
 from cocoon_p2p.overlay.teeclaim import TeeClaim, TeeKind
@@ -241,6 +242,13 @@ def test_openai_bodies_parse_or_answer_400(body: object) -> None:
             parse(body)
         except openai_api.APIError as err:
             assert err.status == 400
+
+
+@FUZZ
+@given(st.binary(max_size=600), msgpack_values)
+def test_receipts(data: bytes, value: object) -> None:
+    _check(receipts.decode_receipt, data)
+    _check(receipts.decode_receipt, msgpack.packb(value, use_bin_type=True))
 
 
 @FUZZ

@@ -28,7 +28,7 @@ from libp2p.peer.id import ID
 from multiaddr import Multiaddr
 
 from cocoon_p2p.core.clock import now_ms
-from cocoon_p2p.core.errors import CocoonError, LocalProtocolError, MalformedMessage
+from cocoon_p2p.core.errors import BadSignature, CocoonError, LocalProtocolError, MalformedMessage
 from cocoon_p2p.core.metrics import Histogram, Metric, metric
 from cocoon_p2p.execution.tensors import Tensor
 from cocoon_p2p.overlay.directory import WorkerOffer
@@ -37,9 +37,14 @@ from cocoon_p2p.transport.host import unblock_peer
 
 from . import frames as jf
 from .attempts import JobAttempts, JobFailed
+from .checks import CheatReport, ResultChecks, Run
+from .checks import Request as CheckedRequest
 from .client_link import ClientLink
 from .ports import ClientPayments, OfferSource, PeerFeedback, TeeGate
+from .receiptlog import ReceiptLog
+from .receipts import Receipt, inputs_digest, outputs_digest
 from .routing import Router
+from .spotcheck import SpotCheckPolicy
 from .stream import Inbox
 
 __all__ = ["ClientStats", "InferenceResult", "JobClient", "JobFailed", "UnknownOutput"]
@@ -65,6 +70,7 @@ class InferenceResult:
     attempts: int
     token_ids: tuple[int, ...] = ()  # generation: every token, in order
     text: str = ""  # generation: the decoded text
+    receipt: Receipt | None = None  # the worker's signed receipt (verified), when it sent one
 
     def output(self, name: str | None = None) -> Tensor:
         """The output called ``name`` (the first one when None); UnknownOutput if there is none."""
@@ -92,7 +98,9 @@ class JobClient:
     ``feedback`` hears of workers that broke the protocol or were lost mid-job;
     ``payments`` (None: jobs are not paid for) opens a channel before a job and
     pays for its result; ``tee`` (None: no job may require a TEE) says which
-    workers are attested. Links and their reading tasks live in ``nursery``.
+    workers are attested; ``checks`` (None: none) re-checks a share of results on
+    other workers and tells ``cheats`` of the wrong ones; ``receipts`` keeps the
+    signed receipt of every result paid. Links and their reading tasks live in ``nursery``.
     """
 
     def __init__(
@@ -104,6 +112,9 @@ class JobClient:
         feedback: PeerFeedback,
         payments: ClientPayments | None = None,
         tee: TeeGate | None = None,
+        checks: SpotCheckPolicy | None = None,
+        cheats: CheatReport | None = None,
+        receipts: ReceiptLog | None = None,
         rng: random.Random | None = None,
     ) -> None:
         self.host = host
@@ -113,6 +124,9 @@ class JobClient:
         self.payments = payments
         self.tee = tee
         self.router = Router(rng=rng or random.Random())
+        self.receipts = receipts  # the receipts of paid jobs (None: not kept)
+        self.checks = ResultChecks(self, checks, report=cheats, rng=self.router.rng) if checks else None
+        self.local_peer: bytes = host.get_id().to_bytes()  # receipts name the client
         self.links: dict[bytes, ClientLink] = {}
         self._opening: dict[bytes, trio.Lock] = {}
         self._next_id = 1
@@ -147,8 +161,10 @@ class JobClient:
         max_price: int,
         deadline_ms: int,
         on_chunk: Callable[[jf.JobChunk], None] | None = None,
-    ) -> tuple[jf.JobResult, int]:
-        """One attempt on one worker: (result, agreed price per unit). Raises JobFailed.
+    ) -> tuple[jf.JobResult, int, Receipt | None]:
+        """One attempt on one worker: (result, agreed price per unit, its verified receipt
+        or None when the worker sent none). Raises JobFailed; a receipt whose signature
+        fails is the worker's fault (``worker-lost``, scored down).
 
         Streamed chunks go to ``on_chunk`` as they arrive. Cancelled, or failed
         before its last frame, the job is cancelled on the worker (best effort).
@@ -174,6 +190,7 @@ class JobClient:
         )
         price = 0
         tokens = 0
+        streamed: list[int] = []
         done = False
         try:
             try:
@@ -195,6 +212,7 @@ class JobClient:
                         raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
                 elif isinstance(item, jf.JobChunk):
                     tokens += len(item.token_ids) or 1
+                    streamed.extend(item.token_ids)
                     if tokens > max_tokens:  # what a worker streams is bounded by what we asked for
                         err = MalformedMessage(f"job {job_id}: more chunks than the {max_tokens} tokens asked for")
                         self.feedback.misbehaved(offer.peer_id, err)
@@ -212,7 +230,7 @@ class JobClient:
                         raise JobFailed(jf.WORKER_LOST, why, worker=offer.peer_id)
                     if why := jf.charge_refusal(price, item.usage_units, item.cost_nanoton):
                         raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
-                    return item, price
+                    return item, price, self._receipt(offer.peer_id, req, item, tuple(streamed))
         finally:
             link.waiters.pop(job_id, None)
             if not done and link.broken is None and job_id in link.conn.jobs:
@@ -222,6 +240,30 @@ class JobClient:
                         await link.send(jf.JobCancel(job_id=job_id))
                     except Exception:
                         pass
+
+    def _receipt(
+        self, worker: bytes, req: jf.JobRequest, result: jf.JobResult, streamed: tuple[int, ...]
+    ) -> Receipt | None:
+        """The receipt the worker signed for ``result``, rebuilt from what we hold and checked."""
+        if not result.receipt:
+            return None
+        receipt = Receipt(
+            worker=worker,
+            client=self.local_peer,
+            job_id=req.job_id,
+            model_id=req.model_id,
+            inputs_digest=inputs_digest(req.model_id, req.inputs, req.texts, req.max_tokens),
+            outputs_digest=outputs_digest(result.outputs, streamed),
+            usage_units=result.usage_units,
+            cost_nanoton=result.cost_nanoton,
+            signature=result.receipt,
+        )
+        try:
+            receipt.verify()
+        except BadSignature as exc:
+            self.feedback.misbehaved(worker, exc)
+            raise JobFailed(jf.WORKER_LOST, f"job {req.job_id}: its receipt does not verify", worker=worker) from exc
+        return receipt
 
     async def infer(
         self,
@@ -266,7 +308,7 @@ class JobClient:
         last: JobFailed | None = None
         worker: bytes | None = None  # of the latest attempt
         why: str | None = None
-        done: tuple[jf.JobResult, int] | None = None  # the result and its price
+        done: tuple[jf.JobResult, int, Receipt | None] | None = None  # the result, its price, its receipt
         rows = inputs[0].shape[0] if inputs and inputs[0].shape else 0
         size = JobSize.of(texts=texts, rows=rows, new_tokens=max_tokens)
         # A bare cancel scope: trio.fail_after's context manager costs a few us more per job.
@@ -297,7 +339,7 @@ class JobClient:
                 try:
                     await self._prepare(offer.peer_id)
                     sent = True
-                    result, price = await self.run_on(
+                    result, price, receipt = await self.run_on(
                         offer,
                         model_id=model_id,
                         inputs=inputs,
@@ -325,17 +367,29 @@ class JobClient:
                         plan.interrupted(offer.peer_id, now)
                     raise
                 plan.succeeded(offer.peer_id, time.perf_counter() - t_job, compute_us=result.compute_us)
-                done = result, price
+                done = result, price, receipt
                 break
         if done is not None and worker is not None:
             # Paid outside the job's deadline: a result in hand is owed, and is returned once
             # paid even if that took past the deadline (the payer bounds its wait for an
             # acknowledgement; an unacknowledged voucher goes again later).
-            result, price = done
-            await self._pay(worker, result.cost_nanoton)
+            result, price, receipt = done
+            tokens = tuple(t for c in chunks for t in c.token_ids)
+            text = "".join(c.text for c in chunks)
+            paid = False
+            if self.checks is not None and self.checks.chosen():
+                request = CheckedRequest(model_id, inputs, texts, max_tokens, max_price, timeout_s, require_tee)
+                kept = (await self.checks.check(request, Run(worker, result, price, tokens, text, receipt))).keep
+                if kept.worker != worker:  # ours was wrong, unpaid: the agreeing run's result (paid) instead
+                    worker, result, price, receipt = kept.worker, kept.result, kept.price, kept.receipt
+                    tokens, text, paid = kept.tokens, kept.text, True
+            if not paid:
+                await self._pay(worker, result.cost_nanoton)
+                self.stats.paid_nanoton += result.cost_nanoton
+            if receipt is not None and self.receipts is not None:
+                self.receipts.append(receipt)
             self.stats.jobs_ok += 1
             self.stats.latency_s.observe(time.perf_counter() - t0)
-            self.stats.paid_nanoton += result.cost_nanoton
             return InferenceResult(
                 outputs=result.outputs,
                 worker=worker,
@@ -344,8 +398,9 @@ class JobClient:
                 price_nanoton=price,
                 latency_s=time.perf_counter() - t0,
                 attempts=plan.count,
-                token_ids=tuple(t for c in chunks for t in c.token_ids) if chunks else (),
-                text="".join(c.text for c in chunks) if chunks else "",
+                token_ids=tokens,
+                text=text,
+                receipt=receipt,
             )
         self.stats.jobs_failed += 1
         if scope.cancelled_caught or why == jf.DEADLINE:
@@ -434,4 +489,4 @@ class JobClient:
             metric("cocoon_client_retries_total", "counter", "Jobs retried on another worker", cs.retries),
             metric("cocoon_client_paid_nanoton_total", "counter", "Nanoton paid for jobs", cs.paid_nanoton),
             metric("cocoon_client_job_seconds", "histogram", "End-to-end latency, successful jobs", cs.latency_s),
-        ]
+        ] + (self.checks.metrics() if self.checks is not None else [])

@@ -159,9 +159,10 @@ class JobResult:
     usage_units: int
     cost_nanoton: int
     compute_us: int = 0
+    receipt: bytes = b""  # the worker's signature over the job's receipt (see .receipts); b"": none
 
     def to_wire(self) -> list[Any]:
-        return [
+        wire = [
             _RESULT,
             self.job_id,
             [t.to_wire() for t in self.outputs],
@@ -169,6 +170,7 @@ class JobResult:
             self.cost_nanoton,
             self.compute_us,
         ]
+        return wire + [self.receipt] if self.receipt else wire
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -251,7 +253,8 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
             text=expect_str(text, "chunk text", max_len=MAX_TEXT),
         )
     if kind == _RESULT:
-        _, job_id, outputs, usage, cost, compute_us = expect_list(obj, 6, "job result")
+        with_receipt = len(obj) == 7
+        _, job_id, outputs, usage, cost, compute_us, *signature = expect_list(obj, 6 + with_receipt, "job result")
         if not isinstance(outputs, list) or len(outputs) > MAX_TENSORS:
             raise MalformedMessage(f"job result: at most {MAX_TENSORS} output tensors")
         return JobResult(
@@ -260,6 +263,7 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
             usage_units=expect_int(usage, "usage"),
             cost_nanoton=expect_int(cost, "cost"),
             compute_us=expect_int(compute_us, "compute time"),
+            receipt=expect_bytes(signature[0], "receipt", min_len=64, max_len=64) if signature else b"",
         )
     if kind == _ERROR:
         _, job_id, code, message = expect_list(obj, 4, "job error")

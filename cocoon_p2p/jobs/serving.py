@@ -9,11 +9,13 @@ from dataclasses import dataclass, field
 import trio
 
 from cocoon_p2p.core.errors import LocalProtocolError
+from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.execution.executor import Executor, Outcome, RunRequest
 from cocoon_p2p.execution.models import ModelSpec
 
 from . import frames as jf
 from .batching import Batcher
+from .receipts import Receipt, inputs_digest, outputs_digest
 from .worker_link import WorkerJob
 
 # Batches faster than this run on the event loop's thread, when the model is idle: the
@@ -63,16 +65,37 @@ def last_frame(
     price: int = 0,
     compute_us: int = 0,
     error: tuple[str, str] | None = None,
+    signer: Identity | None = None,
+    token_ids: tuple[int, ...] = (),
 ) -> jf.JobResult | jf.JobError:
-    """The frame that ends ``job``: its result (``outcome`` at ``price`` per unit), or
+    """The frame that ends ``job``: its result (``outcome`` at ``price`` per unit; with
+    ``signer``, its receipt signed over the outputs and the ``token_ids`` streamed), or
     ``error`` as (code, message). A result too large to send is a ``too-large`` error."""
     if outcome is not None:
+        req = job.req
+        receipt = b""
+        if signer is not None:
+            receipt = (
+                Receipt(
+                    worker=signer.peer_id,
+                    client=job.link.peer,
+                    job_id=req.job_id,
+                    model_id=req.model_id,
+                    inputs_digest=inputs_digest(req.model_id, req.inputs, req.texts, req.max_tokens),
+                    outputs_digest=outputs_digest(outcome.outputs, token_ids),
+                    usage_units=outcome.units,
+                    cost_nanoton=outcome.units * price,
+                )
+                .signed_by(signer)
+                .signature
+            )
         frame = jf.JobResult(
-            job_id=job.req.job_id,
+            job_id=req.job_id,
             outputs=outcome.outputs,
             usage_units=outcome.units,
             cost_nanoton=outcome.units * price,
             compute_us=compute_us,
+            receipt=receipt,
         )
         if not _maybe_large(outcome):
             return frame

@@ -24,6 +24,7 @@ from libp2p.custom_types import TProtocol
 
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import ConfigError, LocalProtocolError, ProtocolError
+from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.core.metrics import Metric
 from cocoon_p2p.execution.backends import Backend
 from cocoon_p2p.execution.executor import Executor, Outcome
@@ -74,8 +75,10 @@ class JobWorker:
         payments: WorkerPayments | None = None,
         max_wait_s: float = 0.0,
         per_client: int | None = None,
+        identity: Identity | None = None,
     ) -> None:
         self.host = host
+        self.identity = identity  # signs each result's receipt (None: results carry none)
         self.nursery = nursery
         self.slots = Slots(capacity, per_client=per_client)  # each held by the stream of its job (see .slots)
         self.feedback = feedback
@@ -280,7 +283,13 @@ class JobWorker:
                 frame = last_frame(job, error=(jf.BACKEND, str(exc)[:200]))
             else:
                 served.observe_run(elapsed)
-                frame = last_frame(job, outcome=outcomes[0], price=served.price_nanoton, compute_us=int(elapsed * 1e6))
+                frame = last_frame(
+                    job,
+                    outcome=outcomes[0],
+                    price=served.price_nanoton,
+                    compute_us=int(elapsed * 1e6),
+                    signer=self.identity,
+                )
             with contextlib.suppress(LocalProtocolError):  # as send() does: nothing to send
                 job.link.send_later(frame)
             return frame
@@ -351,6 +360,7 @@ class JobWorker:
         except ProtocolError as exc:
             return await self._finish(job, error=(_input_code(exc), str(exc)))
         seq = 0
+        tokens: list[int] = []
         while True:
             if job.cancelled:
                 return await self._finish(job, error=_CANCELLED)
@@ -364,6 +374,7 @@ class JobWorker:
             if step is None:
                 break
             token, text = step
+            tokens.append(token)
             try:
                 await job.link.send(jf.JobChunk(job_id=job.req.job_id, seq=seq, token_ids=(token,), text=text))
             except Exception:  # the client is gone: stop generating for nobody
@@ -372,7 +383,9 @@ class JobWorker:
             seq += 1
         units = prompt_tokens + seq
         compute_us = int((time.perf_counter() - t0) * 1e6)
-        await self._finish(job, outcome=Outcome((), units), price=served.price_nanoton, compute_us=compute_us)
+        await self._finish(
+            job, outcome=Outcome((), units), price=served.price_nanoton, compute_us=compute_us, tokens=tuple(tokens)
+        )
 
     # ---- the end of a job ------------------------------------------------------------------
 
@@ -384,8 +397,17 @@ class JobWorker:
         price: int = 0,
         compute_us: int = 0,
         error: tuple[str, str] | None = None,
+        tokens: tuple[int, ...] = (),
     ) -> None:
-        frame = last_frame(job, outcome=outcome, price=price, compute_us=compute_us, error=error)
+        frame = last_frame(
+            job,
+            outcome=outcome,
+            price=price,
+            compute_us=compute_us,
+            error=error,
+            signer=self.identity,
+            token_ids=tokens,
+        )
         if not self._close(job, frame):
             return
         try:

@@ -50,7 +50,19 @@ class AttestationRefused:
     message: str
 
 
-NodeEvent = WorkerSeen | PeerBanned | PeerAttested | AttestationRefused
+@dataclass(frozen=True)
+class FraudJudged:
+    """Event: a fraud proof from ``reporter`` against ``accused`` was judged (``outcome``:
+    confirmed, trusted, refuted, unverified, malformed, rate-limited, duplicate)."""
+
+    reporter: bytes
+    accused: bytes
+    outcome: str
+    job_id: int
+    detail: str
+
+
+NodeEvent = WorkerSeen | PeerBanned | PeerAttested | AttestationRefused | FraudJudged
 
 
 class EventQueue:

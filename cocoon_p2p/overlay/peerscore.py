@@ -29,7 +29,13 @@ from cocoon_p2p.core.errors import ProtocolError
 # can cause through reordering) least.
 PENALTIES: dict[str, float] = {
     "bad-signature": 50.0,
-    "forged-evidence": 100.0,  # a TEE quote that fails its signatures or names another peer: banned at once
+    "forged-evidence": 100.0,
+    # A result a spot check found wrong (a third worker broke the tie), or a fraud proof
+    # its reporter forged: banned at once. A refuted accusation costs less: an honest
+    # client can be fooled by a lying reference worker.
+    "wrong-result": 100.0,
+    "proof-mismatch": 100.0,
+    "false-accusation": 25.0,  # a TEE quote that fails its signatures or names another peer: banned at once
     "foreign-key": 40.0,
     "malformed": 25.0,
     "too-large": 25.0,

@@ -1,0 +1,209 @@
+"""Spot checks as a client runs them (the trio side of :mod:`.spotcheck`).
+
+After a result arrives and before it is paid, :class:`ResultChecks` draws whether
+to check it. A checked job runs again on another worker of the model (paid like any
+job once it agrees); when the two disagree and a third worker exists, a third run breaks the tie,
+so one worker's near-tie or lie never condemns an honest one. The worker found
+wrong:
+
+* is not paid for that job (what it can take from us is bounded by its credit);
+* is scored down by the guard (``wrong-result``: banned at once), and our channel
+  with it is closed as the settlement policy closes an ended one;
+* is reported through the :class:`CheatReport` port with its signed receipt, the
+  request and both results: a fraud proof that anyone with the model can re-check.
+
+The caller gets the agreeing result. A check that cannot run (no other worker, or
+it failed) leaves the job as it was, paid, and counts as skipped.
+
+Cancellation: a check cancelled half-way pays nothing it had not judged yet (the
+original result included); a reference run under way is cancelled on its worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import random
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Protocol
+
+from cocoon_p2p.core.clock import now_ms
+from cocoon_p2p.core.identity import peer_id_to_str
+from cocoon_p2p.core.metrics import Metric, metric
+from cocoon_p2p.execution.tensors import Tensor
+from cocoon_p2p.overlay.directory import WorkerOffer
+
+from . import frames as jf
+from .attempts import JobFailed
+from .receipts import Receipt
+from .spotcheck import Mismatch, SpotChecker, SpotCheckPolicy, WrongResult, compare_outputs, compare_tokens
+
+if TYPE_CHECKING:
+    from .client import JobClient
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Run:
+    """One worker's answer to the request under check."""
+
+    worker: bytes
+    result: jf.JobResult
+    price: int
+    tokens: tuple[int, ...]
+    text: str
+    receipt: Receipt | None
+
+
+@dataclass(frozen=True)
+class Request:
+    """What was asked (enough to ask it again, and to prove what was asked)."""
+
+    model_id: bytes
+    inputs: tuple[Tensor, ...]
+    texts: tuple[str, ...]
+    max_tokens: int
+    max_price: int
+    timeout_s: float
+    require_tee: bool = False
+
+
+@dataclass(frozen=True)
+class CaughtCheating:
+    """A worker's wrong result, with what shows it: its signed receipt (None when it sent
+    none), the request, its outputs and the agreeing reference."""
+
+    request: Request
+    wrong: Run
+    reference: Run
+    mismatch: Mismatch
+
+
+class CheatReport(Protocol):
+    """Where a client's caught cheats go (the node turns them into gossiped fraud proofs)."""
+
+    async def caught(self, cheat: CaughtCheating) -> None: ...
+
+
+@dataclass(frozen=True)
+class CheckOutcome:
+    """What a check decided: the run to keep (paid) and the one found wrong (unpaid), if any."""
+
+    keep: Run
+    wrong: Run | None = None
+    skipped: bool = False
+
+
+class ResultChecks:
+    """A client's spot checks: draw, re-run, compare, and act on a mismatch."""
+
+    def __init__(
+        self,
+        client: JobClient,
+        policy: SpotCheckPolicy,
+        *,
+        report: CheatReport | None = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.client = client
+        self.policy = policy
+        self.report = report
+        self.checker = SpotChecker(policy, rng)
+        self.rng = self.checker.rng
+        self.checks = 0
+        self.failed = 0
+        self.skipped = 0
+        self.withheld_nanoton = 0  # not paid for results found wrong
+
+    def chosen(self) -> bool:
+        return self.checker.chosen()
+
+    def _mismatch(self, a: Run, b: Run, request: Request) -> Mismatch | None:
+        if request.max_tokens > 0:
+            return compare_tokens(a.tokens, b.tokens)
+        return compare_outputs(a.result.outputs, b.result.outputs, cosine_min=self.policy.cosine_min)
+
+    async def check(self, request: Request, first: Run) -> CheckOutcome:
+        """Check ``first`` against other workers. Runs found right are paid here; the one
+        found wrong is never paid; the caller pays ``keep`` when it is ``first``."""
+        self.checks += 1
+        reference = await self._run_elsewhere(request, exclude={first.worker})
+        if reference is None:
+            self.skipped += 1
+            return CheckOutcome(keep=first, skipped=True)
+        mismatch = self._mismatch(first, reference, request)
+        if mismatch is None:
+            await self._pay(reference)
+            return CheckOutcome(keep=first)
+        tie = await self._run_elsewhere(request, exclude={first.worker, reference.worker})
+        if tie is not None and self._mismatch(first, tie, request) is None:
+            wrong, keep = reference, first  # the reference was the odd one out
+            mismatch = self._mismatch(reference, tie, request) or mismatch
+            await self._pay(tie)
+        elif tie is not None and self._mismatch(reference, tie, request) is not None:
+            self.skipped += 1  # three different answers: nobody can be blamed on this evidence
+            await self._pay(reference)
+            await self._pay(tie)
+            return CheckOutcome(keep=first, skipped=True)
+        else:
+            wrong, keep = first, tie or reference
+            await self._pay(reference)
+            if tie is not None:
+                await self._pay(tie)
+        await self._condemn(request, wrong, keep, mismatch)
+        return CheckOutcome(keep=keep, wrong=wrong)
+
+    async def _pay(self, run: Run) -> None:
+        await self.client._pay(run.worker, run.result.cost_nanoton)
+        self.client.stats.paid_nanoton += run.result.cost_nanoton
+
+    async def _run_elsewhere(self, request: Request, *, exclude: set[bytes]) -> Run | None:
+        """The request on a random other worker of the model (not paid yet), or None."""
+        client = self.client
+        offers = await client.offers(request.model_id)
+        if request.require_tee and client.tee is not None:
+            offers = await client.tee.attested(offers)
+        others: list[WorkerOffer] = [
+            o for o in offers if o.peer_id not in exclude and o.price_nanoton <= request.max_price
+        ]
+        if not others:
+            return None
+        offer = self.rng.choice(others)
+        chunks: list[jf.JobChunk] = []
+        try:
+            await client._prepare(offer.peer_id)
+            result, price, receipt = await client.run_on(
+                offer,
+                model_id=request.model_id,
+                inputs=request.inputs,
+                texts=request.texts,
+                max_tokens=request.max_tokens,
+                max_price=request.max_price,
+                deadline_ms=now_ms() + int(request.timeout_s * 1000),
+                on_chunk=chunks.append,
+            )
+        except JobFailed as exc:
+            log.info("spot check on %s did not run: %s", peer_id_to_str(offer.peer_id), exc)
+            return None
+        tokens = tuple(t for c in chunks for t in c.token_ids)
+        return Run(offer.peer_id, result, price, tokens, "".join(c.text for c in chunks), receipt)
+
+    async def _condemn(self, request: Request, wrong: Run, keep: Run, mismatch: Mismatch) -> None:
+        self.failed += 1
+        self.withheld_nanoton += wrong.result.cost_nanoton
+        who = peer_id_to_str(wrong.worker)
+        log.warning("spot check: %s returned a wrong result (%s: %s)", who, mismatch.reason, mismatch.detail)
+        self.client.feedback.misbehaved(wrong.worker, WrongResult(f"{mismatch.reason}: {mismatch.detail}"))
+        self.client.nursery.start_soon(self.client._channel_ended, wrong.worker)  # chain work: off this job
+        if self.report is not None:
+            await self.report.caught(CaughtCheating(request, wrong, keep, mismatch))
+
+    def metrics(self) -> list[Metric]:
+        return [
+            metric("cocoon_checks_total", "counter", "Results spot-checked", self.checks),
+            metric("cocoon_checks_failed_total", "counter", "Spot checks that found a wrong result", self.failed),
+            metric("cocoon_checks_skipped_total", "counter", "Spot checks that could not run", self.skipped),
+            metric(
+                "cocoon_checks_withheld_nanoton_total", "counter", "Not paid for wrong results", self.withheld_nanoton
+            ),
+        ]

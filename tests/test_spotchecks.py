@@ -1,0 +1,118 @@
+"""Spot checks between real peers on 127.0.0.1: receipts, a cheating worker caught, and
+no honest worker ever blamed.
+
+The cheater runs the real model and then replaces its outputs (cocoon_p2p.testing.cheating),
+so its frames are valid; only the values are wrong.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import numpy as np
+import pytest
+import trio
+
+from cocoon_p2p.core.clock import now_ms
+from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.execution.models import ModelSpec
+from cocoon_p2p.execution.tensors import from_numpy, to_numpy
+from cocoon_p2p.jobs import receipts
+from cocoon_p2p.jobs.spotcheck import SpotCheckPolicy, compare_outputs, compare_tokens, row_cosines
+from cocoon_p2p.node import Node
+from cocoon_p2p.testing.cheating import CheatingBackend
+
+from .helpers import x_rows
+from .netutil import fast_config, wait_for
+from .test_executor import reference
+
+
+@asynccontextmanager
+async def network(
+    spec: ModelSpec, cheat_rates: list[float], *, check_rate: float
+) -> AsyncIterator[tuple[Node, list[Node], list[CheatingBackend | None]]]:
+    cfg = fast_config(spot_checks=SpotCheckPolicy(rate=check_rate))
+    async with Node(cfg) as client, trio.open_nursery() as nursery:
+        workers: list[Node] = []
+        backends: list[CheatingBackend | None] = []
+
+        async def run_worker(rate: float, task_status: trio.TaskStatus[None]) -> None:
+            async with Node(fast_config(bootstrap=[client.addrs[0]])) as w:
+                inner = OnnxRuntimeBackend(spec.path, threads=1)
+                backend = CheatingBackend(inner, rate=rate, seed=len(workers)) if rate else None
+                w.serve_model(spec, backend or inner, price_nanoton=1)
+                workers.append(w)
+                backends.append(backend)
+                task_status.started()
+                await trio.sleep_forever()
+
+        for rate in cheat_rates:
+            await nursery.start(run_worker, rate)
+        await wait_for(lambda: len(client.directory.workers_for(spec.model_id, now_ms=now_ms())) == len(cheat_rates))
+        yield client, workers, backends
+        nursery.cancel_scope.cancel()
+
+
+async def test_every_result_carries_a_receipt_the_client_verifies(tiny_model: ModelSpec) -> None:
+    async with network(tiny_model, [0.0], check_rate=0.0) as (client, (worker,), _):
+        x = from_numpy("x", x_rows(2))
+        r = await client.infer(tiny_model.model_id, inputs=(x,), max_price_nanoton=10)
+        assert r.receipt is not None and r.receipt.worker == worker.peer_id and r.receipt.client == client.peer_id
+        assert r.receipt.outputs_digest == receipts.outputs_digest(r.outputs, ())
+        assert r.receipt.inputs_digest == receipts.inputs_digest(tiny_model.model_id, (x,), (), 0)
+        assert receipts.decode_receipt(r.receipt.encode()) == r.receipt  # portable: anyone can check it
+
+
+async def test_a_cheater_is_caught_banned_unpaid_and_the_caller_gets_the_right_answer(tiny_model: ModelSpec) -> None:
+    async with network(tiny_model, [0.0, 0.0, 1.0], check_rate=1.0) as (client, workers, backends):
+        cheater = workers[backends.index(next(b for b in backends if b is not None))]
+        honest = {w.peer_id for w in workers} - {cheater.peer_id}
+        checks = client.job_client.checks if client.job_client else None
+        assert checks is not None
+        for i in range(12):
+            x = x_rows(1, seed=i)
+            r = await client.infer(tiny_model.model_id, inputs=(from_numpy("x", x),), max_price_nanoton=10)
+            assert r.worker in honest  # whatever ran first, the caller gets an honest worker's result
+            assert np.allclose(to_numpy(r.outputs[0]), reference(x), atol=1e-5)
+            if client.guard.is_banned(cheater.peer_id):
+                break
+        assert client.guard.is_banned(cheater.peer_id)
+        assert checks.failed >= 1
+        assert not any(client.guard.is_banned(p) for p in honest)
+        # The client's fraud proof reached the honest workers, who serve the model, re-ran
+        # the job, and banned the cheater too.
+        await wait_for(lambda: all(w.guard.is_banned(cheater.peer_id) for w in workers if w.peer_id in honest))
+        assert client.fraud.stats.sent >= 1
+
+
+async def test_honest_workers_are_never_blamed(tiny_model: ModelSpec) -> None:
+    async with network(tiny_model, [0.0, 0.0, 0.0], check_rate=1.0) as (client, workers, _):
+        checks = client.job_client.checks if client.job_client else None
+        assert checks is not None
+        async with trio.open_nursery() as nursery:
+            for i in range(40):  # concurrent: batches of different sizes on each worker
+                nursery.start_soon(
+                    lambda i=i: client.infer(
+                        tiny_model.model_id, inputs=(from_numpy("x", x_rows(1 + i % 5, seed=i)),), max_price_nanoton=10
+                    )
+                )
+        assert checks.checks == 40 and checks.failed == 0
+        assert not any(client.guard.is_banned(w.peer_id) for w in workers)
+
+
+def test_comparisons() -> None:
+    a = np.eye(3, dtype=np.float32)
+    assert row_cosines(a, a).tolist() == [1.0, 1.0, 1.0]
+    t = (from_numpy("y", a),)
+    assert compare_outputs(t, t) is None
+    assert compare_outputs(t, (from_numpy("y", a[::-1].copy()),)) is not None
+    assert compare_outputs(t, (from_numpy("z", a),)).reason == "outputs"  # type: ignore[union-attr]
+    assert compare_outputs(t, (from_numpy("y", a[:2].copy()),)).reason == "shape"  # type: ignore[union-attr]
+    near = a + np.float32(1e-5)
+    assert compare_outputs(t, (from_numpy("y", near),), cosine_min=0.999) is None
+    assert compare_tokens((1, 2, 3), (1, 2, 3)) is None
+    assert compare_tokens((1, 2, 3), (1, 5, 3)).detail.startswith("token 1")  # type: ignore[union-attr]
+    assert compare_tokens((1, 2), (1, 2, 3)) is not None
+    with pytest.raises(ValueError):
+        SpotCheckPolicy(rate=1.5)
