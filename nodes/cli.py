@@ -12,6 +12,7 @@ import hashlib
 import json
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -22,17 +23,19 @@ from cocoon_p2p.api.gateway import Gateway, GatewayModel
 from cocoon_p2p.api.http import Request, Response, error_response, serve_http
 from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.identity import load_or_create_identity
-from cocoon_p2p.core.metrics import CONTENT_TYPE, render
-from cocoon_p2p.execution.backends import BACKENDS, open_backend
+from cocoon_p2p.core.metrics import CONTENT_TYPE, Metric, metric, render
+from cocoon_p2p.execution.backends import BACKENDS, Backend, open_backend
 from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
 from cocoon_p2p.execution.generation import chatml_prompt
 from cocoon_p2p.execution.models import ModelSpec, load_model
 from cocoon_p2p.execution.tensors import to_numpy
 from cocoon_p2p.jobs import InferenceResult
+from cocoon_p2p.jobs.spotcheck import SpotCheckPolicy
 from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.payments.chain import TonCenter, Wallet
 from cocoon_p2p.payments.service import PaymentConfig
 from cocoon_p2p.payments.settlement import SettlementPolicy
+from cocoon_p2p.testing.cheating import CheatingBackend
 from cocoon_p2p.testing.localchain import LocalChain
 from cocoon_p2p.transport.limits import ResourceLimits
 
@@ -102,6 +105,22 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics there (e.g. 127.0.0.1:9100)")
 
 
+def _spot_checks(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--spot-check-rate",
+        type=float,
+        metavar="R",
+        help="re-run this share of results (0..1) on another worker and compare; a worker caught wrong "
+        "is not paid for that job and is banned (default 0: none)",
+    )
+    p.add_argument(
+        "--spot-check-cosine-min",
+        type=float,
+        metavar="C",
+        help="two float results agree when every row's cosine similarity reaches C (default 0.999)",
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cocoon-node", description=__doc__.split("\n")[0])
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
@@ -127,6 +146,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--jobs-per-client", type=int, help="jobs one client may run at once (default: capacity)")
     _payments(p)
     p.add_argument("--announce-interval-s", type=float, help="seconds between announcements")
+    p.add_argument(
+        "--cheat-rate",
+        type=float,
+        metavar="R",
+        help="adversarial testing only: return wrong results on this share of model runs",
+    )
     attest.add_worker_flags(p)
 
     p = sub.add_parser("client", help="run one job on the network and print what it cost")
@@ -139,6 +164,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--wait-s", type=float, default=15.0, help="seconds to wait for a worker to appear")
     _payments(p)
     p.add_argument("--settle", action="store_true", help="close the payment channels after the job")
+    _spot_checks(p)
     attest.add_client_flags(p)
 
     p = sub.add_parser("gateway", help="serve an OpenAI-compatible HTTP API that runs requests as paid jobs")
@@ -149,11 +175,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-price-nanoton", type=int, help="most to pay per unit (default 10000)")
     _payments(p)
+    _spot_checks(p)
     attest.add_client_flags(p)
 
     p = sub.add_parser("status", help="show a node's identity, wallet, channels and earnings (and live metrics)")
     p.add_argument("--data-dir", type=Path, default=Path("cocoon-data"))
-    p.add_argument("--metrics-url", help="a running node's /metrics URL, e.g. http://127.0.0.1:9100/metrics")
+    p.add_argument(
+        "--metrics",
+        "--metrics-url",
+        dest="metrics_url",
+        metavar="URL",
+        help="a running node's /metrics URL, e.g. http://127.0.0.1:9100/metrics",
+    )
     p.add_argument("--testnet", action="store_true", help="show the wallet address with the testnet flag")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -187,7 +220,24 @@ def _node_config(cfg: config_mod.RoleConfig, payments: PaymentConfig | None = No
         ),
         tee=attest.worker_attestation(cfg),
         attestation=attest.client_attestation(cfg),
+        spot_checks=spot_check_policy(cfg),
     )
+
+
+def spot_check_policy(cfg: config_mod.RoleConfig) -> SpotCheckPolicy | None:
+    """The client's spot checks as configured (None when ``spot_check_rate`` is 0)."""
+    if cfg.spot_check_rate <= 0:
+        return None
+    return SpotCheckPolicy(rate=cfg.spot_check_rate, cosine_min=cfg.spot_check_cosine_min)
+
+
+def cheating_metrics(backends: list[CheatingBackend]) -> list[Metric]:
+    """A cheating worker's own counters (summed over its models), for its ``/metrics``."""
+    cheated, runs = sum(b.cheated_runs for b in backends), sum(b.runs for b in backends)
+    return [
+        metric("cocoon_cheated_runs_total", "counter", "Model runs whose outputs were replaced (adversarial)", cheated),
+        metric("cocoon_model_runs_total", "counter", "Model runs, replaced or not (adversarial)", runs),
+    ]
 
 
 def resolve_model(name: str) -> ModelSpec:
@@ -220,13 +270,14 @@ def _host_port(text: str) -> tuple[str, int]:
     return host, int(port)
 
 
-async def _serve_metrics(node: Node, where: str, nursery: trio.Nursery) -> None:
-    """Prometheus /metrics for ``node`` on ``where`` (HOST:PORT; port 0 picks one)."""
+async def _serve_metrics(metrics: Callable[[], list[Metric]], where: str, nursery: trio.Nursery) -> None:
+    """Prometheus /metrics, what ``metrics()`` returns when scraped, on ``where`` (HOST:PORT;
+    port 0 picks one)."""
     host, port = _host_port(where)
 
     async def handler(req: Request) -> Response:
         if req.method == "GET" and req.path == "/metrics":
-            return Response(200, render(node.metrics()).encode(), CONTENT_TYPE)
+            return Response(200, render(metrics()).encode(), CONTENT_TYPE)
         return error_response(404, "only /metrics is served here")
 
     bound = await nursery.start(serve_http, handler, host, port)
@@ -243,6 +294,8 @@ async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel]) ->
         if payments is not None and not await funding.fund_wallet(cfg, payments, funding.Role.GATEWAY):
             print("stopping", flush=True)
             return
+        if cfg.metrics:  # also under the API's own /metrics
+            await _serve_metrics(node.metrics, cfg.metrics, nursery)
         gateway = Gateway(node, models, max_price_nanoton=cfg.max_price_nanoton, require_tee=cfg.require_tee)
         bound = await nursery.start(gateway.serve, host, port)
         tee = " (attested TEE workers only)" if cfg.require_tee else ""
@@ -256,9 +309,14 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
     """A bootstrap peer (no models) or a worker: serve until SIGINT/SIGTERM, then stop
     taking jobs and let the running ones finish (up to ``DRAIN_S``)."""
     engines = cfg.data_dir / "engines"
-    backends = [
+    backends: list[Backend] = [
         open_backend(cfg.backend, m.path, model_id=m.model_id, cache_dir=engines, max_batch=m.max_batch) for m in models
     ]
+    # Adversarial testing: each model's backend lies on a share of its runs (seeded per model,
+    # so a rerun lies on the same runs).
+    cheats = [CheatingBackend(b, rate=cfg.cheat_rate, seed=i) for i, b in enumerate(backends)] if cfg.cheat_rate else []
+    if cheats:
+        backends = [*cheats]
     payments = await trio.to_thread.run_sync(_payment_config, cfg, funding.Role.WORKER) if models else None
     async with Node(_node_config(cfg, payments)) as node, trio.open_nursery() as nursery:
         for addr in node.addrs:
@@ -266,11 +324,15 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
         if node.evidence is not None:
             attest.report_worker_tee(node.evidence, node.identity.peer_id, cfg.tee)
         if cfg.metrics:
-            await _serve_metrics(node, cfg.metrics, nursery)
+            await _serve_metrics(
+                lambda: node.metrics() + (cheating_metrics(cheats) if cheats else []), cfg.metrics, nursery
+            )
         if payments is not None and not await funding.fund_wallet(cfg, payments, funding.Role.WORKER):
             print("stopping", flush=True)  # signalled before it was funded: nothing served, nothing to settle
             nursery.cancel_scope.cancel()
             return
+        if cheats:
+            print(f"cheating {cfg.cheat_rate:g}", flush=True)
         for spec, backend in zip(models, backends, strict=True):
             node.serve_model(spec, backend, price_nanoton=cfg.price_nanoton)
             print(
@@ -287,6 +349,9 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
                     await trio.sleep(0.05)
             stats = node.job_worker.stats
             print(f"served {stats.jobs_ok} jobs, earned {stats.earned_nanoton} nanoton", flush=True)
+        if cheats:
+            cheated, runs = sum(b.cheated_runs for b in cheats), sum(b.runs for b in cheats)
+            print(f"cheated {cheated} of {runs} model runs", flush=True)
         if node.payments is not None:  # settle what we earned before going away
             with trio.move_on_after(SETTLE_S):
                 for channel, how in (await node.payments.shutdown()).items():

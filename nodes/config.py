@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 from cocoon_p2p.core.errors import ConfigError
+from cocoon_p2p.jobs.spotcheck import DEFAULT_COSINE_MIN
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
 # toncenter's public testnet endpoint, whose v2 API is under /api/v2 (TonCenter adds that part).
@@ -64,6 +65,12 @@ class RoleConfig:
     pccs_url: str = ""
     require_tee: bool = False
     tee_policy: str = ""
+    # Client, gateway: re-run this share of results on another worker and compare (0: none);
+    # float outputs agree when every row's cosine reaches spot_check_cosine_min.
+    spot_check_rate: float = 0.0
+    spot_check_cosine_min: float = DEFAULT_COSINE_MIN
+    # Worker, adversarial testing only: return wrong results on this share of model runs.
+    cheat_rate: float = 0.0
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
@@ -91,4 +98,14 @@ def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
     cfg.tee_collateral = [str(collateral)] if isinstance(collateral, str | Path) else [str(c) for c in collateral]
     if cfg.tee_policy:
         cfg.tee_policy = str(cfg.tee_policy)
+    _check_range(cfg)
     return cfg
+
+
+def _check_range(cfg: RoleConfig) -> None:
+    """Shares within [0, 1] and a cosine within [-1, 1]: ConfigError naming the key if not."""
+    for key, low in (("spot_check_rate", 0.0), ("spot_check_cosine_min", -1.0), ("cheat_rate", 0.0)):
+        value = getattr(cfg, key)
+        if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= 1.0:
+            raise ConfigError(f"{key} must be a number within [{low:g}, 1], not {value!r}")
+        setattr(cfg, key, float(value))

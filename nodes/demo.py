@@ -7,15 +7,22 @@ workers (chat answers streamed token by token), paying every job by voucher over
 TON payment channel per worker opened on the local chain (@ton/sandbox), then
 closes the channels cooperatively on chain and reports what was paid, what the
 workers' wallets received, and the fees.
+
+With ``--cheating-worker`` one worker returns wrong results on a share of its model
+runs (``cocoon-node worker --cheat-rate``) and the client spot-checks results on
+other workers: the demo shows the cheater caught, banned and not paid for what it
+was caught on, while every job still gets a right answer.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,18 +30,23 @@ from typing import Any
 import trio
 
 from cocoon_p2p.core.identity import peer_id_from_str, peer_id_to_str
-from cocoon_p2p.core.metrics import percentile
+from cocoon_p2p.core.metrics import parse, percentile
 from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2
 from cocoon_p2p.execution.generation import chatml_prompt
 from cocoon_p2p.execution.models import ModelSpec
 from cocoon_p2p.jobs import InferenceResult, JobFailed
 from cocoon_p2p.jobs import frames as jf
+from cocoon_p2p.jobs.checks import CaughtCheating, CheatReport
+from cocoon_p2p.jobs.spotcheck import SpotCheckPolicy
 from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.payments.chain import read_channel
-from cocoon_p2p.payments.service import PaymentConfig
+from cocoon_p2p.payments.channelstate import ChannelState
+from cocoon_p2p.payments.payer import Payer
+from cocoon_p2p.payments.payerchannel import PayerChannel
+from cocoon_p2p.payments.service import PaymentConfig, PaymentService
 from cocoon_p2p.payments.settlement import UNINITED, SettlementPolicy
 from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
-from cocoon_p2p.testing.processes import NODE_CLI, start_process
+from cocoon_p2p.testing.processes import NODE_CLI, ProcessFailed, start_process
 
 PRICE_NANOTON = 100_000  # per item / token; worker i asks 10,000 more
 MAX_PRICE = 200_000
@@ -46,6 +58,8 @@ EMBED_TEXTS = [
     ("Every job travels encrypted end to end.", "No central server sees it.", "Noise secures the streams."),
 ]
 CHAT_PROMPTS = ["What is the capital of France?", "Name three colours of the rainbow.", "What is 2 + 2?"]
+MIN_WORKERS_WITH_CHEATER = 3  # two results that disagree need a third to tell which one lied
+STUCK_CLOSE_TRIES = 3  # asks to close a channel whose close broke off
 
 
 def add_parser(sub: Any) -> None:
@@ -67,6 +81,21 @@ def add_parser(sub: Any) -> None:
         action="store_true",
         help="a testnet-like local chain: blocks every 400 ms, rate limits, 2%% of API calls failing",
     )
+    p.add_argument(
+        "--cheating-worker",
+        action="store_true",
+        help="the last worker returns wrong results on a share of its model runs; the client spot-checks "
+        f"results on other workers, bans it and does not pay it for what it is caught on (needs "
+        f">= {MIN_WORKERS_WITH_CHEATER} workers)",
+    )
+    p.add_argument(
+        "--cheat-rate", type=float, default=0.3, help="--cheating-worker: share of its model runs it lies on (0.3)"
+    )
+    p.add_argument(
+        "--spot-check-rate",
+        type=float,
+        help="share of results the client re-checks on another worker (default 1.0 with --cheating-worker, else 0)",
+    )
 
 
 def _progress(msg: str) -> None:
@@ -78,6 +107,8 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
     _progress("preparing the models (exported from the installed wheels on first use)")
     models = {"embed": ensure_minilm(progress=_progress), "chat": ensure_smollm2(progress=_progress)}
     builtin = {"embed": "minilm", "chat": "smollm2"}
+    cheater = args.workers - 1 if args.cheating_worker else None
+    check_rate = args.spot_check_rate if args.spot_check_rate is not None else (1.0 if args.cheating_worker else 0.0)
     procs: list[trio.Process] = []
     result: dict[str, Any] = {}
     async with trio.open_nursery() as nursery:
@@ -91,6 +122,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
             worker_ids: list[str] = []
             worker_wallets: list[str] = []
             worker_cmds: list[list[str]] = []
+            metrics_urls: list[str] = []
             for i in range(args.workers):
                 cmd = [
                     *cli,
@@ -110,64 +142,99 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     "--chain-api-key",
                     f"demo-worker-{i}",  # each operator has its own toncenter key, and rate limit
                     "--local-chain",
+                    "--metrics",
+                    "127.0.0.1:0",
                     "--log-level",
                     "WARNING",
                 ]
                 for name in models:
                     cmd += ["--model", builtin[name]]
-                proc, addrs = await start_process(cmd, nursery, worker_wallets)
-                procs.append(proc)
+                if i == cheater:
+                    cmd += ["--cheat-rate", str(args.cheat_rate)]
+                worker = await _start_worker(cmd, nursery, worker_wallets)
+                if i == cheater and "cheating" not in worker.said:
+                    raise ProcessFailed(f"worker {i + 1} was told to cheat and did not say it does")
+                procs.append(worker.proc)
                 worker_cmds.append(cmd)
-                worker_ids.append(addrs[0].rsplit("/p2p/", 1)[1])
-                _progress(f"worker {i + 1}/{args.workers} up: {addrs[0]}")
+                metrics_urls.append(worker.said["metrics"].split()[1])
+                worker_ids.append(worker.addrs[0].rsplit("/p2p/", 1)[1])
+                lies = f" (returns wrong results on {args.cheat_rate:.0%} of its model runs)" if i == cheater else ""
+                _progress(f"worker {i + 1}/{args.workers} up: {worker.addrs[0]}{lies}")
             wallet = await trio.to_thread.run_sync(chain.new_wallet, CLIENT_FUNDS)
             payments = PaymentConfig(
                 chain, wallet, root / "client-payments", policy=SettlementPolicy(deposit_nanoton=DEPOSIT)
             )
-            async with Node(NodeConfig(bootstrap=boot_addrs, payments=payments)) as client:
+            checks = SpotCheckPolicy(rate=check_rate) if check_rate > 0 else None
+            async with Node(NodeConfig(bootstrap=boot_addrs, payments=payments, spot_checks=checks)) as client:
                 pay = client.payments
-                assert pay is not None
+                assert pay is not None and client.job_client is not None
+                catches = _Catches.install(client)
                 _progress("client joined; discovering workers over gossip and the DHT")
                 discovery = await _discover(client, models, args)
                 _progress(f"running {args.jobs} jobs (embeddings and chat) spread over the workers, paid by voucher")
+                if checks is not None:
+                    _progress(f"  {check_rate:.0%} of them spot-checked on another worker before they are paid")
                 victim = 1 % args.workers  # procs[0] is the bootstrap peer
+                restarted: set[str] = set()
 
                 def kill() -> None:
                     _progress(f"killing worker {victim + 1} (SIGKILL) with jobs in flight")
                     procs[1 + victim].kill()
 
-                jobs = await _jobs(client, models, args, kill if args.kill_worker else None)
+                await trio.to_thread.run_sync(chain.settle)  # the faucet's top-ups have landed
+                before = {w: await trio.to_thread.run_sync(chain.balance, w) for w in worker_wallets}
+                seen: dict[str, PayerChannel] = {}  # every channel opened, also those closed early
+                async with trio.open_nursery() as follow:
+                    follow.start_soon(_follow_channels, pay.payer, seen)
+                    jobs = await _jobs(client, models, args, kill if args.kill_worker else None)
+                    follow.cancel_scope.cancel()
                 if args.kill_worker:
                     _progress(f"restarting worker {victim + 1} from its data directory (same keys and channels)")
-                    proc, addrs = await start_process(worker_cmds[victim], nursery)
-                    procs.append(proc)
+                    worker = await _start_worker(worker_cmds[victim], nursery)
+                    procs.append(worker.proc)
+                    metrics_urls[victim] = worker.said["metrics"].split()[1]
+                    restarted.add(worker_ids[victim])
                     peer = peer_id_from_str(worker_ids[victim])
                     with trio.fail_after(60):  # its new address reaches the client by gossip
-                        while addrs[0] not in client.directory.addrs_of(peer):
+                        while worker.addrs[0] not in client.directory.addrs_of(peer):
                             await trio.sleep(0.1)
-                paid = sum(ch.issuer.sent for ch in pay.payer.open.values())
-                channels = len(pay.payer.open)
-                _progress(f"settling {channels} channel(s) on the local chain (cooperative close)")
-                await trio.to_thread.run_sync(chain.settle)  # what the workers sent has landed
-                before = {w: await trio.to_thread.run_sync(chain.balance, w) for w in worker_wallets}
+                seen.update(pay.payer.channels)
+                paid_to = dict.fromkeys(worker_ids, 0)  # by vouchers, over every channel to the worker
+                for ch in seen.values():
+                    if ch.worker is not None:
+                        paid_to[peer_id_to_str(ch.worker)] += ch.issuer.sent
+                paid = sum(ch.issuer.sent for ch in seen.values())
+                worker_metrics = [await trio.to_thread.run_sync(_scrape, url) for url in metrics_urls]
+                banned = [w for w in worker_ids if client.guard.is_banned(peer_id_from_str(w))]
+                channels = len(seen)
+                _progress(f"settling {len(pay.payer.open)} open channel(s) on the local chain (cooperative close)")
                 settle_waits = []
                 for worker_peer, ch in list(pay.payer.open.items()):
                     t0 = time.perf_counter()
                     await pay.settle(worker_peer)
-                    await _closed_on_chain(chain, ch.address)
-                    settle_waits.append(time.perf_counter() - t0)
+                    if await _closed_on_chain(chain, ch.address):
+                        settle_waits.append(time.perf_counter() - t0)
+                unsettled = await _close_the_rest(pay, chain, seen)  # a banned cheater's, closed during the run
                 await trio.to_thread.run_sync(chain.settle)  # the payouts have landed
                 after = {w: await trio.to_thread.run_sync(chain.balance, w) for w in worker_wallets}
-                assert client.job_client is not None
                 client_stats = client.job_client.stats
+                spot = client.job_client.checks
+                fraud_proofs = _metric_value(client, "cocoon_fraud_proofs_sent_total")
             settled = sum(after[w] - before[w] for w in worker_wallets)
             ok_jobs = [j for j in jobs if j["ok"]]
             latencies = sorted(j["latency_ms"] for j in ok_jobs)
-            per_worker: dict[str, dict[str, int]] = {w: {"jobs": 0, "earned_nanoton": 0} for w in worker_ids}
-            for j in ok_jobs:
-                row = per_worker.setdefault(j["worker"], {"jobs": 0, "earned_nanoton": 0})
-                row["jobs"] += 1
-                row["earned_nanoton"] += j["cost_nanoton"]
+            per_worker: dict[str, dict[str, Any]] = {}
+            for i, w in enumerate(worker_ids):
+                per_worker[w] = _worker_row(
+                    w, ok_jobs, paid_to[w], worker_metrics[i], catches, known=w not in restarted
+                )
+            cheater_id = worker_ids[cheater] if cheater is not None else None
+            cheat_ok = cheater_id is None or (
+                banned == [cheater_id]
+                and spot is not None
+                and spot.failed >= 1
+                and per_worker[cheater_id]["paid_for_cheated_nanoton"] == 0
+            )
             result = {
                 "workers": args.workers,
                 "worker_ids": worker_ids,
@@ -181,6 +248,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 "settled_nanoton": settled,
                 "fees_nanoton": paid - settled,
                 "channels": channels,
+                "unsettled_channels": unsettled,
                 "killed_worker": worker_ids[1 % args.workers] if args.kill_worker else None,
                 "payments_pending": client_stats.payments_pending,
                 "onchain_ops": pay.onchain_ops,  # deploy + init, then one close, per channel
@@ -190,12 +258,25 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 "settle_wait_s_p50": _p(settle_waits, 50),
                 "settle_wait_s_p99": _p(settle_waits, 99),
                 "chain_retries": dict(chain.retried),
+                "spot_check_rate": check_rate,
+                "checks": spot.checks if spot else 0,
+                "checks_failed": spot.failed if spot else 0,
+                "checks_skipped": spot.skipped if spot else 0,
+                "withheld_nanoton": spot.withheld_nanoton if spot else 0,
+                "fraud_proofs": fraud_proofs,
+                "banned": banned,
+                "cheater": cheater_id,
+                "cheat_rate": args.cheat_rate if cheater_id else 0.0,
+                "paid_for_cheated_nanoton": per_worker[cheater_id]["paid_for_cheated_nanoton"] if cheater_id else 0,
                 "per_worker": per_worker,
                 "sample_chat": next((j["text"] for j in ok_jobs if j["kind"] == "chat"), ""),
                 "ok": discovery["discovery_ok"]
                 and len(ok_jobs) == len(jobs)
-                and paid == sum(j["cost_nanoton"] for j in ok_jobs)
-                and 0 < settled <= paid,
+                and paid == client_stats.paid_nanoton
+                and (spot is not None or paid == sum(j["cost_nanoton"] for j in ok_jobs))
+                and 0 < settled <= paid
+                and not unsettled
+                and cheat_ok,
                 "wall_s": round(time.perf_counter() - started, 2),
             }
         finally:
@@ -212,15 +293,149 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
     return result
 
 
+def _worker_row(
+    worker: str,
+    ok_jobs: list[dict[str, Any]],
+    paid: int,
+    metrics: dict[str, float],
+    catches: _Catches,
+    *,
+    known: bool,
+) -> dict[str, Any]:
+    """One worker's line of the summary. Its results the client's spot checks found wrong
+    (``caught_*``) should have gone unpaid: what it billed and was not paid is the client's
+    withholding, seen from the worker's side, so ``paid_for_cheated_nanoton`` is what was
+    caught less what went unpaid (None for a worker that restarted: its bill restarted too)."""
+    mine = [j for j in ok_jobs if j["worker"] == worker]
+    caught = [c for c in catches.seen if peer_id_to_str(c.wrong.worker) == worker]
+    caught_nanoton = sum(c.wrong.result.cost_nanoton for c in caught)
+    billed = int(metrics.get("cocoon_worker_earned_nanoton_total", 0))
+    return {
+        "jobs": len(mine),  # the answers the caller kept
+        "earned_nanoton": sum(j["cost_nanoton"] for j in mine),
+        "paid_nanoton": paid,  # vouchers, spot-check runs included
+        "billed_nanoton": billed if known else None,
+        "cheated_runs": int(metrics.get("cocoon_cheated_runs_total", 0)),  # the worker's own count
+        "model_runs": int(metrics.get("cocoon_model_runs_total", 0)) or None,
+        "caught_jobs": len(caught),
+        "caught_nanoton": caught_nanoton,
+        "paid_for_cheated_nanoton": caught_nanoton - (billed - paid) if known else None,
+    }
+
+
+class _Catches:
+    """Every wrong result the client's spot checks catch, then handed on to the report
+    the node gave them (its fraud proofs), so the demo can show who was caught on what."""
+
+    def __init__(self, inner: CheatReport | None) -> None:
+        self.inner = inner
+        self.seen: list[CaughtCheating] = []
+
+    @classmethod
+    def install(cls, client: Node) -> _Catches:
+        catches = cls(None)
+        checks = client.job_client.checks if client.job_client is not None else None
+        if checks is not None:
+            catches.inner, checks.report = checks.report, catches
+        return catches
+
+    async def caught(self, cheat: CaughtCheating) -> None:
+        self.seen.append(cheat)
+        _progress(f"  caught {peer_id_to_str(cheat.wrong.worker)}: {cheat.mismatch.reason} ({cheat.mismatch.detail})")
+        if self.inner is not None:
+            await self.inner.caught(cheat)
+
+
+async def _follow_channels(payer: Payer, seen: dict[str, PayerChannel]) -> None:
+    """Keep every channel the payer holds in ``seen``: one closed during the run (a banned
+    worker's) leaves the payer's books once closed on chain, but its vouchers count."""
+    while True:
+        seen.update(payer.channels)
+        await trio.sleep(0.1)
+
+
+def _scrape(url: str) -> dict[str, float]:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return parse(resp.read().decode())
+
+
+def _metric_value(node: Node, name: str) -> int:
+    """The sum of ``name``'s samples in ``node.metrics()`` (0 when the node has no such series)."""
+    return int(sum(v for m in node.metrics() if m.name == name for _, v in m.samples if isinstance(v, int | float)))
+
+
+class _Started:
+    """A node process that is ready, and the first line it printed for each first word."""
+
+    def __init__(self, proc: trio.Process, addrs: list[str], said: dict[str, str]) -> None:
+        self.proc, self.addrs, self.said = proc, addrs, said
+
+
+async def _start_worker(cmd: list[str], nursery: trio.Nursery, wallets: list[str] | None = None) -> _Started:
+    """:func:`~cocoon_p2p.testing.processes.start_process` for a worker, keeping what it said
+    before serving (its ``metrics`` URL, whether it is ``cheating``)."""
+    proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE)
+    assert proc.stdout is not None
+    buf, addrs, said = b"", [], dict[str, str]()
+    while True:
+        chunk = await proc.stdout.receive_some(4096)
+        if not chunk:
+            raise ProcessFailed(f"{cmd[3]} exited before it served")
+        buf += chunk
+        *lines, buf = buf.split(b"\n")
+        for line in lines:
+            text = line.decode()
+            word = text.split(" ", 1)[0]
+            said.setdefault(word, text)
+            if word == "listening":
+                addrs.append(text.split()[1])
+            elif word == "wallet" and wallets is not None:
+                wallets.append(text.split()[1])
+            elif word == "serving":
+                nursery.start_soon(_drain, proc.stdout)
+                return _Started(proc, addrs, said)
+
+
+async def _drain(stream: trio.abc.ReceiveStream) -> None:
+    while await stream.receive_some(4096):
+        pass
+
+
 def _p(values: list[float], q: float) -> float:
     return round(percentile(sorted(values), q), 2) if values else -1.0
 
 
-async def _closed_on_chain(chain: LocalChain, address: str) -> None:
-    """Until the chain shows the channel's contract closed (a block or two after the close is sent)."""
-    with trio.fail_after(120):
+async def _closed_on_chain(chain: LocalChain, address: str, timeout_s: float = 120.0) -> bool:
+    """Whether the chain shows the channel's contract closed within ``timeout_s`` (a block
+    or two after the close is sent)."""
+    with trio.move_on_after(timeout_s):
         while (await trio.to_thread.run_sync(read_channel, chain, address)).state != UNINITED:
             await trio.sleep(chain.confirm_poll_s)
+        return True
+    return False
+
+
+async def _close_the_rest(pay: PaymentService, chain: LocalChain, seen: dict[str, PayerChannel]) -> list[str]:
+    """Wait for every channel of the run to be closed on chain; the addresses of those
+    still open after ``STUCK_CLOSE_TRIES`` tries.
+
+    The client closes a channel as it bans its worker; when the ban's hang-up breaks that
+    close, the payer takes it that the worker is closing the channel itself and waits for
+    it, which a cheater need not do. Such a channel is asked to close cooperatively again,
+    as the payer does for a close it finds unfinished after a restart."""
+    unsettled = []
+    for ch in seen.values():
+        for _ in range(STUCK_CLOSE_TRIES):
+            if await _closed_on_chain(chain, ch.address, timeout_s=20.0):
+                break
+            if ch.state is ChannelState.CLOSING_COOPERATIVE:
+                if ch.close_in_hand:
+                    _progress(f"channel {ch.address}: its close broke off as its worker was banned; closing it again")
+                    ch.close_in_hand = False
+                await pay.watch_once()  # asks the worker to countersign again, and sends the close
+        else:
+            unsettled.append(ch.address)
+    return unsettled
 
 
 async def _discover(client: Node, models: dict[str, ModelSpec], args: argparse.Namespace) -> dict[str, Any]:
@@ -320,6 +535,16 @@ async def _chat(client: Node, model_id: bytes, prompt: str, max_tokens: int) -> 
 
 
 def run(args: argparse.Namespace) -> int:
+    if args.cheating_worker and args.workers < MIN_WORKERS_WITH_CHEATER:
+        print(
+            f"cocoon-node demo: --cheating-worker needs --workers {MIN_WORKERS_WITH_CHEATER} or more: when a spot "
+            "check finds two results that disagree, a third worker tells which one lied",
+            file=sys.stderr,
+        )
+        return 2
+    if not 0.0 <= args.cheat_rate <= 1.0 or not 0.0 <= (args.spot_check_rate or 0.0) <= 1.0:
+        print("cocoon-node demo: --cheat-rate and --spot-check-rate are shares within [0, 1]", file=sys.stderr)
+        return 2
     _progress("starting the local chain (@ton/sandbox behind the toncenter API)")
     with open_local_chain(realistic=args.realistic_chain) as chain:
         if args.data_dir is not None:
@@ -342,6 +567,19 @@ def run(args: argparse.Namespace) -> int:
         )
         for peer, row in result["per_worker"].items():
             print(f"  {peer}: {row['jobs']} jobs, earned {row['earned_nanoton']} nanoton")
+        if result["spot_check_rate"]:
+            print(
+                f"spot checks: {result['checks']} run, {result['checks_failed']} found a wrong result "
+                f"({result['withheld_nanoton']} nanoton not paid), {result['checks_skipped']} skipped; "
+                f"{result['fraud_proofs']} fraud proof(s) sent; banned: {', '.join(result['banned']) or 'nobody'}"
+            )
+        if result["cheater"]:
+            row = result["per_worker"][result["cheater"]]
+            print(
+                f"the cheater {result['cheater']} lied on {row['cheated_runs']} of {row['model_runs']} model runs, "
+                f"was caught on {row['caught_jobs']} job(s) and paid {result['paid_for_cheated_nanoton']} nanoton "
+                "for them"
+            )
         print(f"a chat answer: {result['sample_chat']!r}")
         print("OK" if result["ok"] else "FAILED")
     return 0 if result.get("ok") else 1

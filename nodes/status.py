@@ -5,7 +5,8 @@ PeerId, its wallet, the channels it holds as a worker (earned, settled or not)
 and as a client (deposit left), and ``warnings`` for what is damaged but
 survivable (a torn voucher log). A damaged or exposed file is a named error, as
 when the node starts. With ``--metrics URL`` it also reads a running node's
-``/metrics``.
+``/metrics``, and sums up its spot checks (``checks``: results re-checked, found
+wrong, skipped, not paid for, fraud proofs sent) when it runs them.
 """
 
 from __future__ import annotations
@@ -24,6 +25,14 @@ from cocoon_p2p.payments.store import ChannelStore
 from cocoon_p2p.payments.voucherlog import VoucherLog
 
 KEY_FILE = "node.key"
+# The ``checks`` summary: its keys, and the series each is read from (0 when absent).
+CHECK_SERIES = {
+    "checks": "cocoon_checks_total",
+    "failed": "cocoon_checks_failed_total",
+    "skipped": "cocoon_checks_skipped_total",
+    "withheld_nanoton": "cocoon_checks_withheld_nanoton_total",
+    "fraud_proofs_sent": "cocoon_fraud_proofs_sent_total",
+}
 
 
 def _client_side(folder: Path, warnings: list[str]) -> list[ChannelRecord]:
@@ -78,6 +87,8 @@ def collect(data_dir: Path, metrics_url: str | None = None, *, testnet: bool = F
         with urllib.request.urlopen(metrics_url, timeout=5) as resp:
             text = resp.read().decode()
         out["metrics"] = {k: v for k, v in parse(text).items() if "_bucket" not in k}
+        if CHECK_SERIES["checks"] in out["metrics"]:  # a client that runs spot checks
+            out["checks"] = {key: int(out["metrics"].get(name, 0)) for key, name in CHECK_SERIES.items()}
     return out
 
 
@@ -99,5 +110,11 @@ def print_status(status: dict[str, Any]) -> None:
         print(f"          to {c['worker'][:16]}...: {c['address']} (deposit {c['deposit']})")
     for warning in status["warnings"]:
         print(f"warning   {warning}")
+    if checks := status.get("checks"):
+        print(
+            f"checks    {checks['checks']} result(s) re-checked: {checks['failed']} found wrong "
+            f"({checks['withheld_nanoton']} nanoton not paid), {checks['skipped']} skipped; "
+            f"{checks['fraud_proofs_sent']} fraud proof(s) sent"
+        )
     for name, value in sorted(status.get("metrics", {}).items()):
         print(f"metric    {name} {value:g}")

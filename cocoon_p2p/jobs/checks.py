@@ -194,7 +194,7 @@ class ResultChecks:
         who = peer_id_to_str(wrong.worker)
         log.warning("spot check: %s returned a wrong result (%s: %s)", who, mismatch.reason, mismatch.detail)
         self.client.feedback.misbehaved(wrong.worker, WrongResult(f"{mismatch.reason}: {mismatch.detail}"))
-        self.client.nursery.start_soon(self.client._channel_ended, wrong.worker)  # chain work: off this job
+        self.client.nursery.start_soon(self.client._close_channel, wrong.worker)  # chain work: off this job
         if self.report is not None:
             await self.report.caught(CaughtCheating(request, wrong, keep, mismatch))
 

@@ -426,6 +426,16 @@ class JobClient:
         except CocoonError as exc:  # the next job's payment set-up tries again
             log.warning("could not replace the channel %s is closing: %s", ID(worker), exc)
 
+    async def _close_channel(self, worker: bytes) -> None:
+        """Close our channel to a worker we banned: cooperatively if it still answers, else
+        alone with its newest voucher (the ban's hang-up may cut the cooperative close)."""
+        if self.payments is None:
+            return
+        try:
+            await self.payments.settle(worker, uncooperative_if_gone=True)
+        except CocoonError as exc:
+            log.warning("could not close the channel to %s: %s", ID(worker), exc)
+
     async def _pay(self, worker: bytes, cost: int) -> None:
         if self.payments is None or not cost:
             return

@@ -35,6 +35,11 @@ class ClientPayments(Protocol):
         next :meth:`ensure_channel` opens a new one); raise if that could not be done."""
         ...
 
+    async def settle(self, worker: bytes, *, uncooperative_if_gone: bool = False) -> object:
+        """Close our channel to ``worker`` on chain (alone, when it cannot be reached and
+        ``uncooperative_if_gone``); raise if that could not be started."""
+        ...
+
 
 class WorkerPayments(Protocol):
     """How a worker gets paid (implemented by :class:`~cocoon_p2p.payments.service.PaymentService`)."""
