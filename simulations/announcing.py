@@ -88,6 +88,8 @@ class Announcing:
                 issued = snap[0]
                 if issued + d > now:
                     continue
+                if issued < c.joined_at:  # gossipsub does not replay: it was in flight before the client joined
+                    break
                 issued_ms = EPOCH_MS + int(issued * 1000)
                 if (held is not None and held.issued_at_ms >= issued_ms) or issued_ms + ttl_ms <= now_ms:
                     break

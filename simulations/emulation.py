@@ -36,7 +36,7 @@ from cocoon_p2p.testing.processes import NODE_CLI, start_process
 from cocoon_p2p.testing.tinymodel import build_tiny_model
 
 from .results import JobRecord, Results
-from .scenario import Scenario
+from .scenario import Scenario, ScenarioError
 
 CLI = list(NODE_CLI)
 TON = 1_000_000_000
@@ -176,5 +176,8 @@ async def _client_node(boot: str, payments: PaymentConfig, task_status: Any = tr
 
 
 def run_emulation(sc: Scenario, *, progress: Callable[[float], None] | None = None) -> Results:
+    """Run ``sc`` with real processes (see the module's docstring); ScenarioError for what only the model runs."""
+    if sc.tee.in_use:  # no machine here makes TDX quotes, and no emulated worker could attest
+        raise ScenarioError("tee.* runs in the model fidelity only (no emulated worker can produce a TDX quote)")
     with tempfile.TemporaryDirectory(prefix="cocoon-emulation-") as d:
         return trio.run(_emulate, sc, Path(d), progress)

@@ -1,6 +1,7 @@
-"""Re-run the four experiments of simulations/EXPERIMENTS.md and redraw their figures.
+"""Re-run the experiments of simulations/EXPERIMENTS.md and redraw their figures.
 
-    python -m cocoon_p2p.simulations.experiments [--only routing|churn|dht|settlement|scale] [--out simulations/results]
+    python -m cocoon_p2p.simulations.experiments [--only routing|churn|dht|settlement|scale|tee] \
+        [--out simulations/results]
 
 Each experiment is a sweep of a committed scenario (model fidelity); the figures
 and a JSON of the figures behind them go to ``--out``.
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 import matplotlib
+import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
@@ -155,7 +157,62 @@ def scale(out: Path, procs: int) -> dict[str, Any]:
     return {str(n): v for n, v in rows.items()}
 
 
-EXPERIMENTS = {"routing": routing, "churn": churn, "dht": dht, "settlement": settlement, "scale": scale}
+TEE_SHARES = ("0", "0.1", "0.25", "0.5", "1.0")
+
+
+def tee(out: Path, procs: int) -> dict[str, Any]:
+    """Half of the clients require an attested worker; the attested share of workers goes 0 -> 1.
+    A run without any TEE (nobody requires, nobody attested) is the baseline."""
+    res = sweep(SCENARIOS / "tee.toml", [f"tee.attested_share={','.join(TEE_SHARES)}"], "model", out / "runs" / "tee",
+                procs, ["tee.require_share=0.5"])  # fmt: skip
+    base = sweep(SCENARIOS / "tee.toml", ["tee.attested_share=0"], "model", out / "runs" / "tee-baseline", 1,
+                 ["tee.require_share=0"])[0]  # fmt: skip
+    pts = {float(k): v for k, v in _points(res, "tee.attested_share").items()}
+    xs = sorted(pts)
+    fig, (a1, a2) = plt.subplots(1, 2, figsize=(9.5, 3.8))
+    for group, style, color in (("requiring", "-", "tab:green"), ("other", "--", "tab:purple")):
+        label = "clients requiring TEE" if group == "requiring" else "other clients"
+        a1.plot(xs, [pts[x]["tee"][group]["success"] * 100 for x in xs], marker="o", linestyle=style, color=color,
+                label=label)  # fmt: skip
+        for q, color in (("p50", "tab:blue"), ("p99", "tab:orange")):
+            a2.plot(xs, [pts[x]["tee"][group][f"latency_s_{q}"] for x in xs], marker="o", linestyle=style,
+                    color=color, label=f"{q}, {label}")  # fmt: skip
+    a1.axhline(base["success"] * 100, color="tab:gray", linestyle=":", label="no TEE at all")
+    for q in ("p50", "p99"):
+        a2.axhline(base[f"latency_s_{q}"], color="tab:gray", linestyle=":", linewidth=1)
+    a1.set_xlabel("share of workers attested")
+    a1.set_ylabel("job success (%)")
+    a1.legend(fontsize=8)
+    a2.set_yscale("log")
+    a2.yaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    a2.yaxis.set_minor_formatter(
+        matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}" if f"{v:g}"[-1] in "235" else "")
+    )
+    a2.set_xlabel("share of workers attested")
+    a2.set_ylabel("job latency (s; dotted: no TEE at all)")
+    a2.legend(fontsize=7)
+    fig.suptitle("Half of the clients require a TEE (50% load, 20 workers)")
+    fig.tight_layout()
+    fig.savefig(out / "tee_share.png", dpi=110)
+    plt.close(fig)
+    keys = ("success", "latency_s_p50", "latency_s_p99", "failures_by_code")
+    table: dict[str, Any] = {"baseline": {k: base[k] for k in keys}}
+    for x in xs:
+        table[str(x)] = {**pts[x]["tee"], "failures_by_code": pts[x]["failures_by_code"]}
+    clean: dict[str, Any] = _no_nan(table)
+    return clean
+
+
+def _no_nan(value: Any) -> Any:
+    """``value`` with NaN (no job to measure) as None, so figures.json stays strict JSON."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _no_nan(v) for k, v in value.items()}
+    return value
+
+
+EXPERIMENTS = {"routing": routing, "churn": churn, "dht": dht, "settlement": settlement, "scale": scale, "tee": tee}
 
 
 def main() -> int:

@@ -56,6 +56,12 @@ class Mesh:
             self.adj[p][q] = self.adj[q][p] = d
         self.dirty = True
         self._delays.pop(p, None)  # a peer that just joined gets its own delays at once
+        # ...and is reachable from the cached sources through its new links at once (exact for p; paths
+        # *through* p to others wait for the next epoch, which only makes those delays an upper bound).
+        links = self.adj[p]
+        if links:
+            for row in self._delays.values():
+                row[p] = min(row[p], min(row[q] + d for q, d in links.items()))
 
     def heartbeat(self, p: int) -> None:
         if self.online[p] and len(self.adj[p]) < self.cfg.D_lo:

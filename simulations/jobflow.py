@@ -31,16 +31,18 @@ from cocoon_p2p.overlay.directory import WorkerOffer
 from .announcing import Announcing
 from .results import JobRecord
 from .settling import Settlement
+from .tee import NO_ATTESTED_WORKERS, Attestation
 from .world import DEAD_DETECT_S, EPOCH_MS, Attempt, JobLink, SimClient, SimJob, SimWorker, World
 
 
 class JobFlow:
     """Every job from its arrival at a client to its result, failure or deadline."""
 
-    def __init__(self, world: World, announcing: Announcing, settlement: Settlement) -> None:
+    def __init__(self, world: World, announcing: Announcing, settlement: Settlement, attestation: Attestation) -> None:
         self.world = world
         self.announcing = announcing
         self.settlement = settlement
+        self.attestation = attestation
         self.open_jobs: dict[SimJob, None] = {}  # insertion-ordered: runs must not depend on addresses
 
     # ---- clients ------------------------------------------------------------------------------
@@ -52,7 +54,7 @@ class JobFlow:
             return
         world.events.after(world.rng.expovariate(c.group.rate_per_s), self.arrival, c, session)
         now = world.events.now
-        rec = JobRecord(issued=now, client=c.idx, counted=now >= world.sc.warmup_s)
+        rec = JobRecord(issued=now, client=c.idx, counted=now >= world.sc.warmup_s, tee=c.requires_tee)
         deadline = now + world.sc.routing.timeout_s
         attempts = JobAttempts(
             c.router, max_price=c.group.max_price_nanoton, max_attempts=world.sc.routing.attempts, deadline=deadline
@@ -77,9 +79,10 @@ class JobFlow:
         if not offers and now - c.looked_up_at > 5.0:  # nothing heard yet: ask the DHT
             self.announcing.lookup(c, lambda: self._try(job))
             return
-        w = self._choose(c, offers, job)
+        allowed = self.attestation.gate(c, offers)  # before the routing rule, as the node's TEE gate
+        w = self._choose(c, allowed, job)
         if w is None:
-            return self._fail(job, NO_WORKERS)
+            return self._fail(job, NO_ATTESTED_WORKERS if self._gated_out(c, offers, allowed) else NO_WORKERS)
         job.attempts.started(w.ident.peer_id)
         job.record.attempts = job.attempts.count
         link = c.links.get(w.idx)
@@ -87,6 +90,19 @@ class JobFlow:
             link = c.links[w.idx] = JobLink(JobConnection(Role.CLIENT), JobConnection(Role.WORKER), w.session)
         c.next_job_id += 1
         att = Attempt(job, w, now, c.session, link, c.next_job_id)
+        job.current = att
+        ready = self.attestation.ready_at(c, w)  # a first contact asks for and checks the evidence
+        if ready > now:
+            return world.events.at(ready, self._send, att)
+        self._send(att)
+
+    def _send(self, att: Attempt) -> None:
+        """The attempt's request goes out on its link."""
+        world = self.world
+        job, w, c, link = att.job, att.worker, att.job.client, att.link
+        if job.done or att.client_session != c.session:  # ended while the client checked the evidence
+            return
+        now = att.sent_at = world.events.now
         deadline_ms, cap = EPOCH_MS + int(job.deadline * 1000), c.group.max_price_nanoton
         request = JobRequest(job_id=att.job_id, model_id=c.model_id, texts=("x",) * c.group.units,
                              deadline_ms=deadline_ms, max_price_nanoton=cap)  # fmt: skip
@@ -94,21 +110,23 @@ class JobFlow:
             att.wire = link.client.send(request)
         except LocalProtocolError:  # too many jobs left open on this connection (a worker that never answers)
             return world.events.after(0.0, self._attempt_failed, att, BUSY)
-        job.current = att
         w.assigned += 1
         link.to_worker_at = max(now + world.latency.one_way(c.idx, w.idx, c.group.request_bytes), link.to_worker_at)
         world.events.at(link.to_worker_at, self._at_worker, att)
 
+    def _gated_out(self, c: SimClient, offers: list[WorkerOffer], allowed: list[WorkerOffer]) -> bool:
+        """Whether the attestation requirement, not a lack of workers, left ``c`` without one."""
+        if not c.requires_tee:
+            return False
+        if self.world.sc.routing.rule in ("oracle", "oracle-wait"):  # the oracle sees every worker, not offers
+            return not any(w.attested for w in self._oracle_pool(c, frozenset(), tee=False))
+        return bool(offers) and not allowed
+
     def _choose(self, c: SimClient, offers: list[WorkerOffer], job: SimJob) -> SimWorker | None:
         world = self.world
         rule, now = world.sc.routing.rule, world.events.now
-        cap = c.group.max_price_nanoton
         if rule in ("oracle", "oracle-wait"):  # a central scheduler that sees every queue exactly
-            pool = [
-                w for w in world.workers
-                if w.model_id == c.model_id and world.online[w.idx] and w.behaviour == "honest"
-                and w.group.price_nanoton <= cap and w.ident.peer_id not in job.attempts.tried
-            ]  # fmt: skip
+            pool = self._oracle_pool(c, job.attempts.exclude, tee=c.requires_tee)
             if not pool:
                 return None
             if rule == "oracle":  # join the shortest queue (jobs there and on their way)
@@ -117,11 +135,22 @@ class JobFlow:
                 cost = {w.idx: (w.running + w.assigned + 1) / w.group.speed for w in pool}
             best = min(cost.values())
             return world.rng.choice([w for w in pool if cost[w.idx] == best])
+        cap = c.group.max_price_nanoton
         if rule == "random":
             pool_offers = c.router.eligible(offers, max_price=cap, now=now, exclude=job.attempts.exclude)
             return world.by_peer[world.rng.choice(pool_offers).peer_id] if pool_offers else None
         chosen = job.attempts.choose(offers, now)  # the library's rule
         return world.by_peer[chosen.peer_id] if chosen is not None else None
+
+    def _oracle_pool(self, c: SimClient, exclude: frozenset[bytes], *, tee: bool) -> list[SimWorker]:
+        """What a central scheduler may give ``c``'s job: every live honest worker of its model in
+        its price, not in ``exclude``; with ``tee``, attested ones only."""
+        world, cap = self.world, c.group.max_price_nanoton
+        return [
+            w for w in world.workers
+            if w.model_id == c.model_id and world.online[w.idx] and w.behaviour == "honest"
+            and w.group.price_nanoton <= cap and w.ident.peer_id not in exclude and (w.attested or not tee)
+        ]  # fmt: skip
 
     # ---- workers ------------------------------------------------------------------------------
 

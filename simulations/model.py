@@ -11,8 +11,10 @@ vouchers (:class:`VoucherIssuer` signs, :class:`VoucherBook` checks) and the
 settlement policy (:func:`client_action`, :func:`worker_action`). What is
 modelled: the network (:mod:`.latency`), the gossipsub mesh (:mod:`.gossip`),
 Kademlia (:mod:`.kademlia`), workers as single FIFO servers that admit up to
-``capacity`` jobs, churn, and adversaries. Announcements are delivered without
-their signatures (verifying the same bytes at every receiver changes no decision).
+``capacity`` jobs, churn, adversaries, and TEE attestation (:mod:`.tee`: which
+workers are attested, which clients require it, what evidence costs).
+Announcements are delivered without their signatures (verifying the same bytes
+at every receiver changes no decision).
 
 The parts: :class:`ModelSim` (here) builds the peers and runs churn and
 sampling; :mod:`.announcing` carries announcements and DHT records,
@@ -42,6 +44,7 @@ from .latency import Latency
 from .results import Results
 from .scenario import Scenario
 from .settling import Settlement
+from .tee import Attestation, assign_roles
 from .world import EPOCH_MS, SimClient, SimWorker, World, model_id_of
 
 __all__ = ["EPOCH_MS", "ModelSim", "model_id_of"]
@@ -65,7 +68,8 @@ class ModelSim:
         self.world = self._build(rng, events, latency, policy)
         self.announcing = Announcing(self.world)
         self.settlement = Settlement(self.world)
-        self.jobs = JobFlow(self.world, self.announcing, self.settlement)
+        self.attestation = Attestation(self.world)
+        self.jobs = JobFlow(self.world, self.announcing, self.settlement, self.attestation)
 
     @property
     def results(self) -> Results:
@@ -109,6 +113,7 @@ class ModelSim:
                 dht_key = int.from_bytes(mid[:8], "big") >> (64 - sc.dht.id_bits)
                 clients.append(SimClient(idx, cg, key, mid, dht_key, WorkerDirectory(), router))
                 idx += 1
+        assign_roles(sc.tee, sc.seed, workers, clients)
         by_peer = {w.ident.peer_id: w for w in workers}
         for p in range(idx):  # workers and clients join when the run starts; relays are already there
             online[p] = False
@@ -170,6 +175,7 @@ class ModelSim:
         vis = sorted(self.announcing.visible)
         r.extra["announce_visible_s_p50"] = vis[len(vis) // 2] if vis else math.nan
         r.events = world.events.processed
+        r.attestation_ask_s = self.attestation.ask_s
         r.money = {
             "vouchers_paid_nanoton": self.settlement.paid_total,
             "earned_settled_nanoton": sum(w.earned for w in world.workers),
@@ -177,7 +183,7 @@ class ModelSim:
         }
         r.workers = [
             {"idx": w.idx, "gpu": w.group.gpu, "speed": w.group.speed, "behaviour": w.behaviour, "jobs": w.jobs_done,
-             "busy_s": w.busy_s, "earned_nanoton": w.earned + self.settlement.held_for(w)}
+             "busy_s": w.busy_s, "earned_nanoton": w.earned + self.settlement.held_for(w), "attested": w.attested}
             for w in world.workers
         ]  # fmt: skip
 
@@ -244,6 +250,7 @@ class ModelSim:
     def _client_up(self, c: SimClient) -> None:
         world = self.world
         c.session += 1
+        c.joined_at = world.events.now
         self._peer_up(c.idx)
         if self.sc.dht.lookup_on_join:  # measure the DHT: every (re)joining client looks its model up
             world.events.after(self.sc.gossip.heartbeat_s, self.announcing.join_lookup, c, c.session)

@@ -17,6 +17,7 @@ from typing import Any
 from cocoon_p2p.core.metrics import percentile
 
 from .scenario import Scenario
+from .tee import NO_ATTESTED_WORKERS
 
 
 @dataclass
@@ -30,6 +31,7 @@ class JobRecord:
     worker: int = -1
     cost: int = 0
     code: str = ""
+    tee: bool = False  # its client required an attested worker
 
 
 @dataclass
@@ -45,6 +47,7 @@ class Results:
     channels_opened: int = 0
     channels_closed: int = 0
     mesh_recomputes: int = 0
+    attestation_ask_s: list[float] = field(default_factory=list)  # each evidence ask: its cost to the job
     events: int = 0
     wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -130,6 +133,15 @@ class Results:
             out["announcement_coverage"] = {
                 f"{t}s": sum(c[i] for c in cov) / len(cov) for i, t in enumerate((0.05, 0.1, 0.2, 0.5, 1.0, 2.0))
             }
+        if self.scenario.tee.in_use:
+            out["tee"] = {
+                "requiring": _group([j for j in counted if j.tee]),
+                "other": _group([j for j in counted if not j.tee]),
+                "no_attested_workers_failures": codes.get(NO_ATTESTED_WORKERS, 0),
+                "attestation_asks": len(self.attestation_ask_s),
+                "ask_s_p50": percentile(self.attestation_ask_s, 50),
+                "ask_s_p99": percentile(self.attestation_ask_s, 99),
+            }
         out.update(self.extra)
         return out
 
@@ -143,6 +155,18 @@ class Results:
         _csv(out / "workers.csv", self.workers)
         _csv(out / "timeseries.csv", self.timeseries())
         return summary
+
+
+def _group(jobs: list[JobRecord]) -> dict[str, Any]:
+    """Success and latency of some counted jobs (abandoned and unfinished ones left out of success)."""
+    ended = [j for j in jobs if j.code not in ("client-left", "unfinished")]
+    lat = [j.latency_s for j in jobs if j.ok]
+    return {
+        "jobs": len(jobs),
+        "success": len(lat) / len(ended) if ended else math.nan,
+        "latency_s_p50": percentile(lat, 50),
+        "latency_s_p99": percentile(lat, 99),
+    }
 
 
 def _csv(path: Path, rows: list[dict[str, Any]]) -> None:

@@ -118,6 +118,21 @@ class Settlement:
 
 
 @dataclass
+class Tee:
+    """TEE attestation (issue 17): who carries a claim, who requires one, what checking costs."""
+
+    attested_share: float = 0.0  # share of workers whose announcements carry an attestation claim
+    require_share: float = 0.0  # share of clients whose jobs go to attested workers only
+    verify_ms: float = 1.0  # the client's check of one quote (dcap-qvl 0.7.0 on a real TDX quote: ~1 ms)
+    evidence_kb: float = 10.0  # quote + collateral references, sent once per (client, worker) pair
+    verdict_ttl_s: float = 3600.0  # a client trusts a verdict this long, then asks again
+
+    @property
+    def in_use(self) -> bool:
+        return self.attested_share > 0 or self.require_share > 0
+
+
+@dataclass
 class Emulation:
     duration_cap_s: float = 120.0  # an emulation never runs longer than this
     job_model: str = "tiny"  # the ONNX model the emulated workers serve
@@ -140,6 +155,7 @@ class Scenario:
     adversaries: Adversaries = field(default_factory=Adversaries)
     routing: Routing = field(default_factory=Routing)
     settlement: Settlement = field(default_factory=Settlement)
+    tee: Tee = field(default_factory=Tee)
     emulation: Emulation = field(default_factory=Emulation)
 
     @property
@@ -159,6 +175,7 @@ _SECTIONS: dict[str, type] = {
     "adversaries": Adversaries,
     "routing": Routing,
     "settlement": Settlement,
+    "tee": Tee,
     "emulation": Emulation,
 }
 _LISTS: dict[str, type] = {"workers": WorkerGroup, "clients": ClientGroup}
@@ -235,6 +252,15 @@ def validate(sc: Scenario) -> None:
         raise ScenarioError("need routing.attempts >= 1 and routing.timeout_s > 0")
     if not 0 <= sc.churn.fraction <= 1:
         raise ScenarioError("churn.fraction is a share (0..1)")
+    t = sc.tee
+    for f in dataclasses.fields(t):
+        v = getattr(t, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ScenarioError(f"tee.{f.name} must be a number, not {v!r}")
+    if not (0 <= t.attested_share <= 1 and 0 <= t.require_share <= 1):
+        raise ScenarioError("tee.attested_share and tee.require_share are shares (0..1)")
+    if t.verify_ms < 0 or t.evidence_kb < 0 or t.verdict_ttl_s <= 0:
+        raise ScenarioError("need tee.verify_ms >= 0, tee.evidence_kb >= 0 and tee.verdict_ttl_s > 0")
     g = sc.gossip
     if not 1 <= g.D_lo <= g.D <= g.D_hi:
         raise ScenarioError("need 1 <= D_lo <= D <= D_hi")

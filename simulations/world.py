@@ -42,6 +42,7 @@ class SimWorker:
     model_id: bytes
     key: int  # the model's DHT key
     behaviour: str = "honest"  # honest | drop | overcharge | stale
+    attested: bool = False  # carries a TEE attestation claim (its evidence passes every check)
     queue: deque[Attempt] = field(default_factory=deque)
     serving: Attempt | None = None
     busy_s: float = 0.0
@@ -93,6 +94,8 @@ class SimClient:
     next_job_id: int = 0
     looked_up_at: float = -1e9
     session: int = 0
+    joined_at: float = 0.0  # when its current session began (it hears only announcements sent since)
+    requires_tee: bool = False  # its jobs go to attested workers only
 
 
 @dataclass(eq=False)

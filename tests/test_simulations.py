@@ -3,6 +3,7 @@ a sweep, and a small emulation with real processes."""
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import shutil
@@ -11,8 +12,9 @@ from typing import Any
 
 import pytest
 from cocoon_p2p.simulations import cli
-from cocoon_p2p.simulations.model import ModelSim
+from cocoon_p2p.simulations.model import EPOCH_MS, ModelSim
 from cocoon_p2p.simulations.scenario import ScenarioError, from_dict, load
+from cocoon_p2p.simulations.tee import ASK_BYTES, NO_ATTESTED_WORKERS
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
 
@@ -117,3 +119,114 @@ def test_small_emulation_with_real_nodes(tmp_path: Path) -> None:
     assert s["paid_nanoton"] == 1000 * s["jobs_ok"]  # every job paid by voucher, on channels opened on chain
     assert s["onchain_ops"] >= 2 and s["lookups"] == 2
     assert not list(Path("/tmp").glob("cocoon-emulation-*/w0"))  # its folders are gone
+
+
+def test_a_joining_client_hears_the_workers_without_waiting_for_a_new_mesh_epoch() -> None:
+    gossip = {"epoch_s": 1000.0}  # no recomputed delays within the run: only the join itself can connect
+    sim = ModelSim(from_dict(small(churn={"fraction": 0.0}, duration_s=25, warmup_s=5, gossip=gossip)))
+    sim.run()
+    world = sim.world
+    assert world.mesh.version == 0
+    for c in world.clients:
+        sim.announcing.deliver(c)
+        for w in world.workers:
+            held = c.directory.announcement_of(w.ident.peer_id)
+            assert held is not None  # every worker's periodic announcement reached it
+            assert held.issued_at_ms >= EPOCH_MS + c.joined_at * 1000  # and nothing sent before it joined
+
+
+# ---- TEE attestation (issue 17) ------------------------------------------------------------------
+
+
+def tee_run(tee: dict[str, Any], **over: Any) -> ModelSim:
+    """A small network without churn or loss (only the TEE differs between runs), run to its end."""
+    sc = small(network={"relays": 10}, churn={"fraction": 0.0}, duration_s=90,
+               clients=[{"count": 12, "rate_per_s": 1.0}], tee=tee)  # fmt: skip
+    sc.update(over)
+    sim = ModelSim(from_dict(sc))
+    sim.run()
+    return sim
+
+
+def test_the_failure_code_is_the_nodes() -> None:
+    assert NO_ATTESTED_WORKERS == "no-attested-workers"
+
+
+@pytest.mark.parametrize("rule", ["cocoon", "random", "oracle"])
+def test_without_attested_workers_every_requiring_job_fails_with_its_own_code(rule: str) -> None:
+    sim = tee_run({"attested_share": 0.0, "require_share": 1.0}, routing={"rule": rule}, duration_s=60)
+    s = sim.results.summary()
+    assert s["counted_jobs"] > 300 and s["jobs_ok"] == 0
+    assert set(s["failures_by_code"]) == {NO_ATTESTED_WORKERS}
+    assert s["tee"]["no_attested_workers_failures"] == s["counted_jobs"] == s["tee"]["requiring"]["jobs"]
+    assert s["tee"]["requiring"]["success"] == 0 and s["tee"]["other"]["jobs"] == 0
+    assert s["tee"]["attestation_asks"] == 0 and not sim.attestation.asks
+
+
+def test_all_attested_succeeds_as_the_baseline_and_asks_once_a_pair() -> None:
+    base = tee_run({}).results.summary()
+    sim = tee_run({"attested_share": 1.0, "require_share": 1.0})
+    s = sim.results.summary()
+    assert "tee" not in base and s["success"] == base["success"] == 1.0
+    assert s["latency_s_p50"] < 1.25 * base["latency_s_p50"]  # asks only on first contacts
+    asks = sim.attestation.asks
+    assert all(len(times) == 1 for times in asks.values())  # the default TTL (1 h) outlasts the run
+    served = {(j.client, j.worker) for j in sim.results.jobs if j.ok}
+    assert served <= set(asks) and s["tee"]["attestation_asks"] == len(asks) >= 12 * 4
+
+
+def test_an_ask_costs_a_round_trip_the_evidence_and_the_check() -> None:
+    tee = {"attested_share": 1.0, "require_share": 0.5, "verify_ms": 5.0, "evidence_kb": 10, "verdict_ttl_s": 100}
+    sim = ModelSim(from_dict(small(network={"relays": 0, "bandwidth_mbps": 8.0}, tee=tee)))
+    world, gate = sim.world, sim.attestation
+    c = next(c for c in world.clients if c.requires_tee)
+    other = next(c for c in world.clients if not c.requires_tee)
+    w = world.workers[0]
+    ask = world.latency.pair_rtt(c.idx, w.idx) + (ASK_BYTES + 10_000) * 8 / 8e6 + 0.005
+    rows = [  # (now, worker online, when the job may go, asks so far)
+        (0.0, False, ask, 1),  # a departed worker: the job goes (and finds it gone), nothing is cached
+        (1.0, True, 1.0 + ask, 2),  # first contact: ask, wait for the evidence, check it
+        (1.0 + ask / 2, True, 1.0 + ask, 2),  # the ask in flight serves this job too
+        (50.0, True, 50.0, 2),  # a fresh verdict: no wait
+        (1.0 + ask + 100, True, 1.0 + ask + 100 + ask, 3),  # expired: ask again
+    ]
+    for now, online, ready, asks in rows:
+        world.events.now, world.online[w.idx] = now, online
+        assert gate.ready_at(c, w) == pytest.approx(ready)
+        assert len(gate.asks[(c.idx, w.idx)]) == asks
+        assert gate.ready_at(other, w) == now  # no requirement, no ask
+    assert gate.ask_count == 3
+
+
+@pytest.mark.parametrize(("ttl_s", "asks_per_pair"), [(3600.0, 1), (15.0, 2)])
+def test_a_verdict_stands_for_its_ttl(ttl_s: float, asks_per_pair: int) -> None:
+    sim = tee_run({"attested_share": 0.5, "require_share": 1.0, "verdict_ttl_s": ttl_s})
+    asks = sim.attestation.asks
+    attested = {w.idx for w in sim.world.workers if w.attested}
+    assert len(attested) == 4 and {wi for _, wi in asks} == attested
+    for times in asks.values():
+        assert all(b - a >= ttl_s for a, b in itertools.pairwise(times))  # never again within the TTL
+    assert max(len(t) for t in asks.values()) >= asks_per_pair
+    if ttl_s > 90:
+        assert all(len(t) == 1 for t in asks.values())
+
+
+def test_tee_runs_are_deterministic_and_split_requiring_from_other_clients() -> None:
+    tee = {"attested_share": 0.25, "require_share": 0.5}
+    a, b = tee_run(tee), tee_run(tee)
+    assert _figures(a.results) == _figures(b.results)
+    assert a.attestation.asks == b.attestation.asks
+    s = _figures(a.results)["tee"]
+    assert s["requiring"]["jobs"] + s["other"]["jobs"] == a.results.summary()["counted_jobs"]
+    assert sum(c.requires_tee for c in a.world.clients) == 6 and sum(w.attested for w in a.world.workers) == 2
+    assert s["other"]["success"] == 1.0 and s["requiring"]["success"] > 0.9
+
+
+def test_tee_settings_are_checked() -> None:
+    for bad in ({"attested_share": 1.5}, {"require_share": -0.1}, {"verdict_ttl_s": 0}, {"verify_ms": "fast"}):
+        with pytest.raises(ScenarioError, match="tee"):
+            from_dict(small(tee=bad))
+    with pytest.raises(ScenarioError, match="unknown keys"):
+        from_dict(small(tee={"attested": 0.5}))
+    sc = load(SCENARIOS / "tee.toml", ["tee.attested_share=0.1"])
+    assert (sc.tee.attested_share, sc.tee.require_share, sc.tee.verify_ms, sc.tee.evidence_kb) == (0.1, 0.5, 1.0, 10)
