@@ -109,3 +109,23 @@ def test_the_log_keeps_the_newest_receipts_within_its_bound(tmp_path: Path) -> N
     with path.open("ab") as f:
         f.write(b"\x01\x00torn")  # a crash mid-record
     assert before and [r.job_id for r in read_receipts(path)] == before
+
+
+def test_a_verify_job_request_round_trips_and_is_bounded() -> None:
+    req = jf.JobRequest(
+        job_id=3,
+        model_id=b"m" * 32,
+        texts=("hi",),
+        max_tokens=4,
+        deadline_ms=1,
+        max_price_nanoton=1,
+        verify_tokens=(5, 6),
+    )
+    assert jf.decode_frame(jf.encode_frame(req)[4:]) == req
+    assert jf.usage_bound(req) == 2 + 2  # the prompt's bytes and the tokens checked
+    plain = jf.JobRequest(job_id=3, model_id=b"m" * 32, texts=("hi",), max_tokens=4, deadline_ms=1, max_price_nanoton=1)
+    assert len(jf.encode_frame(plain)) < len(jf.encode_frame(req))  # the field is absent from other jobs
+    with pytest.raises(MalformedMessage):
+        jf.decode_frame(wire.pack([1, 3, b"m" * 32, [], ["hi"], 4, 1, 1, []]))  # nothing to verify
+    m = b"m" * 32
+    assert inputs_digest(m, (), ("hi",), 4) != inputs_digest(m, (), ("hi",), 4, (5, 6))  # the receipt binds them

@@ -116,3 +116,42 @@ def test_comparisons() -> None:
     assert compare_tokens((1, 2), (1, 2, 3)) is not None
     with pytest.raises(ValueError):
         SpotCheckPolicy(rate=1.5)
+
+
+@pytest.mark.slow
+async def test_a_4bit_model_served_under_the_fp32_id_is_caught_by_a_verify_job() -> None:
+    """The adversary serves SmolLM2's 4-bit variant under the fp32 model's id; checks of
+    its generations are verify jobs (one teacher-forced pass) on the honest workers."""
+    from cocoon_p2p.execution.export import ensure_smollm2, ensure_smollm2_q4
+    from cocoon_p2p.execution.generation import chatml_prompt
+
+    fp32, q4 = ensure_smollm2(), ensure_smollm2_q4()
+    cfg = fast_config(spot_checks=SpotCheckPolicy(rate=1.0))
+    async with Node(cfg) as client, trio.open_nursery() as nursery:
+        workers: list[Node] = []
+
+        async def run_worker(path: object, task_status: trio.TaskStatus[None]) -> None:
+            async with Node(fast_config(bootstrap=[client.addrs[0]])) as w:
+                w.serve_model(fp32, OnnxRuntimeBackend(path, threads=1), price_nanoton=1)  # type: ignore[arg-type]
+                workers.append(w)
+                task_status.started()
+                await trio.sleep_forever()
+
+        for path in (fp32.path, fp32.path, q4.path):
+            await nursery.start(run_worker, path)
+        cheater = workers[2]
+        await wait_for(lambda: len(client.directory.workers_for(fp32.model_id, now_ms=now_ms())) == 3)
+        verdicts = {}
+        for i in range(8):
+            prompt = chatml_prompt([{"role": "user", "content": f"Count from {i} to {i + 5}, then name a colour."}])
+            assert client.job_client is not None
+            r = await client.job_client.infer(fp32.model_id, texts=(prompt,), max_tokens=12, max_price=10, timeout_s=60)
+            verdicts[r.worker] = verdicts.get(r.worker, ()) + (r.verified,)
+            if client.guard.is_banned(cheater.peer_id):
+                break
+        assert client.guard.is_banned(cheater.peer_id)
+        assert False in verdicts.get(cheater.peer_id, ())  # its result was found wrong (and not paid)
+        honest = [w.peer_id for w in workers[:2]]
+        assert not any(client.guard.is_banned(p) for p in honest)
+        assert all(v is True for p in honest for v in verdicts.get(p, ()))
+        nursery.cancel_scope.cancel()

@@ -48,6 +48,7 @@ class RunRequest:
     inputs: tuple[Tensor, ...] = ()  # a tensor job: named tensors, batch on axis 0
     texts: tuple[str, ...] = ()  # an embedding job: the texts; a generation job: one prompt
     max_tokens: int = 0  # a generation job: tokens to generate at most
+    verify_tokens: tuple[int, ...] = ()  # a verify job: a generation's tokens to check (see .verification)
 
 
 @dataclass(frozen=True)
@@ -75,6 +76,8 @@ class Executor:
         self.tokenizer: Any = None
         self._counter: Any = None  # the tokenizer without truncation: a text's whole length
         self._pad_id = 0
+        self._verifier: Any = None  # a GreedyVerifier, made on the first verify job
+        self.verify_threads = 0  # its onnxruntime threads (0: all cores)
         if spec.kind in ("embedding", "generation") and spec.tokenizer is None:
             raise ModelError(f"a {spec.kind} model needs its tokenizer")
         if spec.kind == "embedding":
@@ -103,8 +106,10 @@ class Executor:
         if self.spec.kind == "generation":
             if req.inputs or len(req.texts) != 1 or req.max_tokens < 1:
                 raise MalformedMessage("a generation job carries one prompt and max_tokens >= 1", code=BAD_INPUT)
-            self._check_prompt(req.texts[0], req.max_tokens)
+            self._check_prompt(req.texts[0], max(req.max_tokens, len(req.verify_tokens)))
             return "prompt"
+        if req.verify_tokens:
+            raise MalformedMessage("only a generation model verifies tokens", code=BAD_INPUT)
         if self.spec.kind == "embedding":
             if req.inputs or not req.texts:
                 raise MalformedMessage("an embedding job carries texts, not tensors", code=BAD_INPUT)
@@ -178,6 +183,29 @@ class Executor:
         if len(requests) > 1:
             return [self._run_tensors([r])[0] for r in requests]
         return self._run_tensors(requests)
+
+    def verify(self, req: RunRequest) -> Outcome:
+        """A verify job: whether ``req.verify_tokens`` are this model's greedy generation
+        after the prompt, in one teacher-forced pass. Outputs ``next_ids`` (int64, the greedy
+        choice at each position), ``gap`` (float32, how far below the top each returned
+        token's logit is: 0 where it is the choice) and ``length`` (uint8 [truncated,
+        overrun]); billed as the prompt's tokens plus the tokens checked. BLOCKING."""
+        from .verification import GreedyVerifier
+
+        if self._verifier is None:  # built on the first verify job: it derives a graph and loads it
+            self._verifier = GreedyVerifier(self.spec, threads=self.verify_threads)
+        prompt_ids = self.tokenizer.encode(req.texts[0], add_special_tokens=False).ids
+        tokens = req.verify_tokens
+        run = self._verifier.greedy_pass(prompt_ids, tokens)
+        first_eos = next((i for i, t in enumerate(tokens) if t in self.spec.eos), None)
+        overrun = (first_eos is not None and first_eos < len(tokens) - 1) or len(tokens) > req.max_tokens
+        truncated = len(tokens) < req.max_tokens and first_eos is None  # stopped early, not at an EOS
+        outputs = (
+            from_numpy("next_ids", np.asarray(run.next_ids, dtype=np.int64)),
+            from_numpy("gap", np.asarray(run.gaps, dtype=np.float32)),
+            from_numpy("length", np.asarray([truncated, overrun], dtype=np.uint8)),
+        )
+        return Outcome(outputs, len(prompt_ids) + len(req.verify_tokens))
 
     def token_stream(self, req: RunRequest) -> tuple[TokenStream, int]:
         """A generation job's tokens, and the prompt's length in tokens (billed too)."""

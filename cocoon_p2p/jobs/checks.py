@@ -23,19 +23,19 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.identity import peer_id_to_str
 from cocoon_p2p.core.metrics import Metric, metric
-from cocoon_p2p.execution.tensors import Tensor
+from cocoon_p2p.execution.tensors import Tensor, to_numpy
 from cocoon_p2p.overlay.directory import WorkerOffer
 
 from . import frames as jf
 from .attempts import JobFailed
 from .receipts import Receipt
-from .spotcheck import Mismatch, SpotChecker, SpotCheckPolicy, WrongResult, compare_outputs, compare_tokens
+from .spotcheck import TIE_GAP, Mismatch, SpotChecker, SpotCheckPolicy, WrongResult, compare_outputs, compare_tokens
 
 if TYPE_CHECKING:
     from .client import JobClient
@@ -127,6 +127,8 @@ class ResultChecks:
         """Check ``first`` against other workers. Runs found right are paid here; the one
         found wrong is never paid; the caller pays ``keep`` when it is ``first``."""
         self.checks += 1
+        if request.max_tokens > 0:
+            return await self._check_generation(request, first)
         reference = await self._run_elsewhere(request, exclude={first.worker})
         if reference is None:
             self.skipped += 1
@@ -153,12 +155,73 @@ class ResultChecks:
         await self._condemn(request, wrong, keep, mismatch)
         return CheckOutcome(keep=keep, wrong=wrong)
 
+    async def _check_generation(self, request: Request, first: Run) -> CheckOutcome:
+        """A generation is checked by a verify job on another worker (one teacher-forced
+        pass, a few percent of generating it); a verdict of "wrong" is confirmed by a second
+        verifier when there is one, so a lying verifier condemns nobody. The first worker's
+        result is kept either way (a caller has seen its tokens streamed); when it is wrong
+        it is not paid."""
+        verdict = await self._verify_elsewhere(request, first, exclude={first.worker})
+        if verdict is None:
+            self.skipped += 1
+            return CheckOutcome(keep=first, skipped=True)
+        verifier, fault = verdict
+        if fault is None:
+            await self._pay(verifier)
+            return CheckOutcome(keep=first)
+        second = await self._verify_elsewhere(request, first, exclude={first.worker, verifier.worker})
+        if second is not None:
+            await self._pay(second[0])
+            if second[1] is None:  # the second verifier finds it right: the first one lied, unpaid
+                lie = Mismatch("verify", f"verifier said {fault.reason}: {fault.detail}")
+                await self._condemn(request, verifier, second[0], lie)
+                return CheckOutcome(keep=first, wrong=verifier)
+            fault = second[1]
+        await self._pay(verifier)
+        await self._condemn(request, first, verifier, fault)
+        return CheckOutcome(keep=first, wrong=first)
+
     async def _pay(self, run: Run) -> None:
         await self.client._pay(run.worker, run.result.cost_nanoton)
         self.client.stats.paid_nanoton += run.result.cost_nanoton
 
-    async def _run_elsewhere(self, request: Request, *, exclude: set[bytes]) -> Run | None:
-        """The request on a random other worker of the model (not paid yet), or None."""
+    async def _verify_elsewhere(
+        self, request: Request, claimed: Run, *, exclude: set[bytes]
+    ) -> tuple[Run, Mismatch | None] | None:
+        """A verify job for ``claimed``'s tokens on a random other worker: (its run, with the
+        greedy tokens up to the first fault as its ``tokens``; the fault or None), or None."""
+        run = await self._run_elsewhere(request, exclude=exclude, verify=claimed.tokens)
+        if run is None:
+            return None
+        try:
+            out = {t.name: to_numpy(t) for t in run.result.outputs}
+            next_ids, gaps, length = out["next_ids"].tolist(), out["gap"].tolist(), out["length"].tolist()
+        except (KeyError, ValueError):
+            return None  # not a verify answer: no verdict
+        if len(next_ids) != len(claimed.tokens) or len(gaps) != len(next_ids) or len(length) != 2:
+            return None
+        fault = next(
+            (
+                i
+                for i, (t, w, g) in enumerate(zip(claimed.tokens, next_ids, gaps, strict=True))
+                if t != w and g >= TIE_GAP
+            ),
+            None,
+        )
+        reference = replace(run, result=replace(run.result, outputs=()))
+        if fault is not None:
+            tokens = (*claimed.tokens[:fault], int(next_ids[fault]))
+            return replace(reference, tokens=tokens), Mismatch("tokens", f"token {fault}: not the greedy choice")
+        if length[0] or length[1]:
+            why = "stopped before max_tokens without an end-of-sequence" if length[0] else "tokens past the end"
+            return reference, Mismatch("length", why)
+        return reference, None
+
+    async def _run_elsewhere(
+        self, request: Request, *, exclude: set[bytes], verify: tuple[int, ...] = ()
+    ) -> Run | None:
+        """The request (a verify job of ``verify`` when given) on a random other worker of
+        the model (not paid yet), or None."""
         client = self.client
         offers = await client.offers(request.model_id)
         if request.require_tee and client.tee is not None:
@@ -181,6 +244,7 @@ class ResultChecks:
                 max_price=request.max_price,
                 deadline_ms=now_ms() + int(request.timeout_s * 1000),
                 on_chunk=chunks.append,
+                verify_tokens=verify,
             )
         except JobFailed as exc:
             log.info("spot check on %s did not run: %s", peer_id_to_str(offer.peer_id), exc)

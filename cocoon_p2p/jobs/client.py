@@ -71,6 +71,7 @@ class InferenceResult:
     token_ids: tuple[int, ...] = ()  # generation: every token, in order
     text: str = ""  # generation: the decoded text
     receipt: Receipt | None = None  # the worker's signed receipt (verified), when it sent one
+    verified: bool | None = None  # a spot check's verdict on this result (None: not checked)
 
     def output(self, name: str | None = None) -> Tensor:
         """The output called ``name`` (the first one when None); UnknownOutput if there is none."""
@@ -161,6 +162,7 @@ class JobClient:
         max_price: int,
         deadline_ms: int,
         on_chunk: Callable[[jf.JobChunk], None] | None = None,
+        verify_tokens: tuple[int, ...] = (),
     ) -> tuple[jf.JobResult, int, Receipt | None]:
         """One attempt on one worker: (result, agreed price per unit, its verified receipt
         or None when the worker sent none). Raises JobFailed; a receipt whose signature
@@ -187,6 +189,7 @@ class JobClient:
             max_tokens=max_tokens,
             deadline_ms=deadline_ms,
             max_price_nanoton=max_price,
+            verify_tokens=verify_tokens,
         )
         price = 0
         tokens = 0
@@ -252,7 +255,7 @@ class JobClient:
             client=self.local_peer,
             job_id=req.job_id,
             model_id=req.model_id,
-            inputs_digest=inputs_digest(req.model_id, req.inputs, req.texts, req.max_tokens),
+            inputs_digest=inputs_digest(req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens),
             outputs_digest=outputs_digest(result.outputs, streamed),
             usage_units=result.usage_units,
             cost_nanoton=result.cost_nanoton,
@@ -377,12 +380,17 @@ class JobClient:
             tokens = tuple(t for c in chunks for t in c.token_ids)
             text = "".join(c.text for c in chunks)
             paid = False
+            verified: bool | None = None
             if self.checks is not None and self.checks.chosen():
                 request = CheckedRequest(model_id, inputs, texts, max_tokens, max_price, timeout_s, require_tee)
-                kept = (await self.checks.check(request, Run(worker, result, price, tokens, text, receipt))).keep
+                outcome = await self.checks.check(request, Run(worker, result, price, tokens, text, receipt))
+                kept, ours_wrong = outcome.keep, outcome.wrong is not None and outcome.wrong.worker == worker
+                verified = None if outcome.skipped else not ours_wrong
                 if kept.worker != worker:  # ours was wrong, unpaid: the agreeing run's result (paid) instead
                     worker, result, price, receipt = kept.worker, kept.result, kept.price, kept.receipt
-                    tokens, text, paid = kept.tokens, kept.text, True
+                    tokens, text, paid, verified = kept.tokens, kept.text, True, True
+                elif ours_wrong:  # a generation found wrong: kept (its tokens were streamed), never paid
+                    paid = True
             if not paid:
                 await self._pay(worker, result.cost_nanoton)
                 self.stats.paid_nanoton += result.cost_nanoton
@@ -401,6 +409,7 @@ class JobClient:
                 token_ids=tokens,
                 text=text,
                 receipt=receipt,
+                verified=verified,
             )
         self.stats.jobs_failed += 1
         if scope.cancelled_caught or why == jf.DEADLINE:

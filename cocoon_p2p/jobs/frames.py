@@ -81,6 +81,8 @@ def usage_bound(request: JobRequest, *, streamed_tokens: int = 0) -> int:
     """
     if request.max_tokens > 0:
         prompt = sum(len(t.encode("utf-8", "surrogatepass")) for t in request.texts)
+        if request.verify_tokens:  # a verify job: the prompt and the tokens it checks
+            return prompt + len(request.verify_tokens)
         return prompt + min(streamed_tokens, request.max_tokens)
     if request.texts:
         return len(request.texts)
@@ -111,9 +113,12 @@ class JobRequest:
     max_tokens: int = 0
     deadline_ms: int
     max_price_nanoton: int
+    # A verify job: check these tokens, a greedy generation of ``max_tokens`` at most after
+    # the prompt, in one teacher-forced pass (see execution.verification); () for any other job.
+    verify_tokens: tuple[int, ...] = ()
 
     def to_wire(self) -> list[Any]:
-        return [
+        wire = [
             _REQUEST,
             self.job_id,
             self.model_id,
@@ -123,6 +128,7 @@ class JobRequest:
             self.deadline_ms,
             self.max_price_nanoton,
         ]
+        return wire + [list(self.verify_tokens)] if self.verify_tokens else wire
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -223,7 +229,12 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
         raise MalformedMessage("job frame: expected a non-empty array")
     kind = obj[0]
     if kind == _REQUEST:
-        _, job_id, model_id, inputs, texts, max_tokens, deadline, max_price = expect_list(obj, 8, "job request")
+        with_verify = len(obj) == 9
+        _, job_id, model_id, inputs, texts, max_tokens, deadline, max_price, *verify = expect_list(
+            obj, 8 + with_verify, "job request"
+        )
+        if verify and (not isinstance(verify[0], list) or not 0 < len(verify[0]) <= MAX_TOKENS):
+            raise MalformedMessage(f"job request: 1 to {MAX_TOKENS} tokens to verify", code=BAD_INPUT)
         if not isinstance(inputs, list) or len(inputs) > MAX_TENSORS:
             raise MalformedMessage(f"job request: at most {MAX_TENSORS} input tensors", code=BAD_INPUT)
         return JobRequest(
@@ -234,6 +245,7 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
             max_tokens=expect_int(max_tokens, "max tokens", hi=MAX_TOKENS),
             deadline_ms=expect_int(deadline, "deadline"),
             max_price_nanoton=expect_int(max_price, "max price"),
+            verify_tokens=tuple(expect_int(t, "token id", hi=2**31) for t in verify[0]) if verify else (),
         )
     if kind == _ACCEPTED:
         _, job_id, price, unit = expect_list(obj, 4, "job accepted")

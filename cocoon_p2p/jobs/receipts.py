@@ -6,7 +6,7 @@ the receipt of the job (domain ``cocoon/receipt/1``)::
     [1, worker, client, job_id, model_id, inputs_digest, outputs_digest, usage_units, cost_nanoton]
 
 ``inputs_digest`` is SHA-256 over the canonical encoding of what the client asked
-(``[model_id, inputs, texts, max_tokens]``, tensors in their wire form);
+(``[model_id, inputs, texts, max_tokens(, verify_tokens)]``, tensors in their wire form);
 ``outputs_digest`` over what the worker returned (``[outputs, token_ids]``: the
 result's tensors and every token id it streamed). Only the signature travels: the
 client holds every other field already, rebuilds the receipt and checks it. A
@@ -34,9 +34,12 @@ _FIELDS = 10
 MAX_RECEIPT_BYTES = 512
 
 
-def inputs_digest(model_id: bytes, inputs: Sequence[Tensor], texts: Sequence[str], max_tokens: int) -> bytes:
-    """SHA-256 of what a client asked, in canonical form."""
-    body = wire.pack([model_id, [t.to_wire() for t in inputs], list(texts), max_tokens])
+def inputs_digest(
+    model_id: bytes, inputs: Sequence[Tensor], texts: Sequence[str], max_tokens: int, verify: Sequence[int] = ()
+) -> bytes:
+    """SHA-256 of what a client asked, in canonical form (a verify job's tokens included)."""
+    fields = [model_id, [t.to_wire() for t in inputs], list(texts), max_tokens]
+    body = wire.pack(fields + [list(verify)] if verify else fields)
     return hashlib.sha256(body).digest()
 
 

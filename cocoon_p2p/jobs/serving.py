@@ -48,7 +48,7 @@ class Served:
 
 def run_request(req: jf.JobRequest) -> RunRequest:
     """What the executor needs of a wire request."""
-    return RunRequest(inputs=req.inputs, texts=req.texts, max_tokens=req.max_tokens)
+    return RunRequest(inputs=req.inputs, texts=req.texts, max_tokens=req.max_tokens, verify_tokens=req.verify_tokens)
 
 
 def timed_run(served: Served, runs: list[RunRequest]) -> tuple[list[Outcome], float]:
@@ -81,7 +81,7 @@ def last_frame(
                     client=job.link.peer,
                     job_id=req.job_id,
                     model_id=req.model_id,
-                    inputs_digest=inputs_digest(req.model_id, req.inputs, req.texts, req.max_tokens),
+                    inputs_digest=inputs_digest(req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens),
                     outputs_digest=outputs_digest(outcome.outputs, token_ids),
                     usage_units=outcome.units,
                     cost_nanoton=outcome.units * price,

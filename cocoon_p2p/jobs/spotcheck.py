@@ -28,6 +28,9 @@ from cocoon_p2p.core.errors import RemoteProtocolError
 from cocoon_p2p.execution.tensors import Tensor, to_numpy
 
 DEFAULT_COSINE_MIN = 0.999
+# A verified token that is not the greedy choice is excused when its logit is this close to
+# the top one (a near-tie that float noise could flip): ~200x the honest noise measured.
+TIE_GAP = 0.01
 
 
 class WrongResult(RemoteProtocolError):

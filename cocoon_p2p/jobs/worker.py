@@ -219,7 +219,7 @@ class JobWorker:
         accepted = jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit)
         if served.spec.kind == "generation":  # token by token, never batched
             await link.send(accepted)
-            self.nursery.start_soon(self._run_generation, served, job)
+            self.nursery.start_soon(self._run_verify if req.verify_tokens else self._run_generation, served, job)
             return
         link.send_later(accepted)  # flushed when the batch starts, if it will take a while
         if served.quick_and_idle():  # run it here, without waking the model loop
@@ -351,6 +351,19 @@ class JobWorker:
                 await self._finish(job, error=_CANCELLED)
             else:
                 await self._finish(job, outcome=outcome, price=served.price_nanoton, compute_us=compute_us)
+
+    async def _run_verify(self, served: Served, job: WorkerJob) -> None:
+        """A verify job: one teacher-forced pass over the prompt and the tokens, in a thread."""
+        t0 = time.perf_counter()
+        try:
+            outcome = await trio.to_thread.run_sync(served.executor.verify, job.run)
+        except ProtocolError as exc:
+            return await self._finish(job, error=(_input_code(exc), str(exc)))
+        except Exception as exc:  # a backend failure fails this job, not the worker
+            log.warning("verification failed on %s: %s", served.spec.name, exc)
+            return await self._finish(job, error=(jf.BACKEND, str(exc)[:200]))
+        compute_us = int((time.perf_counter() - t0) * 1e6)
+        await self._finish(job, outcome=outcome, price=served.price_nanoton, compute_us=compute_us)
 
     async def _run_generation(self, served: Served, job: WorkerJob) -> None:
         """Stream tokens as they come; stop between tokens on cancel, deadline or a lost client."""
