@@ -18,8 +18,9 @@ from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
 from cocoon_p2p.execution.models import ModelSpec
 from cocoon_p2p.execution.tensors import from_numpy, to_numpy
+from cocoon_p2p.execution.verification import cosine_agreement
 from cocoon_p2p.jobs import receipts
-from cocoon_p2p.jobs.spotcheck import SpotCheckPolicy, compare_outputs, compare_tokens, row_cosines
+from cocoon_p2p.jobs.spotcheck import SpotCheckPolicy, compare_outputs, compare_tokens
 from cocoon_p2p.node import Node
 from cocoon_p2p.testing.cheating import CheatingBackend
 
@@ -103,7 +104,7 @@ async def test_honest_workers_are_never_blamed(tiny_model: ModelSpec) -> None:
 
 def test_comparisons() -> None:
     a = np.eye(3, dtype=np.float32)
-    assert row_cosines(a, a).tolist() == [1.0, 1.0, 1.0]
+    assert cosine_agreement(a, a).tolist() == [1.0, 1.0, 1.0]
     t = (from_numpy("y", a),)
     assert compare_outputs(t, t) is None
     assert compare_outputs(t, (from_numpy("y", a[::-1].copy()),)) is not None

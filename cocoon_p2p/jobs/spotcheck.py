@@ -26,6 +26,7 @@ import numpy as np
 
 from cocoon_p2p.core.errors import RemoteProtocolError
 from cocoon_p2p.execution.tensors import Tensor, to_numpy
+from cocoon_p2p.execution.verification import cosine_agreement
 
 DEFAULT_COSINE_MIN = 0.999
 # A verified token that is not the greedy choice is excused when its logit is this close to
@@ -73,19 +74,6 @@ class SpotChecker:
         return self.policy.rate > 0 and self.rng.random() < self.policy.rate
 
 
-def row_cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row (axis 0; the rest flattened) of two same-shaped arrays.
-    Two zero rows count as equal (1.0); a zero row against a non-zero one as 0.0."""
-    x = a.reshape(a.shape[0] if a.ndim else 1, -1).astype(np.float64)
-    y = b.reshape(b.shape[0] if b.ndim else 1, -1).astype(np.float64)
-    dot = np.sum(x * y, axis=1)
-    norms = np.linalg.norm(x, axis=1) * np.linalg.norm(y, axis=1)
-    both_zero = (np.linalg.norm(x, axis=1) == 0) & (np.linalg.norm(y, axis=1) == 0)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        cos = np.where(norms > 0, dot / np.where(norms > 0, norms, 1.0), 0.0)
-    return np.where(both_zero, 1.0, cos)
-
-
 def compare_outputs(
     claimed: tuple[Tensor, ...], reference: tuple[Tensor, ...], *, cosine_min: float = DEFAULT_COSINE_MIN
 ) -> Mismatch | None:
@@ -102,7 +90,7 @@ def compare_outputs(
                 continue
             if not (np.all(np.isfinite(x)) and np.all(np.isfinite(y))):
                 return Mismatch("values", f"{c.name}: non-finite values")
-            cos = row_cosines(x, y)
+            cos = cosine_agreement(x, y)
             worst = int(np.argmin(cos))
             if cos[worst] < cosine_min:
                 return Mismatch("values", f"{c.name}: row {worst} cosine {cos[worst]:.6f} < {cosine_min}")
