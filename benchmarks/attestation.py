@@ -1,7 +1,7 @@
 """Attestation benchmarks: quote verification, the collateral cache, and what attestation
 adds to the first job to a new confidential worker.
 
-Verification runs on the real sample TDX quote (../shared/attestation) with dcap-qvl;
+Verification runs on the real sample TDX quote (tests/vectors/attestation) with dcap-qvl;
 the baseline is dcap-qvl's own ``verify`` alone, measured alternately in the same run,
 so the difference is our policy step. The first-job figure uses the sample quote with
 the test-only relaxations (the worker serves a quote not made for it; the client skips
@@ -36,7 +36,7 @@ from cocoon_p2p.execution.tensors import from_numpy
 from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.testing.tinymodel import build_tiny_model
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "attestation"
+SAMPLES = Path(__file__).resolve().parents[1] / "tests" / "vectors" / "attestation"
 SAMPLE_TIME = 1750331763
 
 

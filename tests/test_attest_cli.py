@@ -1,5 +1,5 @@
 """``cocoon-node attest`` as an operator runs it: real processes on the real sample evidence
-(Intel TDX and SGX quotes with their collateral, /work/shared/attestation)."""
+(Intel TDX and SGX quotes with their collateral, tests/vectors/attestation)."""
 
 from __future__ import annotations
 
@@ -20,14 +20,13 @@ from cocoon_p2p.core.errors import ConfigError
 from cocoon_p2p.core.identity import Identity, load_or_create_identity
 
 CLI = [sys.executable, "-m", "cocoon_p2p.nodes.cli"]
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "attestation"
+SAMPLES = Path(__file__).resolve().parent / "vectors" / "attestation"  # real quotes: see its README
 SAMPLE_TIME = 1750331763  # the TDX sample's collateral is valid then
 SGX_TIME = 1750334171
 AFTER_COLLATERAL = 1760000000
 MR_TD = "91eb2b44d141d4ece09f0c75c2c53d247a3c68edd7fafe8a3520c942a604a407de03ae6dc5f87f27428b2538873118b7"
 MEASUREMENT = "8ef444fda246f7e0d5f9a3ba0a2822ae0be7dbec5e321277d03b73b198fa2545"
 
-pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"no sample evidence at {SAMPLES}")
 slow = pytest.mark.slow  # starts the CLI (about 3 s of imports each time)
 
 

@@ -1,6 +1,6 @@
 """Attestation, judged on real evidence: Intel TDX and SGX quotes with their collateral.
 
-The quotes in ../shared/attestation are real (from dcap-qvl's samples): nothing of the
+The quotes in tests/vectors/attestation are real (from dcap-qvl's samples): nothing of the
 crypto is faked. Each rule of the verifier and of the policy is shown refusing, and
 the binding construction is pinned by a known-answer vector. Pure: no sockets.
 """
@@ -27,8 +27,7 @@ from cocoon_p2p.overlay import announcement as ann_mod
 from cocoon_p2p.overlay import capability as cap_mod
 from cocoon_p2p.overlay.teeclaim import TeeClaim, TeeKind, measurement_digest
 
-SAMPLES = Path(__file__).resolve().parents[2] / "shared" / "attestation"
-pytestmark = pytest.mark.skipif(not SAMPLES.is_dir(), reason=f"no sample evidence at {SAMPLES}")
+SAMPLES = Path(__file__).resolve().parent / "vectors" / "attestation"  # real quotes: see its README
 
 TDX_AT = 1750331763  # the sample TDX collateral is valid 2025-06-19 .. 2025-07-19
 SGX_AT = 1750334171

@@ -44,10 +44,8 @@ from cocoon_p2p.attestation.sources import (
 )
 from cocoon_p2p.core.errors import ConfigError, MalformedMessage
 
-# Real quotes (dcap-qvl's samples) in the shared/ folder beside the repository.
-SAMPLES = Path(__file__).resolve().parent.parent.parent / "shared" / "attestation"
-if not SAMPLES.is_dir():
-    SAMPLES = Path("/work/shared/attestation")
+# Real quotes (dcap-qvl's samples), kept with the test vectors.
+SAMPLES = Path(__file__).resolve().parent / "vectors" / "attestation"
 TDX_QUOTE = SAMPLES / "tdx_quote"
 REPORT_DATA = report_data_for_key(bytes(range(32)))
 
