@@ -54,7 +54,7 @@ class Collateral:
         if len(text) > MAX_COLLATERAL_BYTES:
             raise AttestationError(RefusalReason.NO_COLLATERAL, f"collateral over {MAX_COLLATERAL_BYTES} bytes")
         try:
-            qvl().QuoteCollateralV3.from_json(text)
+            parsed = qvl().QuoteCollateralV3.from_json(text)
             parts = json.loads(text)
             tcb = json.loads(parts["tcb_info"])
             qe = json.loads(parts["qe_identity"])
@@ -63,12 +63,14 @@ class Collateral:
         fmspc = tcb.get("fmspc")
         if not isinstance(fmspc, str):
             raise AttestationError(RefusalReason.NO_COLLATERAL, "collateral: the TCB info names no FMSPC")
-        return cls(
+        collateral = cls(
             text=text,
             fmspc=fmspc.upper(),
             issued_at=max(_unix(tcb.get("issueDate"), "tcb_info"), _unix(qe.get("issueDate"), "qe_identity")),
             next_update=min(_unix(tcb.get("nextUpdate"), "tcb_info"), _unix(qe.get("nextUpdate"), "qe_identity")),
         )
+        collateral.__dict__["for_qvl"] = parsed  # the cached_property's slot: parsed once, not twice
+        return collateral
 
     @cached_property
     def for_qvl(self) -> Any:

@@ -63,6 +63,7 @@ class EvidenceKeeper:
         self.advertiser = advertiser
         self.schedule = EvidenceSchedule(config.refresh)
         self.evidence: ev.Evidence | None = None
+        self._encoded = b""  # the evidence as served, encoded (and checked) once per quote
         self.claim: TeeClaim | None = None
         self.made = 0
         self.failures = 0
@@ -86,7 +87,7 @@ class EvidenceKeeper:
         """One attempt at new evidence; on failure the old evidence stays while it is valid."""
         started = time.time()
         try:
-            self.evidence, self.claim = await trio.to_thread.run_sync(self._make)
+            self.evidence, self._encoded, self.claim = await trio.to_thread.run_sync(self._make)
             self.schedule.produced(started)
             self.made += 1
             self.last_error = None
@@ -98,11 +99,12 @@ class EvidenceKeeper:
             log.warning("attestation: no evidence (%s); retry in %.0f s", exc, self.schedule.wait_s(time.time()))
             if not self.schedule.valid(time.time()):
                 self.evidence = self.claim = None
+                self._encoded = b""
                 self.advertiser.set_tee_claim(None)
         finally:
             self._ready.set()
 
-    def _make(self) -> tuple[ev.Evidence, TeeClaim]:
+    def _make(self) -> tuple[ev.Evidence, bytes, TeeClaim]:
         """Blocking: a bound quote, its collateral, and the claim that names it."""
         cfg = self.config
         binding = report_data_for_peer(self.identity.peer_id)
@@ -114,7 +116,11 @@ class EvidenceKeeper:
         assert measurement is not None
         collateral: str | None = None
         if cfg.collateral_file is not None:
-            collateral = Collateral.from_json(cfg.collateral_file.read_text()).text
+            try:
+                text = cfg.collateral_file.read_text()
+            except (OSError, UnicodeDecodeError) as exc:
+                raise EvidenceUnavailable(f"cannot read the collateral {cfg.collateral_file}: {exc}") from exc
+            collateral = Collateral.from_json(text).text
         elif cfg.pccs_url is not None:
             collateral = fetch_collateral(cfg.pccs_url, quote).text
         produced = int(time.time() * 1000)
@@ -128,18 +134,21 @@ class EvidenceKeeper:
             expires_at_ms=expires,
             gpu=cfg.gpu_claim,
         )
-        evidence.encode()  # within the wire's limits, or an error here rather than at a client
+        try:
+            encoded = evidence.encode()  # within the wire's limits, or refused here rather than at a client
+        except ProtocolError as exc:
+            raise EvidenceUnavailable(f"the evidence cannot be served: {exc}") from exc
         claim = TeeClaim(TeeKind(cfg.source.tee), measurement, expires, gpu_cc=cfg.gpu_claim is not None)
-        return evidence, claim
+        return evidence, encoded, claim
 
     async def handle(self, stream: Any) -> None:
         """``/cocoon/attest/1``: our evidence, or an empty answer while we have none."""
         try:
             with trio.move_on_after(READ_TIMEOUT_S):
                 ev.decode_request(await stream.read(ev.MAX_REQUEST_BYTES + 1))
-                current = self.evidence if self.schedule.valid(time.time()) else None
-                await stream.write(current.encode() if current is not None else b"")
-                self.served += current is not None
+                current = self._encoded if self.schedule.valid(time.time()) else b""
+                await stream.write(current)
+                self.served += bool(current)
         except ProtocolError:
             pass  # a bad request gets no answer
         finally:
