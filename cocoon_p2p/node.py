@@ -49,9 +49,10 @@ from cocoon_p2p.execution.backends import Backend
 from cocoon_p2p.execution.executor import RunRequest
 from cocoon_p2p.execution.limits import InputLimits
 from cocoon_p2p.execution.models import ModelSpec
+from cocoon_p2p.execution.sampling import Sampling
 from cocoon_p2p.execution.tensors import Tensor
-from cocoon_p2p.jobs.client import InferenceResult, JobClient
-from cocoon_p2p.jobs.frames import JobChunk
+from cocoon_p2p.jobs.client import InferenceResult, JobClient, JobFailed
+from cocoon_p2p.jobs.frames import NO_WORKERS, JobChunk
 from cocoon_p2p.jobs.fraudproof import FraudProof
 from cocoon_p2p.jobs.fraudwatch import FraudWatch, RerunResult
 from cocoon_p2p.jobs.receiptlog import ReceiptLog
@@ -60,9 +61,10 @@ from cocoon_p2p.jobs.worker import JobWorker
 from cocoon_p2p.overlay import protocols
 from cocoon_p2p.overlay.advertiser import Advertiser, AdvertiseTimes, ModelCapability
 from cocoon_p2p.overlay.capability import CapabilityRecord
+from cocoon_p2p.overlay.catalog import CatalogEntry, catalog_name, parse_ref
 from cocoon_p2p.overlay.dht import CapabilityDht
 from cocoon_p2p.overlay.dialer import Dialer, connect
-from cocoon_p2p.overlay.directory import WorkerDirectory, WorkerOffer
+from cocoon_p2p.overlay.directory import CatalogRow, WorkerDirectory, WorkerOffer
 from cocoon_p2p.overlay.events import EventQueue, NodeEvent, PeerBanned, WorkerSeen
 from cocoon_p2p.overlay.gossip import Gossip, MeshParams, Subscription, build_pubsub
 from cocoon_p2p.overlay.guard import PeerGuard
@@ -378,6 +380,24 @@ class Node:
         self.directory.expire(now)
         return self.directory.workers_for(model_id, now_ms=now, extra=records)
 
+    def catalog(self) -> list[CatalogRow]:
+        """The named models live workers announce (name, variant, id, workers, lowest price)."""
+        return self.directory.catalog(now_ms())
+
+    async def resolve_model(self, ref: str, *, wait_s: float = 0.0) -> bytes:
+        """The model id ``ref`` names: a 64-digit hex id, or ``name``, ``name:variant`` or
+        ``name@<id prefix>`` as workers announce them (the best-served match: most
+        workers, then the lowest price). Waits up to ``wait_s`` for a match to be
+        announced. Raises JobFailed ``no-workers`` when none is, LocalProtocolError
+        for a malformed reference."""
+        parsed = parse_ref(ref)
+        with trio.move_on_after(wait_s):
+            while not (ids := self.directory.resolve(parsed, now_ms())):
+                await trio.sleep(0.1)
+        if not (ids := self.directory.resolve(parsed, now_ms())):
+            raise JobFailed(NO_WORKERS, f"no worker announces a model named {ref!r}")
+        return ids[0]
+
     # ---- serving ------------------------------------------------------------------
 
     def set_capabilities(self, capabilities: list[ModelCapability]) -> None:
@@ -396,11 +416,13 @@ class Node:
         price_nanoton: int,
         gpu: str = "cpu",
         limits: InputLimits | None = None,
+        catalog: CatalogEntry | None = None,
     ) -> None:
         """Serve a hash-checked model: accept its jobs and advertise it (gossip + DHT).
 
         ``limits``: what one job may ask (None: derived from the model); bigger jobs
-        are refused with ``too-large`` before any work starts."""
+        are refused with ``too-large`` before any work starts. ``catalog``: the name and
+        variant it is announced under (None: the spec's public name and variant)."""
         worker = self._job_worker()
         worker.serve(spec, backend, price_nanoton=price_nanoton, limits=limits)
         caps = [c for c in self.advertiser.capabilities if c.model_id != spec.model_id]
@@ -414,6 +436,7 @@ class Node:
                 unit=spec.unit,
                 capacity=worker.capacity,
                 limits=advertised(worker.limits(spec.model_id)),
+                catalog=catalog or default_catalog(spec),
             )
         )
         self.set_capabilities(caps)
@@ -488,13 +511,15 @@ class Node:
         max_price_nanoton: int,
         timeout_s: float = 120.0,
         require_tee: bool = False,
+        sampling: Sampling | None = None,
     ) -> AsyncGenerator[JobChunk | InferenceResult, None]:
         """Generate text: yields each :class:`~.jobs.frames.JobChunk` as the worker
         streams it, then the :class:`~.jobs.client.InferenceResult` (usage and cost).
 
         ``prompt`` is the full model input (for chat models see
-        :func:`~.execution.generation.chatml_prompt`). Leaving the loop early cancels
-        the job on the worker. Raises :class:`~.jobs.client.JobFailed`.
+        :func:`~.execution.generation.chatml_prompt`). ``sampling``: temperature, top_p,
+        seed, penalties, stop strings, logprobs (None: greedy). Leaving the loop early
+        cancels the job on the worker. Raises :class:`~.jobs.client.JobFailed`.
         """
         stream = self._client().generate(
             model_id,
@@ -503,6 +528,7 @@ class Node:
             max_price=max_price_nanoton,
             timeout_s=timeout_s,
             require_tee=require_tee,
+            sampling=sampling,
         )
         async with aclosing(stream) as items:
             async for item in items:
@@ -534,3 +560,8 @@ async def open_node(config: NodeConfig | None = None) -> AsyncIterator[Node]:
     """``async with open_node(cfg) as node``: the same as ``async with Node(cfg)``."""
     async with Node(config) as node:
         yield node
+
+
+def default_catalog(spec: ModelSpec) -> CatalogEntry:
+    """The name and variant a model is announced under when its server names none."""
+    return CatalogEntry(catalog_name(spec.public_name or spec.name), catalog_name(spec.variant, 32))

@@ -29,7 +29,7 @@ from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2, ensure_sm
 from cocoon_p2p.execution.generation import chatml_prompt
 from cocoon_p2p.execution.models import ModelSpec, load_model
 from cocoon_p2p.execution.tensors import to_numpy
-from cocoon_p2p.jobs import InferenceResult
+from cocoon_p2p.jobs import InferenceResult, JobFailed
 from cocoon_p2p.jobs.spotcheck import SpotCheckPolicy
 from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.payments.chain import TonCenter, Wallet
@@ -45,6 +45,13 @@ from . import status as status_mod
 
 KEY_FILE = "node.key"
 BUILTIN_MODELS = {"minilm": ensure_minilm, "smollm2": ensure_smollm2, "smollm2-q4": ensure_smollm2_q4}
+# What clients ask the network for when they name a built-in model: the name and variant
+# its workers announce (a client needs no copy of the model, nor the tools to export it).
+BUILTIN_REFS = {
+    "minilm": "all-minilm-l6-v2",
+    "smollm2": "smollm2-135m-instruct:fp32",
+    "smollm2-q4": "smollm2-135m-instruct:q4",
+}
 DRAIN_S = 10.0  # on SIGTERM, how long running jobs may take to finish
 SETTLE_S = 30.0  # then how long closing channels may take
 FAUCET_NANOTON = 2_000_000_000  # what the local chain's faucet gives a node's wallet
@@ -158,7 +165,12 @@ def build_parser() -> argparse.ArgumentParser:
     _common(p)
     p.add_argument("task", choices=["embed", "chat"], help="embed texts (MiniLM) or chat (SmolLM2)")
     p.add_argument("text", nargs="+", help="texts to embed, or the chat prompt")
-    p.add_argument("--model", dest="job_model", help="model id (hex) or built-in name (default: by task)")
+    p.add_argument(
+        "--model",
+        dest="job_model",
+        help="a model as workers announce it (name, name:variant, name@<id prefix>), its id (64 hex digits) "
+        "or a built-in name (default: by task); resolved on the network, no local copy needed",
+    )
     p.add_argument("--max-price-nanoton", type=int, help="most to pay per unit (default 10000)")
     p.add_argument("--max-tokens", type=int, default=128, help="chat: tokens to generate at most")
     p.add_argument("--wait-s", type=float, default=15.0, help="seconds to wait for a worker to appear")
@@ -192,7 +204,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("find", help="list the workers that serve a model")
     _common(p)
-    p.add_argument("model", help="model id (64 hex digits), path of the model file, or a built-in name")
+    p.add_argument(
+        "model",
+        help="a model as workers announce it (name, name:variant, name@<id prefix>), its id (64 hex digits), "
+        "the path of its file, or a built-in name",
+    )
     p.add_argument("--wait-s", type=float, default=3.0, help="seconds to listen to gossip first")
     p.add_argument("--json", action="store_true", help="print JSON")
 
@@ -361,13 +377,13 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
 
 async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> int:
     name = args.job_model or {"embed": "minilm", "chat": "smollm2"}[args.task]
-    model_id = bytes.fromhex(name) if len(name) == 64 and name not in BUILTIN_MODELS else resolve_model(name).model_id
     payments = await trio.to_thread.run_sync(_payment_config, cfg, funding.Role.CLIENT)
     async with Node(_node_config(cfg, payments)) as node:
         pay = node.payments
         # stdout carries the job's output: the wallet and fund lines go to stderr
         if payments is not None and not await funding.fund_wallet(cfg, payments, funding.Role.CLIENT, sys.stderr):
             return 130
+        model_id = await node.resolve_model(BUILTIN_REFS.get(name, name), wait_s=args.wait_s)
         with trio.move_on_after(args.wait_s):
             while not await node.find_workers(model_id, use_dht=False):
                 await trio.sleep(0.1)
@@ -413,12 +429,16 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
 
 
 async def run_find(cfg: config_mod.RoleConfig, model: str, wait_s: float, as_json: bool) -> int:
-    if model in BUILTIN_MODELS:
-        model_id = resolve_model(model).model_id
-    else:
-        model_id = model_id_of(Path(model)) if Path(model).exists() else bytes.fromhex(model)
     async with Node(_node_config(cfg)) as node:
         await trio.sleep(wait_s)
+        if Path(model).is_file():
+            model_id = model_id_of(Path(model))
+        else:  # a name as workers announce it (or a hex id): the DHT is asked by id
+            try:
+                model_id = await node.resolve_model(BUILTIN_REFS.get(model, model))
+            except JobFailed:
+                print(f"no worker announces {model!r}", file=sys.stderr)
+                return 1
         workers = await node.find_workers(model_id)
     if as_json:
         rows = [

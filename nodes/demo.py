@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import subprocess
 import sys
 import tempfile
 import time
@@ -29,6 +28,7 @@ from typing import Any
 
 import trio
 
+from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.identity import peer_id_from_str, peer_id_to_str
 from cocoon_p2p.core.metrics import parse, percentile
 from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2
@@ -46,7 +46,7 @@ from cocoon_p2p.payments.payerchannel import PayerChannel
 from cocoon_p2p.payments.service import PaymentConfig, PaymentService
 from cocoon_p2p.payments.settlement import UNINITED, SettlementPolicy
 from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
-from cocoon_p2p.testing.processes import NODE_CLI, ProcessFailed, start_process
+from cocoon_p2p.testing.processes import NODE_CLI, ProcessFailed, start_node, start_process
 
 PRICE_NANOTON = 100_000  # per item / token; worker i asks 10,000 more
 MAX_PRICE = 200_000
@@ -151,7 +151,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     cmd += ["--model", builtin[name]]
                 if i == cheater:
                     cmd += ["--cheat-rate", str(args.cheat_rate)]
-                worker = await _start_worker(cmd, nursery, worker_wallets)
+                worker = await start_node(cmd, nursery, worker_wallets)
                 if i == cheater and "cheating" not in worker.said:
                     raise ProcessFailed(f"worker {i + 1} was told to cheat and did not say it does")
                 procs.append(worker.proc)
@@ -190,7 +190,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                     follow.cancel_scope.cancel()
                 if args.kill_worker:
                     _progress(f"restarting worker {victim + 1} from its data directory (same keys and channels)")
-                    worker = await _start_worker(worker_cmds[victim], nursery)
+                    worker = await start_node(worker_cmds[victim], nursery)
                     procs.append(worker.proc)
                     metrics_urls[victim] = worker.said["metrics"].split()[1]
                     restarted.add(worker_ids[victim])
@@ -207,11 +207,16 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 worker_metrics = [await trio.to_thread.run_sync(_scrape, url) for url in metrics_urls]
                 banned = [w for w in worker_ids if client.guard.is_banned(peer_id_from_str(w))]
                 channels = len(seen)
-                _progress(f"settling {len(pay.payer.open)} open channel(s) on the local chain (cooperative close)")
+                current = pay.payer.current  # an opening the kill interrupted is confirmed, then closed
+                _progress(f"settling {len(current)} open channel(s) on the local chain (cooperative close)")
                 settle_waits = []
-                for worker_peer, ch in list(pay.payer.open.items()):
+                for worker_peer, ch in current.items():
                     t0 = time.perf_counter()
-                    await pay.settle(worker_peer)
+                    try:
+                        await pay.settle(worker_peer)
+                    except CocoonError as exc:  # reported below among the unsettled
+                        _progress(f"channel {ch.address}: could not settle it: {exc}")
+                        continue
                     if await _closed_on_chain(chain, ch.address):
                         settle_waits.append(time.perf_counter() - t0)
                 unsettled = await _close_the_rest(pay, chain, seen)  # a banned cheater's, closed during the run
@@ -317,7 +322,7 @@ def _worker_row(
         "billed_nanoton": billed if known else None,
         "cheated_runs": int(metrics.get("cocoon_cheated_runs_total", 0)),  # the worker's own count
         "model_runs": int(metrics.get("cocoon_model_runs_total", 0)) or None,
-        "caught_jobs": len(caught),
+        "cheated_jobs": len(caught),  # the jobs its checks found wrong: all of them at check rate 1
         "caught_nanoton": caught_nanoton,
         "paid_for_cheated_nanoton": caught_nanoton - (billed - paid) if known else None,
     }
@@ -362,43 +367,6 @@ def _scrape(url: str) -> dict[str, float]:
 def _metric_value(node: Node, name: str) -> int:
     """The sum of ``name``'s samples in ``node.metrics()`` (0 when the node has no such series)."""
     return int(sum(v for m in node.metrics() if m.name == name for _, v in m.samples if isinstance(v, int | float)))
-
-
-class _Started:
-    """A node process that is ready, and the first line it printed for each first word."""
-
-    def __init__(self, proc: trio.Process, addrs: list[str], said: dict[str, str]) -> None:
-        self.proc, self.addrs, self.said = proc, addrs, said
-
-
-async def _start_worker(cmd: list[str], nursery: trio.Nursery, wallets: list[str] | None = None) -> _Started:
-    """:func:`~cocoon_p2p.testing.processes.start_process` for a worker, keeping what it said
-    before serving (its ``metrics`` URL, whether it is ``cheating``)."""
-    proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE)
-    assert proc.stdout is not None
-    buf, addrs, said = b"", [], dict[str, str]()
-    while True:
-        chunk = await proc.stdout.receive_some(4096)
-        if not chunk:
-            raise ProcessFailed(f"{cmd[3]} exited before it served")
-        buf += chunk
-        *lines, buf = buf.split(b"\n")
-        for line in lines:
-            text = line.decode()
-            word = text.split(" ", 1)[0]
-            said.setdefault(word, text)
-            if word == "listening":
-                addrs.append(text.split()[1])
-            elif word == "wallet" and wallets is not None:
-                wallets.append(text.split()[1])
-            elif word == "serving":
-                nursery.start_soon(_drain, proc.stdout)
-                return _Started(proc, addrs, said)
-
-
-async def _drain(stream: trio.abc.ReceiveStream) -> None:
-    while await stream.receive_some(4096):
-        pass
 
 
 def _p(values: list[float], q: float) -> float:
@@ -577,7 +545,7 @@ def run(args: argparse.Namespace) -> int:
             row = result["per_worker"][result["cheater"]]
             print(
                 f"the cheater {result['cheater']} lied on {row['cheated_runs']} of {row['model_runs']} model runs, "
-                f"was caught on {row['caught_jobs']} job(s) and paid {result['paid_for_cheated_nanoton']} nanoton "
+                f"was caught on {row['cheated_jobs']} job(s) and paid {result['paid_for_cheated_nanoton']} nanoton "
                 "for them"
             )
         print(f"a chat answer: {result['sample_chat']!r}")

@@ -190,13 +190,13 @@ def test_demo_catches_bans_and_does_not_pay_a_cheating_worker() -> None:
     assert r["checks"] == 8 and r["checks_failed"] >= 1  # every job checked (rate 1.0); the cheater caught
     assert r["jobs_ok"] == 8 and r["jobs_failed"] == 0 and r["errors"] == []  # every job answered
     row = r["per_worker"][cheater]
-    assert row["cheated_runs"] >= 1 and row["caught_jobs"] == r["checks_failed"]
+    assert row["cheated_runs"] >= 1 and row["cheated_jobs"] == r["checks_failed"]
     # What it was caught on went unpaid: its bill less our vouchers is exactly those results.
     assert row["caught_nanoton"] == r["withheld_nanoton"] == row["billed_nanoton"] - row["paid_nanoton"] > 0
     assert r["paid_for_cheated_nanoton"] == row["paid_for_cheated_nanoton"] == 0
     for peer in set(r["worker_ids"]) - {cheater}:  # honest workers: paid every result they billed
         honest = r["per_worker"][peer]
-        assert honest["cheated_runs"] == honest["caught_jobs"] == 0
+        assert honest["cheated_runs"] == honest["cheated_jobs"] == 0
         assert honest["paid_nanoton"] == honest["billed_nanoton"]
     # Every channel settled on chain, the cheater's too: paid = settled + fees.
     assert r["unsettled_channels"] == [] and r["payments_pending"] == 0

@@ -134,6 +134,36 @@ async def test_an_opening_whose_init_was_lost_is_initialised_not_forgotten(
             assert read_channel(chain, ch.address).state == 1
 
 
+async def test_settling_an_interrupted_opening_confirms_it_then_closes_it(
+    tiny_model: ModelSpec, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The worker died while our deposit landed (here: it refused the channel once): a
+    settle confirms the channel with the worker now back, then closes it cooperatively,
+    instead of leaving the deposit in a contract nobody closes."""
+    from cocoon_p2p.payments import frames as pf
+    from cocoon_p2p.payments.channelstate import ChannelState
+
+    with open_local_chain(realistic=True) as chain:
+        async with paid_pair(chain, tiny_model, tmp_path) as (worker, client):
+            assert client.payments is not None and worker.payments is not None
+            payer = client.payments.payer
+
+            async def gone(client_peer: bytes, address: str) -> pf.PayFrame:
+                return pf.PayError(pf.PayErrorCode.CHANNEL, "restarting")
+
+            monkeypatch.setattr(worker.payments.payee, "_accept_channel", gone)
+            with pytest.raises(JobFailed):
+                await client.infer(tiny_model.model_id, inputs=_x(), max_price_nanoton=PRICE)
+            (ch,) = payer.channels.values()
+            assert ch.state is ChannelState.OPENING and payer.open == {}
+            assert payer.current == {worker.peer_id: ch}
+            monkeypatch.undo()
+            assert await client.payments.settle(worker.peer_id) == 0  # nothing was paid through it
+            assert ch.state is ChannelState.CLOSING_COOPERATIVE and payer.current == {}
+            await trio.to_thread.run_sync(chain.settle)
+            assert read_channel(chain, ch.address).state == 0  # closed: the deposit is back
+
+
 async def test_an_opening_is_abandoned_only_once_its_deposit_cannot_land(tmp_path: Path) -> None:
     from nacl.signing import SigningKey
 

@@ -22,7 +22,7 @@ from cocoon_p2p.execution.verification import cosine_agreement
 from cocoon_p2p.jobs import receipts
 from cocoon_p2p.jobs.spotcheck import SpotCheckPolicy, compare_outputs, compare_tokens
 from cocoon_p2p.node import Node
-from cocoon_p2p.testing.cheating import CheatingBackend
+from cocoon_p2p.testing.cheating import CheatingBackend, TruncatingBackend
 
 from .helpers import x_rows
 from .netutil import fast_config, wait_for
@@ -153,6 +153,52 @@ async def test_a_4bit_model_served_under_the_fp32_id_is_caught_by_a_verify_job()
         assert client.guard.is_banned(cheater.peer_id)
         assert False in verdicts.get(cheater.peer_id, ())  # its result was found wrong (and not paid)
         honest = [w.peer_id for w in workers[:2]]
+        assert not any(client.guard.is_banned(p) for p in honest)
+        assert all(v is True for p in honest for v in verdicts.get(p, ()))
+        nursery.cancel_scope.cancel()
+
+
+@pytest.mark.slow
+async def test_generation_cheaters_are_caught_while_their_own_verify_answers_stay_honest() -> None:
+    """Two adversaries on SmolLM2 among two honest workers: one answers every generation
+    with garbage but verifies honestly (verify jobs run a graph derived from the model
+    file, not the backend it cheats with: the "honest to checks, cheating on jobs" worker),
+    one cuts generations short with an early end-of-sequence. Both are caught by verify
+    jobs on other workers; their own honest verify answers never blame an honest worker."""
+    from cocoon_p2p.execution.export import ensure_smollm2
+    from cocoon_p2p.execution.generation import chatml_prompt
+
+    spec = ensure_smollm2()
+    cfg = fast_config(spot_checks=SpotCheckPolicy(rate=1.0))
+    async with Node(cfg) as client, trio.open_nursery() as nursery:
+        workers: list[Node] = []
+
+        async def run_worker(kind: str, task_status: trio.TaskStatus[None]) -> None:
+            async with Node(fast_config(bootstrap=[client.addrs[0]])) as w:
+                inner = OnnxRuntimeBackend(spec.path, threads=1)
+                backend = {
+                    "honest": inner,
+                    "garbage": CheatingBackend(inner, rate=1.0),
+                    "truncating": TruncatingBackend(inner, keep=3, eos=spec.eos[0]),
+                }[kind]
+                w.serve_model(spec, backend, price_nanoton=1)  # type: ignore[arg-type]
+                workers.append(w)
+                task_status.started()
+                await trio.sleep_forever()
+
+        for kind in ("honest", "honest", "garbage", "truncating"):
+            await nursery.start(run_worker, kind)
+        honest, cheaters = [w.peer_id for w in workers[:2]], [w.peer_id for w in workers[2:]]
+        await wait_for(lambda: len(client.directory.workers_for(spec.model_id, now_ms=now_ms())) == 4)
+        verdicts: dict[object, list[bool | None]] = {}
+        assert client.job_client is not None
+        for i in range(24):
+            prompt = chatml_prompt([{"role": "user", "content": f"Count from {i} to {i + 9}, in words."}])
+            r = await client.job_client.infer(spec.model_id, texts=(prompt,), max_tokens=12, max_price=10, timeout_s=60)
+            verdicts.setdefault(r.worker, []).append(r.verified)
+            if all(client.guard.is_banned(p) for p in cheaters):
+                break
+        assert all(client.guard.is_banned(p) for p in cheaters), verdicts
         assert not any(client.guard.is_banned(p) for p in honest)
         assert all(v is True for p in honest for v in verdicts.get(p, ()))
         nursery.cancel_scope.cancel()

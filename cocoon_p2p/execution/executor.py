@@ -27,9 +27,10 @@ import numpy as np
 from cocoon_p2p.core.errors import MalformedMessage
 
 from .backends import Backend, check_feeds
-from .generation import TokenStream, greedy_tokens
+from .generation import TokenStream, sample_tokens
 from .limits import InputLimits, Overflow
 from .models import ModelError, ModelSpec
+from .sampling import GREEDY, Sampler, Sampling, find_stop
 from .tensors import Tensor, from_numpy, to_numpy
 
 BAD_INPUT = "bad-input"  # the code of a request the model cannot take (the job protocol's, as in backends)
@@ -49,6 +50,7 @@ class RunRequest:
     texts: tuple[str, ...] = ()  # an embedding job: the texts; a generation job: one prompt
     max_tokens: int = 0  # a generation job: tokens to generate at most
     verify_tokens: tuple[int, ...] = ()  # a verify job: a generation's tokens to check (see .verification)
+    sampling: Sampling = GREEDY  # a generation job: how each token is picked
 
 
 @dataclass(frozen=True)
@@ -200,6 +202,9 @@ class Executor:
         first_eos = next((i for i, t in enumerate(tokens) if t in self.spec.eos), None)
         overrun = (first_eos is not None and first_eos < len(tokens) - 1) or len(tokens) > req.max_tokens
         truncated = len(tokens) < req.max_tokens and first_eos is None  # stopped early, not at an EOS
+        if truncated and req.sampling.stop:  # unless a stop string ended it
+            text = self.tokenizer.decode(list(tokens), skip_special_tokens=True)
+            truncated = find_stop(text, req.sampling.stop) is None
         outputs = (
             from_numpy("next_ids", np.asarray(run.next_ids, dtype=np.int64)),
             from_numpy("gap", np.asarray(run.gaps, dtype=np.float32)),
@@ -213,16 +218,18 @@ class Executor:
         prompt_ids = self.tokenizer.encode(req.texts[0], add_special_tokens=False).ids
         if not prompt_ids or len(prompt_ids) + req.max_tokens > spec.max_context:  # check() said so; a caller may not
             raise MalformedMessage(f"prompt of {len(prompt_ids)} tokens does not fit the context", code=TOO_LARGE)
-        tokens = greedy_tokens(
+        picks = sample_tokens(
             self.backend.run,
             prompt_ids,
             req.max_tokens,
+            Sampler(req.sampling),
             eos=spec.eos,
             layers=spec.layers,
             kv_heads=spec.kv_heads,
             head_dim=spec.head_dim,
         )
-        return TokenStream(self.tokenizer, tokens, eos=spec.eos), len(prompt_ids)
+        stream = TokenStream(self.tokenizer, picks, eos=spec.eos, max_new=req.max_tokens, stop=req.sampling.stop)
+        return stream, len(prompt_ids)
 
     def _run_tensors(self, requests: list[RunRequest]) -> list[Outcome]:
         rows = [req.inputs[0].shape[0] for req in requests]

@@ -1,4 +1,5 @@
-"""Greedy text generation with a KV-cache decoder exported to ONNX (see :mod:`.export`).
+"""Text generation, greedy or sampled (:mod:`.sampling`), with a KV-cache decoder
+exported to ONNX (see :mod:`.export`).
 
 The decoder takes ``input_ids``, ``attention_mask``, ``position_ids`` and the flat
 ``past.{i}.key/value`` tensors, and returns last-position ``logits`` and the
@@ -15,6 +16,8 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import numpy as np
+
+from .sampling import Pick, Sampler, TokenLogprob, find_stop, stop_prefix_len
 
 DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
 
@@ -42,10 +45,29 @@ def greedy_tokens(
     kv_heads: int,
     head_dim: int,
 ) -> Iterator[int]:
-    """Generated token ids, one at a time, stopping after an EOS or ``max_new``.
+    """Greedy token ids, one at a time, stopping after an EOS or ``max_new``.
 
     ``run`` is a Backend's ``run`` or an onnxruntime InferenceSession.
     """
+    picks = sample_tokens(
+        run, prompt_ids, max_new, Sampler(), eos=eos, layers=layers, kv_heads=kv_heads, head_dim=head_dim
+    )
+    return (pick.token for pick in picks)
+
+
+def sample_tokens(
+    run: Any,
+    prompt_ids: Sequence[int],
+    max_new: int,
+    sampler: Sampler,
+    *,
+    eos: Sequence[int],
+    layers: int,
+    kv_heads: int,
+    head_dim: int,
+) -> Iterator[Pick]:
+    """Generated tokens as ``sampler`` picks them, one at a time, stopping after an EOS
+    or ``max_new``. ``run`` is a Backend's ``run`` or an onnxruntime InferenceSession."""
     if hasattr(run, "get_outputs"):  # a bare onnxruntime session (the export check)
         session = run
         names = [o.name for o in session.get_outputs()]
@@ -69,38 +91,74 @@ def greedy_tokens(
             **past,
         }
         out = run(feeds)
-        token = int(np.argmax(out["logits"][0]))
-        yield token
-        if token in eos:
+        pick = sampler.pick(out["logits"][0])
+        yield pick
+        if pick.token in eos:
             return
         past = {f"past.{k[len('present.') :]}": v for k, v in out.items() if k.startswith("present.")}
         pos += n
-        ids = np.array([[token]], dtype=np.int64)
+        ids = np.array([[pick.token]], dtype=np.int64)
 
 
 class TokenStream:
     """Iterates (token id, new text) pairs of one generation job; ``text`` is the
-    decoded text added by this token (empty while a multi-byte character is incomplete)."""
+    decoded text added by this token (empty while a multi-byte character is incomplete).
 
-    def __init__(self, tokenizer: Any, tokens: Iterator[int], *, eos: Sequence[int]) -> None:
+    A stop string ends the stream: the text is cut where it begins (it is not part of
+    the answer, as OpenAI's), ``stopped`` is set, and no further token is generated.
+    Text that may be the beginning of a stop string is held back until the next tokens
+    tell (or the generation ends), so nothing sent is ever part of a stop string.
+    ``logprobs`` holds each token's log-probabilities when the job asked for them."""
+
+    def __init__(
+        self,
+        tokenizer: Any,
+        picks: Iterator[Pick],
+        *,
+        eos: Sequence[int],
+        max_new: int,
+        stop: tuple[str, ...] = (),
+    ) -> None:
         self.tokenizer = tokenizer
-        self.tokens = tokens
+        self.picks = picks
         self.eos = set(eos)
+        self.max_new = max_new
+        self.stop = stop
         self.ids: list[int] = []
-        self.text = ""
+        self.text = ""  # what was handed out so far
+        self.stopped = False
+        self.logprobs: list[TokenLogprob] = []
 
     def __iter__(self) -> TokenStream:
         return self
 
     def __next__(self) -> tuple[int, str]:
-        token = next(self.tokens)
+        if self.stopped:
+            raise StopIteration
+        pick = next(self.picks)
+        token = pick.token
         self.ids.append(token)
+        if pick.logprob is not None:
+            self.logprobs.append(
+                TokenLogprob(self._piece(token), pick.logprob, tuple((self._piece(i), lp) for i, lp in pick.top))
+            )
+        last = token in self.eos or len(self.ids) >= self.max_new
         shown = [t for t in self.ids if t not in self.eos]
         text = self.tokenizer.decode(shown, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the rest
+        if text.endswith("\ufffd") and not last:  # an incomplete UTF-8 sequence: wait for the rest
             return token, ""
+        if self.stop:
+            at = find_stop(text, self.stop, len(self.text))  # held-back text is where one can begin
+            if at is not None:
+                self.stopped = True
+                text = text[:at]
+            elif not last:
+                text = text[: len(text) - stop_prefix_len(text, self.stop)]
         new, self.text = text[len(self.text) :], text
         return token, new
+
+    def _piece(self, token: int) -> str:
+        return str(self.tokenizer.decode([token], skip_special_tokens=False))
 
     def next_or_none(self) -> tuple[int, str] | None:
         """``next(self)`` or None at the end (for ``trio.to_thread.run_sync``)."""

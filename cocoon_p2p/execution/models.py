@@ -48,6 +48,10 @@ class ModelSpec:
     head_dim: int = 0
     eos: tuple[int, ...] = ()
     max_context: int = 2048
+    # How the network names it (overlay.catalog): the model's public name and this
+    # file's variant (weights' precision or quantization).
+    public_name: str = ""
+    variant: str = "fp32"
 
     @property
     def unit(self) -> str:
@@ -98,6 +102,10 @@ def load_manifest(folder: Path) -> ModelSpec:
         tokenizer=tok,
         max_batch=int(meta.get("max_batch", 8)),
     )
+    # Exports before names were announced lack these: a quantized export says how.
+    variant = str(meta.get("variant") or ("q4" if "quantization" in meta else "fp32"))
+    public = str(meta.get("public_name") or spec.name.removesuffix(f"-{variant}"))
+    spec = replace(spec, public_name=public, variant=variant)
     if spec.kind == "generation":
         spec = replace(
             spec,

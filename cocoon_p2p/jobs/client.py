@@ -30,6 +30,7 @@ from multiaddr import Multiaddr
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import BadSignature, CocoonError, LocalProtocolError, MalformedMessage
 from cocoon_p2p.core.metrics import Histogram, Metric, metric
+from cocoon_p2p.execution.sampling import GREEDY, Sampling, TokenLogprob
 from cocoon_p2p.execution.tensors import Tensor
 from cocoon_p2p.overlay.directory import WorkerOffer
 from cocoon_p2p.overlay.joblimits import JobSize
@@ -72,6 +73,7 @@ class InferenceResult:
     text: str = ""  # generation: the decoded text
     receipt: Receipt | None = None  # the worker's signed receipt (verified), when it sent one
     verified: bool | None = None  # a spot check's verdict on this result (None: not checked)
+    logprobs: tuple[TokenLogprob, ...] = ()  # generation with logprobs asked: one per token
 
     def output(self, name: str | None = None) -> Tensor:
         """The output called ``name`` (the first one when None); UnknownOutput if there is none."""
@@ -163,6 +165,7 @@ class JobClient:
         deadline_ms: int,
         on_chunk: Callable[[jf.JobChunk], None] | None = None,
         verify_tokens: tuple[int, ...] = (),
+        sampling: Sampling | None = None,
     ) -> tuple[jf.JobResult, int, Receipt | None]:
         """One attempt on one worker: (result, agreed price per unit, its verified receipt
         or None when the worker sent none). Raises JobFailed; a receipt whose signature
@@ -190,6 +193,7 @@ class JobClient:
             deadline_ms=deadline_ms,
             max_price_nanoton=max_price,
             verify_tokens=verify_tokens,
+            sampling=sampling,
         )
         price = 0
         tokens = 0
@@ -255,7 +259,9 @@ class JobClient:
             client=self.local_peer,
             job_id=req.job_id,
             model_id=req.model_id,
-            inputs_digest=inputs_digest(req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens),
+            inputs_digest=inputs_digest(
+                req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens, req.sampling
+            ),
             outputs_digest=outputs_digest(result.outputs, streamed),
             usage_units=result.usage_units,
             cost_nanoton=result.cost_nanoton,
@@ -280,6 +286,7 @@ class JobClient:
         attempts: int = 3,
         on_chunk: Callable[[jf.JobChunk], None] | None = None,
         require_tee: bool = False,
+        sampling: Sampling | None = None,
     ) -> InferenceResult:
         """Run a job on the best worker for ``model_id``; retry elsewhere when that fails
         (the policy of :class:`~.attempts.JobAttempts`, up to ``attempts`` workers).
@@ -291,11 +298,16 @@ class JobClient:
         came within ``timeout_s``, ``no-workers`` when no worker was eligible, else
         the last worker's error. Cancelled, the running attempt is cancelled on its
         worker and nothing is paid.
+
+        ``sampling``: a generation's decoding parameters (None: greedy). Only greedy jobs
+        without them are spot-checked: a sampled answer has no single right one.
         """
         if timeout_s <= 0:
             raise LocalProtocolError(f"a job needs a positive timeout, not {timeout_s}")
         if require_tee and self.tee is None:
             raise LocalProtocolError("require_tee needs a client configured for attestation")
+        if sampling == GREEDY:
+            sampling = None  # the same job: sent, signed and checked as plain greedy
         chunks: list[jf.JobChunk] = []
 
         def collect(chunk: jf.JobChunk) -> None:
@@ -351,6 +363,7 @@ class JobClient:
                         max_price=max_price,
                         deadline_ms=deadline_ms,
                         on_chunk=collect,
+                        sampling=sampling,
                     )
                 except JobFailed as exc:
                     if exc.code == jf.CHANNEL_ENDED:
@@ -381,7 +394,7 @@ class JobClient:
             text = "".join(c.text for c in chunks)
             paid = False
             verified: bool | None = None
-            if self.checks is not None and self.checks.chosen():
+            if self.checks is not None and sampling is None and self.checks.chosen():
                 request = CheckedRequest(model_id, inputs, texts, max_tokens, max_price, timeout_s, require_tee)
                 outcome = await self.checks.check(request, Run(worker, result, price, tokens, text, receipt))
                 kept, ours_wrong = outcome.keep, outcome.wrong is not None and outcome.wrong.worker == worker
@@ -410,6 +423,7 @@ class JobClient:
                 text=text,
                 receipt=receipt,
                 verified=verified,
+                logprobs=tuple(lp for c in chunks for lp in c.logprobs),
             )
         self.stats.jobs_failed += 1
         if scope.cancelled_caught or why == jf.DEADLINE:
@@ -466,6 +480,7 @@ class JobClient:
         max_price: int,
         timeout_s: float = 120.0,
         require_tee: bool = False,
+        sampling: Sampling | None = None,
     ) -> AsyncGenerator[jf.JobChunk | InferenceResult, None]:
         """:meth:`infer` for text generation, as an async iterator: each chunk as the
         worker streams it, then the result. Leaving the loop early cancels the job
@@ -484,6 +499,7 @@ class JobClient:
                         timeout_s=timeout_s,
                         on_chunk=send.send_nowait,
                         require_tee=require_tee,
+                        sampling=sampling,
                     )
                     send.send_nowait(result)
                 except JobFailed as exc:

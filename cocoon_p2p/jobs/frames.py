@@ -17,6 +17,7 @@ from typing import Any
 from cocoon_p2p.core import framing
 from cocoon_p2p.core.errors import LocalProtocolError, MalformedMessage, MessageTooLarge
 from cocoon_p2p.core.wire import expect_bytes, expect_int, expect_list, expect_str, expect_str_list, pack, unpack
+from cocoon_p2p.execution.sampling import MAX_TOP_LOGPROBS, Sampling, TokenLogprob
 from cocoon_p2p.execution.tensors import Tensor
 
 JOB_PROTOCOL = "/cocoon/job/1"  # the libp2p protocol id of a job stream
@@ -116,6 +117,9 @@ class JobRequest:
     # A verify job: check these tokens, a greedy generation of ``max_tokens`` at most after
     # the prompt, in one teacher-forced pass (see execution.verification); () for any other job.
     verify_tokens: tuple[int, ...] = ()
+    # A generation's decoding parameters; None is greedy (the default, and what older
+    # clients send). Travels last: [..., verify_tokens (maybe empty), sampling].
+    sampling: Sampling | None = None
 
     def to_wire(self) -> list[Any]:
         wire = [
@@ -128,6 +132,8 @@ class JobRequest:
             self.deadline_ms,
             self.max_price_nanoton,
         ]
+        if self.sampling is not None:
+            return wire + [list(self.verify_tokens), self.sampling.to_wire()]
         return wire + [list(self.verify_tokens)] if self.verify_tokens else wire
 
 
@@ -151,9 +157,14 @@ class JobChunk:
     seq: int
     token_ids: tuple[int, ...] = ()
     text: str = ""
+    # Per token, when the job asked for logprobs: the chosen token's and the alternatives'.
+    logprobs: tuple[TokenLogprob, ...] = ()
 
     def to_wire(self) -> list[Any]:
-        return [_CHUNK, self.job_id, self.seq, list(self.token_ids), self.text]
+        wire = [_CHUNK, self.job_id, self.seq, list(self.token_ids), self.text]
+        if self.logprobs:
+            wire.append([[lp.token, lp.logprob, [[t, v] for t, v in lp.top]] for lp in self.logprobs])
+        return wire
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -229,12 +240,16 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
         raise MalformedMessage("job frame: expected a non-empty array")
     kind = obj[0]
     if kind == _REQUEST:
-        with_verify = len(obj) == 9
-        _, job_id, model_id, inputs, texts, max_tokens, deadline, max_price, *verify = expect_list(
-            obj, 8 + with_verify, "job request"
+        extra = min(max(len(obj) - 8, 0), 2)  # verify tokens, then sampling: both optional
+        _, job_id, model_id, inputs, texts, max_tokens, deadline, max_price, *rest = expect_list(
+            obj, 8 + extra, "job request"
         )
-        if verify and (not isinstance(verify[0], list) or not 0 < len(verify[0]) <= MAX_TOKENS):
+        verify = rest[0] if rest else None
+        if verify is not None and (
+            not isinstance(verify, list) or len(verify) > MAX_TOKENS or (extra == 1 and not verify)
+        ):
             raise MalformedMessage(f"job request: 1 to {MAX_TOKENS} tokens to verify", code=BAD_INPUT)
+        sampling = Sampling.from_wire(rest[1]) if extra == 2 else None
         if not isinstance(inputs, list) or len(inputs) > MAX_TENSORS:
             raise MalformedMessage(f"job request: at most {MAX_TENSORS} input tensors", code=BAD_INPUT)
         return JobRequest(
@@ -245,7 +260,8 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
             max_tokens=expect_int(max_tokens, "max tokens", hi=MAX_TOKENS),
             deadline_ms=expect_int(deadline, "deadline"),
             max_price_nanoton=expect_int(max_price, "max price"),
-            verify_tokens=tuple(expect_int(t, "token id", hi=2**31) for t in verify[0]) if verify else (),
+            verify_tokens=tuple(expect_int(t, "token id", hi=2**31) for t in verify) if verify else (),
+            sampling=sampling,
         )
     if kind == _ACCEPTED:
         _, job_id, price, unit = expect_list(obj, 4, "job accepted")
@@ -255,7 +271,8 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
             unit=expect_str(unit, "unit", max_len=32, min_len=1),
         )
     if kind == _CHUNK:
-        _, job_id, seq, token_ids, text = expect_list(obj, 5, "job chunk")
+        with_logprobs = len(obj) == 6
+        _, job_id, seq, token_ids, text, *logprobs = expect_list(obj, 5 + with_logprobs, "job chunk")
         if not isinstance(token_ids, list) or len(token_ids) > MAX_TOKENS:
             raise MalformedMessage("job chunk: token ids must be a list")
         return JobChunk(
@@ -263,6 +280,7 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
             seq=expect_int(seq, "chunk seq"),
             token_ids=tuple(expect_int(t, "token id", hi=2**31) for t in token_ids),
             text=expect_str(text, "chunk text", max_len=MAX_TEXT),
+            logprobs=_logprobs(logprobs[0], max(1, len(token_ids))) if logprobs else (),
         )
     if kind == _RESULT:
         with_receipt = len(obj) == 7
@@ -289,3 +307,34 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
         _, job_id = expect_list(obj, 2, "job cancel")
         return JobCancel(job_id=expect_int(job_id, "job id"))
     raise MalformedMessage(f"job frame: unknown type {kind!r}")
+
+
+MAX_PIECE = 256  # characters of one token's text in a logprobs entry
+
+
+def _logprob(obj: Any, what: str) -> float:
+    if not isinstance(obj, float | int) or isinstance(obj, bool) or not -1e4 <= obj <= 0.0:
+        raise MalformedMessage(f"{what}: expected a log-probability in [-1e4, 0]")
+    return float(obj)
+
+
+def _logprobs(obj: Any, tokens: int) -> tuple[TokenLogprob, ...]:
+    """A chunk's logprobs: one entry per token it carries, each with at most
+    ``MAX_TOP_LOGPROBS`` alternatives."""
+    if not isinstance(obj, list) or not 0 < len(obj) <= tokens:
+        raise MalformedMessage("job chunk: one logprobs entry per token")
+    out = []
+    for entry in obj:
+        token, logprob, top = expect_list(entry, 3, "logprobs entry")
+        if not isinstance(top, list) or len(top) > MAX_TOP_LOGPROBS:
+            raise MalformedMessage(f"logprobs entry: at most {MAX_TOP_LOGPROBS} alternatives")
+        alternatives = []
+        for alt in top:
+            piece, value = expect_list(alt, 2, "logprobs alternative")
+            alternatives.append((expect_str(piece, "token text", max_len=MAX_PIECE), _logprob(value, "logprob")))
+        out.append(
+            TokenLogprob(
+                expect_str(token, "token text", max_len=MAX_PIECE), _logprob(logprob, "logprob"), tuple(alternatives)
+            )
+        )
+    return tuple(out)

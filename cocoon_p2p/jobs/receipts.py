@@ -25,6 +25,7 @@ from typing import Any
 from cocoon_p2p.core import signed, wire
 from cocoon_p2p.core.errors import MalformedMessage
 from cocoon_p2p.core.identity import PEER_ID_BYTES, Identity
+from cocoon_p2p.execution.sampling import Sampling
 from cocoon_p2p.execution.tensors import Tensor
 
 VERSION = 1
@@ -35,12 +36,21 @@ MAX_RECEIPT_BYTES = 512
 
 
 def inputs_digest(
-    model_id: bytes, inputs: Sequence[Tensor], texts: Sequence[str], max_tokens: int, verify: Sequence[int] = ()
+    model_id: bytes,
+    inputs: Sequence[Tensor],
+    texts: Sequence[str],
+    max_tokens: int,
+    verify: Sequence[int] = (),
+    sampling: Sampling | None = None,
 ) -> bytes:
-    """SHA-256 of what a client asked, in canonical form (a verify job's tokens included)."""
-    fields = [model_id, [t.to_wire() for t in inputs], list(texts), max_tokens]
-    body = wire.pack(fields + [list(verify)] if verify else fields)
-    return hashlib.sha256(body).digest()
+    """SHA-256 of what a client asked, in canonical form (a verify job's tokens and a
+    generation's sampling parameters included)."""
+    fields: list[object] = [model_id, [t.to_wire() for t in inputs], list(texts), max_tokens]
+    if sampling is not None:
+        fields += [list(verify), sampling.to_wire()]
+    elif verify:
+        fields.append(list(verify))
+    return hashlib.sha256(wire.pack(fields)).digest()
 
 
 def outputs_digest(outputs: Sequence[Tensor], token_ids: Sequence[int]) -> bytes:

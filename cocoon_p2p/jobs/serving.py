@@ -12,6 +12,7 @@ from cocoon_p2p.core.errors import LocalProtocolError
 from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.execution.executor import Executor, Outcome, RunRequest
 from cocoon_p2p.execution.models import ModelSpec
+from cocoon_p2p.execution.sampling import GREEDY
 
 from . import frames as jf
 from .batching import Batcher
@@ -48,7 +49,13 @@ class Served:
 
 def run_request(req: jf.JobRequest) -> RunRequest:
     """What the executor needs of a wire request."""
-    return RunRequest(inputs=req.inputs, texts=req.texts, max_tokens=req.max_tokens, verify_tokens=req.verify_tokens)
+    return RunRequest(
+        inputs=req.inputs,
+        texts=req.texts,
+        max_tokens=req.max_tokens,
+        verify_tokens=req.verify_tokens,
+        sampling=req.sampling or GREEDY,
+    )
 
 
 def timed_run(served: Served, runs: list[RunRequest]) -> tuple[list[Outcome], float]:
@@ -81,7 +88,9 @@ def last_frame(
                     client=job.link.peer,
                     job_id=req.job_id,
                     model_id=req.model_id,
-                    inputs_digest=inputs_digest(req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens),
+                    inputs_digest=inputs_digest(
+                        req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens, req.sampling
+                    ),
                     outputs_digest=outputs_digest(outcome.outputs, token_ids),
                     usage_units=outcome.units,
                     cost_nanoton=outcome.units * price,

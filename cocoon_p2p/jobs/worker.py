@@ -388,8 +388,10 @@ class JobWorker:
                 break
             token, text = step
             tokens.append(token)
+            logprobs = tuple(stream.logprobs[seq : seq + 1])  # this token's, when the job asked for them
             try:
-                await job.link.send(jf.JobChunk(job_id=job.req.job_id, seq=seq, token_ids=(token,), text=text))
+                chunk = jf.JobChunk(job_id=job.req.job_id, seq=seq, token_ids=(token,), text=text, logprobs=logprobs)
+                await job.link.send(chunk)
             except Exception:  # the client is gone: stop generating for nobody
                 job.cancelled = True
                 continue

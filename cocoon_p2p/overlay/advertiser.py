@@ -27,6 +27,7 @@ from cocoon_p2p.core.metrics import Metric, metric
 from . import protocols
 from .announcement import Announcement, Offer
 from .capability import CapabilityRecord
+from .catalog import CatalogEntry
 from .dht import CapabilityDht
 from .gossip import Gossip
 from .joblimits import JobLimits
@@ -50,6 +51,7 @@ class ModelCapability:
     unit: str
     capacity: int = 1
     limits: JobLimits | None = None  # what one job may ask; announced in gossip offers
+    catalog: CatalogEntry | None = None  # the model's public name and variant; announced in gossip offers
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,6 +131,7 @@ class Advertiser:
                 capacity=c.capacity,
                 free_capacity=max(0, min(c.capacity, self._free.get(c.model_id, c.capacity))),
                 limits=c.limits,
+                catalog=c.catalog,
             )
             for c in self._capabilities
         )

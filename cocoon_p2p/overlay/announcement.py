@@ -3,10 +3,11 @@
 Wire format (version 1), a canonical msgpack array::
 
     [1, peer_id, addrs, offers, running_jobs, issued_at_ms, expires_at_ms(, tee), signature]
-    offer = [model_id, backend, gpu, price_nanoton, unit, capacity, free_capacity(, limits)]
+    offer = [model_id, backend, gpu, price_nanoton, unit, capacity, free_capacity(, limits(, catalog))]
 
 ``limits`` (:mod:`.joblimits`) is optional: an offer without it is read as one
-that says nothing of its limits (as every offer did before it existed). So is
+that says nothing of its limits (as every offer did before it existed); it is nil
+when a ``catalog`` entry (:mod:`.catalog`: the model's name and variant) follows. So is
 ``tee`` (:mod:`.teeclaim`), the worker's claim to run in a TEE; absent, it claims none.
 
 ``issued_at_ms`` doubles as the origin's sequence number: a receiver keeps the
@@ -24,6 +25,7 @@ from cocoon_p2p.core import signed, wire
 from cocoon_p2p.core.errors import MalformedMessage
 from cocoon_p2p.core.identity import PEER_ID_BYTES, Identity, peer_id_to_str
 
+from .catalog import CatalogEntry
 from .joblimits import JobLimits
 from .teeclaim import TeeClaim
 
@@ -48,16 +50,22 @@ class Offer:
     capacity: int
     free_capacity: int
     limits: JobLimits | None = None  # what one job may ask (None: not said)
+    catalog: CatalogEntry | None = None  # the model's public name and variant (None: not said)
 
     def _fields(self) -> list[Any]:
         fields = [self.model_id, self.backend, self.gpu, self.price_nanoton, self.unit, self.capacity,
                   self.free_capacity]  # fmt: skip
-        return fields + [self.limits.fields()] if self.limits is not None else fields
+        limits = self.limits.fields() if self.limits is not None else None
+        if self.catalog is not None:
+            return fields + [limits, self.catalog.fields()]
+        return fields + [limits] if limits is not None else fields
 
     @classmethod
     def _parse(cls, obj: Any) -> Offer:
-        with_limits = isinstance(obj, list) and len(obj) == _OFFER_FIELDS + 1
-        f = wire.expect_list(obj, _OFFER_FIELDS + with_limits, "offer")
+        extra = min(max(len(obj) - _OFFER_FIELDS, 0), 2) if isinstance(obj, list) else 0  # limits, then catalog
+        f = wire.expect_list(obj, _OFFER_FIELDS + extra, "offer")
+        if extra == 1 and f[7] is None:
+            raise MalformedMessage("offer: limits expected")
         capacity = wire.expect_int(f[5], "capacity", lo=1, hi=1 << 20)
         return cls(
             model_id=wire.expect_bytes(f[0], "model_id", min_len=32, max_len=32),
@@ -67,7 +75,8 @@ class Offer:
             unit=wire.expect_str(f[4], "unit", min_len=1, max_len=64),
             capacity=capacity,
             free_capacity=wire.expect_int(f[6], "free_capacity", hi=capacity),
-            limits=JobLimits.parse(f[7]) if with_limits else None,
+            limits=JobLimits.parse(f[7]) if extra and f[7] is not None else None,
+            catalog=CatalogEntry.parse(f[8]) if extra == 2 else None,
         )
 
 

@@ -16,6 +16,7 @@ from cocoon_p2p.core.errors import ForeignKey, RateLimited, ReplayedMessage
 from . import announcement as ann_mod
 from .announcement import Announcement
 from .capability import CapabilityRecord
+from .catalog import CatalogEntry, ModelRef
 from .joblimits import JobLimits
 from .teeclaim import TeeClaim
 
@@ -41,6 +42,19 @@ class WorkerOffer:
     max_batch: int | None = None
     limits: JobLimits | None = None  # what one job may ask (None: not advertised; only gossip says)
     tee: TeeClaim | None = None  # the worker's claim to run in a TEE (unverified)
+    catalog: CatalogEntry | None = None  # the name and variant it offers the model under (only gossip says)
+
+
+@dataclass(frozen=True)
+class CatalogRow:
+    """A named model on the network: how many live workers offer it, from what price."""
+
+    entry: CatalogEntry
+    model_id: bytes
+    unit: str
+    workers: int
+    min_price_nanoton: int
+    backends: frozenset[str]
 
 
 MAX_CACHED_MODELS = 1024
@@ -160,6 +174,36 @@ class WorkerDirectory:
         live = [o.announcement for o in self._origins.values() if o.announcement.expires_at_ms > now_ms]
         return sorted(live, key=lambda a: -a.issued_at_ms)
 
+    def catalog(self, now_ms: int) -> list[CatalogRow]:
+        """Every named model live workers announce: one row per (name, variant, model id),
+        most workers first, then by name."""
+        rows: dict[tuple[CatalogEntry, bytes], CatalogRow] = {}
+        for origin in self._origins.values():
+            a = origin.announcement
+            if a.expires_at_ms <= now_ms:
+                continue
+            for o in a.offers:
+                if o.catalog is None:
+                    continue
+                key = (o.catalog, o.model_id)
+                row = rows.get(key)
+                workers, price, backends = (
+                    (row.workers, row.min_price_nanoton, row.backends) if row else (0, o.price_nanoton, frozenset())
+                )
+                rows[key] = CatalogRow(
+                    o.catalog, o.model_id, o.unit, workers + 1, min(price, o.price_nanoton), backends | {o.backend}
+                )
+        return sorted(rows.values(), key=lambda r: (-r.workers, r.entry.name, r.entry.variant, r.model_id))
+
+    def resolve(self, ref: ModelRef, now_ms: int) -> list[bytes]:
+        """The model ids live workers offer that match ``ref``, best first (most workers,
+        then the lowest price). A model id resolves to itself, offered or not."""
+        if ref.model_id is not None:
+            return [ref.model_id]
+        rows = [r for r in self.catalog(now_ms) if ref.matches(r.model_id, r.entry)]
+        rows.sort(key=lambda r: (-r.workers, r.min_price_nanoton, r.model_id))
+        return list(dict.fromkeys(r.model_id for r in rows))
+
     def workers_for(self, model_id: bytes, *, now_ms: int, extra: Iterable[CapabilityRecord] = ()) -> list[WorkerOffer]:
         """All live offers of ``model_id``, gossip and DHT merged per worker.
 
@@ -196,6 +240,7 @@ class WorkerDirectory:
                         sources=_GOSSIP,
                         limits=o.limits,
                         tee=a.tee,
+                        catalog=o.catalog,
                     )
         for (peer_id, mid), r in self._records.items():
             if mid != model_id or r.expires_at_ms <= now_ms:
@@ -222,6 +267,7 @@ class WorkerDirectory:
                 max_batch=r.max_batch,
                 limits=have.limits if have else None,
                 tee=base.tee,
+                catalog=have.catalog if have else None,
             )
         offers = sorted(rows.values(), key=lambda w: (-w.issued_at_ms, w.peer_id))
         if len(self._offers) >= MAX_CACHED_MODELS:

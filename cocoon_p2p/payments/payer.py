@@ -93,6 +93,11 @@ class Payer:
         return {w: ch for w, ch in self._current.items() if ch.state is ChannelState.OPEN}
 
     @property
+    def current(self) -> dict[bytes, PayerChannel]:
+        """Worker -> the channel jobs to it are paid through: OPEN, or still OPENING."""
+        return dict(self._current)
+
+    @property
     def closing(self) -> dict[str, PayerChannel]:
         """Address -> each channel being closed."""
         return {a: ch for a, ch in self.channels.items() if ch.state in CLOSING}
@@ -308,8 +313,17 @@ class Payer:
         the vouchers say, we get the rest. Returns the amount paid to the worker.
 
         ``uncooperative_if_gone``: when the worker cannot be reached, start an
-        uncooperative close instead of failing (finished later by :meth:`watch_once`)."""
+        uncooperative close instead of failing (finished later by :meth:`watch_once`).
+
+        An opening interrupted before the worker confirmed it (the worker died while the
+        deposit landed) is resumed first, so that a deposit is never left in a contract
+        nobody closes: confirmed, then closed like any open channel; or abandoned."""
         ch = self._current.get(worker)
+        if ch is not None and ch.state is ChannelState.OPENING:
+            async with self._opening.setdefault(worker, trio.Lock()):
+                if ch.state is ChannelState.OPENING:
+                    await self._resume_opening(worker, ch)  # PaymentFailed: still opening
+            ch = self._current.get(worker)
         if ch is None or ch.state is not ChannelState.OPEN:
             return 0
         request = self._our_close(ch)

@@ -1,9 +1,10 @@
-"""A dishonest worker's backend, for adversarial tests and ``cocoon-node demo --cheating-worker``.
+"""Dishonest workers' backends, for adversarial tests and ``cocoon-node demo --cheating-worker``.
 
-It runs the real model, then, on a share of its runs, replaces every float output by
-values of the same shape and dtype that are wrong: random rows scaled to the real
-rows' norms (so an embedding still looks like a unit vector). The frames stay valid;
-only checking the values can tell.
+:class:`CheatingBackend` runs the real model, then, on a share of its runs, replaces
+every float output by values of the same shape and dtype that are wrong: random rows
+scaled to the real rows' norms (so an embedding still looks like a unit vector).
+:class:`TruncatingBackend` ends generations early with an end-of-sequence token. The
+frames stay valid; only checking the values can tell.
 """
 
 from __future__ import annotations
@@ -50,6 +51,35 @@ class CheatingBackend:
             wrong[name] = (fake_rows * scale).reshape(value.shape).astype(value.dtype)
             self.cheated_rows += rows.shape[0]
         return wrong
+
+    def close(self) -> None:
+        self.inner.close()
+
+
+class TruncatingBackend:
+    """Wraps a generation model's ``inner``: after ``keep`` tokens of a generation it makes
+    an end-of-sequence token the model's choice, so the worker stops early and saves the
+    rest of the compute, in a result that looks finished. A verify job catches it: at that
+    position the model's own choice is another token."""
+
+    def __init__(self, inner: Backend, *, keep: int, eos: int) -> None:
+        self.inner = inner
+        self.keep, self.eos = keep, eos
+        self.name, self.device = inner.name, inner.device
+        self.inputs, self.outputs = inner.inputs, inner.outputs
+        self.step = 0
+        self.truncated = 0  # generations it cut short
+
+    def run(self, feeds: dict[str, np.ndarray[Any, Any]], *, release: bool = False) -> dict[str, np.ndarray[Any, Any]]:
+        out = self.inner.run(feeds, release=release)
+        past = feeds.get("past.0.key")
+        self.step = 0 if past is None or past.shape[2] == 0 else self.step + 1  # a prefill starts a generation
+        if self.step == self.keep:
+            logits = out["logits"].copy()
+            logits[..., self.eos] = logits.max() + 10.0
+            out = {**out, "logits": logits}
+            self.truncated += 1
+        return out
 
     def close(self) -> None:
         self.inner.close()

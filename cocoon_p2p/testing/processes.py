@@ -1,13 +1,14 @@
 """Node programs as child processes, for the demo, the emulation and the tests.
 
-:func:`start_process` runs ``cocoon-node`` (as ``python -m cocoon_p2p.nodes.cli``
-under the running interpreter) and waits until it has said where it listens.
+:func:`start_node` runs ``cocoon-node`` (as ``python -m cocoon_p2p.nodes.cli``
+under the running interpreter) and waits until it serves, keeping what it said.
 """
 
 from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import dataclass, field
 
 import trio
 
@@ -20,32 +21,47 @@ class ProcessFailed(CocoonError):
     """A node process exited before it was ready."""
 
 
-async def start_process(
-    cmd: list[str], nursery: trio.Nursery, wallets: list[str] | None = None
-) -> tuple[trio.Process, list[str]]:
-    """Start a node process; return it and its listen addresses once it prints them
-    (and add the wallet address it prints to ``wallets``)."""
+@dataclass
+class Started:
+    """A node process that is ready: its listen addresses and, by first word, the first
+    line of each kind it printed before it was (``metrics ...``, ``cheating ...``)."""
+
+    proc: trio.Process
+    addrs: list[str]
+    said: dict[str, str] = field(default_factory=dict)
+
+
+async def start_node(cmd: list[str], nursery: trio.Nursery, wallets: list[str] | None = None) -> Started:
+    """Start a node process and return once it serves (a bootstrap peer: once it listens).
+    The wallet address it prints goes to ``wallets``."""
     proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE)
     assert proc.stdout is not None
-    buf, addrs = b"", []
+    buf, started = b"", Started(proc, [])
     while True:
         chunk = await proc.stdout.receive_some(4096)
         if not chunk:
-            raise ProcessFailed(f"{cmd[3]} exited before it listened")
+            raise ProcessFailed(f"{cmd[3]} exited before it served")
         buf += chunk
         *lines, buf = buf.split(b"\n")
         for line in lines:
             text = line.decode()
-            if text.startswith("listening "):
-                addrs.append(text.split()[1])
-            elif text.startswith("wallet ") and wallets is not None:
+            word = text.split(" ", 1)[0]
+            started.said.setdefault(word, text)
+            if word == "listening":
+                started.addrs.append(text.split()[1])
+            elif word == "wallet" and wallets is not None:
                 wallets.append(text.split()[1])
-            elif text.startswith("serving ") or (addrs and cmd[3] == "bootstrap"):
-                nursery.start_soon(_drain, proc.stdout)
-                return proc, addrs
-        if addrs and cmd[3] == "bootstrap":
-            nursery.start_soon(_drain, proc.stdout)
-            return proc, addrs
+        if "serving" in started.said or (started.addrs and cmd[3] == "bootstrap"):
+            nursery.start_soon(_drain, proc.stdout)  # a full pipe would block the node
+            return started
+
+
+async def start_process(
+    cmd: list[str], nursery: trio.Nursery, wallets: list[str] | None = None
+) -> tuple[trio.Process, list[str]]:
+    """:func:`start_node`, as the process and its listen addresses."""
+    started = await start_node(cmd, nursery, wallets)
+    return started.proc, started.addrs
 
 
 async def _drain(stream: trio.abc.ReceiveStream) -> None:
