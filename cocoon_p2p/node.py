@@ -46,6 +46,7 @@ from cocoon_p2p.core.errors import ConfigError, NotRunning
 from cocoon_p2p.core.identity import Identity, load_or_create_identity
 from cocoon_p2p.core.metrics import Metric, metric
 from cocoon_p2p.execution.backends import Backend
+from cocoon_p2p.execution.engine_runner import EngineRunner
 from cocoon_p2p.execution.executor import RunRequest
 from cocoon_p2p.execution.limits import InputLimits
 from cocoon_p2p.execution.models import ModelSpec
@@ -56,6 +57,7 @@ from cocoon_p2p.jobs.frames import NO_WORKERS, JobChunk
 from cocoon_p2p.jobs.fraudproof import FraudProof
 from cocoon_p2p.jobs.fraudwatch import FraudWatch, RerunResult
 from cocoon_p2p.jobs.receiptlog import ReceiptLog
+from cocoon_p2p.jobs.serving import EngineWatch
 from cocoon_p2p.jobs.spotcheck import SpotCheckPolicy
 from cocoon_p2p.jobs.worker import JobWorker
 from cocoon_p2p.overlay import protocols
@@ -440,6 +442,23 @@ class Node:
             )
         )
         self.set_capabilities(caps)
+
+    def serve_engine(
+        self, runner: EngineRunner, capability: ModelCapability, *, watch: EngineWatch | None = None
+    ) -> None:
+        """Serve a model an OpenAI-compatible engine runs (:mod:`~.execution.engine_runner`)
+        and advertise it under ``capability``; while health checks (``watch``) find the
+        engine down, the offer is withdrawn, and put back once it answers again."""
+
+        def on_health(model_id: bytes, up: bool) -> None:
+            others = [c for c in self.advertiser.capabilities if c.model_id != model_id]
+            self.set_capabilities([*others, capability] if up else others)
+
+        self._job_worker().serve_engine(
+            runner, price_nanoton=capability.price_nanoton, capacity=capability.capacity, watch=watch,
+            on_health=on_health,
+        )  # fmt: skip
+        on_health(capability.model_id, True)
 
     def stop_accepting_jobs(self) -> None:
         """New jobs are refused with ``shutting-down``; running ones finish."""

@@ -19,7 +19,7 @@ from typing import Any
 import trio
 
 from cocoon_p2p import __version__
-from cocoon_p2p.api.gateway import Gateway, GatewayModel
+from cocoon_p2p.api.gateway import GatewayModel
 from cocoon_p2p.api.http import Request, Response, error_response, serve_http
 from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.identity import load_or_create_identity
@@ -39,7 +39,7 @@ from cocoon_p2p.testing.cheating import CheatingBackend
 from cocoon_p2p.testing.localchain import LocalChain
 from cocoon_p2p.transport.limits import ResourceLimits
 
-from . import attest, demo, funding, logs
+from . import attest, demo, enginecli, funding, gatewaycli, logs
 from . import config as config_mod
 from . import status as status_mod
 
@@ -160,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="adversarial testing only: return wrong results on this share of model runs",
     )
     attest.add_worker_flags(p)
+    enginecli.add_worker_flags(p)
 
     p = sub.add_parser("client", help="run one job on the network and print what it cost")
     _common(p)
@@ -186,6 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--model", action="append", dest="models", help="built-in model name to offer (default: minilm, smollm2)"
     )
     p.add_argument("--max-price-nanoton", type=int, help="most to pay per unit (default 10000)")
+    gatewaycli.add_gateway_flags(p)
     _payments(p)
     _spot_checks(p)
     attest.add_client_flags(p)
@@ -300,7 +302,7 @@ async def _serve_metrics(metrics: Callable[[], list[Metric]], where: str, nurser
     print(f"metrics http://{host}:{bound}/metrics", flush=True)
 
 
-async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel]) -> None:
+async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel], aliases: dict[str, str]) -> None:
     """A client node behind the OpenAI-compatible API, until SIGINT/SIGTERM."""
     payments = await trio.to_thread.run_sync(_payment_config, cfg, funding.Role.GATEWAY)
     host, port = _host_port(cfg.http)
@@ -312,10 +314,11 @@ async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel]) ->
             return
         if cfg.metrics:  # also under the API's own /metrics
             await _serve_metrics(node.metrics, cfg.metrics, nursery)
-        gateway = Gateway(node, models, max_price_nanoton=cfg.max_price_nanoton, require_tee=cfg.require_tee)
+        gateway = gatewaycli.build_gateway(node, models, cfg, aliases)
         bound = await nursery.start(gateway.serve, host, port)
         tee = " (attested TEE workers only)" if cfg.require_tee else ""
-        print(f"gateway http://{host}:{bound}/v1 models: {', '.join(m.name for m in models)}{tee}", flush=True)
+        named = ", ".join([m.name for m in models] + list(aliases))
+        print(f"gateway http://{host}:{bound}/v1 models: {named} (and any the network names){tee}", flush=True)
         await _until_signalled()
         print("stopping", flush=True)
         nursery.cancel_scope.cancel()
@@ -333,7 +336,9 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
     cheats = [CheatingBackend(b, rate=cfg.cheat_rate, seed=i) for i, b in enumerate(backends)] if cfg.cheat_rate else []
     if cheats:
         backends = [*cheats]
-    payments = await trio.to_thread.run_sync(_payment_config, cfg, funding.Role.WORKER) if models else None
+    payments = (
+        await trio.to_thread.run_sync(_payment_config, cfg, funding.Role.WORKER) if models or cfg.engine else None
+    )
     async with Node(_node_config(cfg, payments)) as node, trio.open_nursery() as nursery:
         for addr in node.addrs:
             print(f"listening {addr}", flush=True)
@@ -356,6 +361,7 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
                 f"price={cfg.price_nanoton}/{spec.unit}",
                 flush=True,
             )
+        await enginecli.serve_engines(node, cfg)
         await _until_signalled()
         print("stopping", flush=True)
         node.stop_accepting_jobs()
@@ -529,9 +535,12 @@ def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "client":
         return trio.run(run_client, cfg, args)
     if args.command == "gateway":
+        # Models by name are resolved on the network per request (no export, no torch); a
+        # model file given by path is hashed here and offered under its own name.
         names = cfg.models or ["minilm", "smollm2"]
-        offered = [GatewayModel.of(resolve_model(m), m if m in BUILTIN_MODELS else None) for m in names]
-        trio.run(run_gateway, cfg, offered)
+        files = [GatewayModel.of(load_model(Path(m))) for m in names if Path(m).is_file()]
+        aliases = {m: BUILTIN_REFS.get(m, m) for m in names if not Path(m).is_file()}
+        trio.run(run_gateway, cfg, files, aliases)
         return 0
     models = [resolve_model(m) for m in (cfg.models if args.command == "worker" else [])]
     trio.run(run_peer, cfg, models)

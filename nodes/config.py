@@ -71,6 +71,23 @@ class RoleConfig:
     spot_check_cosine_min: float = DEFAULT_COSINE_MIN
     # Worker, adversarial testing only: return wrong results on this share of model runs.
     cheat_rate: float = 0.0
+    # Gateway: its API keys, one per line (also COCOON_API_KEYS); without keys it listens
+    # only on loopback, unless told insecure_no_auth.
+    api_key_file: str = ""
+    insecure_no_auth: bool = False
+    # Worker in front of an OpenAI-compatible engine (nodes/enginecli.py): its /v1 URL (empty:
+    # none), its models as NAME=WEIGHTS (with an engine, ``models`` are taken as these), its
+    # jobs at once, its kind ("auto": from /v1/models), API key, context (0: what it says, else
+    # 2048), GPU (for the offer), and its health checks (down after that many failures in a row).
+    engine: str = ""
+    engine_models: list[str] = field(default_factory=list)
+    engine_capacity: int = 4
+    engine_kind: str = "auto"
+    engine_api_key: str = ""
+    engine_context: int = 0
+    engine_gpu: str = ""
+    engine_health_interval_s: float = 5.0
+    engine_health_failures: int = 3
 
 
 def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
@@ -93,6 +110,12 @@ def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
     if cfg.testnet and not cfg.chain:
         cfg.chain = TESTNET_CHAIN
     cfg.models = [str(m) for m in cfg.models]
+    if cfg.engine and not cfg.engine_models:  # beside an engine, --model NAME=WEIGHTS names its models
+        cfg.engine_models, cfg.models = cfg.models, []
+    cfg.engine_models = [str(m) for m in cfg.engine_models]
+    for key in ("engine_capacity", "engine_health_failures"):
+        if getattr(cfg, key) < 1:
+            raise ConfigError(f"{key} must be at least 1, not {getattr(cfg, key)}")
     # One file reads naturally as a string in TOML; the client side takes several.
     collateral: Any = cfg.tee_collateral
     cfg.tee_collateral = [str(collateral)] if isinstance(collateral, str | Path) else [str(c) for c in collateral]

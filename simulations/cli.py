@@ -79,17 +79,26 @@ def run_scenario(sc: Scenario, fidelity: str, *, show_progress: bool = True) -> 
     return results
 
 
-def _save(results: Results, out: Path) -> dict[str, Any]:
+def _save(results: Results, out: Path, *, plots: bool = True) -> dict[str, Any]:
     summary = results.write(out)
-    from . import plots
+    if plots:  # a fifth of a short run's time: experiments that draw their own figures skip them
+        from . import plots as figures
 
-    summary["plots"] = plots.write_all(results, out)
+        summary["plots"] = figures.write_all(results, out)
+    else:
+        summary["plots"] = []
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
     return summary
 
 
 KEY_FIGURES = ("jobs_issued", "success", "latency_s_p50", "latency_s_p99", "attempts_mean", "lookup_s_p50",
                "lookup_hops_mean", "onchain_ops", "onchain_ops_per_10k_jobs", "wall_s")  # fmt: skip
+
+
+# With a [cheat] section in use: the figures of its block that a run prints and a sweep tabulates.
+CHEAT_FIGURES = ("cheaters", "cheaters_detected", "wrong_delivered", "wrong_caught", "wrong_paid_share",
+                 "jobs_to_detection_p50", "jobs_to_detection_p90", "network_ban_s_max", "checks",
+                 "added_compute_share", "false_alarms")  # fmt: skip
 
 
 def _print_summary(s: dict[str, Any]) -> None:
@@ -99,26 +108,32 @@ def _print_summary(s: dict[str, Any]) -> None:
             print(f"{k:28} {v:.4g}" if isinstance(v, float) else f"{k:28} {v}")
     if s.get("failures_by_code"):
         print(f"{'failures_by_code':28} {s['failures_by_code']}")
+    for k in CHEAT_FIGURES if "cheat" in s else ():
+        v = s["cheat"].get(k)
+        print(f"{'cheat.' + k:28} {v:.4g}" if isinstance(v, float) else f"{'cheat.' + k:28} {v}")
 
 
-def _one(args: tuple[str, list[str], str, str]) -> dict[str, Any]:
+def _one(args: tuple[str, list[str], str, str, bool]) -> dict[str, Any]:
     """A sweep point, in its own process."""
-    path, overrides, fidelity, out = args
+    path, overrides, fidelity, out, plots = args
     sc = load(Path(path), overrides)
-    summary = _save(run_scenario(sc, fidelity, show_progress=False), Path(out))
+    summary = _save(run_scenario(sc, fidelity, show_progress=False), Path(out), plots=plots)
     summary["params"] = dict(o.split("=", 1) for o in overrides)
     return summary
 
 
 def sweep(
-    path: Path, grid: list[str], fidelity: str, out: Path, processes: int, base: list[str]
+    path: Path, grid: list[str], fidelity: str, out: Path, processes: int, base: list[str], *, plots: bool = True
 ) -> list[dict[str, Any]]:
+    """Every point of ``grid`` (``key=v1,v2`` axes) over ``base`` overrides, in parallel
+    processes; each point's files (its plots only with ``plots``) under ``out``, and
+    ``sweep.csv`` / ``sweep.json`` of them all."""
     axes = []
     for g in grid:
         key, _, values = g.partition("=")
         axes.append([f"{key}={v}" for v in values.split(",")])
     points = [base + list(combo) for combo in itertools.product(*axes)]
-    jobs = [(str(path), p, fidelity, str(out / "_".join(o.replace("=", "-") for o in p[len(base) :])))
+    jobs = [(str(path), p, fidelity, str(out / "_".join(o.replace("=", "-") for o in p[len(base) :])), plots)
             for p in points]  # fmt: skip
     results: list[dict[str, Any]] = []
     with concurrent.futures.ProcessPoolExecutor(max_workers=processes) as pool:
@@ -132,10 +147,12 @@ def sweep(
     out.mkdir(parents=True, exist_ok=True)
     with (out / "sweep.csv").open("w", newline="") as f:
         keys = sorted(results[0]["params"]) if results else []
+        cheat = CHEAT_FIGURES if any("cheat" in s for s in results) else ()
         w = csv.writer(f)
-        w.writerow([*keys, *KEY_FIGURES])
+        w.writerow([*keys, *KEY_FIGURES, *(f"cheat.{k}" for k in cheat)])
         for s in results:
-            w.writerow([s["params"][k] for k in keys] + [s.get(k) for k in KEY_FIGURES])
+            w.writerow([s["params"][k] for k in keys] + [s.get(k) for k in KEY_FIGURES]
+                       + [s.get("cheat", {}).get(k) for k in cheat])  # fmt: skip
     (out / "sweep.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
     return results
 

@@ -179,5 +179,7 @@ def run_emulation(sc: Scenario, *, progress: Callable[[float], None] | None = No
     """Run ``sc`` with real processes (see the module's docstring); ScenarioError for what only the model runs."""
     if sc.tee.in_use:  # no machine here makes TDX quotes, and no emulated worker could attest
         raise ScenarioError("tee.* runs in the model fidelity only (no emulated worker can produce a TDX quote)")
+    if sc.cheat.in_use:  # the node's workers have no switch to lie, and its clients' checks are set elsewhere
+        raise ScenarioError("cheat.* runs in the model fidelity only (an emulated worker never returns wrong results)")
     with tempfile.TemporaryDirectory(prefix="cocoon-emulation-") as d:
         return trio.run(_emulate, sc, Path(d), progress)

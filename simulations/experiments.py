@@ -1,6 +1,6 @@
 """Re-run the experiments of simulations/EXPERIMENTS.md and redraw their figures.
 
-    python -m cocoon_p2p.simulations.experiments [--only routing|churn|dht|settlement|scale|tee] \
+    python -m cocoon_p2p.simulations.experiments [--only routing|churn|dht|settlement|scale|tee|cheat] \
         [--out simulations/results]
 
 Each experiment is a sweep of a committed scenario (model fidelity); the figures
@@ -22,6 +22,9 @@ import matplotlib.ticker
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.lines import Line2D  # noqa: E402
+
+from cocoon_p2p.core.metrics import percentile  # noqa: E402
 
 from .cli import sweep  # noqa: E402
 
@@ -203,6 +206,155 @@ def tee(out: Path, procs: int) -> dict[str, Any]:
     return clean
 
 
+CHEAT_RATES = ("0.01", "0.1", "0.5")
+CHECK_RATES = ("0", "0.01", "0.05", "0.1", "0.25")
+CHEAT_SHARES = ("0.1", "0.3")
+CAUGHT_WITHIN = 100  # jobs: a worker cheating on 10% of its jobs should be caught within this many (median)
+
+
+def _detection(runs: list[dict[str, Any]]) -> dict[str, Any]:
+    """Jobs until detection over the cheaters of several runs: percentiles (None: past the
+    cheaters still undetected at the end; ``p50_at_least`` then bounds the median from
+    below), and detections per job served while undetected (pooled)."""
+    until: list[float] = []
+    floor: list[float] = []
+    found = exposure = 0
+    for s in runs:
+        ch = s["cheat"]
+        for n, served in zip(ch["jobs_to_detection"], ch["cheater_jobs"], strict=True):
+            until.append(math.inf if n is None else n)
+            floor.append(served if n is None else n)
+        found += ch["cheaters_detected"]
+        exposure += ch["detection_exposure_jobs"]
+    p50, p90 = percentile(until, 50), percentile(until, 90)
+    return {
+        "cheaters": len(until),
+        "detected": found,
+        "p50": None if math.isinf(p50) else p50,
+        "p90": None if math.isinf(p90) else p90,
+        "p50_at_least": percentile(floor, 50),
+        "per_job": found / exposure if exposure else None,
+        "exposure_jobs": exposure,
+    }
+
+
+def cheat(out: Path, procs: int) -> dict[str, Any]:
+    """Wrong results against spot checks: cheat rate x check rate x cheater share, then the
+    check rate that catches a worker cheating on 10% of its jobs within 100 of them (median),
+    run with a verify job (generation) and with a full re-run (embeddings)."""
+    res = sweep(SCENARIOS / "cheat.toml", [f"cheat.rate={','.join(CHEAT_RATES)}",
+                f"cheat.check_rate={','.join(CHECK_RATES)}", f"cheat.share={','.join(CHEAT_SHARES)}"], "model",
+                out / "runs" / "cheat", procs, [], plots=False)  # fmt: skip
+    pts = {(s["params"]["cheat.rate"], s["params"]["cheat.check_rate"], s["params"]["cheat.share"]): s for s in res}
+    detect = {(r, c): _detection([pts[(r, c, sh)] for sh in CHEAT_SHARES]) for r in CHEAT_RATES for c in CHECK_RATES}
+    # Detection per job is check_rate x cheat_rate x (a check's chance to blame the right worker): fit that
+    # last factor on the 10% line (a Poisson fit through the origin), then solve for the median.
+    line = [(float(c), detect[("0.1", c)]) for c in CHECK_RATES if float(c) > 0]
+    k = sum(d["detected"] for _, d in line) / sum(c * d["exposure_jobs"] for c, d in line)
+    needed_per_job = 1 - 2 ** (-1 / CAUGHT_WITHIN)  # median of a geometric = CAUGHT_WITHIN
+    needed = {"analytic": needed_per_job / 0.1, "fitted": needed_per_job / k, "fit_per_job_per_check": k}
+    check = f"{math.ceil(needed['fitted'] * 100) / 100:g}"
+    fixed = ["cheat.rate=0.1", f"cheat.check_rate={check}", "cheat.share=0.3"]
+    conf = sweep(SCENARIOS / "cheat.toml", ["cheat.verify_cost=0.08,1.0", "seed=71,72"], "model",
+                 out / "runs" / "cheat-needed", procs, fixed, plots=False)  # fmt: skip
+    for vc in ("0.08", "1.0"):
+        runs = [s for s in conf if s["params"]["cheat.verify_cost"] == vc]
+        needed[f"verify_cost={vc}"] = {
+            "check_rate": float(check),
+            "jobs_to_detection": _detection(runs),
+            "added_compute_share": sum(s["cheat"]["added_compute_share"] for s in runs) / len(runs),
+            "latency_s_p50": sum(s["latency_s_p50"] for s in runs) / len(runs),
+            "latency_s_p99": sum(s["latency_s_p99"] for s in runs) / len(runs),
+        }
+    _cheat_plots(out, pts, detect)
+    keys = ("wrong_paid_share", "wrong_results", "wrong_delivered", "wrong_caught", "cheaters", "cheaters_detected",
+            "jobs_to_detection_p50", "jobs_to_detection_p90", "network_ban_s_p50", "network_ban_s_max", "checks",
+            "check_runs", "added_compute_share", "false_alarms", "honest_condemned_by_lies", "lying_checkers_caught",
+            "paid_to_cheaters_nanoton", "paid_total_nanoton")  # fmt: skip
+    runs_table = {
+        f"rate={r},check={c},share={sh}": {
+            **{k: s["cheat"][k] for k in keys},
+            "latency_s_p50": s["latency_s_p50"],
+            "latency_s_p99": s["latency_s_p99"],
+            "success": s["success"],
+        }
+        for (r, c, sh), s in sorted(pts.items())
+    }
+    pooled = {f"rate={r},check={c}": {**d, "analytic_p50": _analytic_p50(float(r), float(c))}
+              for (r, c), d in detect.items()}  # fmt: skip
+    clean: dict[str, Any] = _no_nan({"runs": runs_table, "detection_pooled_over_shares": pooled, "needed": needed})
+    return clean
+
+
+def _analytic_p50(rate: float, check: float) -> float | None:
+    """The median of a geometric with detection check x rate per job (None: never detected)."""
+    p = rate * check
+    return math.log(2) / -math.log1p(-p) if p > 0 else None
+
+
+def _cheat_plots(out: Path, pts: dict[tuple[str, str, str], dict[str, Any]],
+                 detect: dict[tuple[str, str], dict[str, Any]]) -> None:  # fmt: skip
+    colors = dict(zip(CHEAT_RATES, ("tab:blue", "tab:orange", "tab:red"), strict=True))
+    xs = [float(c) for c in CHECK_RATES]
+    fig, axes = plt.subplots(1, len(CHEAT_SHARES), figsize=(9.5, 3.8), sharey=True)
+    for ax, sh in zip(axes, CHEAT_SHARES, strict=True):
+        for r in CHEAT_RATES:
+            ys = [pts[(r, c, sh)]["cheat"]["wrong_paid_share"] * 100 for c in CHECK_RATES]
+            ax.plot(xs, ys, marker="o", color=colors[r], label=f"cheats on {float(r):.0%} of jobs")
+        ax.set_xscale("symlog", linthresh=0.01, linscale=0.5)
+        ax.set_yscale("symlog", linthresh=0.01, linscale=0.5)
+        ax.set_xticks(xs, [f"{x:g}" for x in xs])
+        ax.set_xlabel("clients' spot-check rate")
+        ax.set_title(f"{float(sh):.0%} of workers cheat")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0].set_ylabel("money paid for wrong results (% of all)")
+    axes[0].legend(fontsize=8)
+    fig.suptitle("Money paid for wrong results (20 workers, 90 s at 50% load, bans by fraud proof)")
+    fig.tight_layout()
+    fig.savefig(out / "cheat_money.png", dpi=110)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.6, 4.4))
+    checks = [c for c in CHECK_RATES if float(c) > 0]
+    fine = [x / 1000 for x in range(8, 300)]
+    for r in CHEAT_RATES:
+        d = [detect[(r, c)] for c in checks]
+        known = [(float(c), x) for c, x in zip(checks, d, strict=True) if x["p50"] is not None]
+        if known:
+            p50 = [x["p50"] for _, x in known]
+            p90 = [x["p90"] if x["p90"] is not None else x["p50"] for _, x in known]
+            up = [b - a for a, b in zip(p50, p90, strict=True)]
+            ax.errorbar([c for c, _ in known], p50, yerr=[[0] * len(p50), up], marker="o", color=colors[r], capsize=3,
+                        label=f"cheats on {float(r):.0%} of jobs")  # fmt: skip
+        fits = [(float(c), math.log(2) / -math.log1p(-x["per_job"])) for c, x in zip(checks, d, strict=True)
+                if x["per_job"]]  # fmt: skip
+        ax.scatter([c for c, _ in fits], [y for _, y in fits], marker="x", color=colors[r], s=25)
+        floors = [(float(c), x["p50_at_least"]) for c, x in zip(checks, d, strict=True) if x["p50"] is None]
+        if floors:
+            ax.scatter([c for c, _ in floors], [y for _, y in floors], marker="^", facecolors="none",
+                       edgecolors=colors[r])  # fmt: skip
+        ax.plot(fine, [math.log(2) / -math.log1p(-float(r) * c) for c in fine], linestyle="--", color=colors[r],
+                linewidth=1)  # fmt: skip
+    ax.axhline(CAUGHT_WITHIN, color="tab:gray", linestyle=":", linewidth=1)
+    keys = [  # what the marks mean, in black (the colours are the cheat rates)
+        Line2D([], [], color="k", marker="o", label="median (bar to p90)"),
+        Line2D([], [], color="k", marker="x", linestyle="", label="ln 2 / (detections per job), pooled"),
+        Line2D([], [], color="k", marker="^", markerfacecolor="none", linestyle="", label="median beyond (undetected)"),
+        Line2D([], [], color="k", linestyle="--", linewidth=1, label="ln 2 / (check x cheat rate)"),
+    ]
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("clients' spot-check rate")
+    ax.set_ylabel("a cheater's jobs until first caught")
+    ax.set_title("Jobs until a cheater is first caught (8 cheaters a point, generation checks)", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(handles=[*ax.get_legend_handles_labels()[0], *keys], fontsize=7, loc="center left",
+              bbox_to_anchor=(1.01, 0.5))  # fmt: skip
+    fig.tight_layout()
+    fig.savefig(out / "cheat_detection.png", dpi=110)
+    plt.close(fig)
+
+
 def _no_nan(value: Any) -> Any:
     """``value`` with NaN (no job to measure) as None, so figures.json stays strict JSON."""
     if isinstance(value, float) and math.isnan(value):
@@ -212,7 +364,8 @@ def _no_nan(value: Any) -> Any:
     return value
 
 
-EXPERIMENTS = {"routing": routing, "churn": churn, "dht": dht, "settlement": settlement, "scale": scale, "tee": tee}
+EXPERIMENTS = {"routing": routing, "churn": churn, "dht": dht, "settlement": settlement, "scale": scale, "tee": tee,
+               "cheat": cheat}  # fmt: skip
 
 
 def main() -> int:

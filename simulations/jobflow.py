@@ -5,6 +5,8 @@ the object :meth:`JobClient.infer` drives) with the client's own :class:`Router`
 the frames between client and worker go through real :class:`JobConnection`
 objects at both ends, and the client checks price and charge as the library
 does. Workers are single FIFO servers that admit up to ``capacity`` jobs.
+Spot checks (:mod:`.cheating`) hold an accepted result before it is paid; their
+runs go through the same links, queues and frames as callers' jobs.
 """
 
 from __future__ import annotations
@@ -29,8 +31,10 @@ from cocoon_p2p.jobs.frames import (
 from cocoon_p2p.overlay.directory import WorkerOffer
 
 from .announcing import Announcing
+from .cheating import Cheating
 from .results import JobRecord
 from .settling import Settlement
+from .spotchecks import Check, Verdict
 from .tee import NO_ATTESTED_WORKERS, Attestation
 from .world import DEAD_DETECT_S, EPOCH_MS, Attempt, JobLink, SimClient, SimJob, SimWorker, World
 
@@ -38,11 +42,15 @@ from .world import DEAD_DETECT_S, EPOCH_MS, Attempt, JobLink, SimClient, SimJob,
 class JobFlow:
     """Every job from its arrival at a client to its result, failure or deadline."""
 
-    def __init__(self, world: World, announcing: Announcing, settlement: Settlement, attestation: Attestation) -> None:
+    def __init__(
+        self, world: World, announcing: Announcing, settlement: Settlement, attestation: Attestation, cheating: Cheating
+    ) -> None:
         self.world = world
         self.announcing = announcing
         self.settlement = settlement
         self.attestation = attestation
+        self.cheating = cheating
+        cheating.bind(self)
         self.open_jobs: dict[SimJob, None] = {}  # insertion-ordered: runs must not depend on addresses
 
     # ---- clients ------------------------------------------------------------------------------
@@ -66,7 +74,12 @@ class JobFlow:
 
     def _offers(self, c: SimClient) -> list[WorkerOffer]:
         self.announcing.deliver(c)
-        return c.directory.workers_for(c.model_id, now_ms=self.world.now_ms())
+        return self.cheating.unbanned(c, c.directory.workers_for(c.model_id, now_ms=self.world.now_ms()))
+
+    def offers(self, c: SimClient) -> list[WorkerOffer]:
+        """The offers a spot check of ``c`` picks from: what it may route to (not banned; attested
+        when it requires a TEE, as the node's check asks the TEE gate too)."""
+        return self.attestation.gate(c, self._offers(c))
 
     def _try(self, job: SimJob) -> None:
         if job.done:
@@ -85,6 +98,23 @@ class JobFlow:
             return self._fail(job, NO_ATTESTED_WORKERS if self._gated_out(c, offers, allowed) else NO_WORKERS)
         job.attempts.started(w.ident.peer_id)
         job.record.attempts = job.attempts.count
+        self._dispatch(job, w)
+
+    def run_check(self, check: Check, w: SimWorker) -> None:
+        """A run of ``check`` on ``w``: one attempt with a deadline of its own (the client's
+        ``run_on``: no retry, the router learns nothing from it)."""
+        c, now = check.job.client, self.world.events.now
+        timeout = self.world.sc.routing.timeout_s
+        rec = JobRecord(issued=now, client=c.idx, counted=False)
+        attempts = JobAttempts(c.router, max_price=c.group.max_price_nanoton, max_attempts=1, deadline=now + timeout)
+        job = SimJob(rec, c, now + timeout, attempts, check=check)
+        self.world.events.at(job.deadline, self._deadline, job)
+        self._dispatch(job, w)
+
+    def _dispatch(self, job: SimJob, w: SimWorker) -> None:
+        """An attempt of ``job`` on ``w``: on their link (reconnected if need be), after the TEE gate's ask."""
+        world = self.world
+        c, now = job.client, world.events.now
         link = c.links.get(w.idx)
         if link is None or link.session != w.session:  # (re)connect: a fresh stream, fresh state
             link = c.links[w.idx] = JobLink(JobConnection(Role.CLIENT), JobConnection(Role.WORKER), w.session)
@@ -150,6 +180,7 @@ class JobFlow:
             w for w in world.workers
             if w.model_id == c.model_id and world.online[w.idx] and w.behaviour == "honest"
             and w.group.price_nanoton <= cap and w.ident.peer_id not in exclude and (w.attested or not tee)
+            and w.ident.peer_id not in c.banned
         ]  # fmt: skip
 
     # ---- workers ------------------------------------------------------------------------------
@@ -187,7 +218,7 @@ class JobFlow:
             return
         att = w.queue.popleft()
         w.serving = att
-        t = self._service_s(w, att.job.client.group.units)
+        t = self.cheating.compute_s(att, self._service_s(w, att.job.client.group.units))
         w.busy_s += t
         att.service_s = t
         self.world.events.after(t, self._served, w, att, w.session)
@@ -202,6 +233,7 @@ class JobFlow:
         c = att.job.client
         units, price = c.group.units, w.group.price_nanoton
         cost = units * price * (2 if w.behaviour == "overcharge" else 1)
+        att.answer = self.cheating.answer(w)
         # As the worker does for a quick job: JobAccepted goes out with the result, in one write.
         data = att.link.worker.send(JobAccepted(job_id=att.job_id, price_nanoton=price, unit="item"))
         data += att.link.worker.send(JobResult(job_id=att.job_id, usage_units=units, cost_nanoton=cost,
@@ -243,19 +275,35 @@ class JobFlow:
                                                                             result.cost_nanoton):  # fmt: skip
             return self._attempt_failed(att, PRICE)  # the client does not pay a wrong bill
         cost = result.cost_nanoton
-        now = self.world.events.now
-        job.attempts.succeeded(w.ident.peer_id, now - att.sent_at, compute_us=result.compute_us)
-        self.settlement.pay(c, w, cost)
+        if job.check is not None:
+            job.done = True
+            return self.cheating.run_answered(att, cost)
+        job.attempts.succeeded(w.ident.peer_id, self.world.events.now - att.sent_at, compute_us=result.compute_us)
+        if self.cheating.result(att, cost):  # drawn for a spot check: it ends the job
+            return
+        self.complete(job, w, cost, pay=True, verdict=Verdict.UNCHECKED, wrong=att.answer != 0)
+
+    def complete(self, job: SimJob, w: SimWorker, cost: int, *, pay: bool, verdict: Verdict, wrong: bool) -> None:
+        """``job`` ends with ``w``'s result (paid ``cost`` now when ``pay``); ``wrong``: a wrong
+        result the caller takes as right."""
+        if job.done:
+            return
+        if pay:
+            self.settlement.pay(job.client, w, cost)
         job.done = True
         self.open_jobs.pop(job, None)
         r = job.record
-        r.ok, r.latency_s, r.worker, r.cost = True, now - r.issued, w.idx, cost
+        r.ok, r.latency_s, r.worker, r.cost = True, self.world.events.now - r.issued, w.idx, cost
+        r.verdict, r.wrong = verdict, wrong
         self.world.results.add_job(r)
 
     def _attempt_failed(self, att: Attempt, code: str) -> None:
         job, c = att.job, att.job.client
         if job.done or att.client_session != c.session:
             return
+        if job.check is not None:  # a check run failed: no verdict from it, nobody scored down
+            job.done = True
+            return self.cheating.run_failed(job.check)
         after = job.attempts.failed(att.worker.ident.peer_id, code, self.world.events.now)
         if after.forget_worker:  # as the node's PeerFeedback.worker_lost: until it announces again
             c.directory.forget(att.worker.ident.peer_id)
@@ -265,15 +313,19 @@ class JobFlow:
         self._try(job)
 
     def _deadline(self, job: SimJob) -> None:
-        if job.done:
+        if job.done or job.held:  # a result under check is owed, past the deadline if need be
             return
         att = job.current
         if att is not None and att.job_id in att.link.client.jobs:  # tell the worker to stop
-            job.attempts.timed_out(att.worker.ident.peer_id, self.world.events.now)  # cooled down, as JobClient does
+            if job.check is None:
+                job.attempts.timed_out(att.worker.ident.peer_id, self.world.events.now)  # cooled down, as JobClient
             cancel = att.link.client.send(JobCancel(job_id=att.job_id))
             if self.world.online[att.worker.idx] and att.link.session == att.worker.session:
                 att.link.worker.receive_data(cancel)
                 att.link.worker.next_event()
+        if job.check is not None:
+            job.done = True
+            return self.cheating.run_failed(job.check)
         self._fail(job, DEADLINE)
 
     def _fail(self, job: SimJob, code: str) -> None:

@@ -11,8 +11,9 @@ vouchers (:class:`VoucherIssuer` signs, :class:`VoucherBook` checks) and the
 settlement policy (:func:`client_action`, :func:`worker_action`). What is
 modelled: the network (:mod:`.latency`), the gossipsub mesh (:mod:`.gossip`),
 Kademlia (:mod:`.kademlia`), workers as single FIFO servers that admit up to
-``capacity`` jobs, churn, adversaries, and TEE attestation (:mod:`.tee`: which
-workers are attested, which clients require it, what evidence costs).
+``capacity`` jobs, churn, adversaries, TEE attestation (:mod:`.tee`: which
+workers are attested, which clients require it, what evidence costs), and wrong
+results with the clients' spot checks, bans and fraud proofs (:mod:`.cheating`).
 Announcements are delivered without their signatures (verifying the same bytes
 at every receiver changes no decision).
 
@@ -36,6 +37,8 @@ from cocoon_p2p.overlay.directory import WorkerDirectory
 from cocoon_p2p.payments.settlement import SettlementPolicy
 
 from .announcing import Announcing
+from .cheating import Cheating
+from .cheating import assign_roles as assign_cheaters
 from .events import EventQueue
 from .gossip import Mesh
 from .jobflow import JobFlow
@@ -69,7 +72,8 @@ class ModelSim:
         self.announcing = Announcing(self.world)
         self.settlement = Settlement(self.world)
         self.attestation = Attestation(self.world)
-        self.jobs = JobFlow(self.world, self.announcing, self.settlement, self.attestation)
+        self.cheating = Cheating(self.world, self.settlement)
+        self.jobs = JobFlow(self.world, self.announcing, self.settlement, self.attestation, self.cheating)
 
     @property
     def results(self) -> Results:
@@ -114,6 +118,7 @@ class ModelSim:
                 clients.append(SimClient(idx, cg, key, mid, dht_key, WorkerDirectory(), router))
                 idx += 1
         assign_roles(sc.tee, sc.seed, workers, clients)
+        assign_cheaters(sc.cheat, sc.seed, workers, clients)
         by_peer = {w.ident.peer_id: w for w in workers}
         for p in range(idx):  # workers and clients join when the run starts; relays are already there
             online[p] = False
@@ -176,6 +181,8 @@ class ModelSim:
         r.extra["announce_visible_s_p50"] = vis[len(vis) // 2] if vis else math.nan
         r.events = world.events.processed
         r.attestation_ask_s = self.attestation.ask_s
+        if self.cheating.in_use:
+            r.cheat = self.cheating.summary()
         r.money = {
             "vouchers_paid_nanoton": self.settlement.paid_total,
             "earned_settled_nanoton": sum(w.earned for w in world.workers),
@@ -183,7 +190,8 @@ class ModelSim:
         }
         r.workers = [
             {"idx": w.idx, "gpu": w.group.gpu, "speed": w.group.speed, "behaviour": w.behaviour, "jobs": w.jobs_done,
-             "busy_s": w.busy_s, "earned_nanoton": w.earned + self.settlement.held_for(w), "attested": w.attested}
+             "busy_s": w.busy_s, "earned_nanoton": w.earned + self.settlement.held_for(w), "attested": w.attested,
+             "cheats": w.cheats}
             for w in world.workers
         ]  # fmt: skip
 

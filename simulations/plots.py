@@ -50,7 +50,7 @@ def write_all(r: Results, out: Path) -> list[str]:
         for key, name, label in (("jobs", "worker_load.png", "jobs served"),
                                  ("earned_nanoton", "earnings.png", "earned (nanoton)")):  # fmt: skip
             fig, ax = plt.subplots(figsize=(6.4, 4))
-            colors = ["tab:red" if w["behaviour"] != "honest" else "tab:blue" for w in ws]
+            colors = ["tab:red" if w["behaviour"] != "honest" or w.get("cheats") else "tab:blue" for w in ws]
             ax.bar(range(len(ws)), [w[key] for w in ws], color=colors, width=1.0)
             ax.set_xlabel("worker (fastest first; red: adversarial)")
             ax.set_ylabel(label)

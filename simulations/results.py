@@ -17,6 +17,7 @@ from typing import Any
 from cocoon_p2p.core.metrics import percentile
 
 from .scenario import Scenario
+from .spotchecks import Verdict
 from .tee import NO_ATTESTED_WORKERS
 
 
@@ -32,6 +33,8 @@ class JobRecord:
     cost: int = 0
     code: str = ""
     tee: bool = False  # its client required an attested worker
+    verdict: Verdict = Verdict.UNCHECKED  # a spot check's (issue 18)
+    wrong: bool = False  # a wrong result its caller took as right (unchecked, or passed by a lying verifier)
 
 
 @dataclass
@@ -48,6 +51,7 @@ class Results:
     channels_closed: int = 0
     mesh_recomputes: int = 0
     attestation_ask_s: list[float] = field(default_factory=list)  # each evidence ask: its cost to the job
+    cheat: dict[str, Any] = field(default_factory=dict)  # wrong results, checks and bans (.cheating)
     events: int = 0
     wall_s: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
@@ -142,6 +146,8 @@ class Results:
                 "ask_s_p50": percentile(self.attestation_ask_s, 50),
                 "ask_s_p99": percentile(self.attestation_ask_s, 99),
             }
+        if self.scenario.cheat.in_use:
+            out["cheat"] = self.cheat
         out.update(self.extra)
         return out
 

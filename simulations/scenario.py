@@ -133,6 +133,26 @@ class Tee:
 
 
 @dataclass
+class Cheat:
+    """Wrong results (issue 18): who cheats, how often, and the clients' spot checks against it."""
+
+    share: float = 0.0  # share of the workers that cheat
+    rate: float = 0.0  # share of a cheater's jobs (spot-check runs included) that return a wrong result
+    check_rate: float = 0.0  # share of results a client checks (drawn after the result arrived)
+    # A check's compute as a share of the job's: a verify job (one teacher-forced pass) for a
+    # generation, measured at ~8%; 1.0 is a full re-run (embeddings, tensors). Below 1 the
+    # client runs the generation's flow (verifier, second verifier), at 1 the re-run flow
+    # (reference, tie-breaker).
+    verify_cost: float = 0.08
+    proof_trust_share: float = 1.0  # share of clients that act on a gossiped fraud proof (ban the accused)
+    honest_false_alarm: float = 0.0  # chance that a check of a right result finds it wrong
+
+    @property
+    def in_use(self) -> bool:
+        return self.share > 0 or self.check_rate > 0
+
+
+@dataclass
 class Emulation:
     duration_cap_s: float = 120.0  # an emulation never runs longer than this
     job_model: str = "tiny"  # the ONNX model the emulated workers serve
@@ -156,6 +176,7 @@ class Scenario:
     routing: Routing = field(default_factory=Routing)
     settlement: Settlement = field(default_factory=Settlement)
     tee: Tee = field(default_factory=Tee)
+    cheat: Cheat = field(default_factory=Cheat)
     emulation: Emulation = field(default_factory=Emulation)
 
     @property
@@ -176,6 +197,7 @@ _SECTIONS: dict[str, type] = {
     "routing": Routing,
     "settlement": Settlement,
     "tee": Tee,
+    "cheat": Cheat,
     "emulation": Emulation,
 }
 _LISTS: dict[str, type] = {"workers": WorkerGroup, "clients": ClientGroup}
@@ -261,6 +283,7 @@ def validate(sc: Scenario) -> None:
         raise ScenarioError("tee.attested_share and tee.require_share are shares (0..1)")
     if t.verify_ms < 0 or t.evidence_kb < 0 or t.verdict_ttl_s <= 0:
         raise ScenarioError("need tee.verify_ms >= 0, tee.evidence_kb >= 0 and tee.verdict_ttl_s > 0")
+    _validate_cheat(sc.cheat)
     g = sc.gossip
     if not 1 <= g.D_lo <= g.D <= g.D_hi:
         raise ScenarioError("need 1 <= D_lo <= D <= D_hi")
@@ -268,3 +291,14 @@ def validate(sc: Scenario) -> None:
     for c in sc.clients:
         if c.model not in served:
             raise ScenarioError(f"clients ask for {c.model!r}, which no worker group serves")
+
+
+def _validate_cheat(ch: Cheat) -> None:
+    for f in dataclasses.fields(ch):
+        v = getattr(ch, f.name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise ScenarioError(f"cheat.{f.name} must be a number, not {v!r}")
+        if f.name != "verify_cost" and not 0 <= v <= 1:
+            raise ScenarioError(f"cheat.{f.name} is a share (0..1), not {v!r}")
+    if not 0 < ch.verify_cost <= 1:
+        raise ScenarioError(f"cheat.verify_cost is a share of a job's compute (0 < x <= 1), not {ch.verify_cost!r}")

@@ -6,7 +6,7 @@ import hashlib
 import random
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from nacl.signing import SigningKey
 
@@ -24,6 +24,9 @@ from .kademlia import Kademlia
 from .latency import Latency
 from .results import JobRecord, Results
 from .scenario import ClientGroup, Scenario, WorkerGroup
+
+if TYPE_CHECKING:
+    from .spotchecks import Check
 
 EPOCH_MS = 1_790_000_000_000  # virtual time 0, as Unix milliseconds (records carry absolute times)
 DEAD_DETECT_S = 1.0  # a client notices a dead worker's connection after about this long
@@ -43,6 +46,7 @@ class SimWorker:
     key: int  # the model's DHT key
     behaviour: str = "honest"  # honest | drop | overcharge | stale
     attested: bool = False  # carries a TEE attestation claim (its evidence passes every check)
+    cheats: bool = False  # returns wrong results on a share cheat.rate of its jobs
     queue: deque[Attempt] = field(default_factory=deque)
     serving: Attempt | None = None
     busy_s: float = 0.0
@@ -96,6 +100,8 @@ class SimClient:
     session: int = 0
     joined_at: float = 0.0  # when its current session began (it hears only announcements sent since)
     requires_tee: bool = False  # its jobs go to attested workers only
+    trusts_proofs: bool = False  # bans a worker on a fraud proof gossiped by another client
+    banned: set[bytes] = field(default_factory=set)  # workers it caught, or heard proofs against: never used again
 
 
 @dataclass(eq=False)
@@ -106,6 +112,8 @@ class SimJob:
     attempts: JobAttempts  # the library's retry policy, as JobClient.infer drives it
     done: bool = False
     current: Attempt | None = None
+    held: bool = False  # its result is under a spot check: owed, past the deadline if need be
+    check: Check | None = None  # this job is a run of that spot check (not a caller's job)
 
 
 @dataclass(eq=False)
@@ -118,6 +126,7 @@ class Attempt:
     job_id: int
     wire: bytes = b""  # the request's bytes, as the worker will read them
     service_s: float = 0.0  # the worker's compute time, reported in its result
+    answer: int = 0  # what the worker returned: 0 the right result, n > 0 a wrong one (no two alike)
 
 
 @dataclass

@@ -139,7 +139,7 @@ def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path)
             base = _expect(gw, "gateway ").split()[1]
             api = openai.OpenAI(base_url=base, api_key="-", max_retries=0, timeout=60)
             deadline = time.monotonic() + 60
-            while api.models.list().data[0].workers == 0:  # type: ignore[attr-defined]
+            while not any(m.id == "minilm" and m.workers for m in api.models.list().data):  # type: ignore[attr-defined]
                 assert time.monotonic() < deadline, "the gateway never saw the worker"
                 time.sleep(0.2)
             for text in ("hello", "world"):

@@ -65,7 +65,13 @@ async def test_models_and_embeddings_with_the_openai_client(models: tuple[ModelS
     async with gateway(models) as (base, worker, gw_node):
         c = client(base)
         listed = await in_thread(c.models.list)
-        assert {m.id: m.workers for m in listed.data} == {"minilm": 1, "smollm2": 1}  # type: ignore[attr-defined]
+        # the models it was given, and those the network names (as name:variant)
+        assert {m.id: m.workers for m in listed.data} == {  # type: ignore[attr-defined]
+            "minilm": 1,
+            "smollm2": 1,
+            "all-minilm-l6-v2:fp32": 1,
+            "smollm2-135m-instruct:fp32": 1,
+        }
         emb = await in_thread(c.embeddings.create, model="minilm", input=texts)  # the client asks for base64
         got = np.array([d.embedding for d in emb.data], dtype=np.float32)
         direct = await gw_node.infer(minilm.model_id, texts=tuple(texts), max_price_nanoton=PRICE)
@@ -93,7 +99,9 @@ async def test_chat_whole_and_streamed_with_the_openai_client(models: tuple[Mode
     messages = [{"role": "user", "content": "What is the capital of France?"}]
     async with gateway(models) as (base, _worker, _gw):
         c = client(base)
-        whole = await in_thread(c.chat.completions.create, model="smollm2", messages=messages, max_tokens=12)
+        whole = await in_thread(
+            c.chat.completions.create, model="smollm2", messages=messages, max_tokens=12, temperature=0
+        )
         text = whole.choices[0].message.content
         assert "Paris" in text and whole.choices[0].finish_reason in ("stop", "length")
         u = whole.usage
@@ -103,7 +111,12 @@ async def test_chat_whole_and_streamed_with_the_openai_client(models: tuple[Mode
         def stream() -> tuple[list[str], Any, str | None]:
             pieces, usage, finish = [], None, None
             chunks = c.chat.completions.create(
-                model="smollm2", messages=messages, max_tokens=12, stream=True, stream_options={"include_usage": True}
+                model="smollm2",
+                messages=messages,
+                max_tokens=12,
+                temperature=0,  # OpenAI's default is 1.0: sampled
+                stream=True,
+                stream_options={"include_usage": True},
             )
             for chunk in chunks:
                 if chunk.usage is not None:

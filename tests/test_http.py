@@ -108,7 +108,7 @@ def test_embedding_requests_are_checked(body: object) -> None:
         {"model": "m", "messages": [{"role": "user", "content": 5}]},
         {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
         {"model": "m", "messages": [{"role": "user", "content": "x"}], "max_tokens": True},
-        {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 2},
+        {"model": "m", "messages": [{"role": "user", "content": "x"}], "n": 9},
     ],
 )
 def test_chat_requests_are_checked(body: object) -> None:
@@ -166,9 +166,12 @@ def test_nesting_depth_is_found_without_parsing(body: bytes, depth: int) -> None
 
 async def test_the_gateway_answers_deep_json_400_and_huge_bodies_413_before_parsing() -> None:
     from cocoon_p2p.api.gateway import Gateway
+    from cocoon_p2p.node import Node
 
-    gateway = Gateway(None, [], max_price_nanoton=1)  # type: ignore[arg-type]  # refused before any job
-    async with trio.open_nursery() as nursery:
+    from .netutil import fast_config
+
+    async with Node(fast_config()) as node, trio.open_nursery() as nursery:
+        gateway = Gateway(node, [], max_price_nanoton=1)  # a lone node: every request is refused before any job
         port = await nursery.start(gateway.serve, "127.0.0.1", 0)
         too_deep = api.MAX_JSON_DEPTH + 1
         for body in (

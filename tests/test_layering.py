@@ -60,7 +60,7 @@ ADAPTERS = {
     },  # contract: npm
     # pccs: dcap-qvl's asyncio fetcher; sources: configfs and dstack's agent; gpu: NVML.
     "attestation": {"gate", "keeper", "pccs", "sources", "gpu"},
-    "execution": set(),
+    "execution": {"engine_http"},  # the engine's HTTP client (http.client, socket)
     "core": set(),
 }
 WHOLE_PACKAGE_ADAPTERS = {"node", "api", "testing", "nodes", "simulations"}

@@ -15,7 +15,7 @@ from cocoon_p2p.jobs import frames as jf
 from cocoon_p2p.jobs.receiptlog import ReceiptLog, read_receipts
 from cocoon_p2p.jobs.receipts import Receipt, decode_receipt, inputs_digest, outputs_digest
 
-WORKER, CLIENT = Identity.generate(), Identity.generate()
+WORKER, CLIENT = Identity(bytes([7]) * 32), Identity(bytes([9]) * 32)  # fixed: parameter ids must not vary
 X = from_numpy("x", np.arange(8, dtype=np.float32).reshape(2, 4))
 
 

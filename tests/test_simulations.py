@@ -12,8 +12,10 @@ from typing import Any
 
 import pytest
 from cocoon_p2p.simulations import cli
+from cocoon_p2p.simulations.emulation import run_emulation
 from cocoon_p2p.simulations.model import EPOCH_MS, ModelSim
 from cocoon_p2p.simulations.scenario import ScenarioError, from_dict, load
+from cocoon_p2p.simulations.spotchecks import Check, Flow, Run, Verdict, decide
 from cocoon_p2p.simulations.tee import ASK_BYTES, NO_ATTESTED_WORKERS
 
 SCENARIOS = Path(__file__).resolve().parent.parent / "simulations" / "scenarios"
@@ -230,3 +232,157 @@ def test_tee_settings_are_checked() -> None:
         from_dict(small(tee={"attested": 0.5}))
     sc = load(SCENARIOS / "tee.toml", ["tee.attested_share=0.1"])
     assert (sc.tee.attested_share, sc.tee.require_share, sc.tee.verify_ms, sc.tee.evidence_kb) == (0.1, 0.5, 1.0, 10)
+
+
+# ---- wrong results: cheaters, spot checks, bans and fraud proofs (issue 18) ---------------------------
+
+
+def cheat_run(cheat: dict[str, Any], **over: Any) -> ModelSim:
+    """8 workers, 12 clients, no churn or loss, deterministic service: only [cheat] differs between runs."""
+    sc = small(network={"relays": 10}, churn={"fraction": 0.0}, duration_s=40, warmup_s=5,
+               workers=[{"count": 8, "job_s": 0.05, "capacity": 8}], clients=[{"count": 12, "rate_per_s": 2.0}],
+               cheat=cheat)  # fmt: skip
+    sc.update(over)
+    sim = ModelSim(from_dict(sc))
+    sim.run()
+    return sim
+
+
+def _run_of(worker: str, answer: int) -> Run:
+    return Run(worker=worker, answer=answer, cost=1, lie=answer != 0)  # type: ignore[arg-type]
+
+
+RIGHT, WRONG_A, WRONG_B = 0, 1, 2
+ASK = "ask"
+# (flow, the first run's answer, earlier check runs' answers, this run's answer or None (no worker / failed),
+#  what follows: ASK, or (verdict, the worker found wrong, the worker whose result the caller gets, the paid runs))
+DECISIONS = [
+    (Flow.RERUN, RIGHT, [], RIGHT, (Verdict.PASSED, None, "first", ["r1"])),
+    (Flow.RERUN, WRONG_A, [], None, (Verdict.SKIPPED, None, "first", [])),
+    (Flow.RERUN, WRONG_A, [], RIGHT, ASK),
+    (Flow.RERUN, WRONG_A, [RIGHT], RIGHT, (Verdict.WRONG, "first", "r2", ["r1", "r2"])),
+    (Flow.RERUN, WRONG_A, [RIGHT], None, (Verdict.WRONG, "first", "r1", ["r1"])),  # the reference's word
+    (Flow.RERUN, RIGHT, [WRONG_B], RIGHT, (Verdict.PASSED, "r1", "first", ["r2"])),  # a lying reference
+    (Flow.RERUN, WRONG_A, [WRONG_B], RIGHT, (Verdict.SKIPPED, None, "first", ["r1", "r2"])),  # three answers
+    (Flow.VERIFY, RIGHT, [], RIGHT, (Verdict.PASSED, None, "first", ["r1"])),
+    (Flow.VERIFY, RIGHT, [], WRONG_B, (Verdict.PASSED, None, "first", ["r1"])),  # a lying verifier echoes
+    (Flow.VERIFY, WRONG_A, [], WRONG_B, (Verdict.PASSED, None, "first", ["r1"])),  # ... so a lie passes
+    (Flow.VERIFY, WRONG_A, [], RIGHT, ASK),
+    (Flow.VERIFY, WRONG_A, [], None, (Verdict.SKIPPED, None, "first", [])),
+    (Flow.VERIFY, WRONG_A, [RIGHT], RIGHT, (Verdict.WRONG, "first", "first", ["r2", "r1"])),  # kept, unpaid
+    (Flow.VERIFY, WRONG_A, [RIGHT], None, (Verdict.WRONG, "first", "first", ["r1"])),
+    (Flow.VERIFY, WRONG_A, [RIGHT], WRONG_B, ASK),  # the verifiers disagree: a third decides
+    (Flow.VERIFY, WRONG_A, [RIGHT, WRONG_B], None, (Verdict.SKIPPED, None, "first", ["r1", "r2"])),  # word vs word
+    (Flow.VERIFY, WRONG_A, [RIGHT, WRONG_B], RIGHT, (Verdict.WRONG, "first", "first", ["r1", "r2", "r3"])),
+    (Flow.VERIFY, WRONG_A, [RIGHT, WRONG_B], WRONG_B, (Verdict.PASSED, "r1", "first", ["r2", "r3"])),  # 2 liars win
+]
+
+
+@pytest.mark.parametrize(("flow", "first", "before", "now", "then"), DECISIONS)
+def test_a_check_decides_as_the_clients_result_checks(flow: Flow, first: int, before: list[int], now: int | None,
+                                                      then: Any) -> None:  # fmt: skip
+    runs = {"first": _run_of("first", first)}
+    check = Check(job=None, first=runs["first"], exclude=set())  # type: ignore[arg-type]
+    for i, answer in enumerate(before, 1):
+        check.runs.append(runs.setdefault(f"r{i}", _run_of(f"r{i}", answer)))
+    run = None if now is None else runs.setdefault(f"r{len(before) + 1}", _run_of(f"r{len(before) + 1}", now))
+    decided = decide(flow, check, run)
+    if then == ASK:
+        assert decided is None
+        return
+    verdict, wrong, keep, paid = then
+    assert decided is not None and decided.verdict is verdict
+    assert (decided.wrong.worker if decided.wrong else None) == wrong
+    assert (decided.keep or check.first).worker == keep
+    assert [r.worker for r in decided.pay] == paid
+    assert decided.wrong not in decided.pay  # the run found wrong is never paid
+
+
+@pytest.mark.parametrize(("verify_cost", "flow"), [(1.0, "re-run"), (0.08, "verify")])
+def test_checks_of_an_honest_network_cost_their_rate_and_find_nothing(verify_cost: float, flow: str) -> None:
+    sim = cheat_run({"check_rate": 0.2, "verify_cost": verify_cost})
+    s = sim.results.summary()["cheat"]
+    assert s["flow"] == flow and s["cheaters"] == 0 and s["jobs_by_cheaters"] == s["wrong_results"] == 0
+    assert s["paid_to_cheaters_nanoton"] == s["paid_for_wrong_nanoton"] == 0 and s["wrong_paid_share"] == 0
+    assert s["jobs_to_detection_p50"] is None and s["network_ban_s_max"] is None
+    assert s["false_alarms"] == s["checks_found_wrong"] == s["proofs"] == 0
+    assert not any(c.banned for c in sim.world.clients)
+    jobs = [j for j in sim.results.jobs if j.ok]
+    checked = [j for j in jobs if j.verdict is not Verdict.UNCHECKED]
+    assert len(checked) <= s["checks"] <= len(checked) + 3  # (a few checks may still be running at the end)
+    # One run a check (none when the client knew no other worker): no tie-breakers, no second verifiers.
+    assert s["checks"] - s["checks_skipped"] <= s["check_runs"] <= s["checks"]
+    assert {j.verdict for j in checked} <= {Verdict.PASSED, Verdict.SKIPPED}
+    assert 0.15 < s["checks"] / len(jobs) < 0.25
+    assert s["added_compute_share"] == pytest.approx(s["checks"] / len(jobs) * verify_cost, rel=0.05)
+    passed = sum(j.verdict is Verdict.PASSED for j in checked)
+    assert s["paid_for_checks_nanoton"] == 1000 * passed  # each passed check's run, paid like any job
+
+
+def test_no_cheaters_and_no_checks_runs_exactly_as_before() -> None:
+    base = cheat_run({})
+    same = cheat_run({"share": 0.0, "check_rate": 0.0, "verify_cost": 1.0})
+    assert "cheat" not in base.results.summary() and _figures(base.results) == _figures(same.results)
+
+
+def test_without_checks_nothing_is_caught_and_every_wrong_result_is_paid() -> None:
+    sim = cheat_run({"share": 0.25, "rate": 0.5, "check_rate": 0.0})
+    s = sim.results.summary()["cheat"]
+    assert s["cheaters"] == 2 and s["cheaters_never_detected"] == 2 and s["jobs_to_detection"] == [None, None]
+    assert s["checks"] == s["wrong_caught"] == s["proofs"] == 0 and not any(c.banned for c in sim.world.clients)
+    assert 0.4 < s["wrong_results"] / s["jobs_by_cheaters"] < 0.6
+    assert s["wrong_delivered"] == s["wrong_results"] == sum(j.wrong for j in sim.results.jobs) > 100
+    assert s["paid_for_wrong_nanoton"] == 1000 * s["wrong_results"]  # price x units (1), each one
+    assert s["paid_to_cheaters_nanoton"] == 1000 * s["jobs_by_cheaters"]
+    assert s["wrong_paid_share"] == pytest.approx(s["paid_for_wrong_nanoton"] / s["paid_total_nanoton"])
+
+
+@pytest.mark.parametrize("verify_cost", [1.0, 0.08])
+def test_checking_every_result_catches_every_wrong_one_and_bans_at_the_first(verify_cost: float) -> None:
+    sim = cheat_run({"share": 0.125, "rate": 0.5, "check_rate": 1.0, "verify_cost": verify_cost})
+    s, jobs = sim.results.summary()["cheat"], sim.results.jobs
+    (cheater,) = [w for w in sim.world.workers if w.cheats]  # one: no lying checker to cover for it
+    assert s["wrong_results"] > 0 and s["wrong_caught"] == s["wrong_results"] and s["wrong_delivered"] == 0
+    assert s["paid_for_wrong_nanoton"] == 0 and not any(j.wrong for j in jobs)
+    assert s["cheaters_detected"] == 1 and s["false_alarms"] == s["honest_condemned_by_lies"] == 0
+    bans = sim.cheating.bans[cheater.idx]
+    caught_at = sim.cheating.detected[cheater.idx][1]
+    assert set(bans) == {c.idx for c in sim.world.clients}  # every client: itself, or by the proof
+    assert min(bans.values()) == caught_at and 0 < s["network_ban_s_max"] < 1.0  # gossip: well under a second
+    assert s["network_bans_incomplete"] == 0
+    for j in jobs:  # no client sent it a job after banning it
+        assert j.worker != cheater.idx or j.issued < bans[j.client]
+    # Caught at its first wrong result (or, re-running, earlier as a lying reference), or at one it returned
+    # while that one's check ran (at most a queue's worth: capacity 8).
+    assert 1 <= s["jobs_to_detection"][0] <= sim.cheating.first_lie[cheater.idx] + 8
+
+
+@pytest.mark.parametrize(("false_alarm", "expect_alarms"), [(0.0, False), (0.1, True)])
+def test_honest_results_never_fail_a_check_unless_noise_says_so(false_alarm: float, expect_alarms: bool) -> None:
+    sim = cheat_run({"check_rate": 0.5, "verify_cost": 1.0, "honest_false_alarm": false_alarm})
+    s = sim.results.summary()["cheat"]
+    assert (s["false_alarms"] > 0) is expect_alarms
+    assert any(c.banned for c in sim.world.clients) is expect_alarms
+    assert s["honest_condemned_by_lies"] == 0 and s["wrong_caught"] == 0
+
+
+def test_cheating_runs_are_deterministic() -> None:
+    cheat = {"share": 0.25, "rate": 0.2, "check_rate": 0.1}
+    a, b = cheat_run(cheat), cheat_run(cheat)
+    assert _figures(a.results) == _figures(b.results) and a.cheating.bans == b.cheating.bans
+    assert [(j.issued, j.worker, j.verdict, j.wrong) for j in a.results.jobs] == [
+        (j.issued, j.worker, j.verdict, j.wrong) for j in b.results.jobs
+    ]
+
+
+def test_cheat_settings_are_checked() -> None:
+    for bad in ({"share": 1.5}, {"rate": -0.1}, {"check_rate": 2}, {"verify_cost": 0}, {"verify_cost": 1.5},
+                {"proof_trust_share": "all"}, {"honest_false_alarm": True}):  # fmt: skip
+        with pytest.raises(ScenarioError, match="cheat"):
+            from_dict(small(cheat=bad))
+    with pytest.raises(ScenarioError, match="unknown keys"):
+        from_dict(small(cheat={"check": 0.5}))
+    sc = load(SCENARIOS / "cheat.toml", ["cheat.check_rate=0.25"])
+    assert (sc.cheat.check_rate, sc.cheat.verify_cost, sc.cheat.proof_trust_share) == (0.25, 0.08, 1.0)
+    with pytest.raises(ScenarioError, match="model fidelity only"):
+        run_emulation(sc)  # refused before any process starts

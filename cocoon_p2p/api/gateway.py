@@ -2,10 +2,19 @@
 
 Runs beside a client :class:`~.node.Node` (with payments, if enabled): each
 request goes to a worker the router picks, paid by voucher like any job, and
-the answer carries the cost in ``usage``. Serves ``/v1/models``,
-``/v1/embeddings``, ``/v1/chat/completions`` (``stream: true`` as server-sent
-events), and the node's Prometheus ``/metrics``. Models are named as the
-gateway was configured (e.g. ``minilm``, ``smollm2``) or by their hex id.
+the answer carries the cost in ``usage``. Serves ``POST /v1/chat/completions`` and
+``POST /v1/completions`` (whole, or ``stream: true`` as server-sent events; parameters in
+:mod:`.params`), ``POST /v1/embeddings``, ``GET /v1/models`` (and ``/v1/models/{id}``),
+``GET /health`` (status, peers, workers per model) and ``GET /metrics`` (the node's
+Prometheus metrics and the gateway's own, :mod:`.metrics`). A request names a model as
+workers announce it (``smollm2-135m-instruct``, ``...:q4``, ``...@<id prefix>``: resolved on
+the network, so the gateway needs no copy of any model), by an alias it was configured
+with (``minilm``, ``smollm2``), or by its hex id.
+
+API keys (:mod:`.keys`): with keys, every route but ``/health`` needs
+``Authorization: Bearer <key>`` (401 in OpenAI's shape otherwise), ``/metrics`` too.
+:meth:`Gateway.serve` refuses a non-loopback address without keys, unless told
+``insecure_no_auth``.
 
 Confidential jobs: a gateway made with ``require_tee`` runs every request on
 workers attested under its node's TEE policy; otherwise a request asks for it
@@ -18,65 +27,47 @@ whose headers leave with the first token, before the result names the worker) an
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import secrets
 import time
-from collections.abc import AsyncGenerator, Iterable
-from contextlib import aclosing
-from dataclasses import dataclass
+from collections.abc import Iterable, Mapping
 from typing import TYPE_CHECKING, Any
 
 import trio
-from libp2p.peer.id import ID
 
-from cocoon_p2p.core.metrics import CONTENT_TYPE, render
-from cocoon_p2p.execution.generation import chatml_prompt
-from cocoon_p2p.execution.models import ModelSpec
+from cocoon_p2p.core.clock import now_ms
+from cocoon_p2p.core.errors import LocalProtocolError
+from cocoon_p2p.core.metrics import CONTENT_TYPE, Metric, render
 from cocoon_p2p.execution.tensors import to_numpy
-from cocoon_p2p.jobs import InferenceResult, JobFailed
-from cocoon_p2p.jobs import frames as jf
+from cocoon_p2p.jobs import JobFailed
+from cocoon_p2p.overlay.catalog import parse_ref
 
 from . import openai as api
+from . import results
+from .choices import Generation, Terms
 from .http import Request, Response, serve_http
+from .keys import ApiKeys, check_exposure, is_loopback
+from .metrics import GatewayStats, route_of
+from .models import GatewayModel, check_kind, find_model, from_catalog, not_found
+from .params import Endpoint
 
 if TYPE_CHECKING:  # no import cycle at run time
     from cocoon_p2p.node import Node
 
+__all__ = ["ATTESTED_HEADER", "Gateway", "GatewayModel"]
+
 log = logging.getLogger(__name__)
 INLINE_JSON_BYTES = 64 * 1024  # bodies up to this size are parsed on the event loop
-ATTESTED_HEADER = "x-cocoon-attested"
-
-# Job failures as HTTP statuses: the network's state, not the caller's fault, is 5xx.
-_STATUS = {
-    jf.NO_WORKERS: 503,
-    jf.NO_ATTESTED_WORKERS: 503,
-    jf.BUSY: 503,
-    jf.SHUTTING_DOWN: 503,
-    jf.PAYMENT: 402,
-    jf.PAYMENT_SETUP: 402,
-    jf.PRICE: 402,
-    jf.BAD_INPUT: 400,
-    jf.TOO_LARGE: 400,
-    jf.UNKNOWN_MODEL: 404,
-    jf.DEADLINE: 504,
-}
-
-
-@dataclass(frozen=True)
-class GatewayModel:
-    name: str
-    model_id: bytes
-    kind: str  # "embedding" | "generation"
-
-    @classmethod
-    def of(cls, spec: ModelSpec, name: str | None = None) -> GatewayModel:
-        """The model ``spec`` as the API names it (``name``, else the spec's own name)."""
-        return cls(name or spec.name, spec.model_id, spec.kind)
+ATTESTED_HEADER = results.ATTESTED_HEADER
+_POST = {"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
+_GET = {"/v1/models", "/health", "/metrics"}
 
 
 class Gateway:
     """The HTTP face of a client node. ``max_price_nanoton``: the most paid per unit of work;
-    ``require_tee``: every request runs on an attested worker (else only those that ask)."""
+    ``require_tee``: every request runs on an attested worker (else only those that ask);
+    ``api_keys``: who may use it (None or empty: anyone who can reach it, which
+    :meth:`serve` allows on loopback only, or with ``insecure_no_auth``)."""
 
     def __init__(
         self,
@@ -86,34 +77,75 @@ class Gateway:
         max_price_nanoton: int,
         timeout_s: float = 120.0,
         require_tee: bool = False,
+        api_keys: ApiKeys | None = None,
+        insecure_no_auth: bool = False,
+        aliases: Mapping[str, str] | None = None,
     ) -> None:
         self.node = node
         self.models = {m.name: m for m in models}
+        self.aliases = dict(aliases or {})  # a name clients use -> the catalog reference it stands for
         self.max_price = max_price_nanoton
         self.timeout_s = timeout_s
         self.require_tee = require_tee
+        self.api_keys = api_keys or ApiKeys(())
+        self.insecure_no_auth = insecure_no_auth
+        self.stats = GatewayStats()
 
     async def serve(
         self, host: str = "127.0.0.1", port: int = 8080, *, task_status: Any = trio.TASK_STATUS_IGNORED
     ) -> None:
-        """Serve until cancelled; reports the bound port when listening."""
+        """Serve until cancelled; reports the bound port when listening. ConfigError, before
+        listening, for a non-loopback ``host`` without API keys (unless ``insecure_no_auth``)."""
+        check_exposure(host, self.api_keys, insecure_no_auth=self.insecure_no_auth)
+        if not self.api_keys and not is_loopback(host):
+            log.warning("INSECURE: the gateway listens on %s WITHOUT API keys: anyone who reaches it spends "
+                        "this node's money", host)  # fmt: skip
         await serve_http(self.handle, host, port, task_status=task_status)
 
+    def metrics(self) -> list[Metric]:
+        """The node's metrics and the gateway's requests'."""
+        return self.node.metrics() + self.stats.metrics()
+
     async def handle(self, req: Request) -> Response:
+        """Answer one request (errors in OpenAI's shape); counted in the request metrics."""
+        started = time.perf_counter()
+        route = route_of(req.path)
         try:
-            if req.path == "/metrics" and req.method == "GET":
-                return Response(200, render(self.node.metrics()).encode(), CONTENT_TYPE)
-            if req.path == "/v1/models" and req.method == "GET":
-                return Response.of_json(await self._models())
-            if req.path == "/v1/embeddings" and req.method == "POST":
-                return await self._embeddings(api.parse_embeddings(await self._json(req)))
-            if req.path == "/v1/chat/completions" and req.method == "POST":
-                return await self._chat(api.parse_chat(await self._json(req)))
-            if req.path in ("/v1/models", "/v1/embeddings", "/v1/chat/completions", "/metrics"):
-                raise api.APIError(405, f"{req.method} is not allowed on {req.path}")
-            raise api.APIError(404, f"no route {req.path}", code="not_found")
+            response = await self._route(req, started)
         except api.APIError as exc:
-            return Response.of_json(exc.body(), exc.status)
+            response = Response.of_json(exc.body(), exc.status)
+            if exc.status == 401:
+                response.headers.append(("www-authenticate", "Bearer"))
+        if response.writer is None:  # a stream counts itself when its head goes out
+            self.stats.answered(route, response.status)
+            self.stats.took(route, time.perf_counter() - started)
+        return response
+
+    async def _route(self, req: Request, started: float) -> Response:
+        if req.path == "/health" and req.method == "GET":
+            return Response.of_json(await self._health())
+        if self.api_keys and not self.api_keys.check(req.headers.get("authorization")):
+            raise api.APIError(401, _NO_KEY if "authorization" not in req.headers else _BAD_KEY,
+                               code="invalid_api_key")  # fmt: skip
+        if req.method == "GET":
+            if req.path == "/metrics":
+                return Response(200, render(self.metrics()).encode(), CONTENT_TYPE)
+            if req.path == "/v1/models":
+                return Response.of_json(await self._models())
+            if req.path.startswith("/v1/models/"):
+                return Response.of_json(await self._model_entry(req.path.removeprefix("/v1/models/")))
+        if req.method == "POST":
+            if req.path == "/v1/embeddings":
+                return await self._embeddings(api.parse_embeddings(await self._json(req)))
+            if req.path == "/v1/chat/completions":
+                chat = api.parse_chat(await self._json(req))
+                return await self._generate(Endpoint.CHAT, chat.model, (chat.prompt(),), chat.params, started)
+            if req.path == "/v1/completions":
+                text = api.parse_completion(await self._json(req))
+                return await self._generate(Endpoint.COMPLETIONS, text.model, text.prompts, text.params, started)
+        if req.path in _POST | _GET:
+            raise api.APIError(405, f"{req.method} is not allowed on {req.path}")
+        raise api.APIError(404, f"no route {req.path}", code="not_found")
 
     @staticmethod
     async def _json(req: Request) -> object:
@@ -123,64 +155,72 @@ class Gateway:
             return api.parse_json(req.body)
         return await trio.to_thread.run_sync(api.parse_json, req.body)
 
-    def _model(self, name: str, kind: str) -> GatewayModel:
-        model = self.models.get(name) or next((m for m in self.models.values() if m.model_id.hex() == name), None)
-        if model is None:
-            raise api.APIError(404, f"the model '{name}' does not exist", code="model_not_found", param="model")
-        if model.kind != kind:
-            raise api.APIError(400, f"'{name}' is a {model.kind} model", param="model")
-        return model
+    def _find(self, name: str, kind: str) -> GatewayModel:
+        """The model a request names: one the gateway was given, else the best-served match
+        among those workers announce (an alias first turned into its catalog reference)."""
+        try:
+            return find_model(self.models.values(), name, kind)
+        except api.APIError as exc:
+            if exc.status != 404:
+                raise
+        try:
+            ref = parse_ref(self.aliases.get(name, name))
+        except LocalProtocolError:
+            raise not_found(name) from None
+        rows = {r.model_id: r for r in self.node.catalog() if ref.matches(r.model_id, r.entry)}
+        ids = self.node.directory.resolve(ref, now_ms())
+        if not rows or not ids:
+            raise not_found(name)
+        return check_kind(from_catalog(name, rows[ids[0]]), name, kind)
 
-    async def _models(self) -> dict[str, object]:
-        listed = []
-        for m in self.models.values():
-            offers = await self.node.find_workers(m.model_id, use_dht=False)
-            listed.append(
-                {
-                    "id": m.name,
-                    "cocoon_model_id": m.model_id.hex(),
-                    "kind": m.kind,
-                    "workers": len(offers),
-                    "tee_workers": sum(1 for o in offers if o.tee is not None),  # claims, verified when used
-                    "min_price_nanoton": min((o.price_nanoton for o in offers), default=None),
-                }
-            )
-        return api.models_response(listed)
+    def _listed(self) -> list[GatewayModel]:
+        """What ``/v1/models`` lists: the models given, the aliases that resolve, and every
+        named model workers announce (as ``name:variant``)."""
+        listed = dict(self.models)
+        for alias in self.aliases:
+            for kind in ("generation", "embedding"):
+                with contextlib.suppress(api.APIError):
+                    listed.setdefault(alias, self._find(alias, kind))
+        for row in self.node.catalog():
+            listed.setdefault(str(row.entry), from_catalog(str(row.entry), row))
+        return list(listed.values())
 
-    @staticmethod
-    def _failed(exc: JobFailed) -> api.APIError:
-        return api.APIError(_STATUS.get(exc.code, 502), str(exc), kind="cocoon_job_error", code=exc.code)
-
-    @staticmethod
-    def _usage(
-        r: InferenceResult, *, completion: int = 0, attestation: dict[str, Any] | None = None
-    ) -> dict[str, object]:
-        worker = str(ID(r.worker))
-        return api.usage(
-            r.usage_units, r.cost_nanoton, r.price_nanoton, worker, completion=completion, attestation=attestation
-        )
-
-    async def _attestation(self, r: InferenceResult, required: bool) -> dict[str, Any] | None:
-        """What admitted the worker of a TEE job: the verdict that still stands (asked again only
-        if it ran out meanwhile)."""
-        if not required:
-            return None
-        verdict = await self.node.check_attestation(r.worker)
-        if not verdict.accepted or verdict.measurement is None:
-            return None  # it ran out between the choice and now: claim nothing
+    async def _health(self) -> dict[str, Any]:
+        workers = {m.name: len(await self.node.find_workers(m.model_id, use_dht=False)) for m in self._listed()}
         return {
-            "tee": verdict.tee,
-            "status": verdict.status,
-            "measurement": verdict.measurement.hex(),
-            "image": verdict.image or None,
+            "status": "ok" if all(workers.values()) else "degraded",  # degraded: a model has no worker now
+            "peers": len(self.node.connected_peers()),
+            "workers_known": len(self.node.directory.known_peers(now_ms())),
+            "models": workers,
         }
 
-    @staticmethod
-    def _attested_headers(attestation: dict[str, Any] | None) -> list[tuple[str, str]]:
-        return [] if attestation is None else [(ATTESTED_HEADER, attestation["measurement"])]
+    async def _entry(self, m: GatewayModel) -> dict[str, Any]:
+        offers = await self.node.find_workers(m.model_id, use_dht=False)
+        return {
+            "id": m.name,
+            "cocoon_model_id": m.model_id.hex(),
+            "kind": m.kind,
+            "workers": len(offers),
+            "tee_workers": sum(1 for o in offers if o.tee is not None),  # claims, verified when used
+            "min_price_nanoton": min((o.price_nanoton for o in offers), default=None),
+            "billed_unit": m.unit,
+        }
+
+    async def _models(self) -> dict[str, Any]:
+        return api.models_response([await self._entry(m) for m in self._listed()])
+
+    async def _model_entry(self, name: str) -> dict[str, Any]:
+        model = next((m for m in self._listed() if name in (m.name, m.model_id.hex())), None)
+        if model is None:
+            for kind in ("generation", "embedding"):
+                with contextlib.suppress(api.APIError):
+                    model = self._find(name, kind)
+        if model is None:
+            raise not_found(name)
+        return api.model_object(await self._entry(model))
 
     async def _embeddings(self, req: api.EmbeddingsRequest) -> Response:
-        model = self._model(req.model, "embedding")
+        model = self._find(req.model, "embedding")
         tee = self.require_tee or req.require_tee
         try:
             r = await self.node.infer(
@@ -191,88 +231,32 @@ class Gateway:
                 require_tee=tee,
             )
         except JobFailed as exc:
-            raise self._failed(exc) from exc
+            raise results.failed(exc) from exc
         vectors = to_numpy(r.output())
-        att = await self._attestation(r, tee)
-        body = api.embeddings_response(model.name, vectors, req.encoding_format, self._usage(r, attestation=att))
-        response = Response.of_json(body)
-        response.headers += self._attested_headers(att)
+        att = await results.attestation(self.node, r, tee)
+        # prompt_tokens are the units billed: tokens once the model's workers bill per token
+        # (``billed_unit`` says which; texts while they bill per item).
+        usage = results.usage_of(model, [r], attestation=att)
+        response = Response.of_json(api.embeddings_response(model.name, vectors, req.encoding_format, usage))
+        response.headers += results.attested_headers(att)
         return response
 
-    async def _chat(self, req: api.ChatRequest) -> Response:
-        model = self._model(req.model, "generation")
-        prompt = chatml_prompt(list(req.messages))
-        completion_id, created = f"chatcmpl-{secrets.token_hex(12)}", int(time.time())
-        items = self.node.generate(
-            model.model_id,
-            prompt,
-            max_tokens=req.max_tokens,
+    async def _generate(
+        self, endpoint: Endpoint, name: str, prompts: tuple[str, ...], params: api.Params, started: float
+    ) -> Response:
+        model = self._find(name, "generation")
+        terms = Terms(
             max_price_nanoton=self.max_price,
             timeout_s=self.timeout_s,
-            require_tee=self.require_tee or req.require_tee,
+            require_tee=self.require_tee or params.require_tee,
         )
-        if req.stream:
-            # Wait for the first token before the headers: a job that fails before it (no
-            # worker, none attested...) is still answered with its HTTP status.
-            try:
-                first = await anext(items, None)
-            except JobFailed as exc:
-                await items.aclose()
-                raise self._failed(exc) from exc
-            events = self._events(req, model, first, items, completion_id, created)
-            return Response(
-                200, content_type="text/event-stream", stream=events, headers=[("cache-control", "no-cache")]
-            )
-        text: list[str] = []
-        result: InferenceResult | None = None
-        try:
-            async for item in items:
-                if isinstance(item, InferenceResult):
-                    result = item
-                else:
-                    text.append(item.text)
-        except JobFailed as exc:
-            raise self._failed(exc) from exc
-        assert result is not None
-        n = len(result.token_ids)
-        finish = api.finish_reason(n, req.max_tokens)
-        att = await self._attestation(result, self.require_tee or req.require_tee)
-        usage = self._usage(result, completion=n, attestation=att)
-        response = Response.of_json(api.chat_response(completion_id, created, model.name, "".join(text), finish, usage))
-        response.headers += self._attested_headers(att)
-        return response
+        generation = Generation(
+            self.node, endpoint, model, prompts, params, terms=terms, stats=self.stats, started_at=started
+        )
+        if params.stream:
+            return Response(writer=generation.stream)
+        return await generation.whole()
 
-    async def _events(
-        self,
-        req: api.ChatRequest,
-        model: GatewayModel,
-        first: jf.JobChunk | InferenceResult | None,
-        items: AsyncGenerator[jf.JobChunk | InferenceResult, None],
-        completion_id: str,
-        created: int,
-    ) -> AsyncGenerator[bytes, None]:
-        async def all_items() -> AsyncGenerator[jf.JobChunk | InferenceResult, None]:
-            if first is not None:
-                yield first
-            async for item in items:
-                yield item
 
-        yield api.chat_chunk(completion_id, created, model.name, delta={"role": "assistant", "content": ""})
-        try:
-            async with aclosing(all_items()) as stream:
-                async for item in stream:
-                    if isinstance(item, InferenceResult):
-                        n = len(item.token_ids)
-                        finish = api.finish_reason(n, req.max_tokens)
-                        yield api.chat_chunk(completion_id, created, model.name, delta={}, finish=finish)
-                        if req.include_usage:
-                            att = await self._attestation(item, self.require_tee or req.require_tee)
-                            usage = self._usage(item, completion=n, attestation=att)
-                            yield api.chat_chunk(completion_id, created, model.name, usage_=usage)
-                    elif isinstance(item, jf.JobChunk) and item.text:
-                        yield api.chat_chunk(completion_id, created, model.name, delta={"content": item.text})
-        except JobFailed as exc:  # headers are sent: the error goes in the stream, as OpenAI does
-            yield api.sse_event(self._failed(exc).body())
-        finally:
-            await items.aclose()
-        yield api.SSE_DONE
+_NO_KEY = "You didn't provide an API key. Send it as 'Authorization: Bearer <key>'."
+_BAD_KEY = "Incorrect API key provided."

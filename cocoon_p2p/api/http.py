@@ -4,7 +4,12 @@ h11 does the protocol (sans-IO); this adapter reads bytes, feeds it, and writes
 what it produces. Keep-alive, request bodies capped at ``MAX_BODY`` (a larger Content-Length is
 answered 413 before the body is read), a deadline
 for each request to arrive, and streamed (chunked) responses for server-sent
-events. Bound to 127.0.0.1 by the callers: it is a local API, not a public one.
+events: a response's body may come from an async generator (``Response.stream``) or from
+a writer (``Response.writer``), a function handed a :class:`ResponseSink` that runs in the
+connection's task, so it may open nurseries (the gateway runs a request's jobs there) and
+still choose its status after work has begun. A client that goes away is noticed on the
+next write (trio.BrokenResourceError inside the writer, however deeply grouped), which
+ends the writer and closes the connection.
 """
 
 from __future__ import annotations
@@ -45,6 +50,7 @@ class Response:
     content_type: str = "application/json"
     stream: AsyncGenerator[bytes, None] | None = None  # chunks sent as they come (body is ignored)
     headers: list[tuple[str, str]] = field(default_factory=list)
+    writer: Writer | None = None  # writes the whole response itself (body and stream are ignored)
 
     @classmethod
     def of_json(cls, obj: Any, status: int = 200) -> Response:
@@ -52,6 +58,44 @@ class Response:
 
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+class ResponseSink:
+    """Where a :attr:`Response.writer` writes: either one whole :meth:`respond`, or a
+    :meth:`start` (the head of a chunked response) followed by :meth:`send` calls. A write
+    after the client left raises trio.BrokenResourceError (or ClosedResourceError)."""
+
+    def __init__(self, conn: h11.Connection, stream: trio.SocketStream) -> None:
+        self._conn, self._stream = conn, stream
+        self.status: int | None = None  # of the response begun, once begun
+        self.streaming = False
+
+    async def respond(self, response: Response) -> None:
+        """Answer with a whole response (only before anything was sent)."""
+        self._begin(response.status)
+        await _respond(self._conn, self._stream, response)
+
+    async def start(
+        self, status: int = 200, *, content_type: str = "application/json", headers: list[tuple[str, str]] | None = None
+    ) -> None:
+        """Send the head of a streamed (chunked) response."""
+        self._begin(status)
+        self.streaming = True
+        await _send(self._conn, self._stream, _head(status, content_type, headers or [], None))
+
+    async def send(self, data: bytes) -> None:
+        """One piece of the body begun by :meth:`start`."""
+        if not self.streaming:
+            raise RuntimeError("send() before start()")
+        await _send(self._conn, self._stream, h11.Data(data=data))
+
+    def _begin(self, status: int) -> None:
+        if self.status is not None:
+            raise RuntimeError("the response was already begun")
+        self.status = status
+
+
+Writer = Callable[[ResponseSink], Awaitable[None]]
 
 
 class _TooLarge(Exception):
@@ -105,18 +149,78 @@ async def _read_request(conn: h11.Connection, stream: trio.SocketStream) -> Requ
     return Request(event.method.decode("ascii"), path, query, headers, bytes(body))
 
 
+def _head(status: int, content_type: str, extra: list[tuple[str, str]], length: int | None) -> h11.Response:
+    headers = [("content-type", content_type), ("server", SERVER.decode()), *extra]
+    if length is not None:
+        headers.append(("content-length", str(length)))
+    return h11.Response(status_code=status, headers=[(k.encode(), v.encode()) for k, v in headers])
+
+
+def _client_gone(exc: BaseException) -> bool:
+    """Whether ``exc`` (a group: every leaf) says the client went away."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(_client_gone(e) for e in exc.exceptions)
+    return isinstance(exc, trio.BrokenResourceError | trio.ClosedResourceError | ConnectionError)
+
+
+async def _watch(conn: h11.Connection, stream: trio.SocketStream, gone: trio.CancelScope) -> None:
+    """While a writer runs: read what the client sends (kept for h11's next cycle), and
+    cancel ``gone`` when it closes the connection, so a writer waiting for work (a job's
+    first token) notices a client that left before its next write would have."""
+    while True:
+        try:
+            data = await stream.receive_some(65536)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            data = b""
+        if not data:
+            gone.cancel()
+            return
+        conn.receive_data(data)
+
+
+async def _write(conn: h11.Connection, stream: trio.SocketStream, writer: Writer) -> None:
+    sink = ResponseSink(conn, stream)
+    try:
+        async with trio.open_nursery() as nursery:
+            watched = trio.CancelScope()
+            nursery.start_soon(_watch, conn, stream, watched)
+            with watched:
+                await writer(sink)
+            nursery.cancel_scope.cancel()
+        if watched.cancelled_caught:
+            raise trio.BrokenResourceError("the client went away")
+    except BaseException as exc:
+        if _client_gone(exc):
+            raise trio.BrokenResourceError("the client went away") from exc
+        if not isinstance(exc, Exception):
+            raise  # cancellation and the like
+        log.exception("HTTP response writer failed")
+        if sink.status is None:
+            await _respond(conn, stream, error_response(500, f"internal error: {type(exc).__name__}"))
+        return  # a response cut short: the connection is closed (h11 refuses a next cycle)
+    if sink.status is None:
+        await _respond(conn, stream, error_response(500, "internal error: no response was written"))
+    elif sink.streaming:
+        await _send(conn, stream, h11.EndOfMessage())
+
+
 async def _respond(conn: h11.Connection, stream: trio.SocketStream, resp: Response) -> None:
-    headers = [("content-type", resp.content_type), ("server", SERVER.decode()), *resp.headers]
-    if resp.stream is None:
-        headers.append(("content-length", str(len(resp.body))))
-    h = [(k.encode(), v.encode()) for k, v in headers]
-    await _send(conn, stream, h11.Response(status_code=resp.status, headers=h))
+    if resp.writer is not None:
+        return await _write(conn, stream, resp.writer)
+    length = len(resp.body) if resp.stream is None else None
+    await _send(conn, stream, _head(resp.status, resp.content_type, resp.headers, length))
     if resp.stream is None:
         await _send(conn, stream, h11.Data(data=resp.body))
     else:
-        async with aclosing(resp.stream) as chunks:  # closed even when the client goes away
-            async for chunk in chunks:
-                await _send(conn, stream, h11.Data(data=chunk))
+        try:
+            async with aclosing(resp.stream) as chunks:  # closed even when the client goes away
+                async for chunk in chunks:
+                    await _send(conn, stream, h11.Data(data=chunk))
+        except Exception as exc:
+            if _client_gone(exc):
+                raise
+            log.exception("HTTP response stream failed")
+            return  # cut short: the connection is closed (h11 refuses a next cycle)
     await _send(conn, stream, h11.EndOfMessage())
 
 

@@ -157,10 +157,15 @@ class ResultChecks:
 
     async def _check_generation(self, request: Request, first: Run) -> CheckOutcome:
         """A generation is checked by a verify job on another worker (one teacher-forced
-        pass, a few percent of generating it); a verdict of "wrong" is confirmed by a second
-        verifier when there is one, so a lying verifier condemns nobody. The first worker's
-        result is kept either way (a caller has seen its tokens streamed); when it is wrong
-        it is not paid."""
+        pass, a few percent of generating it). A verdict of "wrong" is confirmed by a second
+        verifier when there is one; when the two disagree, a third decides by majority, and
+        without a third nobody is blamed (a lying "right" must not get an honest verifier
+        banned). With a single other worker its verdict stands alone. The first worker's
+        result is kept either way (a caller has seen its tokens streamed); when it is
+        wrong it is not paid."""
+        if not first.tokens:  # an engine streams text, not token ids: nothing a verify job can check
+            self.skipped += 1
+            return CheckOutcome(keep=first, skipped=True)
         verdict = await self._verify_elsewhere(request, first, exclude={first.worker})
         if verdict is None:
             self.skipped += 1
@@ -169,14 +174,25 @@ class ResultChecks:
         if fault is None:
             await self._pay(verifier)
             return CheckOutcome(keep=first)
-        second = await self._verify_elsewhere(request, first, exclude={first.worker, verifier.worker})
+        asked = {first.worker, verifier.worker}
+        second = await self._verify_elsewhere(request, first, exclude=asked)
         if second is not None:
             await self._pay(second[0])
-            if second[1] is None:  # the second verifier finds it right: the first one lied, unpaid
-                lie = Mismatch("verify", f"verifier said {fault.reason}: {fault.detail}")
-                await self._condemn(request, verifier, second[0], lie)
-                return CheckOutcome(keep=first, wrong=verifier)
-            fault = second[1]
+            if second[1] is None:  # the verifiers disagree: a third one decides
+                asked.add(second[0].worker)
+                third = await self._verify_elsewhere(request, first, exclude=asked)
+                if third is None:
+                    await self._pay(verifier)
+                    self.skipped += 1
+                    return CheckOutcome(keep=first, skipped=True)
+                await self._pay(third[0])
+                if third[1] is None:  # two find it right: the first verifier lied, unpaid
+                    lie = Mismatch("verify", f"verifier said {fault.reason}: {fault.detail}")
+                    await self._condemn(request, verifier, second[0], lie)
+                    return CheckOutcome(keep=first, wrong=verifier)
+                fault = third[1]  # two find it wrong (the second verifier's "right" was a lie too)
+            else:
+                fault = second[1]
         await self._pay(verifier)
         await self._condemn(request, first, verifier, fault)
         return CheckOutcome(keep=first, wrong=first)

@@ -14,6 +14,7 @@ client needs from payments and the overlay comes in through the ports of
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -198,6 +199,7 @@ class JobClient:
         price = 0
         tokens = 0
         streamed: list[int] = []
+        streamed_text: list[str] = []  # an engine streams text without token ids: its receipt binds the text
         done = False
         try:
             try:
@@ -220,6 +222,7 @@ class JobClient:
                 elif isinstance(item, jf.JobChunk):
                     tokens += len(item.token_ids) or 1
                     streamed.extend(item.token_ids)
+                    streamed_text.append(item.text)
                     if tokens > max_tokens:  # what a worker streams is bounded by what we asked for
                         err = MalformedMessage(f"job {job_id}: more chunks than the {max_tokens} tokens asked for")
                         self.feedback.misbehaved(offer.peer_id, err)
@@ -237,7 +240,7 @@ class JobClient:
                         raise JobFailed(jf.WORKER_LOST, why, worker=offer.peer_id)
                     if why := jf.charge_refusal(price, item.usage_units, item.cost_nanoton):
                         raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
-                    return item, price, self._receipt(offer.peer_id, req, item, tuple(streamed))
+                    return item, price, self._receipt(offer.peer_id, req, item, tuple(streamed), "".join(streamed_text))
         finally:
             link.waiters.pop(job_id, None)
             if not done and link.broken is None and job_id in link.conn.jobs:
@@ -249,7 +252,7 @@ class JobClient:
                         pass
 
     def _receipt(
-        self, worker: bytes, req: jf.JobRequest, result: jf.JobResult, streamed: tuple[int, ...]
+        self, worker: bytes, req: jf.JobRequest, result: jf.JobResult, streamed: tuple[int, ...], text: str = ""
     ) -> Receipt | None:
         """The receipt the worker signed for ``result``, rebuilt from what we hold and checked."""
         if not result.receipt:
@@ -262,7 +265,7 @@ class JobClient:
             inputs_digest=inputs_digest(
                 req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens, req.sampling
             ),
-            outputs_digest=outputs_digest(result.outputs, streamed),
+            outputs_digest=outputs_digest(result.outputs, streamed, text),
             usage_units=result.usage_units,
             cost_nanoton=result.cost_nanoton,
             signature=result.receipt,
@@ -488,6 +491,11 @@ class JobClient:
         send, recv = trio.open_memory_channel[jf.JobChunk | InferenceResult | JobFailed](math.inf)
         scope = trio.CancelScope()
 
+        def hand_on(item: jf.JobChunk | InferenceResult | JobFailed) -> None:
+            # The caller may have left the loop (closing ``recv``) while a chunk was on its way.
+            with contextlib.suppress(trio.BrokenResourceError, trio.ClosedResourceError):
+                send.send_nowait(item)
+
         async def run() -> None:
             with scope, send:
                 try:
@@ -497,13 +505,13 @@ class JobClient:
                         max_tokens=max_tokens,
                         max_price=max_price,
                         timeout_s=timeout_s,
-                        on_chunk=send.send_nowait,
+                        on_chunk=hand_on,
                         require_tee=require_tee,
                         sampling=sampling,
                     )
-                    send.send_nowait(result)
+                    hand_on(result)
                 except JobFailed as exc:
-                    send.send_nowait(exc)
+                    hand_on(exc)
 
         self.nursery.start_soon(run)
         try:

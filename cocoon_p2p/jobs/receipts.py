@@ -8,7 +8,8 @@ the receipt of the job (domain ``cocoon/receipt/1``)::
 ``inputs_digest`` is SHA-256 over the canonical encoding of what the client asked
 (``[model_id, inputs, texts, max_tokens(, verify_tokens)]``, tensors in their wire form);
 ``outputs_digest`` over what the worker returned (``[outputs, token_ids]``: the
-result's tensors and every token id it streamed). Only the signature travels: the
+result's tensors and every token id it streamed; ``[outputs, [], text]`` for a
+generation streamed as text alone, as an engine's is). Only the signature travels: the
 client holds every other field already, rebuilds the receipt and checks it. A
 receipt is the worker's own word on a result, so a wrong result with its receipt
 is evidence against that worker that nobody else could have made (a fraud proof,
@@ -53,9 +54,14 @@ def inputs_digest(
     return hashlib.sha256(wire.pack(fields)).digest()
 
 
-def outputs_digest(outputs: Sequence[Tensor], token_ids: Sequence[int]) -> bytes:
-    """SHA-256 of what a worker returned: its result tensors and every token it streamed."""
-    return hashlib.sha256(wire.pack([[t.to_wire() for t in outputs], list(token_ids)])).digest()
+def outputs_digest(outputs: Sequence[Tensor], token_ids: Sequence[int], text: str = "") -> bytes:
+    """SHA-256 of what a worker returned: its result tensors and every token it streamed,
+    or, when it streamed no token ids (an engine streams text), the text it streamed.
+    Without text the layout is unchanged: earlier receipts and fraud proofs stay valid."""
+    fields: list[object] = [[t.to_wire() for t in outputs], list(token_ids)]
+    if text and not token_ids:
+        fields.append(text)
+    return hashlib.sha256(wire.pack(fields)).digest()
 
 
 @dataclass(frozen=True, kw_only=True)

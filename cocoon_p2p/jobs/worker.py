@@ -27,6 +27,8 @@ from cocoon_p2p.core.errors import ConfigError, LocalProtocolError, ProtocolErro
 from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.core.metrics import Metric
 from cocoon_p2p.execution.backends import Backend
+from cocoon_p2p.execution.engine import Generation
+from cocoon_p2p.execution.engine_runner import EngineRunner
 from cocoon_p2p.execution.executor import Executor, Outcome
 from cocoon_p2p.execution.limits import InputLimits
 from cocoon_p2p.execution.models import ModelSpec
@@ -35,15 +37,27 @@ from cocoon_p2p.transport.host import close_quietly
 from . import frames as jf
 from .batching import Batcher
 from .ports import LoadReport, PeerFeedback, WorkerPayments
-from .serving import FLUSH_ACCEPTED_S, INLINE_RUN_S, Served, last_frame, run_request, timed_run
+from .serving import (
+    CLIENT_CANCELLED,
+    FLUSH_ACCEPTED_S,
+    INLINE_RUN_S,
+    EngineWatch,
+    HealthHook,
+    Served,
+    last_frame,
+    open_generation,
+    run_request,
+    stream_generation,
+    timed_run,
+    watch_engine,
+)
 from .slots import Slots
 from .worker_link import Flush, WorkerJob, WorkerLink
 from .worker_stats import WorkerStats, worker_metrics
 
-__all__ = ["JobWorker", "WorkerStats"]
+__all__ = ["EngineWatch", "HealthHook", "JobWorker", "WorkerStats"]
 
 log = logging.getLogger(__name__)
-_CANCELLED = (jf.CANCELLED, "cancelled by the client")
 
 
 def _input_code(exc: ProtocolError) -> str:
@@ -86,6 +100,7 @@ class JobWorker:
         self.payments = payments
         self.max_wait_s = max_wait_s
         self.models: dict[bytes, Served] = {}
+        self._streams: dict[WorkerJob, Generation] = {}  # generations running, closed on cancel
         self._accepting = True
         self.stats = WorkerStats()
         host.set_stream_handler(TProtocol(jf.JOB_PROTOCOL), self._handle_stream)
@@ -104,6 +119,31 @@ class JobWorker:
         served = Served(spec, Executor(spec, backend, limits=limits), price_nanoton, batcher)
         self.models[spec.model_id] = served
         self.nursery.start_soon(self._model_loop, served)
+
+    def serve_engine(
+        self,
+        runner: EngineRunner,
+        *,
+        price_nanoton: int,
+        capacity: int,
+        watch: EngineWatch | None = None,
+        on_health: HealthHook | None = None,
+    ) -> None:
+        """Serve the model an engine runs (``runner.spec``, its weights' id) at
+        ``price_nanoton`` per token: at most ``capacity`` of its jobs at once (more are
+        answered ``busy``), each a stream from the engine. ``watch`` (None: the defaults)
+        probes the engine in this worker's nursery; when it goes down, its jobs are
+        refused with ``backend`` and ``on_health(model_id, False)`` is told (then True
+        when it is back)."""
+        if price_nanoton < 0:
+            raise ConfigError(f"a price is not negative: {price_nanoton}")
+        if capacity < 1:
+            raise ConfigError(f"an engine runs at least one job at once, not {capacity}")
+        spec = runner.spec
+        batcher: Batcher[WorkerJob] = Batcher(max_batch=1, max_wait_s=0.0)  # never used: generations stream
+        served = Served(spec, runner, price_nanoton, batcher, limit=capacity, threads=trio.CapacityLimiter(capacity))
+        self.models[spec.model_id] = served
+        self.nursery.start_soon(watch_engine, served, runner, watch or EngineWatch(), on_health)
 
     def limits(self, model_id: bytes) -> InputLimits:
         """The input limits a served model's jobs are held to (KeyError: not served)."""
@@ -163,6 +203,10 @@ class JobWorker:
             served = self.models.get(job.req.model_id)
             if served is not None:
                 served.batcher.remove(job.key, job)
+                served.running -= 1
+            job.cancelled = True  # a generation still running stops (unanswered)
+            if (stream := self._streams.get(job)) is not None and stream.interruptible:
+                stream.close()  # nobody to stream to: the engine stops now
             self.stats.jobs_failed += 1
         if abandoned:
             self._report_load()
@@ -181,6 +225,10 @@ class JobWorker:
             return jf.PRICE, f"price {served.price_nanoton} above cap"
         if req.deadline_ms <= now_ms():
             return jf.DEADLINE, "deadline already passed"
+        if not served.available:
+            return jf.BACKEND, "the model's engine is down"
+        if served.limit is not None and served.running >= served.limit:
+            return jf.BUSY, f"all {served.limit} slots of this model taken"
         if self.running >= self.capacity:
             return jf.BUSY, f"all {self.capacity} slots taken"
         if self.slots.free_for(link.peer) <= 0:
@@ -195,13 +243,19 @@ class JobWorker:
         """Give ``job`` a slot, held by its stream; False when the stream has ended meanwhile."""
         if not link.jobs.hold(job.req.job_id, job):
             return False
+        self.models[job.req.model_id].running += 1
         if report:
             self._report_load()
         return True
 
     def _report_load(self) -> None:
         free = max(0, self.capacity - self.running)
-        self.load.set_load(running_jobs=self.running, free_capacity={m: free for m in self.models})
+        self.load.set_load(
+            running_jobs=self.running,
+            free_capacity={
+                m: free if s.limit is None else max(0, min(free, s.limit - s.running)) for m, s in self.models.items()
+            },
+        )
 
     async def _admit(self, link: WorkerLink, req: jf.JobRequest) -> None:
         served = self.models.get(req.model_id)
@@ -263,9 +317,11 @@ class JobWorker:
         if job is None:
             return
         job.cancelled = True
+        if (stream := self._streams.get(job)) is not None and stream.interruptible:
+            stream.close()  # closes the upstream request; its thread wakes and the job ends
         served = self.models[job.req.model_id]
         if served.batcher.remove(job.key, job):  # not started: end it now
-            await self._finish(job, error=_CANCELLED)
+            await self._finish(job, error=CLIENT_CANCELLED)
 
     # ---- running models ------------------------------------------------------------------
 
@@ -318,7 +374,7 @@ class JobWorker:
         live = []
         for job in jobs:
             if job.cancelled:
-                await self._finish(job, error=_CANCELLED)
+                await self._finish(job, error=CLIENT_CANCELLED)
             elif job.req.deadline_ms <= now_ms():
                 await self._finish(job, error=(jf.DEADLINE, "deadline passed while queued"))
             else:
@@ -348,7 +404,7 @@ class JobWorker:
         compute_us = int(elapsed * 1e6)
         for job, outcome in zip(live, outcomes, strict=True):
             if job.cancelled:  # stopped while running: no result, no charge
-                await self._finish(job, error=_CANCELLED)
+                await self._finish(job, error=CLIENT_CANCELLED)
             else:
                 await self._finish(job, outcome=outcome, price=served.price_nanoton, compute_us=compute_us)
 
@@ -366,40 +422,31 @@ class JobWorker:
         await self._finish(job, outcome=outcome, price=served.price_nanoton, compute_us=compute_us)
 
     async def _run_generation(self, served: Served, job: WorkerJob) -> None:
-        """Stream tokens as they come; stop between tokens on cancel, deadline or a lost client."""
+        """Stream a generation chunk by chunk; stop on cancel, deadline or a lost client.
+
+        An ONNX model stops between tokens. An engine's stream is cut off at once: a
+        cancel closes it (:meth:`_cancel`), and so does its deadline, or this task's
+        cancellation (the thread is abandoned, and wakes when its stream closes)."""
         t0 = time.perf_counter()
         try:
-            stream, prompt_tokens = served.executor.token_stream(job.run)
+            gen = open_generation(served.executor, job.run)
         except ProtocolError as exc:
             return await self._finish(job, error=(_input_code(exc), str(exc)))
-        seq = 0
-        tokens: list[int] = []
-        while True:
-            if job.cancelled:
-                return await self._finish(job, error=_CANCELLED)
-            if job.req.deadline_ms <= now_ms():
-                return await self._finish(job, error=(jf.DEADLINE, f"deadline passed after {seq} tokens"))
-            try:
-                step = await trio.to_thread.run_sync(stream.next_or_none)
-            except Exception as exc:
-                log.warning("generation failed on %s: %s", served.spec.name, exc)
-                return await self._finish(job, error=(jf.BACKEND, str(exc)[:200]))
-            if step is None:
-                break
-            token, text = step
-            tokens.append(token)
-            logprobs = tuple(stream.logprobs[seq : seq + 1])  # this token's, when the job asked for them
-            try:
-                chunk = jf.JobChunk(job_id=job.req.job_id, seq=seq, token_ids=(token,), text=text, logprobs=logprobs)
-                await job.link.send(chunk)
-            except Exception:  # the client is gone: stop generating for nobody
-                job.cancelled = True
-                continue
-            seq += 1
-        units = prompt_tokens + seq
-        compute_us = int((time.perf_counter() - t0) * 1e6)
+        self._streams[job] = gen
+        try:
+            ended = await stream_generation(served, job, gen)
+        finally:
+            del self._streams[job]
+            gen.close()
+        if ended.error is not None:
+            return await self._finish(job, error=ended.error)
         await self._finish(
-            job, outcome=Outcome((), units), price=served.price_nanoton, compute_us=compute_us, tokens=tuple(tokens)
+            job,
+            outcome=Outcome((), gen.units(ended.chunks)),
+            price=served.price_nanoton,
+            compute_us=int((time.perf_counter() - t0) * 1e6),
+            tokens=ended.tokens,
+            text=ended.text,
         )
 
     # ---- the end of a job ------------------------------------------------------------------
@@ -413,6 +460,7 @@ class JobWorker:
         compute_us: int = 0,
         error: tuple[str, str] | None = None,
         tokens: tuple[int, ...] = (),
+        text: str = "",
     ) -> None:
         frame = last_frame(
             job,
@@ -422,6 +470,7 @@ class JobWorker:
             error=error,
             signer=self.identity,
             token_ids=tokens,
+            text=text,
         )
         if not self._close(job, frame):
             return
@@ -435,6 +484,7 @@ class JobWorker:
         False if it had ended already (nothing to send)."""
         if job.link.jobs.release(job.req.job_id) is None:
             return False
+        self.models[job.req.model_id].running -= 1
         if report:
             self._report_load()
         if isinstance(frame, jf.JobResult):
