@@ -390,7 +390,8 @@ async def _close_the_rest(pay: PaymentService, chain: LocalChain, seen: dict[str
     The client closes a channel as it bans its worker; when the ban's hang-up breaks that
     close, the payer takes it that the worker is closing the channel itself and waits for
     it, which a cheater need not do. Such a channel is asked to close cooperatively again,
-    as the payer does for a close it finds unfinished after a restart."""
+    as the payer does for a close it finds unfinished after a restart; one the client had
+    to close alone is finished once the local chain's clock passes its quarantine."""
     unsettled = []
     for ch in seen.values():
         for _ in range(STUCK_CLOSE_TRIES):
@@ -401,6 +402,13 @@ async def _close_the_rest(pay: PaymentService, chain: LocalChain, seen: dict[str
                     _progress(f"channel {ch.address}: its close broke off as its worker was banned; closing it again")
                     ch.close_in_hand = False
                 await pay.watch_once()  # asks the worker to countersign again, and sends the close
+            elif ch.state is ChannelState.CLOSING_UNCOOPERATIVE:
+                # Closed alone (the banned worker did not countersign): the demo's own chain
+                # skips the quarantine a real one would wait out, then the close is finished.
+                _progress(f"channel {ch.address}: closed without its worker; the local chain skips the quarantine")
+                await trio.to_thread.run_sync(chain.settle)
+                await trio.to_thread.run_sync(chain.advance, pay.payer.config.quarantine_s + 1)
+                await pay.watch_once()  # sees the quarantine over: finish_uncooperative_close
         else:
             unsettled.append(ch.address)
     return unsettled
