@@ -46,6 +46,7 @@ from cocoon_p2p.core.errors import ConfigError, NotRunning
 from cocoon_p2p.core.identity import Identity, load_or_create_identity
 from cocoon_p2p.core.metrics import Metric, metric
 from cocoon_p2p.execution.backends import Backend
+from cocoon_p2p.execution.chat_options import ChatOptions
 from cocoon_p2p.execution.engine_runner import EngineRunner
 from cocoon_p2p.execution.executor import RunRequest
 from cocoon_p2p.execution.limits import InputLimits
@@ -419,14 +420,19 @@ class Node:
         gpu: str = "cpu",
         limits: InputLimits | None = None,
         catalog: CatalogEntry | None = None,
+        completion_price_nanoton: int | None = None,
     ) -> None:
-        """Serve a hash-checked model: accept its jobs and advertise it (gossip + DHT).
+        """Serve a hash-checked model at ``price_nanoton`` per unit (and, for a generation
+        model, ``completion_price_nanoton`` per generated token; None: the same): accept
+        its jobs and advertise it (gossip + DHT).
 
         ``limits``: what one job may ask (None: derived from the model); bigger jobs
         are refused with ``too-large`` before any work starts. ``catalog``: the name and
         variant it is announced under (None: the spec's public name and variant)."""
         worker = self._job_worker()
-        worker.serve(spec, backend, price_nanoton=price_nanoton, limits=limits)
+        worker.serve(
+            spec, backend, price_nanoton=price_nanoton, limits=limits, completion_price_nanoton=completion_price_nanoton
+        )
         caps = [c for c in self.advertiser.capabilities if c.model_id != spec.model_id]
         caps.append(
             ModelCapability(
@@ -439,6 +445,7 @@ class Node:
                 capacity=worker.capacity,
                 limits=advertised(worker.limits(spec.model_id)),
                 catalog=catalog or default_catalog(spec),
+                completion_price_nanoton=completion_price_nanoton,
             )
         )
         self.set_capabilities(caps)
@@ -456,7 +463,7 @@ class Node:
 
         self._job_worker().serve_engine(
             runner, price_nanoton=capability.price_nanoton, capacity=capability.capacity, watch=watch,
-            on_health=on_health,
+            on_health=on_health, completion_price_nanoton=capability.completion_price_nanoton,
         )  # fmt: skip
         on_health(capability.model_id, True)
 
@@ -531,14 +538,18 @@ class Node:
         timeout_s: float = 120.0,
         require_tee: bool = False,
         sampling: Sampling | None = None,
+        chat: ChatOptions | None = None,
     ) -> AsyncGenerator[JobChunk | InferenceResult, None]:
         """Generate text: yields each :class:`~.jobs.frames.JobChunk` as the worker
         streams it, then the :class:`~.jobs.client.InferenceResult` (usage and cost).
 
         ``prompt`` is the full model input (for chat models see
         :func:`~.execution.generation.chatml_prompt`). ``sampling``: temperature, top_p,
-        seed, penalties, stop strings, logprobs (None: greedy). Leaving the loop early
-        cancels the job on the worker. Raises :class:`~.jobs.client.JobFailed`.
+        seed, penalties, stop strings, logprobs (None: greedy). ``chat``: for a model an
+        engine serves, the chat's messages (the engine applies its model's own template;
+        ``prompt`` then only bounds the bill), ``response_format`` and ``tools``; the
+        result's ``tool_calls`` holds the calls made. Leaving the loop early cancels the
+        job on the worker. Raises :class:`~.jobs.client.JobFailed`.
         """
         stream = self._client().generate(
             model_id,
@@ -548,6 +559,7 @@ class Node:
             timeout_s=timeout_s,
             require_tee=require_tee,
             sampling=sampling,
+            chat=chat,
         )
         async with aclosing(stream) as items:
             async for item in items:
@@ -583,4 +595,4 @@ async def open_node(config: NodeConfig | None = None) -> AsyncIterator[Node]:
 
 def default_catalog(spec: ModelSpec) -> CatalogEntry:
     """The name and variant a model is announced under when its server names none."""
-    return CatalogEntry(catalog_name(spec.public_name or spec.name), catalog_name(spec.variant, 32))
+    return CatalogEntry(catalog_name(spec.public_name or spec.name), catalog_name(spec.variant, 32), spec.kind)

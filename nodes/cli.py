@@ -24,6 +24,7 @@ from cocoon_p2p.api.http import Request, Response, error_response, serve_http
 from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.identity import load_or_create_identity
 from cocoon_p2p.core.metrics import CONTENT_TYPE, Metric, metric, render
+from cocoon_p2p.core.pricing import Price
 from cocoon_p2p.execution.backends import BACKENDS, Backend, open_backend
 from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
 from cocoon_p2p.execution.generation import chatml_prompt
@@ -148,7 +149,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"ONNX file to serve, or a built-in model: {', '.join(BUILTIN_MODELS)} (repeatable)",
     )
     p.add_argument("--backend", choices=BACKENDS, help="execution backend (default auto: TensorRT if present)")
-    p.add_argument("--price-nanoton", type=int, help="price per unit of work")
+    p.add_argument("--price-nanoton", type=int, help="price per unit of work (a prompt token, for generation)")
+    p.add_argument("--completion-price-nanoton", type=int, help="price per generated token (default: --price-nanoton)")
     p.add_argument("--capacity", type=int, help="jobs run at once; more are refused as busy")
     p.add_argument("--jobs-per-client", type=int, help="jobs one client may run at once (default: capacity)")
     _payments(p)
@@ -355,10 +357,11 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
         if cheats:
             print(f"cheating {cfg.cheat_rate:g}", flush=True)
         for spec, backend in zip(models, backends, strict=True):
-            node.serve_model(spec, backend, price_nanoton=cfg.price_nanoton)
+            completion = cfg.completion_price_nanoton if spec.kind == "generation" else None
+            node.serve_model(spec, backend, price_nanoton=cfg.price_nanoton, completion_price_nanoton=completion)
             print(
                 f"serving {spec.id_hex} {spec.name} {backend.name}/{backend.device} "
-                f"price={cfg.price_nanoton}/{spec.unit}",
+                f"price={Price.of(cfg.price_nanoton, completion).label(spec.unit)}",
                 flush=True,
             )
         await enginecli.serve_engines(node, cfg)
@@ -425,7 +428,7 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
             for channel, how in (await pay.watch_once()).items():  # closes a restart left unfinished
                 print(f"channel {channel}: {how}", file=sys.stderr)
     print(
-        f"served by {_pid(r.worker)}: {r.usage_units} units x {r.price_nanoton} = {r.cost_nanoton} nanoton, "
+        f"served by {_pid(r.worker)}: {_bill(r)} = {r.cost_nanoton} nanoton, "
         f"{r.latency_s * 1000:.0f} ms, {r.attempts} attempt(s)",
         file=sys.stderr,
     )
@@ -452,6 +455,7 @@ async def run_find(cfg: config_mod.RoleConfig, model: str, wait_s: float, as_jso
                 "peer_id": _pid(w.peer_id),
                 "addrs": list(w.addrs),
                 "price_nanoton": w.price_nanoton,
+                "completion_price_nanoton": w.price.completion,
                 "unit": w.unit,
                 "capacity": w.capacity,
                 "free_capacity": w.free_capacity,
@@ -467,8 +471,14 @@ async def run_find(cfg: config_mod.RoleConfig, model: str, wait_s: float, as_jso
         print(f"{len(workers)} worker(s) for {model_id.hex()}")
         for w in workers:
             via = "+".join(sorted(w.sources))
-            print(f"  {_pid(w.peer_id)}  {w.price_nanoton}/{w.unit}  free={w.free_capacity}  via {via}")
+            print(f"  {_pid(w.peer_id)}  {w.price.label(w.unit)}  free={w.free_capacity}  via {via}")
     return 0 if workers else 1
+
+
+def _bill(r: InferenceResult) -> str:
+    """What a result was billed: units x price, generated tokens at their own price."""
+    prompt = f"{r.usage_units - r.completion_units} units x {r.price_nanoton}"
+    return f"{prompt} + {r.completion_units} generated x {r.completion_price_nanoton}" if r.completion_units else prompt
 
 
 def _pid(peer_id: bytes) -> str:

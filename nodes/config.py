@@ -30,7 +30,8 @@ class RoleConfig:
     max_price_nanoton: int = 10_000  # client, gateway: the most paid per unit of work
     announce_interval_s: float = 10.0
     models: list[str] = field(default_factory=list)  # ONNX paths or built-in names
-    price_nanoton: int = 1000
+    price_nanoton: int = 1000  # worker: per unit (a row, an embedded token, a prompt token)
+    completion_price_nanoton: int | None = None  # worker: per generated token (None: price_nanoton)
     capacity: int = 8
     jobs_per_client: int = 0  # worker: jobs one client may run at once (0: up to capacity)
     # What one peer or address may hold open (cocoon_p2p.transport.limits.ResourceLimits).

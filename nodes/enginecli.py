@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 
 from cocoon_p2p.core.errors import ConfigError
+from cocoon_p2p.core.pricing import Price
 from cocoon_p2p.execution.engine import EngineError, EngineKind, offer_backend
 from cocoon_p2p.execution.engine_http import HttpEngine
 from cocoon_p2p.execution.engine_runner import EngineRunner, ListedModel, list_models
@@ -126,6 +127,7 @@ def _offer(
         gpu=cfg.engine_gpu or "unknown",
         max_batch=capacity,
         price_nanoton=cfg.price_nanoton,
+        completion_price_nanoton=cfg.completion_price_nanoton,
         unit=spec.unit,
         capacity=capacity,
         limits=advertised(runner.limits),
@@ -151,7 +153,8 @@ async def serve_engines(node: Node, cfg: config_mod.RoleConfig) -> None:
         serve(node, offer, cfg)
         cap, spec = offer.capability, offer.runner.spec
         print(
-            f"serving {spec.id_hex} {spec.name} {cap.backend} price={cap.price_nanoton}/{spec.unit} "
+            f"serving {spec.id_hex} {spec.name} {cap.backend} "
+            f"price={Price.of(cap.price_nanoton, cap.completion_price_nanoton).label(spec.unit)} "
             f"capacity={cap.capacity}",
             flush=True,
         )

@@ -270,9 +270,8 @@ class JobFlow:
         assert isinstance(result, JobResult)
         if job.done:
             return
-        price = first.price_nanoton
-        if price_refusal(price, c.group.max_price_nanoton) or charge_refusal(price, result.usage_units,
-                                                                            result.cost_nanoton):  # fmt: skip
+        price = first.price
+        if price_refusal(price.highest, c.group.max_price_nanoton) or charge_refusal(price, result):
             return self._attempt_failed(att, PRICE)  # the client does not pay a wrong bill
         cost = result.cost_nanoton
         if job.check is not None:

@@ -6,8 +6,8 @@ reduced to numbers (0: the right result; n > 0: a wrong one, no two alike):
 
 * :attr:`Flow.RERUN` (tensors): the reference agrees with the first run: passed. It does
   not: a third worker breaks the tie. It agrees with the first: the reference was wrong;
-  with the reference, or there is no third worker: the first was; with neither: nobody
-  can be blamed (skipped). Every run that judged is paid.
+  with the reference: the first was; with neither, or there is no third worker: nobody
+  can be blamed (skipped: one word against another). Every run that judged is paid.
 * :attr:`Flow.VERIFY` (generation): a verify job says whether the first run's tokens are
   the greedy ones. No fault: passed. A fault is confirmed by a second verifier; one that
   finds no fault condemns the first verifier instead (unpaid). With no second verifier the
@@ -35,7 +35,7 @@ class Verdict(StrEnum):
     UNCHECKED = ""
     PASSED = "passed"  # found right (or its accuser found lying): paid
     WRONG = "wrong"  # found wrong: unpaid (the caller gets the agreeing run's result, or keeps it, knowing)
-    SKIPPED = "skipped"  # no other worker, a check run failed, or three answers: kept and paid as it was
+    SKIPPED = "skipped"  # no other worker, a check run failed, or no majority: kept and paid as it was
 
 
 class Flow(Enum):
@@ -95,8 +95,8 @@ def _rerun(check: Check, run: Run | None) -> Decided | None:
             return Decided(Verdict.PASSED, (run,))
         return None  # a tie-breaker
     ref = check.runs[0]
-    if run is None:  # no third worker: the reference's word stands
-        return Decided(Verdict.WRONG, (ref,), wrong=first, keep=ref)
+    if run is None:  # no third worker: one word against another, nobody is blamed
+        return Decided(Verdict.SKIPPED, (ref,))
     if run.answer == first.answer:  # the reference was the odd one out
         return Decided(Verdict.PASSED, (run,), wrong=ref)
     if run.answer != ref.answer:  # three answers: nobody can be blamed on this evidence

@@ -25,6 +25,7 @@ import trio.testing
 from libp2p.custom_types import TProtocol
 from libp2p.network.stream.exceptions import StreamEOF, StreamReset
 from libp2p.peer.id import ID
+from tokenizers import Tokenizer
 
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import ConfigError, MalformedMessage
@@ -376,7 +377,8 @@ async def test_usage_beyond_what_the_request_holds_is_refused_unpaid_and_scored(
     ("request_", "streamed", "bound"),
     [
         (dict(inputs=(from_numpy("x", x_rows(5)),)), 0, 5),
-        (dict(texts=("a", "b", "c")), 0, 3),
+        # texts: a token per UTF-8 byte at most, plus a tokenizer's special tokens per text
+        (dict(texts=("a", "b", "cé")), 0, 5 + 3 * jf.TEXT_SPECIAL_TOKENS),
         (dict(texts=("héllo",), max_tokens=8), 3, 6 + 3),  # UTF-8 bytes of the prompt + tokens
         (dict(texts=("hi",), max_tokens=2), 9, 2 + 2),  # never more generated tokens than asked
     ],
@@ -384,8 +386,30 @@ async def test_usage_beyond_what_the_request_holds_is_refused_unpaid_and_scored(
 def test_usage_bound_of_a_request(request_: dict[str, Any], streamed: int, bound: int) -> None:
     req = jf.JobRequest(job_id=1, model_id=bytes(32), deadline_ms=1, max_price_nanoton=1, **request_)
     assert jf.usage_bound(req, streamed_tokens=streamed) == bound
-    assert jf.usage_refusal(req, bound, streamed_tokens=streamed) is None
-    assert jf.usage_refusal(req, bound + 1, streamed_tokens=streamed) is not None
+
+    def billing(units: int, completion: int = 0) -> jf.JobResult:
+        return jf.JobResult(job_id=1, usage_units=units, cost_nanoton=units, completion_units=completion)
+
+    assert jf.usage_refusal(req, billing(bound), streamed_tokens=streamed) is None
+    assert jf.usage_refusal(req, billing(bound + 1), streamed_tokens=streamed) is not None
+    generated = min(streamed, req.max_tokens)  # what may be billed at the completion price: no more
+    assert jf.usage_refusal(req, billing(bound, generated), streamed_tokens=streamed) is None
+    assert jf.usage_refusal(req, billing(bound, generated + 1), streamed_tokens=streamed) is not None
+
+
+@pytest.mark.parametrize(
+    ("units", "completion", "cost", "refused"),
+    [
+        (10, 0, 10 * 2, False),  # input units only: the unit price
+        (10, 4, 6 * 2 + 4 * 5, False),  # generated tokens at the completion price
+        (10, 4, 10 * 2, True),  # generated tokens billed at the cheaper price: not what was agreed
+        (10, 4, 10 * 5, True),  # every token at the completion price: overcharged
+    ],
+)
+def test_a_bill_is_its_usage_at_the_two_agreed_prices(units: int, completion: int, cost: int, refused: bool) -> None:
+    result = jf.JobResult(job_id=1, usage_units=units, cost_nanoton=cost, completion_units=completion)
+    accepted = jf.JobAccepted(job_id=1, price_nanoton=2, unit="token", completion_price_nanoton=5)
+    assert (jf.charge_refusal(accepted.price, result) is not None) is refused
 
 
 # ---- 4. heavy jobs ---------------------------------------------------------------------------------
@@ -397,7 +421,7 @@ def _tiny_embedder(folder: Path, *, window: int = 8, max_batch: int = 4) -> Mode
     (tokens it saw, the sum of their ids): what was truncated, and which text it was."""
     import onnx
     from onnx import TensorProto, helper, numpy_helper
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from tokenizers import models, pre_tokenizers, processors
 
     vocab = {"[PAD]": 0, "[UNK]": 1, "[CLS]": 2, "[SEP]": 3, **{f"w{i}": 4 + i for i in range(100)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
@@ -539,7 +563,8 @@ async def test_the_worker_refuses_a_heavy_job_before_any_work(embedder: ModelSpe
             assert err.value.code == jf.TOO_LARGE and not err.value.retryable  # no other worker tries it
         assert backend.runs == [] and worker.stats.refused == {jf.TOO_LARGE: 3} and worker.running == 0
         r = await client.infer(mid, texts=("w1 w2", _words(30)), max_price=10, timeout_s=5)
-        assert to_numpy(r.output())[:, 0].tolist() == [4.0, 8.0] and r.usage_units == 2
+        # The model's output is each text's token count: 4, and the long one truncated to 8.
+        assert to_numpy(r.output())[:, 0].tolist() == [4.0, 8.0] and r.usage_units == 4 + 8  # tokens embedded
         nursery.cancel_scope.cancel()
 
 
@@ -563,7 +588,7 @@ async def test_a_client_sends_a_job_only_to_workers_whose_advertised_limits_take
         assert err.value.code == jf.TOO_LARGE and f"at most {said.max_items}" in str(err.value)
         assert worker.stats.refused == {} and client.stats.jobs_failed == 1
         r = await client.infer(mid, texts=("w1",) * 3, max_price=10, timeout_s=5)  # only WORKER takes 3
-        assert r.worker == WORKER and r.usage_units == 3
+        assert r.worker == WORKER and r.usage_units == 3 * 3  # [CLS] w1 [SEP], three times
         nursery.cancel_scope.cancel()
 
 

@@ -190,6 +190,33 @@ async def test_a_node_joining_a_network_with_stale_gossip_bans_no_honest_peer() 
 
 
 @pytest.mark.slow
+async def test_a_late_client_does_not_score_down_a_worker_for_its_own_older_announcements() -> None:
+    # py-libp2p hands a newly subscribed peer its message cache's window, newest heartbeat
+    # first: a client joining late gets a worker's latest announcement, then, from the
+    # worker itself, the older ones. They were scored as the worker's own replays
+    # ("replayed", and "rate-limited" for a bunch), so every client that joined cost an
+    # honest worker points, and its bootstrap peers too.
+    async with Node(fast_config()) as worker:
+        worker.set_capabilities([CAP])
+        for k in range(8):  # load changes: an announcement every 0.5 s, several in the window
+            worker.set_load(running_jobs=k % 2, free_capacity={MODEL: 2 - k % 2})
+            await trio.sleep(0.5)
+        clients = []
+        async with AsyncExitStack() as stack:
+            for _ in range(3):
+                client = await stack.enter_async_context(Node(fast_config(bootstrap=[worker.addrs[0]])))
+                clients.append(client)
+                await wait_for(lambda c=client: c.directory.announcement_of(worker.peer_id) is not None)  # type: ignore[misc]
+            await trio.sleep(1.0)  # every replay judged
+            stale = sum(c.gossip.stats.rejected_by_code.get("replayed", 0) for c in clients)
+            assert stale >= 1, "the replay this test is about did not happen"
+            for c in clients:
+                assert c.scores.score(worker.peer_id, now_ms()) == 0.0, c.gossip.stats.rejected_by_code
+                assert c.guard.stats.peers_disconnected == 0
+                assert c.directory.workers_for(MODEL, now_ms=now_ms())  # the freshest is held
+
+
+@pytest.mark.slow
 async def test_a_banned_bootstrap_peer_is_let_back_soon_and_not_redialled_meanwhile() -> None:
     # A node's bootstrap peers are its way in: banning one for five minutes (and, all
     # the while, dialling it only to hang up at once) left nodes with no peers.

@@ -64,12 +64,14 @@ def test_worker_and_client_commands(tmp_path: Path) -> None:
         )
         assert out.returncode == 0, out.stderr[-2000:]
         assert "(384 dims)" in out.stdout
-        assert f"served by {addr.rsplit('/', 1)[1]}" in out.stderr and "1 units x 1000 = 1000 nanoton" in out.stderr
+        assert (
+            f"served by {addr.rsplit('/', 1)[1]}" in out.stderr and "4 units x 1000 = 4000 nanoton" in out.stderr
+        )  # [CLS] hello world [SEP]
     finally:
         worker.send_signal(signal.SIGTERM)
         rest, _ = worker.communicate(timeout=30)
     assert worker.returncode == 0
-    assert "stopping" in rest and "served 1 jobs, earned 1000 nanoton" in rest
+    assert "stopping" in rest and "served 1 jobs, earned 4000 nanoton" in rest
 
 
 def test_demo_survives_a_killed_worker_on_a_testnet_like_chain() -> None:
@@ -144,10 +146,10 @@ def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path)
                 time.sleep(0.2)
             for text in ("hello", "world"):
                 emb = api.embeddings.create(model="minilm", input=text)
-                assert len(emb.data[0].embedding) == 384 and emb.usage.cost_nanoton == 1000  # type: ignore[attr-defined]
+                assert len(emb.data[0].embedding) == 384 and emb.usage.cost_nanoton == 3 * 1000  # type: ignore[attr-defined]
             m = _scrape(metrics_url)
             assert m['cocoon_worker_jobs_total{outcome="ok"}'] == 2
-            assert m["cocoon_channel_earned_unsettled_nanoton"] == 2000 and m['cocoon_channels{role="worker"}'] == 1
+            assert m["cocoon_channel_earned_unsettled_nanoton"] == 6000 and m['cocoon_channels{role="worker"}'] == 1
             assert m["cocoon_worker_job_seconds_count"] == 2
             assert m['cocoon_streams_total{direction="inbound"}'] >= 2  # the job stream among them
             assert m['cocoon_stream_bytes_total{direction="received"}'] > 0
@@ -157,7 +159,7 @@ def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path)
             worker.kill()
             worker.wait(timeout=10)
             status = _status(w_dir)
-            assert status["earned_unsettled_nanoton"] == 2000 and len(status["worker_channels"]) == 1
+            assert status["earned_unsettled_nanoton"] == 6000 and len(status["worker_channels"]) == 1
             assert status["wallet_to_fund"] == wallet  # the form the worker printed to fund
             worker = subprocess.Popen(
                 [*w_cmd, "--listen", addr.split("/p2p/")[0], "--log-level", "WARNING"],
@@ -176,7 +178,8 @@ def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path)
                     assert time.monotonic() < deadline, "no job after the restart"
                     time.sleep(0.5)
             status = _status(w_dir)
-            assert status["earned_unsettled_nanoton"] == 3000 and len(status["worker_channels"]) == 1
+            earned = 6000 + emb.usage.cost_nanoton  # type: ignore[attr-defined]
+            assert status["earned_unsettled_nanoton"] == earned and len(status["worker_channels"]) == 1
 
             # SIGTERM: the worker stops taking jobs and settles what it earned, cooperatively.
             before = chain.balance(wallet)
@@ -187,7 +190,7 @@ def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path)
             assert [c["settled"] for c in status["worker_channels"]] == [True]
             assert status["earned_unsettled_nanoton"] == 0
             gained = chain.balance(wallet) - before
-            assert 3000 - 60_000_000 < gained  # its 3000 nanoton arrived, less the close's gas
+            assert earned - 60_000_000 < gained  # what it earned arrived, less the close's gas
         finally:
             stop_processes(procs)
 

@@ -40,7 +40,8 @@ from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
 
 CLI = [sys.executable, "-m", "cocoon_p2p.nodes.cli"]
 TON = 1_000_000_000
-PRICE = 10_000_000  # a job of one text costs 0.01 TON: far above any forward fee
+PRICE = 2_500_000  # per token
+JOB = 4 * PRICE  # a job ("crash points": [CLS] crash points [SEP]) costs 0.01 TON: far above any forward fee
 QUARANTINE_S = 60
 DEPOSIT = TON // 2
 FORWARD_FEE_MAX = TON // 1000
@@ -102,7 +103,7 @@ class Net:
 
     def __post_init__(self) -> None:
         for role, text in (
-            ("worker", f"credit_nanoton = {10 * PRICE}\nwatch_interval_s = 1.0\n"),
+            ("worker", f"credit_nanoton = {10 * JOB}\nwatch_interval_s = 1.0\n"),
             ("client", f"quarantine_s = {QUARANTINE_S}\ndeposit_nanoton = {DEPOSIT}\n"),
         ):
             (self.root / role).mkdir(parents=True)
@@ -256,14 +257,14 @@ def _audit(net: Net, case: Case) -> None:
             assert held[cid] - FORWARD_FEE_MAX < paid_out <= held[cid] or held[cid] == paid_out == 0
         # Billed but unpaid: the job whose voucher died unsigned. A killed worker may also
         # have lost its last job's bill (written in groups, every 50 ms): in the client's favour.
-        unpaid, lost_bill = sum(billed.values()) - sum(held.values()), PRICE if case.point in WORKER_SIDE else 0
-        assert case.unpaid_jobs * PRICE - lost_bill <= unpaid <= case.unpaid_jobs * PRICE
+        unpaid, lost_bill = sum(billed.values()) - sum(held.values()), JOB if case.point in WORKER_SIDE else 0
+        assert case.unpaid_jobs * JOB - lost_bill <= unpaid <= case.unpaid_jobs * JOB
         endings = Counter(store.lifecycle(cid).ending for cid in held)
         assert endings == Counter({CloseOutcome.COOPERATIVE: len(held) - case.uncooperative,
                                    CloseOutcome.UNCOOPERATIVE: case.uncooperative}) - Counter()  # fmt: skip
     finally:
         store.close()
-    assert sum(signed.values()) == (net.served + case.paid_unseen) * PRICE
+    assert sum(signed.values()) == (net.served + case.paid_unseen) * JOB
     # No deposit left behind: every contract the client's wallet funded has paid it out again.
     client_wallet = Wallet.load_or_create(net.root / "client" / "wallet.json").address
     funded = {d for tx in net.chain.transactions(client_wallet, limit=100) for d, v in tx.out_messages if v >= DEPOSIT}

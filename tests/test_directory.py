@@ -19,7 +19,10 @@ from cocoon_p2p.core.errors import (
     RemoteProtocolError,
     ReplayedMessage,
 )
+from cocoon_p2p.core.pricing import Price
 from cocoon_p2p.overlay import announcement as ann_mod
+from cocoon_p2p.overlay import capability
+from cocoon_p2p.overlay.catalog import CatalogEntry
 from cocoon_p2p.overlay.directory import WorkerDirectory
 from cocoon_p2p.overlay.joblimits import JobLimits, JobSize
 
@@ -193,3 +196,40 @@ def test_cached_offers_always_equal_a_fresh_scan(ops: list[tuple[str, int, int, 
         for m in (MODEL, MODEL_B):
             fresh = dataclasses.replace(d, _offers={}).workers_for(m, now_ms=now)
             assert d.workers_for(m, now_ms=now) == fresh
+
+
+def test_offers_carry_a_completion_price_through_gossip_and_the_dht() -> None:
+    """A second price per generated token travels in announcements and DHT records, and
+    the merged offer and the catalog row say both; a flat offer's bytes are unchanged."""
+    two = offer(price_nanoton=2, completion_price_nanoton=7, catalog=CatalogEntry("m", "fp32"))
+    a = announcement(ident(1), offers=(two,))
+    back = ann_mod.decode(a.encode(), now_ms=NOW)
+    assert back == a and back.offers[0].price == Price(2, 7) and back.offers[0].price.highest == 7
+    no_catalog = dataclasses.replace(two, catalog=None)  # the catalog slot is nil then
+    assert ann_mod.decode(announcement(ident(1), offers=(no_catalog,)).encode(), now_ms=NOW).offers == (no_catalog,)
+    assert len(offer()._fields()) == ann_mod._OFFER_FIELDS  # flat: as every older offer
+    d = WorkerDirectory()
+    d.receive_announcement(a.encode(), origin=ident(1).peer_id, now_ms=NOW)
+    (w,) = d.workers_for(MODEL, now_ms=NOW)
+    assert w.price == Price(2, 7)
+    (row,) = d.catalog(NOW)
+    assert (row.min_price_nanoton, row.min_completion_price_nanoton) == (2, 7)
+    rec = record(ident(2), completion_price_nanoton=9)
+    assert capability.decode(rec.encode(), now_ms=NOW).price == Price(rec.price_nanoton, 9)
+    prices = {w.peer_id: w.price for w in d.workers_for(MODEL, now_ms=NOW, extra=[rec])}
+    assert prices == {ident(1).peer_id: Price(2, 7), ident(2).peer_id: Price(rec.price_nanoton, 9)}
+
+
+def test_a_forgotten_peers_older_announcement_replayed_later_stays_out() -> None:
+    """Gossip caches replay old announcements: once a peer is forgotten (banned, lost), an
+    older one arriving later must not bring its stale terms back; a newer one is welcome."""
+    d = WorkerDirectory()
+    old, new = announcement(ident(1), now=NOW), announcement(ident(1), now=NOW + 1000)
+    d.receive_announcement(new.encode(), origin=ident(1).peer_id, now_ms=NOW + 1000)
+    d.forget(ident(1).peer_id)
+    with pytest.raises(ReplayedMessage):
+        d.receive_announcement(old.encode(), origin=ident(1).peer_id, now_ms=NOW + 1000)
+    assert d.workers_for(MODEL, now_ms=NOW + 1000) == []
+    newer = announcement(ident(1), now=NOW + 2000)
+    d.receive_announcement(newer.encode(), origin=ident(1).peer_id, now_ms=NOW + 2000)
+    assert [w.issued_at_ms for w in d.workers_for(MODEL, now_ms=NOW + 2000)] == [NOW + 2000]

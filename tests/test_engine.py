@@ -139,7 +139,7 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[LlamaServer]:
 
 
 def role_config(server: LlamaServer, tmp: Path, *, capacity: int = 2, **over: Any) -> RoleConfig:
-    return RoleConfig(
+    fields: dict[str, Any] = dict(
         data_dir=tmp,
         engine=server.url,
         engine_models=[f"{NAME}={GGUF}"],
@@ -147,16 +147,16 @@ def role_config(server: LlamaServer, tmp: Path, *, capacity: int = 2, **over: An
         price_nanoton=PRICE,
         engine_health_interval_s=0.3,
         engine_health_failures=2,
-        **over,
     )
+    return RoleConfig(**{**fields, **over})
 
 
 @asynccontextmanager
 async def engine_network(
-    server: LlamaServer, tmp: Path, *, capacity: int = 2
+    server: LlamaServer, tmp: Path, *, capacity: int = 2, **over: Any
 ) -> AsyncIterator[tuple[Node, Node, enginecli.EngineOffer]]:
     """A worker fronting the engine and a client that sees its offer."""
-    cfg = role_config(server, tmp, capacity=capacity)
+    cfg = role_config(server, tmp, capacity=capacity, **over)
     (offer,) = await trio.to_thread.run_sync(lambda: enginecli.prepare(cfg, capacity=capacity))
     async with Node(fast_config(announce_ttl_s=3)) as worker:
         async with Node(fast_config(bootstrap=[worker.addrs[0]])) as client:
@@ -179,7 +179,12 @@ async def test_greedy_generation_through_the_network_is_the_engines_own(server: 
     t0 = time.perf_counter()
     direct = await trio.to_thread.run_sync(lambda: server.complete(prompt=QUESTION, max_tokens=24, temperature=0))
     direct_s = time.perf_counter() - t0
-    async with engine_network(server, tmp_path) as (client, worker, offer):
+    # Priced as COCOON prices: a generated token costs more than a prompt token.
+    async with engine_network(server, tmp_path, price_nanoton=PRICE // 4, completion_price_nanoton=PRICE) as (
+        client,
+        worker,
+        offer,
+    ):
         assert offer.weights.model_id == hashlib.sha256(GGUF.read_bytes()).digest()  # the GGUF's own digest
         assert offer.capability.backend == "engine:llama.cpp/q4_1"
         assert offer.capability.catalog is not None and offer.capability.catalog.variant == "q4_1"
@@ -192,7 +197,8 @@ async def test_greedy_generation_through_the_network_is_the_engines_own(server: 
     usage = direct["usage"]
     assert len(chunks) <= usage["completion_tokens"]
     assert r.usage_units == usage["prompt_tokens"] + len(chunks)  # the engine's count of the prompt
-    assert r.cost_nanoton == r.usage_units * PRICE
+    assert r.completion_units == len(chunks) and r.finish_reason == direct["choices"][0]["finish_reason"]
+    assert r.cost_nanoton == usage["prompt_tokens"] * (PRICE // 4) + len(chunks) * PRICE
     assert r.receipt is not None  # signed over the streamed text, and verified by the client
     print(f"{len(chunks)} chunks; direct {direct_s * 1000:.0f} ms, through the network {network_s * 1000:.0f} ms")
 

@@ -10,6 +10,8 @@ from typing import Any
 import pytest
 
 from cocoon_p2p.core.errors import MalformedMessage
+from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
+from cocoon_p2p.execution.chat_options import ChatOptions, ToolCall
 from cocoon_p2p.execution.engine import (
     EngineError,
     EngineFault,
@@ -30,9 +32,9 @@ from cocoon_p2p.execution.engine_stream import (
     Usage,
     parse_chunk,
 )
-from cocoon_p2p.execution.executor import RunRequest
+from cocoon_p2p.execution.executor import Executor, RunRequest
 from cocoon_p2p.execution.models import ModelSpec
-from cocoon_p2p.execution.sampling import Sampling
+from cocoon_p2p.execution.sampling import FinishReason, Sampling, TokenLogprob
 from cocoon_p2p.jobs.receipts import outputs_digest
 
 
@@ -191,8 +193,9 @@ def test_generation_streams_deltas_and_bills_the_engines_usage() -> None:
     assert stream.opened == 0  # lazy: nothing sent until the first step
     assert _drain(gen) == ["Hel", "lo"]
     assert stream.opened == 1 and stream.closed >= 1
-    assert gen.units(2) == 4 + 2
-    assert gen.units(1) == 4 + 1  # never more completion tokens than chunks sent
+    assert gen.units(2) == (4, 2)
+    assert gen.units(1) == (4, 1)  # never more completion tokens than chunks sent
+    assert gen.reason(2) is FinishReason.LENGTH  # the engine's word
 
 
 def test_generation_without_usage_counts_the_prompt_once() -> None:
@@ -206,7 +209,8 @@ def test_generation_without_usage_counts_the_prompt_once() -> None:
     gen = EngineGeneration(stream, prompt="hello", max_tokens=8, count_prompt=count)
     assert _drain(gen) == ["a", "b"]
     assert asked == ["hello"]
-    assert gen.units(2) == len(b"hello") + 2
+    assert gen.units(2) == (len(b"hello"), 2)
+    assert gen.reason(2) is FinishReason.STOP
 
 
 def test_generation_splits_multi_token_logprobs_and_caps_max_tokens() -> None:
@@ -373,3 +377,57 @@ def test_outputs_digest_binds_text_only_without_token_ids() -> None:
     assert outputs_digest((), (1, 2), "ab") == outputs_digest((), (1, 2))  # token ids: as before
     assert outputs_digest((), (), "ab") != outputs_digest((), (), "ac")
     assert outputs_digest((), (), "ab") != outputs_digest((), ())
+
+
+def _chat_chunk(delta: dict[str, Any], finish: str | None = None, logprobs: Any = None) -> str:
+    choice = {"index": 0, "delta": delta, "finish_reason": finish, "logprobs": logprobs}
+    return json.dumps({"id": "c", "object": "chat.completion.chunk", "choices": [choice]})
+
+
+def _call(index: int, arguments: str, **first: str) -> dict[str, Any]:
+    fn: dict[str, str] = {"arguments": arguments, **({"name": first["name"]} if "name" in first else {})}
+    return {"index": index, **({"id": first["id"]} if "id" in first else {}), "type": "function", "function": fn}
+
+
+def test_a_chat_stream_gathers_tool_calls_and_reads_chat_logprobs() -> None:
+    lp = {"content": [{"token": "a", "logprob": -0.5, "top_logprobs": [{"token": "b", "logprob": -2.0}]}]}
+    stream = ScriptedStream(
+        [
+            _sse(
+                _chat_chunk({"role": "assistant", "content": "a"}, logprobs=lp),
+                _chat_chunk({"tool_calls": [_call(0, '{"ci', id="call_x", name="get_weather")]}),
+                _chat_chunk({"tool_calls": [_call(0, 'ty": "Paris"}')]}),
+                _chat_chunk({"tool_calls": [_call(1, "{}", name="second")]}, finish="tool_calls"),
+                "[DONE]",
+            )
+        ]
+    )
+    gen = EngineGeneration(stream, prompt="p", max_tokens=16, top_logprobs=1)
+    steps = []
+    while (step := gen.next_step()) is not None:
+        steps.append(step)
+    # the text with its logprobs, then one empty step per piece of a call (each a generated token)
+    assert [s.text for s in steps] == ["a", "", "", ""]
+    assert steps[0].logprobs == (TokenLogprob("a", -0.5, (("b", -2.0),)),)
+    assert gen.tool_calls() == (
+        ToolCall("call_x", "get_weather", '{"city": "Paris"}'),
+        ToolCall("call_1", "second", "{}"),  # no id from the engine: one made up
+    )
+    assert gen.reason(len(steps)) is FinishReason.TOOL_CALLS and gen.units(len(steps))[1] == 4
+
+
+def test_a_chat_job_asks_the_engines_chat_route_and_an_onnx_model_refuses_one(tiny_model: ModelSpec) -> None:
+    chat = ChatOptions(({"role": "user", "content": "hi"},), {"type": "json_object"}, (WEATHER_TOOL,), "auto")
+    runner = _runner(EngineKind.VLLM)
+    body = runner.completion_body(RunRequest(texts=("p",), max_tokens=4, chat=chat, sampling=Sampling(logprobs=2)))
+    assert body["messages"] == [{"role": "user", "content": "hi"}] and "prompt" not in body
+    assert body["response_format"] == {"type": "json_object"} and body["tools"] == [WEATHER_TOOL]
+    assert body["tool_choice"] == "auto" and (body["logprobs"], body["top_logprobs"]) == (True, 2)
+    assert ChatOptions.from_wire(chat.to_wire()) == chat
+    executor = Executor(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1))
+    with pytest.raises(MalformedMessage) as err:
+        executor.check(RunRequest(inputs=(), texts=("p",), max_tokens=4, chat=chat))
+    assert err.value.code == "bad-input" and "chat options" in str(err.value)
+
+
+WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}

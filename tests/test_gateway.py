@@ -77,7 +77,8 @@ async def test_models_and_embeddings_with_the_openai_client(models: tuple[ModelS
         direct = await gw_node.infer(minilm.model_id, texts=tuple(texts), max_price_nanoton=PRICE)
         np.testing.assert_allclose(got, to_numpy(direct.output()), atol=1e-6)
         assert got.shape == (2, 384) and emb.model == "minilm"
-        assert emb.usage.cost_nanoton == 2 * PRICE  # type: ignore[attr-defined]
+        assert emb.usage.prompt_tokens == direct.usage_units > 2  # tokens, not texts
+        assert emb.usage.cost_nanoton == direct.usage_units * PRICE  # type: ignore[attr-defined]
         assert emb.usage.worker == worker.peer_id_str  # type: ignore[attr-defined]
         floats = await in_thread(c.embeddings.create, model=minilm.id_hex, input="one", encoding_format="float")
         assert len(floats.data[0].embedding) == 384  # also by model id, as plain floats

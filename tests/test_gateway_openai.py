@@ -327,8 +327,9 @@ def test_keys_health_models_and_request_metrics(net: Net) -> None:
     assert health["peers"] >= 1 and health["workers_known"] >= 1
 
     emb = client(net).embeddings.create(model="minilm", input=["one text", "another"])
-    assert emb.usage.prompt_tokens == emb.usage.total_tokens == 2  # texts until workers bill tokens (see usage doc)
-    assert emb.usage.billed_unit == "item"  # type: ignore[attr-defined]
+    # Tokens, as OpenAI counts them: [CLS] one text [SEP], [CLS] another [SEP].
+    assert emb.usage.prompt_tokens == emb.usage.total_tokens == 4 + 3
+    assert emb.usage.billed_unit == "token"  # type: ignore[attr-defined]
 
     chat(client(net), max_tokens=3, temperature=0)
     status, text = get(net, "/metrics")

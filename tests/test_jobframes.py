@@ -7,6 +7,8 @@ import pytest
 
 from cocoon_p2p.core.errors import LocalProtocolError, MalformedMessage, MessageTooLarge
 from cocoon_p2p.core.wire import pack
+from cocoon_p2p.execution.chat_options import ChatOptions, ToolCall
+from cocoon_p2p.execution.sampling import FinishReason
 from cocoon_p2p.execution.tensors import Tensor, from_numpy, to_numpy
 from cocoon_p2p.jobs import frames as jf
 
@@ -19,6 +21,32 @@ FRAMES: list[jf.Frame] = [
     jf.JobAccepted(job_id=1, price_nanoton=3, unit="item"),
     jf.JobChunk(job_id=1, seq=0, token_ids=(5, 6), text="hi"),
     jf.JobResult(job_id=1, outputs=(X,), usage_units=2, cost_nanoton=6, compute_us=10),
+    # two prices, and a generation's split usage and finish reason (with and without a receipt)
+    jf.JobAccepted(job_id=1, price_nanoton=3, unit="token", completion_price_nanoton=9),
+    jf.JobResult(
+        job_id=1, usage_units=7, cost_nanoton=4 * 3 + 3 * 9, completion_units=3, finish_reason=FinishReason.LENGTH
+    ),  # fmt: skip
+    jf.JobResult(
+        job_id=1, usage_units=7, cost_nanoton=7, receipt=b"s" * 64, completion_units=3, finish_reason=FinishReason.STOP
+    ),  # fmt: skip
+    # a chat for an engine (sampling nil before it), and the tool calls it answered with
+    jf.JobRequest(
+        job_id=3,
+        model_id=MODEL,
+        texts=("p",),
+        max_tokens=8,
+        deadline_ms=1,
+        max_price_nanoton=1,
+        chat=ChatOptions(({"role": "user", "content": "hi"},), {"type": "json_object"}),
+    ),  # fmt: skip
+    jf.JobResult(
+        job_id=1,
+        usage_units=9,
+        cost_nanoton=9,
+        completion_units=5,
+        finish_reason=FinishReason.TOOL_CALLS,
+        tool_calls=(ToolCall("call_0", "get_weather", '{"city":"Paris"}'),),
+    ),  # fmt: skip
     jf.JobError(job_id=1, code=jf.BUSY, message="full"),
     jf.JobCancel(job_id=1),
 ]
@@ -52,6 +80,16 @@ def test_tensor_round_trip_keeps_values() -> None:
         ([5, 1, "no-such-code", ""], "unknown error code"),
         ([3, 1, 0, ["a"], ""], "token id not int"),
         ([4, 1, [], 1, True, 0], "bool as int"),
+        ([4, 1, [], 1, 1, 0, None, 1, "eos"], "unknown finish reason"),
+        ([4, 1, [], 1, 1, 0, None, -1, "stop"], "negative completion units"),
+        ([4, 1, [], 1, 1, 0, b"short", 1, "stop"], "short receipt"),
+        ([2, 1, 3, "token", "9"], "completion price not an int"),
+        ([1, 1, MODEL, [], ["p"], 8, 0, 0, [], None, b"[1]"], "chat options not an object"),
+        ([1, 1, MODEL, [], ["p"], 8, 0, 0, [], None, b'{"messages":[]}'], "chat without messages"),
+        ([1, 1, MODEL, [], ["p"], 8, 0, 0, [], None, b'{"messages":[{"role":"user"}],"x":1}'], "unknown chat key"),
+        ([1, 1, MODEL, [], ["p"], 8, 0, 0, [], None, b"[" * 100_000], "chat nested too deep"),
+        ([4, 1, [], 1, 1, 0, None, 1, "stop", [["id", "", "{}"]]], "tool call without a name"),
+        ([4, 1, [], 1, 1, 0, None, 1, "stop", [["id", "f", "{}"]] * 17], "too many tool calls"),
         ({"a": 1}, "not an array"),
     ],
 )

@@ -33,10 +33,16 @@ from .test_executor import reference
 
 @asynccontextmanager
 async def network(
-    spec: ModelSpec, workers: int = 2, *, capacity: int = 8, prices: list[int] | None = None
+    spec: ModelSpec,
+    workers: int = 2,
+    *,
+    capacity: int = 8,
+    prices: list[int] | None = None,
+    completion_price: int | None = None,
 ) -> AsyncIterator[tuple[Node, list[Node], list[trio.CancelScope]]]:
-    """A client and ``workers`` workers serving ``spec``; each worker runs under its
-    own cancel scope so a test can kill it."""
+    """A client and ``workers`` workers serving ``spec`` (generated tokens at
+    ``completion_price``, None: the same price); each worker runs under its own cancel
+    scope so a test can kill it."""
     async with Node(fast_config()) as client, trio.open_nursery() as nursery:
         nodes: list[Node] = []
         scopes: list[trio.CancelScope] = []
@@ -46,7 +52,8 @@ async def network(
                 scopes.append(scope)
                 async with Node(fast_config(bootstrap=[client.addrs[0]], job_capacity=capacity)) as w:
                     price = (prices or [PRICE] * workers)[i]
-                    w.serve_model(spec, OnnxRuntimeBackend(spec.path, threads=1), price_nanoton=price)
+                    backend = OnnxRuntimeBackend(spec.path, threads=1)
+                    w.serve_model(spec, backend, price_nanoton=price, completion_price_nanoton=completion_price)
                     nodes.append(w)
                     task_status.started()
                     await trio.sleep_forever()

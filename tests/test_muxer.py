@@ -7,8 +7,10 @@ from typing import Any
 
 import pytest
 import trio
+import trio.testing
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 from libp2p.custom_types import TProtocol
+from libp2p.io.exceptions import ConnectionClosedError
 from libp2p.network.stream.exceptions import StreamReset
 from libp2p.peer.id import ID
 from noise.connection import Keypair, NoiseConnection
@@ -89,6 +91,67 @@ def test_cipher_rejects_tampering_and_short_messages() -> None:
 
 
 # -- the muxer between two nodes -------------------------------------------------
+
+
+class _TcpLike:
+    """Just enough of py-libp2p's raw TCP connection for a :class:`NoiseSession` to take its socket."""
+
+    def __init__(self, sock: trio.socket.SocketType) -> None:
+        self.stream = type("TrioTCPStream", (), {})()
+        self.stream.stream = trio.SocketStream(sock)
+
+    async def close(self) -> None:
+        await self.stream.stream.aclose()
+
+
+def _session_pair() -> tuple[NoiseSession, NoiseSession]:
+    """Two ends of a socket pair, each a NoiseSession with the other's keys."""
+    from libp2p.crypto.ed25519 import create_new_key_pair
+
+    ka, kb = os.urandom(32), os.urandom(32)
+    keys = [create_new_key_pair(os.urandom(32)) for _ in range(2)]
+    ends = []
+    for (mine, theirs), sock, (send, recv) in zip(
+        ((keys[0], keys[1]), (keys[1], keys[0])), trio.socket.socketpair(), ((ka, kb), (kb, ka)), strict=True
+    ):
+        ends.append(
+            NoiseSession(
+                local_peer=ID.from_pubkey(mine.public_key),
+                local_private_key=mine.private_key,
+                remote_peer=ID.from_pubkey(theirs.public_key),
+                remote_permanent_pubkey=theirs.public_key,
+                is_initiator=not ends,
+                raw=_TcpLike(sock),  # type: ignore[arg-type]
+                cipher=NoiseCipher(send, recv),
+            )
+        )
+    return ends[0], ends[1]
+
+
+async def test_a_session_closed_between_two_reads_ends_its_reader_cleanly() -> None:
+    """Our node closing its connections at shutdown while a reading task was between two
+    socket reads (after half a Noise message): trio refused the closed descriptor (-1) with
+    ValueError, which went up through the muxer and the swarm: a traceback on exit."""
+    a, b = _session_pair()
+    message = b.cipher.encrypt(b"x" * 1000)
+    await b.send_some(message[:500])  # half a Noise message: a's reader must read again
+    await trio.testing.wait_all_tasks_blocked()
+    reads = 0
+    real_receive = a._receive
+
+    async def receive_then_close(n: int) -> bytes:
+        nonlocal reads
+        reads += 1
+        if reads == 2:  # the connection closed at the reader's schedule point after its first read
+            await a.close()
+        return await real_receive(n)
+
+    a._receive = receive_then_close  # type: ignore[method-assign]
+    with pytest.raises(ConnectionClosedError):
+        await a.read_some()
+    with pytest.raises(ConnectionClosedError):  # and a write to it: the connection's end, not a crash
+        await a.send_some(a.cipher.encrypt(b"y"))
+    await b.close()
 
 
 async def _echo(stream: Any) -> None:

@@ -178,7 +178,7 @@ def test_chat_renders_roles_parts_and_tool_calls_in_chatml() -> None:
 def test_models_are_found_by_name_or_id_and_features_are_checked() -> None:
     gen = GatewayModel("smol", bytes(range(32)), "generation")
     emb = GatewayModel("mini", b"\xaa" * 32, "embedding")
-    assert gen.unit == "token" and emb.unit == "item" and gen.fingerprint == "cocoon-000102030405060708"[:23]
+    assert gen.unit == emb.unit == "token" and gen.fingerprint == "cocoon-000102030405060708"[:23]
     assert find_model([gen, emb], "smol", "generation") is gen
     assert find_model([gen, emb], "AA" * 32, "embedding") is emb
     for name, kind, status in (("nope", "generation", 404), ("mini", "generation", 400)):

@@ -9,7 +9,7 @@ from cocoon_p2p.core.errors import (
     RateLimited,
     ReplayedMessage,
 )
-from cocoon_p2p.overlay.peerscore import Blame, PeerScores
+from cocoon_p2p.overlay.peerscore import Blame, PeerScores, gossip_blame
 
 P = b"peer"
 
@@ -79,6 +79,51 @@ def test_relays_are_excused_stale_gossip_within_limits(
             assert i == banned_after
             return
     assert banned_after is None
+
+
+W, R = b"worker", b"relay"
+
+
+@pytest.mark.parametrize(
+    ("error", "sender", "blame"),
+    [
+        # An origin's older announcement, replayed from a cache (its own too) or late by
+        # another path: routine in gossipsub, so dropped and held against nobody.
+        (ReplayedMessage("x"), W, None),
+        (ReplayedMessage("x"), R, None),
+        (ExpiredMessage("x"), W, None),
+        (ExpiredMessage("x"), R, None),
+        # A burst over the origin's rate: bunched delivery, free within the allowance.
+        (RateLimited("x"), W, Blame.RELAY),
+        (RateLimited("x"), R, Blame.RELAY),
+        # Forgeries and garbage: whoever handed them to us.
+        (BadSignature("x"), W, Blame.ORIGIN),
+        (BadSignature("x"), R, Blame.RELAY),
+        (ForeignKey("x"), W, Blame.ORIGIN),
+        (MalformedMessage("x"), W, Blame.ORIGIN),
+        (MalformedMessage("x", code="too-large"), R, Blame.RELAY),
+    ],
+)
+def test_gossip_blame(error: ProtocolError, sender: bytes, blame: Blame | None) -> None:
+    assert gossip_blame(error.code, sender=sender, origin=W) is blame
+
+
+def test_a_worker_replaying_its_own_older_announcements_is_never_scored() -> None:
+    # A late joiner gets each worker's cache window from the worker itself, every time a
+    # client joins: thousands over a day cost it nothing.
+    scores = PeerScores()
+    for i in range(10_000):
+        blame = gossip_blame(ReplayedMessage("x").code, sender=W, origin=W)
+        if blame is not None:
+            scores.penalize(W, ReplayedMessage("x"), i, blame=blame)
+    assert scores.score(W, 10_000) == 0.0 and not scores.is_banned(W, 10_000)
+    # A flood over its rate still adds up, once the allowance is spent.
+    bunched = gossip_blame(RateLimited("x").code, sender=W, origin=W)
+    assert bunched is not None
+    cmd = None
+    for _ in range(1_000):
+        cmd = cmd or scores.penalize(W, RateLimited("x"), 20_000, blame=bunched)
+    assert cmd is not None and scores.is_banned(W, 20_000)
 
 
 def test_the_relay_allowance_refills() -> None:

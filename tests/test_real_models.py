@@ -2,15 +2,22 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import pytest
+from tokenizers import Tokenizer
 
+from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
 from cocoon_p2p.execution.executor import Executor, RunRequest
 from cocoon_p2p.execution.export import SAMPLE_SENTENCES, ensure_minilm, ensure_smollm2, ensure_smollm2_q4
 from cocoon_p2p.execution.generation import chatml_prompt, greedy_tokens
 from cocoon_p2p.execution.models import ModelSpec, file_sha256
+from cocoon_p2p.execution.sampling import FinishReason, Sampling
 from cocoon_p2p.execution.tensors import to_numpy
+from cocoon_p2p.jobs import InferenceResult, JobFailed
+from cocoon_p2p.jobs import frames as jf
 from cocoon_p2p.jobs.frames import JobChunk
 
 from .netutil import wait_for
@@ -49,7 +56,10 @@ async def test_embedding_jobs_over_the_network(minilm: ModelSpec) -> None:
         texts = ("The cat sits on the mat.", "A cat is sitting on a mat.", "Toncoin pays for GPU time.")
         r = await client.infer(minilm.model_id, texts=texts, max_price_nanoton=10)
         e = to_numpy(r.output("sentence_embedding"))
-        assert e.shape == (3, 384) and r.usage_units == 3
+        tok = Tokenizer.from_file(str(minilm.tokenizer))
+        tok.no_padding()
+        tokens = sum(len(t.ids) for t in tok.encode_batch(list(texts)))  # billed per token, as OpenAI bills
+        assert e.shape == (3, 384) and r.usage_units == tokens and r.cost_nanoton == tokens * r.price_nanoton
         assert float(e[0] @ e[1]) > 0.8 > float(e[0] @ e[2])  # paraphrases close, unrelated far
 
 
@@ -85,7 +95,36 @@ async def test_generation_streams_tokens_over_the_network(smollm2: ModelSpec) ->
         assert [t for c in chunks for t in c.token_ids] == list(r.token_ids) == want
         assert "Paris" in r.text
         assert r.usage_units == len(want) + len(smollm2_prompt_ids(smollm2, prompt))
+        assert r.completion_units == len(want) and r.finish_reason is FinishReason.STOP  # its end token, within 12
         assert r.cost_nanoton == r.usage_units * 7
+
+
+async def test_generated_tokens_are_billed_at_their_own_price_and_a_stop_string_ends_with_stop(
+    smollm2: ModelSpec,
+) -> None:
+    prompt = chatml_prompt([{"role": "user", "content": "What is the capital of France?"}])
+    want = local_greedy(smollm2, prompt, 12)
+    prompt_tokens = len(smollm2_prompt_ids(smollm2, prompt))
+    async with network(smollm2, workers=1, prices=[2], completion_price=9) as (client, _workers, _):
+        (offer,) = client.directory.workers_for(smollm2.model_id, now_ms=now_ms())
+        assert (offer.price_nanoton, offer.completion_price_nanoton) == (2, 9)  # both prices announced
+
+        async def generate(max_price: int, **kw: Any) -> InferenceResult:
+            items = [i async for i in client.generate(smollm2.model_id, prompt, max_price_nanoton=max_price, **kw)]
+            assert isinstance(items[-1], InferenceResult)
+            return items[-1]
+
+        r = await generate(9, max_tokens=12)
+        assert r.token_ids == tuple(want) and r.completion_units == len(want)
+        assert (r.price_nanoton, r.completion_price_nanoton) == (2, 9)
+        assert r.cost_nanoton == prompt_tokens * 2 + len(want) * 9
+        stop = Sampling(stop=("Paris",))  # greedy, cut where "Paris" begins
+        s = await generate(9, max_tokens=12, sampling=stop)
+        assert "Paris" not in s.text and s.finish_reason is FinishReason.STOP and s.completion_units < len(want)
+        assert s.cost_nanoton == prompt_tokens * 2 + s.completion_units * 9
+        with pytest.raises(JobFailed) as err:  # a cap below the completion price: no worker takes it
+            await generate(8, max_tokens=4)
+        assert err.value.code == jf.NO_WORKERS
 
 
 async def test_leaving_a_generation_early_cancels_it_on_the_worker(smollm2: ModelSpec) -> None:

@@ -261,7 +261,8 @@ DECISIONS = [
     (Flow.RERUN, WRONG_A, [], None, (Verdict.SKIPPED, None, "first", [])),
     (Flow.RERUN, WRONG_A, [], RIGHT, ASK),
     (Flow.RERUN, WRONG_A, [RIGHT], RIGHT, (Verdict.WRONG, "first", "r2", ["r1", "r2"])),
-    (Flow.RERUN, WRONG_A, [RIGHT], None, (Verdict.WRONG, "first", "r1", ["r1"])),  # the reference's word
+    (Flow.RERUN, WRONG_A, [RIGHT], None, (Verdict.SKIPPED, None, "first", ["r1"])),  # word against word
+    (Flow.RERUN, RIGHT, [WRONG_B], None, (Verdict.SKIPPED, None, "first", ["r1"])),  # ... a lying reference's too
     (Flow.RERUN, RIGHT, [WRONG_B], RIGHT, (Verdict.PASSED, "r1", "first", ["r2"])),  # a lying reference
     (Flow.RERUN, WRONG_A, [WRONG_B], RIGHT, (Verdict.SKIPPED, None, "first", ["r1", "r2"])),  # three answers
     (Flow.VERIFY, RIGHT, [], RIGHT, (Verdict.PASSED, None, "first", ["r1"])),

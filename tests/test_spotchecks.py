@@ -102,6 +102,27 @@ async def test_honest_workers_are_never_blamed(tiny_model: ModelSpec) -> None:
         assert not any(client.guard.is_banned(w.peer_id) for w in workers)
 
 
+async def test_two_workers_that_disagree_with_no_third_blame_nobody(tiny_model: ModelSpec) -> None:
+    # With one other worker, a check is one word against another: the reference may be the
+    # liar. It used to condemn whichever worker ran first, so an honest worker checked
+    # against a cheater was banned on the cheater's word.
+    async with network(tiny_model, [0.0, 1.0], check_rate=1.0) as (client, workers, _):
+        checks = client.job_client.checks if client.job_client else None
+        assert checks is not None
+        # Inputs whose every output row is non-zero (a cheater's zero row, rescaled, stays zero).
+        seeds = [s for s in range(100) if np.all(np.linalg.norm(reference(x_rows(2, seed=s)), axis=1) > 0)][:6]
+        for seed in seeds:
+            x = from_numpy("x", x_rows(2, seed=seed))
+            r = await client.infer(tiny_model.model_id, inputs=(x,), max_price_nanoton=10)
+            assert r.worker in {w.peer_id for w in workers}
+        assert checks.checks == 6 and checks.skipped == 6 and checks.failed == 0 and checks.withheld_nanoton == 0
+        assert not any(client.guard.is_banned(w.peer_id) for w in workers)
+        assert client.fraud.stats.sent == 0  # no accusation on one word against another
+        # Kept and paid: every result and every reference run earned its worker its price.
+        earned = sum(w.job_worker.stats.earned_nanoton for w in workers if w.job_worker is not None)
+        assert earned == 2 * 2 * 6  # two rows, two runs, six jobs
+
+
 def test_comparisons() -> None:
     a = np.eye(3, dtype=np.float32)
     assert cosine_agreement(a, a).tolist() == [1.0, 1.0, 1.0]

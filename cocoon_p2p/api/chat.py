@@ -18,6 +18,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from cocoon_p2p.execution.chat_options import ChatOptions, ToolCall
 from cocoon_p2p.execution.generation import chatml_prompt
 from cocoon_p2p.execution.sampling import TokenLogprob
 
@@ -53,6 +54,7 @@ class ChatRequest:
     model: str
     messages: tuple[Message, ...]
     params: Params
+    engine_messages: tuple[dict[str, Any], ...] = ()  # as an engine takes them (see :meth:`options`)
 
     @property
     def max_tokens(self) -> int:
@@ -70,6 +72,18 @@ class ChatRequest:
         """The model input: SmolLM2's ChatML, ready for the assistant's reply."""
         return chatml_prompt([{"role": m.role, "content": m.content} for m in self.messages])
 
+    def options(self) -> ChatOptions:
+        """The chat as an engine takes it: its messages (the engine applies its model's own
+        template) with the fields only an engine honours (response_format, tools; legacy
+        functions as tools)."""
+        e = self.params.engine
+        tools = e.tools or tuple({"type": "function", "function": f} for f in e.functions)
+        choice = e.tool_choice
+        if choice is None and e.function_call is not None:
+            call = e.function_call
+            choice = {"type": "function", "function": call} if isinstance(call, dict) else call
+        return ChatOptions(self.engine_messages, e.response_format, tools, choice)
+
 
 def parse_chat(body: Any) -> ChatRequest:
     """Check a chat completion body strictly (APIError 400 naming the field)."""
@@ -81,7 +95,21 @@ def parse_chat(body: Any) -> ChatRequest:
     parsed: list[Message] = []
     for i, m in enumerate(messages):
         parsed.append(_message(m, f"messages[{i}]", parsed[-1] if parsed else None, messages[i - 1] if i else None))
-    return ChatRequest(wire.model_name(b), tuple(parsed), params)
+    return ChatRequest(wire.model_name(b), tuple(parsed), params, tuple(_engine_message(m) for m in messages))
+
+
+def _engine_message(m: dict[str, Any]) -> dict[str, Any]:
+    """A checked message as an engine takes it: text content joined, ``developer`` as
+    ``system`` (not every engine knows it), the calls and ids a tool exchange needs."""
+    role = _RENDERED_AS.get(m["role"], m["role"])
+    content = m.get("content")
+    if isinstance(content, list):
+        content = "\n".join(str(part.get(part.get("type"), "")) for part in content)
+    out: dict[str, Any] = {"role": role, "content": content}
+    for key in ("name", "tool_calls", "tool_call_id", "function_call"):
+        if m.get(key) is not None:
+            out[key] = m[key]
+    return out
 
 
 def _message(m: Any, where: str, previous: Message | None, raw_previous: Any) -> Message:
@@ -166,6 +194,7 @@ class Choice:
     text: str
     finish_reason: str
     logprobs: tuple[TokenLogprob, ...] | None = None
+    tool_calls: tuple[ToolCall, ...] = ()
 
 
 def chat_response(
@@ -186,7 +215,7 @@ def chat_response(
         "choices": [
             {
                 "index": c.index,
-                "message": {"role": "assistant", "content": c.text, "refusal": None},
+                "message": _message_out(c),
                 "logprobs": None if c.logprobs is None else logprobs_content(c.logprobs),
                 "finish_reason": c.finish_reason,
             }
@@ -196,13 +225,23 @@ def chat_response(
     }
 
 
+def _message_out(c: Choice) -> dict[str, Any]:
+    """The assistant's message: its text, or (calls made, no text) null content and the calls."""
+    message: dict[str, Any] = {"role": "assistant", "content": c.text or None, "refusal": None}
+    if c.tool_calls:
+        message["tool_calls"] = [call.as_openai() for call in c.tool_calls]
+    else:
+        message["content"] = c.text
+    return message
+
+
 def chat_chunk(
     completion_id: str,
     created: int,
     model: str,
     *,
     index: int = 0,
-    delta: dict[str, str] | None = None,
+    delta: dict[str, Any] | None = None,
     finish: str | None = None,
     logprobs: Sequence[TokenLogprob] | None = None,
     usage: dict[str, Any] | None = None,

@@ -25,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import trio
 
+from cocoon_p2p.execution.chat_options import ChatOptions
 from cocoon_p2p.execution.sampling import Sampling, TokenLogprob
 from cocoon_p2p.jobs import InferenceResult, JobFailed
 from cocoon_p2p.jobs import frames as jf
@@ -116,8 +117,10 @@ class Generation:
         terms: Terms,
         stats: GatewayStats,
         started_at: float,
+        chat_options: ChatOptions | None = None,
     ) -> None:
         model.check_options(params.engine)
+        self.chat_options = chat_options
         self.node, self.endpoint, self.model, self.params, self.terms = node, endpoint, model, params, terms
         self.stats, self.started_at, self.route = stats, started_at, endpoint.value
         n = params.n
@@ -146,13 +149,14 @@ class Generation:
                     timeout_s=self.terms.timeout_s,
                     require_tee=self.terms.require_tee,
                     sampling=job.sampling,
+                    chat=self.chat_options,
                 )
                 try:
                     async with aclosing(items) as stream:
                         async for item in stream:
                             if isinstance(item, InferenceResult):
                                 event: Event = Finished(job.index, item)
-                            elif isinstance(item, jf.JobChunk) and item.token_ids:
+                            elif isinstance(item, jf.JobChunk):  # an engine's carry text and no token ids
                                 event = Delta(job.index, item.text, item.logprobs)
                             else:
                                 continue
@@ -180,21 +184,21 @@ class Generation:
             choice.logprobs += event.logprobs
         elif isinstance(event, Finished):
             choice.result = event.result
-            tokens = len(event.result.token_ids)
+            tokens = _generated(event.result)
             self.stats.choice_done(self.route, tokens, now - (choice.first_at or now))
 
     def _finish_reason(self, choice: _Choice) -> str:
         assert choice.result is not None
-        return api.finish_reason(len(choice.result.token_ids), self.params.max_tokens, last_text=choice.last_text)
+        if choice.result.finish_reason is not None:  # the worker's own word (an engine's too)
+            return str(choice.result.finish_reason)
+        return api.finish_reason(_generated(choice.result), self.params.max_tokens, last_text=choice.last_text)
 
     async def _usage(self, *, with_attestation: bool) -> tuple[dict[str, Any], dict[str, Any] | None]:
         done = [c.result for c in self.choices if c.result is not None]
-        completion = sum(len(r.token_ids) for r in done)
+        completion = sum(_generated(r) for r in done)
         n = self.params.n
         # OpenAI counts a prompt once however many choices it has (each job was billed for it).
-        prompt = sum(
-            c.result.usage_units - len(c.result.token_ids) for c in self.choices if c.result and c.index % n == 0
-        )
+        prompt = sum(c.result.usage_units - _generated(c.result) for c in self.choices if c.result and c.index % n == 0)
         att = await results.attestation(self.node, done[0], self.terms.require_tee) if with_attestation else None
         return results.usage_of(self.model, done, completion=completion, prompt=prompt, attestation=att), att
 
@@ -218,7 +222,11 @@ class Generation:
         usage, att = await self._usage(with_attestation=True)
         finished = [
             chat.Choice(
-                c.index, "".join(c.parts), self._finish_reason(c), tuple(c.logprobs) if c.logprobs_asked else None
+                c.index,
+                "".join(c.parts),
+                self._finish_reason(c),
+                tuple(c.logprobs) if c.logprobs_asked else None,
+                c.result.tool_calls if c.result is not None else (),
             )
             for c in self.choices
         ]
@@ -263,6 +271,9 @@ class Generation:
             ):
                 await sink.send(self._delta(event))
             elif isinstance(event, Finished):
+                if event.result.tool_calls:  # whole calls, in one delta (a stream may split them; it need not)
+                    calls = [c.as_openai(i) for i, c in enumerate(event.result.tool_calls)]
+                    await sink.send(self._chunk(event.index, delta={"tool_calls": calls}))
                 await sink.send(
                     self._chunk(event.index, delta={}, finish=self._finish_reason(self.choices[event.index]))
                 )
@@ -287,7 +298,7 @@ class Generation:
         self,
         index: int | None,
         *,
-        delta: dict[str, str] | None = None,
+        delta: dict[str, Any] | None = None,
         text: str | None = None,
         finish: str | None = None,
         logprobs: Sequence[TokenLogprob] | None = None,
@@ -333,3 +344,9 @@ async def _next(recv: trio.MemoryReceiveChannel[Event]) -> Event | None:
         return await recv.receive()
     except trio.EndOfChannel:
         return None
+
+
+def _generated(result: InferenceResult) -> int:
+    """The tokens a generation's worker billed as generated (an engine streams text without
+    token ids); a worker that did not split its bill streamed one id per token."""
+    return result.completion_units or len(result.token_ids)

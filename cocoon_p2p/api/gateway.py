@@ -44,6 +44,7 @@ from cocoon_p2p.overlay.catalog import parse_ref
 
 from . import openai as api
 from . import results
+from .chat import ChatRequest
 from .choices import Generation, Terms
 from .http import Request, Response, serve_http
 from .keys import ApiKeys, check_exposure, is_loopback
@@ -139,7 +140,9 @@ class Gateway:
                 return await self._embeddings(api.parse_embeddings(await self._json(req)))
             if req.path == "/v1/chat/completions":
                 chat = api.parse_chat(await self._json(req))
-                return await self._generate(Endpoint.CHAT, chat.model, (chat.prompt(),), chat.params, started)
+                return await self._generate(
+                    Endpoint.CHAT, chat.model, (chat.prompt(),), chat.params, started, chat=chat
+                )
             if req.path == "/v1/completions":
                 text = api.parse_completion(await self._json(req))
                 return await self._generate(Endpoint.COMPLETIONS, text.model, text.prompts, text.params, started)
@@ -203,6 +206,7 @@ class Gateway:
             "workers": len(offers),
             "tee_workers": sum(1 for o in offers if o.tee is not None),  # claims, verified when used
             "min_price_nanoton": min((o.price_nanoton for o in offers), default=None),
+            "min_completion_price_nanoton": min((o.price.completion for o in offers), default=None),
             "billed_unit": m.unit,
         }
 
@@ -242,17 +246,29 @@ class Gateway:
         return response
 
     async def _generate(
-        self, endpoint: Endpoint, name: str, prompts: tuple[str, ...], params: api.Params, started: float
+        self,
+        endpoint: Endpoint,
+        name: str,
+        prompts: tuple[str, ...],
+        params: api.Params,
+        started: float,
+        *,
+        chat: ChatRequest | None = None,
     ) -> Response:
+        """Run a chat or completions request. A chat for a model an engine serves carries
+        its messages (and response_format, tools) to the engine, which applies its model's
+        own chat template; the ChatML prompt then only bounds the bill."""
         model = self._find(name, "generation")
+        options = chat.options() if chat is not None and model.features else None
         terms = Terms(
             max_price_nanoton=self.max_price,
             timeout_s=self.timeout_s,
             require_tee=self.require_tee or params.require_tee,
         )
         generation = Generation(
-            self.node, endpoint, model, prompts, params, terms=terms, stats=self.stats, started_at=started
-        )
+            self.node, endpoint, model, prompts, params, terms=terms, stats=self.stats, started_at=started,
+            chat_options=options,
+        )  # fmt: skip
         if params.stream:
             return Response(writer=generation.stream)
         return await generation.whole()

@@ -14,19 +14,23 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from cocoon_p2p.execution.engine import BACKEND_PREFIX
 from cocoon_p2p.execution.models import UNITS, ModelSpec
 from cocoon_p2p.overlay.directory import CatalogRow
 
 from .params import EngineOptions, Feature
 from .wire import APIError, unsupported
 
+# What a model an OpenAI-compatible engine serves honours (the job carries the chat to it).
+ENGINE_FEATURES = frozenset(Feature)
+
 
 @dataclass(frozen=True)
 class GatewayModel:
     """One model the gateway offers. ``kind``: "embedding" or "generation"; ``unit``: what
-    its workers bill per (``token``; ``item``: per text); ``features``: what its backend
+    its workers bill per (``token``); ``features``: what its backend
     honours beyond plain text, for which the job protocol carries the request's options
-    (none for the ONNX generation path: an engine backend will add them)."""
+    (:data:`ENGINE_FEATURES` for a model an engine serves; none for the ONNX path)."""
 
     name: str
     model_id: bytes
@@ -71,10 +75,11 @@ def not_found(name: str) -> APIError:
 
 
 def from_catalog(name: str, row: CatalogRow) -> GatewayModel:
-    """The model a catalog row announces, under the name a request used for it. Its kind
-    follows from its unit: workers bill generation per token."""
-    kind = "generation" if row.unit == UNITS["generation"] else "embedding"
-    return GatewayModel(name, row.model_id, kind, row.unit)
+    """The model a catalog row announces, under the name a request used for it, of the kind
+    its workers say (older workers said none: theirs billed only generation per token)."""
+    kind = row.entry.kind or ("generation" if row.unit == UNITS["generation"] else "embedding")
+    engine = kind == "generation" and any(b.startswith(BACKEND_PREFIX) for b in row.backends)
+    return GatewayModel(name, row.model_id, kind, row.unit, ENGINE_FEATURES if engine else frozenset())
 
 
 def check_kind(model: GatewayModel, name: str, kind: str) -> GatewayModel:

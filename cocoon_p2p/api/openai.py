@@ -110,6 +110,7 @@ def usage(
     price: int,
     worker: str,
     *,
+    completion_price: int | None = None,
     completion: int = 0,
     prompt: int | None = None,
     unit: str = "token",
@@ -127,6 +128,7 @@ def usage(
         "total_tokens": prompt + completion,
         "cost_nanoton": cost,
         "price_nanoton": price,
+        **({} if completion_price is None else {"completion_price_nanoton": completion_price}),
         "billed_unit": unit,
         "worker": worker,
     }

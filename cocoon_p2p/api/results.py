@@ -55,6 +55,7 @@ def usage_of(
         sum(r.cost_nanoton for r in results),
         results[0].price_nanoton,
         workers[0],
+        completion_price=results[0].completion_price_nanoton if model.kind == "generation" else None,
         completion=completion,
         prompt=prompt,
         unit=model.unit,

@@ -24,16 +24,18 @@ from typing import Any, Protocol
 
 from cocoon_p2p.core.errors import CocoonError
 
+from .chat_options import MAX_ARGUMENTS, MAX_CALL_ID, MAX_CALL_NAME, MAX_TOOL_CALLS, ToolCall
 from .engine_stream import (
     DONE,
     NEED_DATA,
     EngineStreamError,
     SseDecoder,
     SseEvent,
+    ToolCallDelta,
     Usage,
     parse_chunk,
 )
-from .sampling import TokenLogprob
+from .sampling import FinishReason, TokenLogprob
 
 BAD_INPUT, TOO_LARGE, BUSY, BACKEND = "bad-input", "too-large", "busy", "backend"  # the job protocol's codes
 BACKEND_PREFIX = "engine:"  # an engine offer's backend: engine:<kind>/<variant>
@@ -161,8 +163,17 @@ class Generation(Protocol):
 
     def close(self) -> None: ...
 
-    def units(self, chunks: int) -> int:
-        """Tokens to bill once it ended, ``chunks`` chunks having been sent."""
+    def units(self, chunks: int) -> tuple[int, int]:
+        """Tokens to bill once it ended, ``chunks`` chunks having been sent: (prompt
+        tokens, generated tokens)."""
+        ...
+
+    def reason(self, chunks: int) -> FinishReason | None:
+        """Why it ended, ``chunks`` chunks having been sent (None: not known)."""
+        ...
+
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """The tool calls its model made (a chat with tools, on an engine), once it ended."""
         ...
 
 
@@ -201,6 +212,7 @@ class EngineGeneration:
         self.usage: Usage | None = None
         self.prompt_tokens: int | None = None  # counted when the engine reported no usage
         self.finish_reason: str | None = None
+        self._calls: dict[int, list[str]] = {}  # index -> [id, name, arguments], as streamed
 
     def buffered(self) -> bool:
         return bool(self._pending) or self._ended
@@ -243,6 +255,22 @@ class EngineGeneration:
                 self._add(GenerationStep("", logprobs=(lp,)))
         elif chunk.text:
             self._add(GenerationStep(chunk.text))
+        for piece in chunk.tool_calls:
+            self._call_piece(piece)
+
+    def _call_piece(self, piece: ToolCallDelta) -> None:
+        """A piece of a tool call: kept for the result, and streamed as an empty step (a
+        token generated: what a client counts, and what the bill may hold)."""
+        if piece.index >= MAX_TOOL_CALLS or (piece.index not in self._calls and len(self._calls) >= MAX_TOOL_CALLS):
+            raise self._failed(EngineError(EngineFault.FAILED, f"more than {MAX_TOOL_CALLS} tool calls"))
+        call = self._calls.setdefault(piece.index, ["", "", ""])
+        call[0] = call[0] or piece.id
+        call[1] = call[1] or piece.name
+        call[2] += piece.arguments
+        if len(call[2]) > MAX_ARGUMENTS:
+            raise self._failed(EngineError(EngineFault.FAILED, "a tool call's arguments beyond the limit"))
+        if piece.arguments:
+            self._add(GenerationStep(""))
 
     def _add(self, step: GenerationStep) -> None:
         if self._steps >= self._max_tokens:  # more than asked for: not ours to forward
@@ -268,9 +296,23 @@ class EngineGeneration:
         self.closed = True  # before the stream: a read it wakes sees why
         self._stream.close()
 
-    def units(self, chunks: int) -> int:
+    def units(self, chunks: int) -> tuple[int, int]:
         """Prompt tokens (the engine's count, at most the prompt's UTF-8 bytes: what a client
-        can check) plus completion tokens (at most the chunks sent)."""
+        can check) and completion tokens (at most the chunks sent)."""
         prompt = self.usage.prompt_tokens if self.usage is not None else (self.prompt_tokens or 0)
         completion = self.usage.completion_tokens if self.usage is not None else chunks
-        return min(prompt, len(self._prompt.encode("utf-8", "surrogatepass"))) + min(completion, chunks)
+        return min(prompt, len(self._prompt.encode("utf-8", "surrogatepass"))), min(completion, chunks)
+
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        """The calls streamed, in index order (an id made up where the engine gave none)."""
+        return tuple(
+            ToolCall(call_id[:MAX_CALL_ID] or f"call_{index}", name[:MAX_CALL_NAME] or "unnamed", arguments)
+            for index, (call_id, name, arguments) in sorted(self._calls.items())
+        )
+
+    def reason(self, chunks: int) -> FinishReason | None:
+        """The engine's reason; ``length`` when we cut it at ``max_tokens`` ourselves."""
+        said = FinishReason.parse(self.finish_reason)
+        if chunks >= self._max_tokens and said is not FinishReason.STOP:
+            return FinishReason.LENGTH
+        return said

@@ -115,11 +115,14 @@ class EngineRunner:
         raise MalformedMessage("an engine model streams text, not token ids", code=BAD_INPUT)
 
     def completion_body(self, req: RunRequest) -> dict[str, Any]:
-        """The streamed ``/v1/completions`` request of a generation job."""
+        """The streamed request of a generation job: ``/v1/completions`` of its prompt, or
+        ``/v1/chat/completions`` of its chat (:attr:`RunRequest.chat`: the engine applies
+        its model's chat template, and honours response_format and tools)."""
         s = req.sampling
+        asked = req.chat.fields() if req.chat is not None else {"prompt": req.texts[0]}
         body: dict[str, Any] = {
             "model": self.name,
-            "prompt": req.texts[0],
+            **asked,
             "max_tokens": req.max_tokens,
             "stream": True,
             "stream_options": {"include_usage": True},
@@ -133,7 +136,9 @@ class EngineRunner:
             body["seed"] = s.seed
         if s.stop:
             body["stop"] = list(s.stop)
-        if s.logprobs is not None:
+        if s.logprobs is not None and req.chat is not None:
+            body |= {"logprobs": True, "top_logprobs": s.logprobs}
+        elif s.logprobs is not None:
             body["logprobs"] = s.logprobs
         return body
 
@@ -141,7 +146,7 @@ class EngineRunner:
         """A checked generation job's stream; nothing is sent until its first step."""
         counter = self.count_prompt_tokens if self.kind is EngineKind.LLAMA_CPP else None
         return EngineGeneration(
-            self.transport.stream("/completions", self.completion_body(req)),
+            self.transport.stream("/chat/completions" if req.chat else "/completions", self.completion_body(req)),
             prompt=req.texts[0],
             max_tokens=req.max_tokens,
             top_logprobs=req.sampling.logprobs or 0,

@@ -111,14 +111,27 @@ class Usage:
 
 
 @dataclass(frozen=True)
+class ToolCallDelta:
+    """A piece of a streamed tool call (a chat chunk's ``delta.tool_calls`` entry): the
+    call at ``index`` gets its id and name once, its arguments' text piece by piece."""
+
+    index: int
+    id: str = ""
+    name: str = ""
+    arguments: str = ""
+
+
+@dataclass(frozen=True)
 class CompletionChunk:
     """One streamed completion chunk: ``text`` added, one :class:`TokenLogprob` per token
-    when they were asked for, ``finish_reason`` on the last, ``usage`` when reported."""
+    when they were asked for, pieces of tool calls (a chat's), ``finish_reason`` on the
+    last, ``usage`` when reported."""
 
     text: str = ""
     logprobs: tuple[TokenLogprob, ...] = ()
     finish_reason: str | None = None
     usage: Usage | None = None
+    tool_calls: tuple[ToolCallDelta, ...] = ()
 
 
 DONE = CompletionChunk(finish_reason="[DONE]")  # ``data: [DONE]``: the stream is over
@@ -146,15 +159,36 @@ def parse_chunk(data: str, *, top_logprobs: int = 0) -> CompletionChunk:
     if choice is None:
         return CompletionChunk(usage=usage)
     text = choice.get("text")
-    if text is None and isinstance(choice.get("delta"), dict):  # a chat chunk
-        text = choice["delta"].get("content")
+    calls: tuple[ToolCallDelta, ...] = ()
+    delta = choice.get("delta")
+    if text is None and isinstance(delta, dict):  # a chat chunk
+        text, calls = delta.get("content"), _tool_calls(delta.get("tool_calls"))
     finish = choice.get("finish_reason")
     return CompletionChunk(
         text=_clean(text) if isinstance(text, str) else "",
         logprobs=_logprobs(choice.get("logprobs"), top_logprobs),
         finish_reason=str(finish) if finish is not None else None,
         usage=usage,
+        tool_calls=calls,
     )
+
+
+def _tool_calls(obj: Any) -> tuple[ToolCallDelta, ...]:
+    """A chat delta's ``tool_calls`` pieces; entries that are not such objects are skipped."""
+    if not isinstance(obj, list):
+        return ()
+    out = []
+    for i, call in enumerate(obj):
+        if not isinstance(call, dict):
+            continue
+        index = call.get("index", i)
+        fn = call.get("function") if isinstance(call.get("function"), dict) else {}
+        assert isinstance(fn, dict)  # for mypy
+        pieces = [call.get("id"), fn.get("name"), fn.get("arguments")]
+        call_id, name, arguments = (_clean(p) if isinstance(p, str) else "" for p in pieces)
+        if isinstance(index, int) and not isinstance(index, bool) and index >= 0:
+            out.append(ToolCallDelta(index, call_id, name, arguments))
+    return tuple(out)
 
 
 def error_message(obj: Any) -> str:
@@ -195,9 +229,12 @@ def _lp(value: Any) -> float:
 
 def _logprobs(obj: Any, top: int) -> tuple[TokenLogprob, ...]:
     """The legacy completions layout: ``{"tokens": [...], "token_logprobs": [...],
-    "top_logprobs": [{token: logprob} | None, ...]}``, one entry per token."""
+    "top_logprobs": [{token: logprob} | None, ...]}``, one entry per token; or a chat's,
+    ``{"content": [{"token", "logprob", "top_logprobs": [{"token", "logprob"}]}]}``."""
     if not isinstance(obj, dict):
         return ()
+    if isinstance(obj.get("content"), list):
+        return _chat_logprobs(obj["content"], top)
     tokens, values, tops = obj.get("tokens"), obj.get("token_logprobs"), obj.get("top_logprobs")
     if not isinstance(tokens, list) or not isinstance(values, list) or len(tokens) != len(values):
         return ()
@@ -210,4 +247,21 @@ def _logprobs(obj: Any, top: int) -> tuple[TokenLogprob, ...]:
                 ((_clean(str(t))[:MAX_PIECE], _lp(v)) for t, v in alternatives.items()), key=lambda x: -x[1]
             )
         out.append(TokenLogprob(_clean(str(token))[:MAX_PIECE], _lp(value), tuple(ranked[:top])))
+    return tuple(out)
+
+
+def _chat_logprobs(entries: list[Any], top: int) -> tuple[TokenLogprob, ...]:
+    out = []
+    for entry in entries:
+        if not isinstance(entry, dict):
+            continue
+        alternatives = entry.get("top_logprobs") if isinstance(entry.get("top_logprobs"), list) else []
+        assert isinstance(alternatives, list)  # for mypy
+        ranked = sorted(
+            ((_clean(str(a.get("token", "")))[:MAX_PIECE], _lp(a.get("logprob"))) for a in alternatives
+             if isinstance(a, dict)),
+            key=lambda x: -x[1],
+        )  # fmt: skip
+        out.append(TokenLogprob(_clean(str(entry.get("token", "")))[:MAX_PIECE], _lp(entry.get("logprob")),
+                                tuple(ranked[:top])))  # fmt: skip
     return tuple(out)

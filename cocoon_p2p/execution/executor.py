@@ -19,6 +19,7 @@ and run in slices), and a large run gives the backend's spare memory back after 
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,10 +28,11 @@ import numpy as np
 from cocoon_p2p.core.errors import MalformedMessage
 
 from .backends import Backend, check_feeds
+from .chat_options import ChatOptions, ToolCall
 from .generation import TokenStream, sample_tokens
 from .limits import InputLimits, Overflow
 from .models import ModelError, ModelSpec
-from .sampling import GREEDY, Sampler, Sampling, find_stop
+from .sampling import GREEDY, FinishReason, Sampler, Sampling, find_stop
 from .tensors import Tensor, from_numpy, to_numpy
 
 BAD_INPUT = "bad-input"  # the code of a request the model cannot take (the job protocol's, as in backends)
@@ -51,14 +53,26 @@ class RunRequest:
     max_tokens: int = 0  # a generation job: tokens to generate at most
     verify_tokens: tuple[int, ...] = ()  # a verify job: a generation's tokens to check (see .verification)
     sampling: Sampling = GREEDY  # a generation job: how each token is picked
+    chat: ChatOptions | None = None  # a chat for an engine: only an engine runner takes one
 
 
 @dataclass(frozen=True)
 class Outcome:
-    """What one request's run produced, and its usage in the model's billing unit."""
+    """What one request's run produced, and its usage in the model's billing unit:
+    ``units`` in all, ``completion_units`` of them generated tokens (a generation's)."""
 
     outputs: tuple[Tensor, ...]
     units: int
+    completion_units: int = 0
+    finish_reason: FinishReason | None = None  # why a generation ended
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls an engine's model made
+
+    @classmethod
+    def generated(
+        cls, prompt: int, completion: int, reason: FinishReason | None, tool_calls: tuple[ToolCall, ...] = ()
+    ) -> Outcome:
+        """A streamed generation's outcome: no outputs (its tokens went as chunks)."""
+        return cls((), prompt + completion, completion, reason, tool_calls)
 
 
 class _NotBatchAligned(Exception):
@@ -105,6 +119,9 @@ class Executor:
         """Validate ``req`` against the model and its input limits; return its batch key
         (jobs with equal keys batch). MalformedMessage: ``bad-input`` for a request the
         model cannot take, ``too-large`` for one beyond the limits."""
+        if req.chat is not None:  # messages, response_format, tools: an engine's to honour, not ours
+            raise MalformedMessage("this model's backend takes a prompt, not chat options (tools, response_format)",
+                                   code=BAD_INPUT)  # fmt: skip
         if self.spec.kind == "generation":
             if req.inputs or len(req.texts) != 1 or req.max_tokens < 1:
                 raise MalformedMessage("a generation job carries one prompt and max_tokens >= 1", code=BAD_INPUT)
@@ -248,8 +265,12 @@ class Executor:
     def _run_texts(self, requests: list[RunRequest]) -> list[Outcome]:
         texts = [t for req in requests for t in req.texts]
         enc = self.tokenizer.encode_batch(texts)  # truncated to the window, not padded
-        out = self._embed_slices([e.ids for e in enc])
-        return self._split(out, [len(req.texts) for req in requests])
+        ids = [e.ids for e in enc]
+        out = self._embed_slices(ids)
+        rows = [len(req.texts) for req in requests]
+        ends = list(itertools.accumulate(rows))
+        tokens = [sum(len(x) for x in ids[end - n : end]) for n, end in zip(rows, ends, strict=True)]
+        return self._split(out, rows, units=tokens)  # billed per token embedded, as OpenAI counts
 
     def _embed_slices(self, ids: list[list[int]]) -> dict[str, np.ndarray[Any, Any]]:
         """Every text's outputs, in order; one run per slice of at most ``max_job_tokens``
@@ -283,14 +304,18 @@ class Executor:
         feeds = {spec.name: available[spec.name] for spec in self.backend.inputs}
         return self._backend_run(feeds, large=tokens.size >= RELEASE_TOKENS)
 
-    def _split(self, out: dict[str, np.ndarray[Any, Any]], rows: list[int]) -> list[Outcome]:
+    def _split(
+        self, out: dict[str, np.ndarray[Any, Any]], rows: list[int], *, units: list[int] | None = None
+    ) -> list[Outcome]:
+        """Each request's share of ``out`` (``rows`` of it), billed ``units`` (None: its rows)."""
+        billed = units if units is not None else rows
         if len(rows) == 1:  # one request: its outputs whole, whatever their shapes
-            return [Outcome(tuple(from_numpy(name, arr) for name, arr in out.items()), rows[0])]
+            return [Outcome(tuple(from_numpy(name, arr) for name, arr in out.items()), billed[0])]
         if any(arr.ndim == 0 or arr.shape[0] != sum(rows) for arr in out.values()):
             raise _NotBatchAligned
         outcomes, start = [], 0
-        for n in rows:
+        for n, bill in zip(rows, billed, strict=True):
             tensors = tuple(from_numpy(name, arr[start : start + n]) for name, arr in out.items())
-            outcomes.append(Outcome(tensors, n))
+            outcomes.append(Outcome(tensors, bill))
             start += n
         return outcomes

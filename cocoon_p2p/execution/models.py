@@ -16,7 +16,9 @@ from pathlib import Path
 from cocoon_p2p.core.errors import CocoonError
 
 KINDS = ("tensor", "embedding", "generation")
-UNITS = {"tensor": "item", "embedding": "item", "generation": "token"}
+# Billing units: a tensor model's row; an embedding model's or a generation's token (as
+# OpenAI bills both).
+UNITS = {"tensor": "item", "embedding": "token", "generation": "token"}
 
 
 class ModelError(CocoonError):

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import numpy as np
@@ -106,6 +107,23 @@ def _milli(x: float) -> int:
 
 
 GREEDY = Sampling()
+
+
+class FinishReason(StrEnum):
+    """Why a generation ended, in OpenAI's words (its ``finish_reason``)."""
+
+    STOP = "stop"  # the model's end of sequence, or a stop string
+    LENGTH = "length"  # ``max_tokens`` generated
+    TOOL_CALLS = "tool_calls"  # the engine's model called a tool
+    CONTENT_FILTER = "content_filter"  # the engine withheld the rest
+
+    @classmethod
+    def parse(cls, value: str | None) -> FinishReason | None:
+        """``value`` as a reason, or None for none or one we do not know."""
+        try:
+            return cls(value) if value else None
+        except ValueError:
+            return None
 
 
 @dataclass(frozen=True)

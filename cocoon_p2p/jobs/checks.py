@@ -2,9 +2,10 @@
 
 After a result arrives and before it is paid, :class:`ResultChecks` draws whether
 to check it. A checked job runs again on another worker of the model (paid like any
-job once it agrees); when the two disagree and a third worker exists, a third run breaks the tie,
-so one worker's near-tie or lie never condemns an honest one. The worker found
-wrong:
+job once it agrees); when the two disagree, a third run breaks the tie, so one worker's
+near-tie or lie never condemns an honest one. Without a third worker nobody is blamed
+(the check is skipped, as for generation: the reference may be the liar). The worker
+found wrong:
 
 * is not paid for that job (what it can take from us is bounded by its credit);
 * is scored down by the guard (``wrong-result``: banned at once), and our channel
@@ -13,7 +14,8 @@ wrong:
   request and both results: a fraud proof that anyone with the model can re-check.
 
 The caller gets the agreeing result. A check that cannot run (no other worker, or
-it failed) leaves the job as it was, paid, and counts as skipped.
+it failed) or cannot decide (two answers and no third, or three answers) leaves the
+job as it was, paid, and counts as skipped.
 
 Cancellation: a check cancelled half-way pays nothing it had not judged yet (the
 original result included); a reference run under way is cancelled on its worker.
@@ -29,6 +31,7 @@ from typing import TYPE_CHECKING, Protocol
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.identity import peer_id_to_str
 from cocoon_p2p.core.metrics import Metric, metric
+from cocoon_p2p.core.pricing import Price
 from cocoon_p2p.execution.tensors import Tensor, to_numpy
 from cocoon_p2p.overlay.directory import WorkerOffer
 
@@ -49,7 +52,7 @@ class Run:
 
     worker: bytes
     result: jf.JobResult
-    price: int
+    price: Price
     tokens: tuple[int, ...]
     text: str
     receipt: Receipt | None
@@ -138,20 +141,25 @@ class ResultChecks:
             await self._pay(reference)
             return CheckOutcome(keep=first)
         tie = await self._run_elsewhere(request, exclude={first.worker, reference.worker})
-        if tie is not None and self._mismatch(first, tie, request) is None:
+        if tie is None:
+            # One word against another and nobody to break the tie: the reference is no more
+            # likely right than the first (it may be the liar), so nobody is blamed.
+            self.skipped += 1
+            await self._pay(reference)
+            return CheckOutcome(keep=first, skipped=True)
+        if self._mismatch(first, tie, request) is None:
             wrong, keep = reference, first  # the reference was the odd one out
             mismatch = self._mismatch(reference, tie, request) or mismatch
             await self._pay(tie)
-        elif tie is not None and self._mismatch(reference, tie, request) is not None:
+        elif self._mismatch(reference, tie, request) is not None:
             self.skipped += 1  # three different answers: nobody can be blamed on this evidence
             await self._pay(reference)
             await self._pay(tie)
             return CheckOutcome(keep=first, skipped=True)
         else:
-            wrong, keep = first, tie or reference
+            wrong, keep = first, tie
             await self._pay(reference)
-            if tie is not None:
-                await self._pay(tie)
+            await self._pay(tie)
         await self._condemn(request, wrong, keep, mismatch)
         return CheckOutcome(keep=keep, wrong=wrong)
 
@@ -243,7 +251,7 @@ class ResultChecks:
         if request.require_tee and client.tee is not None:
             offers = await client.tee.attested(offers)
         others: list[WorkerOffer] = [
-            o for o in offers if o.peer_id not in exclude and o.price_nanoton <= request.max_price
+            o for o in offers if o.peer_id not in exclude and o.price.highest <= request.max_price
         ]
         if not others:
             return None

@@ -31,7 +31,9 @@ from multiaddr import Multiaddr
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import BadSignature, CocoonError, LocalProtocolError, MalformedMessage
 from cocoon_p2p.core.metrics import Histogram, Metric, metric
-from cocoon_p2p.execution.sampling import GREEDY, Sampling, TokenLogprob
+from cocoon_p2p.core.pricing import FREE, Price
+from cocoon_p2p.execution.chat_options import ChatOptions, ToolCall
+from cocoon_p2p.execution.sampling import GREEDY, FinishReason, Sampling, TokenLogprob
 from cocoon_p2p.execution.tensors import Tensor
 from cocoon_p2p.overlay.directory import WorkerOffer
 from cocoon_p2p.overlay.joblimits import JobSize
@@ -67,7 +69,7 @@ class InferenceResult:
     worker: bytes
     usage_units: int
     cost_nanoton: int
-    price_nanoton: int
+    price_nanoton: int  # per input unit (prompt token, embedded token, row)
     latency_s: float
     attempts: int
     token_ids: tuple[int, ...] = ()  # generation: every token, in order
@@ -75,6 +77,10 @@ class InferenceResult:
     receipt: Receipt | None = None  # the worker's signed receipt (verified), when it sent one
     verified: bool | None = None  # a spot check's verdict on this result (None: not checked)
     logprobs: tuple[TokenLogprob, ...] = ()  # generation with logprobs asked: one per token
+    completion_units: int = 0  # generated tokens among ``usage_units`` (a generation's)
+    completion_price_nanoton: int = 0  # per generated token
+    finish_reason: FinishReason | None = None  # why a generation ended, as its worker said
+    tool_calls: tuple[ToolCall, ...] = ()  # a chat with tools: the calls the engine's model made
 
     def output(self, name: str | None = None) -> Tensor:
         """The output called ``name`` (the first one when None); UnknownOutput if there is none."""
@@ -167,8 +173,9 @@ class JobClient:
         on_chunk: Callable[[jf.JobChunk], None] | None = None,
         verify_tokens: tuple[int, ...] = (),
         sampling: Sampling | None = None,
-    ) -> tuple[jf.JobResult, int, Receipt | None]:
-        """One attempt on one worker: (result, agreed price per unit, its verified receipt
+        chat: ChatOptions | None = None,
+    ) -> tuple[jf.JobResult, Price, Receipt | None]:
+        """One attempt on one worker: (result, agreed price, its verified receipt
         or None when the worker sent none). Raises JobFailed; a receipt whose signature
         fails is the worker's fault (``worker-lost``, scored down).
 
@@ -195,8 +202,9 @@ class JobClient:
             max_price_nanoton=max_price,
             verify_tokens=verify_tokens,
             sampling=sampling,
+            chat=chat,
         )
-        price = 0
+        price = FREE
         tokens = 0
         streamed: list[int] = []
         streamed_text: list[str] = []  # an engine streams text without token ids: its receipt binds the text
@@ -216,8 +224,8 @@ class JobClient:
                 if isinstance(item, JobFailed):
                     raise item
                 if isinstance(item, jf.JobAccepted):
-                    price = item.price_nanoton
-                    if why := jf.price_refusal(price, max_price):  # the protocol lets us check, so we do
+                    price = item.price
+                    if why := jf.price_refusal(price.highest, max_price):  # the protocol lets us check, so we do
                         raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
                 elif isinstance(item, jf.JobChunk):
                     tokens += len(item.token_ids) or 1
@@ -234,11 +242,11 @@ class JobClient:
                     raise JobFailed(item.code, item.message, worker=offer.peer_id)
                 elif isinstance(item, jf.JobResult):
                     done = True
-                    if why := jf.usage_refusal(req, item.usage_units, streamed_tokens=tokens):
+                    if why := jf.usage_refusal(req, item, streamed_tokens=tokens):
                         # More units than we sent: a bill we can check, and a broken rule.
                         self.feedback.misbehaved(offer.peer_id, MalformedMessage(why))
                         raise JobFailed(jf.WORKER_LOST, why, worker=offer.peer_id)
-                    if why := jf.charge_refusal(price, item.usage_units, item.cost_nanoton):
+                    if why := jf.charge_refusal(price, item):
                         raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
                     return item, price, self._receipt(offer.peer_id, req, item, tuple(streamed), "".join(streamed_text))
         finally:
@@ -263,9 +271,9 @@ class JobClient:
             job_id=req.job_id,
             model_id=req.model_id,
             inputs_digest=inputs_digest(
-                req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens, req.sampling
+                req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens, req.sampling, req.chat
             ),
-            outputs_digest=outputs_digest(result.outputs, streamed, text),
+            outputs_digest=outputs_digest(result.outputs, streamed, text, result.tool_calls),
             usage_units=result.usage_units,
             cost_nanoton=result.cost_nanoton,
             signature=result.receipt,
@@ -290,6 +298,7 @@ class JobClient:
         on_chunk: Callable[[jf.JobChunk], None] | None = None,
         require_tee: bool = False,
         sampling: Sampling | None = None,
+        chat: ChatOptions | None = None,
     ) -> InferenceResult:
         """Run a job on the best worker for ``model_id``; retry elsewhere when that fails
         (the policy of :class:`~.attempts.JobAttempts`, up to ``attempts`` workers).
@@ -303,7 +312,9 @@ class JobClient:
         worker and nothing is paid.
 
         ``sampling``: a generation's decoding parameters (None: greedy). Only greedy jobs
-        without them are spot-checked: a sampled answer has no single right one.
+        without them are spot-checked: a sampled answer has no single right one. ``chat``:
+        a chat for an engine model (its messages, response_format, tools), answered by the
+        worker's engine; a model served without an engine refuses it (``bad-input``).
         """
         if timeout_s <= 0:
             raise LocalProtocolError(f"a job needs a positive timeout, not {timeout_s}")
@@ -326,7 +337,7 @@ class JobClient:
         last: JobFailed | None = None
         worker: bytes | None = None  # of the latest attempt
         why: str | None = None
-        done: tuple[jf.JobResult, int, Receipt | None] | None = None  # the result, its price, its receipt
+        done: tuple[jf.JobResult, Price, Receipt | None] | None = None  # the result, its price, its receipt
         rows = inputs[0].shape[0] if inputs and inputs[0].shape else 0
         size = JobSize.of(texts=texts, rows=rows, new_tokens=max_tokens)
         # A bare cancel scope: trio.fail_after's context manager costs a few us more per job.
@@ -367,6 +378,7 @@ class JobClient:
                         deadline_ms=deadline_ms,
                         on_chunk=collect,
                         sampling=sampling,
+                        chat=chat,
                     )
                 except JobFailed as exc:
                     if exc.code == jf.CHANNEL_ENDED:
@@ -397,7 +409,7 @@ class JobClient:
             text = "".join(c.text for c in chunks)
             paid = False
             verified: bool | None = None
-            if self.checks is not None and sampling is None and self.checks.chosen():
+            if self.checks is not None and sampling is None and chat is None and self.checks.chosen():
                 request = CheckedRequest(model_id, inputs, texts, max_tokens, max_price, timeout_s, require_tee)
                 outcome = await self.checks.check(request, Run(worker, result, price, tokens, text, receipt))
                 kept, ours_wrong = outcome.keep, outcome.wrong is not None and outcome.wrong.worker == worker
@@ -419,7 +431,7 @@ class JobClient:
                 worker=worker,
                 usage_units=result.usage_units,
                 cost_nanoton=result.cost_nanoton,
-                price_nanoton=price,
+                price_nanoton=price.unit,
                 latency_s=time.perf_counter() - t0,
                 attempts=plan.count,
                 token_ids=tokens,
@@ -427,6 +439,10 @@ class JobClient:
                 receipt=receipt,
                 verified=verified,
                 logprobs=tuple(lp for c in chunks for lp in c.logprobs),
+                completion_units=result.completion_units,
+                completion_price_nanoton=price.completion,
+                finish_reason=result.finish_reason,
+                tool_calls=result.tool_calls,
             )
         self.stats.jobs_failed += 1
         if scope.cancelled_caught or why == jf.DEADLINE:
@@ -484,6 +500,7 @@ class JobClient:
         timeout_s: float = 120.0,
         require_tee: bool = False,
         sampling: Sampling | None = None,
+        chat: ChatOptions | None = None,
     ) -> AsyncGenerator[jf.JobChunk | InferenceResult, None]:
         """:meth:`infer` for text generation, as an async iterator: each chunk as the
         worker streams it, then the result. Leaving the loop early cancels the job
@@ -508,6 +525,7 @@ class JobClient:
                         on_chunk=hand_on,
                         require_tee=require_tee,
                         sampling=sampling,
+                        chat=chat,
                     )
                     hand_on(result)
                 except JobFailed as exc:

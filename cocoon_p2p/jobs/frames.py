@@ -16,8 +16,10 @@ from typing import Any
 
 from cocoon_p2p.core import framing
 from cocoon_p2p.core.errors import LocalProtocolError, MalformedMessage, MessageTooLarge
+from cocoon_p2p.core.pricing import Price
 from cocoon_p2p.core.wire import expect_bytes, expect_int, expect_list, expect_str, expect_str_list, pack, unpack
-from cocoon_p2p.execution.sampling import MAX_TOP_LOGPROBS, Sampling, TokenLogprob
+from cocoon_p2p.execution.chat_options import ChatOptions, ToolCall, tool_calls_from_wire
+from cocoon_p2p.execution.sampling import MAX_TOP_LOGPROBS, FinishReason, Sampling, TokenLogprob
 from cocoon_p2p.execution.tensors import Tensor
 
 JOB_PROTOCOL = "/cocoon/job/1"  # the libp2p protocol id of a job stream
@@ -28,6 +30,9 @@ MAX_TEXTS = 256
 MAX_TEXT = 32 * 1024  # characters per input text
 MAX_TOKENS = 4096  # generation length cap
 MAX_MESSAGE = 1024
+# Special tokens a text tokenizer may add to one text (BERT's [CLS] and [SEP] are 2):
+# the margin above one token per UTF-8 byte that an embedding bill may hold.
+TEXT_SPECIAL_TOKENS = 4
 
 
 # Error codes a worker sends in an ErrorFrame (and a client maps to exceptions).
@@ -62,9 +67,12 @@ def price_refusal(accepted_price: int, max_price: int) -> str | None:
     return "worker accepted above our cap" if accepted_price > max_price else None
 
 
-def charge_refusal(price: int, usage_units: int, cost_nanoton: int) -> str | None:
-    """Why a client must not pay a result, if it must not: the cost is price x usage, exactly."""
-    return "charged cost differs from price x usage" if cost_nanoton != usage_units * price else None
+def charge_refusal(price: Price, result: JobResult) -> str | None:
+    """Why a client must not pay ``result``, if it must not: its cost is its usage at the
+    agreed ``price`` (input units at one price, generated tokens at the other), exactly."""
+    if result.cost_nanoton != price.cost(result.usage_units, result.completion_units):
+        return "charged cost differs from price x usage"
+    return None
 
 
 def usage_bound(request: JobRequest, *, streamed_tokens: int = 0) -> int:
@@ -72,7 +80,8 @@ def usage_bound(request: JobRequest, *, streamed_tokens: int = 0) -> int:
     and received alone (it needs no tokenizer, and trusts none of the worker's).
 
     * tensors: rows (axis 0) of the largest input: a tensor job's unit is an item (a row);
-    * embedding texts: one unit per text sent;
+    * embedding texts: tokens, bounded by each text's length in UTF-8 bytes plus the
+      special tokens a tokenizer adds (``TEXT_SPECIAL_TOKENS``), as a prompt's below;
     * generation (``max_tokens`` > 0): tokens, the prompt's and the generated ones. The
       generated ones are counted exactly: one per token id streamed (at most
       ``max_tokens``, which the client also checks). The prompt's are bounded by its
@@ -86,16 +95,21 @@ def usage_bound(request: JobRequest, *, streamed_tokens: int = 0) -> int:
             return prompt + len(request.verify_tokens)
         return prompt + min(streamed_tokens, request.max_tokens)
     if request.texts:
-        return len(request.texts)
+        return sum(len(t.encode("utf-8", "surrogatepass")) + TEXT_SPECIAL_TOKENS for t in request.texts)
     return max((t.shape[0] if t.shape else 1 for t in request.inputs), default=0)
 
 
-def usage_refusal(request: JobRequest, usage_units: int, *, streamed_tokens: int = 0) -> str | None:
-    """Why a client must not pay a result billing ``usage_units`` for ``request``, if it
-    must not: more units than the request can hold (:func:`usage_bound`) break the protocol."""
+def usage_refusal(request: JobRequest, result: JobResult, *, streamed_tokens: int = 0) -> str | None:
+    """Why a client must not pay ``result`` for ``request``, if it must not: more units than
+    the request can hold (:func:`usage_bound`), or more generated tokens than were streamed
+    (none but in a generation), break the protocol."""
     bound = usage_bound(request, streamed_tokens=streamed_tokens)
-    if usage_units > bound:
-        return f"job {request.job_id}: usage {usage_units} above the {bound} units the request holds"
+    usage, completion = result.usage_units, result.completion_units
+    if usage > bound:
+        return f"job {request.job_id}: usage {usage} above the {bound} units the request holds"
+    generated = min(streamed_tokens, request.max_tokens) if request.max_tokens and not request.verify_tokens else 0
+    if completion > min(usage, generated):
+        return f"job {request.job_id}: {completion} generated tokens billed, {generated} streamed"
     return None
 
 
@@ -118,8 +132,11 @@ class JobRequest:
     # the prompt, in one teacher-forced pass (see execution.verification); () for any other job.
     verify_tokens: tuple[int, ...] = ()
     # A generation's decoding parameters; None is greedy (the default, and what older
-    # clients send). Travels last: [..., verify_tokens (maybe empty), sampling].
+    # clients send). Travels after them: [..., verify_tokens (maybe empty), sampling].
     sampling: Sampling | None = None
+    # A chat for an engine (its messages, response_format, tools): the worker's engine
+    # answers the chat itself. Travels last, as canonical JSON: [..., sampling or nil, chat].
+    chat: ChatOptions | None = None
 
     def to_wire(self) -> list[Any]:
         wire = [
@@ -132,21 +149,32 @@ class JobRequest:
             self.deadline_ms,
             self.max_price_nanoton,
         ]
-        if self.sampling is not None:
-            return wire + [list(self.verify_tokens), self.sampling.to_wire()]
+        sampling = self.sampling.to_wire() if self.sampling is not None else None
+        if self.chat is not None:
+            return wire + [list(self.verify_tokens), sampling, self.chat.to_wire()]
+        if sampling is not None:
+            return wire + [list(self.verify_tokens), sampling]
         return wire + [list(self.verify_tokens)] if self.verify_tokens else wire
 
 
 @dataclass(frozen=True, kw_only=True)
 class JobAccepted:
-    """Worker -> client: the job runs, at ``price_nanoton`` per ``unit``."""
+    """Worker -> client: the job runs, at ``price_nanoton`` per ``unit`` (and
+    ``completion_price_nanoton`` per generated token, when it differs)."""
 
     job_id: int
     price_nanoton: int
     unit: str
+    completion_price_nanoton: int | None = None
+
+    @property
+    def price(self) -> Price:
+        """The agreed price per input unit and per generated token."""
+        return Price.of(self.price_nanoton, self.completion_price_nanoton)
 
     def to_wire(self) -> list[Any]:
-        return [_ACCEPTED, self.job_id, self.price_nanoton, self.unit]
+        wire = [_ACCEPTED, self.job_id, self.price_nanoton, self.unit]
+        return wire if self.completion_price_nanoton is None else wire + [self.completion_price_nanoton]
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -169,7 +197,11 @@ class JobChunk:
 
 @dataclass(frozen=True, kw_only=True)
 class JobResult:
-    """Worker -> client, last frame of a successful job: outputs and what it cost."""
+    """Worker -> client, last frame of a successful job: outputs and what it cost.
+
+    ``usage_units`` counts every unit billed; ``completion_units`` the generated tokens
+    among them (billed at the completion price); ``finish_reason`` says why a generation
+    ended (None: not a generation, or a worker that does not say)."""
 
     job_id: int
     outputs: tuple[Tensor, ...] = ()
@@ -177,6 +209,9 @@ class JobResult:
     cost_nanoton: int
     compute_us: int = 0
     receipt: bytes = b""  # the worker's signature over the job's receipt (see .receipts); b"": none
+    completion_units: int = 0
+    finish_reason: FinishReason | None = None
+    tool_calls: tuple[ToolCall, ...] = ()  # the calls an engine's model made (a chat with tools)
 
     def to_wire(self) -> list[Any]:
         wire = [
@@ -187,6 +222,9 @@ class JobResult:
             self.cost_nanoton,
             self.compute_us,
         ]
+        if self.completion_units or self.finish_reason is not None or self.tool_calls:
+            tail = [self.receipt or None, self.completion_units, str(self.finish_reason or "")]
+            return wire + tail + ([[c.to_wire() for c in self.tool_calls]] if self.tool_calls else [])
         return wire + [self.receipt] if self.receipt else wire
 
 
@@ -240,7 +278,7 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
         raise MalformedMessage("job frame: expected a non-empty array")
     kind = obj[0]
     if kind == _REQUEST:
-        extra = min(max(len(obj) - 8, 0), 2)  # verify tokens, then sampling: both optional
+        extra = min(max(len(obj) - 8, 0), 3)  # verify tokens, sampling, chat: each optional
         _, job_id, model_id, inputs, texts, max_tokens, deadline, max_price, *rest = expect_list(
             obj, 8 + extra, "job request"
         )
@@ -249,7 +287,8 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
             not isinstance(verify, list) or len(verify) > MAX_TOKENS or (extra == 1 and not verify)
         ):
             raise MalformedMessage(f"job request: 1 to {MAX_TOKENS} tokens to verify", code=BAD_INPUT)
-        sampling = Sampling.from_wire(rest[1]) if extra == 2 else None
+        sampling = Sampling.from_wire(rest[1]) if extra >= 2 and (extra == 2 or rest[1] is not None) else None
+        chat = ChatOptions.from_wire(rest[2]) if extra == 3 else None
         if not isinstance(inputs, list) or len(inputs) > MAX_TENSORS:
             raise MalformedMessage(f"job request: at most {MAX_TENSORS} input tensors", code=BAD_INPUT)
         return JobRequest(
@@ -262,13 +301,16 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
             max_price_nanoton=expect_int(max_price, "max price"),
             verify_tokens=tuple(expect_int(t, "token id", hi=2**31) for t in verify) if verify else (),
             sampling=sampling,
+            chat=chat,
         )
     if kind == _ACCEPTED:
-        _, job_id, price, unit = expect_list(obj, 4, "job accepted")
+        with_completion = len(obj) == 5
+        _, job_id, price, unit, *per_token = expect_list(obj, 4 + with_completion, "job accepted")
         return JobAccepted(
             job_id=expect_int(job_id, "job id"),
             price_nanoton=expect_int(price, "price"),
             unit=expect_str(unit, "unit", max_len=32, min_len=1),
+            completion_price_nanoton=expect_int(per_token[0], "completion price") if per_token else None,
         )
     if kind == _CHUNK:
         with_logprobs = len(obj) == 6
@@ -283,17 +325,25 @@ def decode_frame(body: bytes, *, max_frame: int = MAX_FRAME) -> Frame:
             logprobs=_logprobs(logprobs[0], max(1, len(token_ids))) if logprobs else (),
         )
     if kind == _RESULT:
-        with_receipt = len(obj) == 7
-        _, job_id, outputs, usage, cost, compute_us, *signature = expect_list(obj, 6 + with_receipt, "job result")
+        # a receipt, then completion units and the finish reason, then tool calls: each optional
+        extra = min(len(obj) - 6, 4) if len(obj) >= 9 else min(max(len(obj) - 6, 0), 1)
+        _, job_id, outputs, usage, cost, compute_us, *tail = expect_list(obj, 6 + extra, "job result")
         if not isinstance(outputs, list) or len(outputs) > MAX_TENSORS:
             raise MalformedMessage(f"job result: at most {MAX_TENSORS} output tensors")
+        receipt = tail[0] if tail else None
+        completion, finish = (tail[1], expect_str(tail[2], "finish reason", max_len=32)) if extra >= 3 else (0, "")
+        if finish and FinishReason.parse(finish) is None:
+            raise MalformedMessage(f"job result: unknown finish reason {finish!r}")
         return JobResult(
             job_id=expect_int(job_id, "job id"),
             outputs=tuple(Tensor.from_wire(t, max_bytes=max_frame) for t in outputs),
             usage_units=expect_int(usage, "usage"),
             cost_nanoton=expect_int(cost, "cost"),
             compute_us=expect_int(compute_us, "compute time"),
-            receipt=expect_bytes(signature[0], "receipt", min_len=64, max_len=64) if signature else b"",
+            receipt=expect_bytes(receipt, "receipt", min_len=64, max_len=64) if receipt is not None else b"",
+            completion_units=expect_int(completion, "completion units"),
+            finish_reason=FinishReason.parse(finish),
+            tool_calls=tool_calls_from_wire(tail[3]) if extra == 4 else (),
         )
     if kind == _ERROR:
         _, job_id, code, message = expect_list(obj, 4, "job error")

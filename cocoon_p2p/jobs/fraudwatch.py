@@ -47,7 +47,7 @@ from cocoon_p2p.execution.tensors import Tensor
 from cocoon_p2p.overlay.events import EventQueue, FraudJudged
 from cocoon_p2p.overlay.gossip import Gossip, Subscription
 from cocoon_p2p.overlay.guard import PeerGuard
-from cocoon_p2p.overlay.peerscore import Blame
+from cocoon_p2p.overlay.peerscore import Blame, gossip_blame
 
 from .checks import CaughtCheating
 from .fraudproof import (
@@ -209,7 +209,11 @@ class FraudWatch:
     def _blame(self, sender: bytes, origin: bytes, err: ProtocolError) -> None:
         """pubsub checked the origin's signature over these bytes: whatever is wrong in
         them is the origin's doing, except age, which a slow relay may add. A relay
-        answers as :class:`~cocoon_p2p.overlay.peerscore.PeerScores` rules for relays."""
+        answers as :class:`~cocoon_p2p.overlay.peerscore.PeerScores` rules for relays. A
+        proof merely stale (expired, or one already seen replayed by the mesh's cache, as
+        gossipsub does to every new subscriber) is dropped against nobody."""
+        if gossip_blame(err.code, sender=sender, origin=origin) is None:
+            return
         if sender != origin:
             self.guard.misbehaved(sender, err, blame=Blame.RELAY)
             if isinstance(err, ExpiredMessage):

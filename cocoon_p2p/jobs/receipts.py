@@ -26,6 +26,7 @@ from typing import Any
 from cocoon_p2p.core import signed, wire
 from cocoon_p2p.core.errors import MalformedMessage
 from cocoon_p2p.core.identity import PEER_ID_BYTES, Identity
+from cocoon_p2p.execution.chat_options import ChatOptions, ToolCall
 from cocoon_p2p.execution.sampling import Sampling
 from cocoon_p2p.execution.tensors import Tensor
 
@@ -43,24 +44,33 @@ def inputs_digest(
     max_tokens: int,
     verify: Sequence[int] = (),
     sampling: Sampling | None = None,
+    chat: ChatOptions | None = None,
 ) -> bytes:
-    """SHA-256 of what a client asked, in canonical form (a verify job's tokens and a
-    generation's sampling parameters included)."""
+    """SHA-256 of what a client asked, in canonical form (a verify job's tokens, a
+    generation's sampling parameters and a chat's options included)."""
     fields: list[object] = [model_id, [t.to_wire() for t in inputs], list(texts), max_tokens]
-    if sampling is not None:
+    if chat is not None:
+        fields += [list(verify), sampling.to_wire() if sampling is not None else None, chat.to_wire()]
+    elif sampling is not None:
         fields += [list(verify), sampling.to_wire()]
     elif verify:
         fields.append(list(verify))
     return hashlib.sha256(wire.pack(fields)).digest()
 
 
-def outputs_digest(outputs: Sequence[Tensor], token_ids: Sequence[int], text: str = "") -> bytes:
+def outputs_digest(
+    outputs: Sequence[Tensor], token_ids: Sequence[int], text: str = "", tool_calls: Sequence[ToolCall] = ()
+) -> bytes:
     """SHA-256 of what a worker returned: its result tensors and every token it streamed,
-    or, when it streamed no token ids (an engine streams text), the text it streamed.
-    Without text the layout is unchanged: earlier receipts and fraud proofs stay valid."""
+    or, when it streamed no token ids (an engine streams text), the text it streamed, and
+    the tool calls an engine's model made. Without text or calls the layout is unchanged:
+    earlier receipts and fraud proofs stay valid."""
     fields: list[object] = [[t.to_wire() for t in outputs], list(token_ids)]
-    if text and not token_ids:
-        fields.append(text)
+    shown = text if not token_ids else ""
+    if tool_calls:
+        fields += [shown, [c.to_wire() for c in tool_calls]]
+    elif shown:
+        fields.append(shown)
     return hashlib.sha256(wire.pack(fields)).digest()
 
 

@@ -72,7 +72,7 @@ class Router:
         out = []
         for o in offers:
             s = self.estimates.get(o.peer_id)
-            if o.price_nanoton > max_price or o.peer_id in exclude:
+            if o.price.highest > max_price or o.peer_id in exclude:
                 continue
             if s is not None and s.avoid_until > now:
                 continue
@@ -86,13 +86,13 @@ class Router:
         pool = self.eligible(offers, max_price=max_price, now=now, exclude=exclude)
         if not pool:
             # Every worker is cooling down: better a recently failed one than none.
-            pool = [o for o in offers if o.price_nanoton <= max_price and o.peer_id not in exclude]
+            pool = [o for o in offers if o.price.highest <= max_price and o.peer_id not in exclude]
             if not pool:
                 return None
         if len(pool) == 1:  # nothing to choose from (a client's usual case: one worker it knows)
             return pool[0]
         sample = self._sample(pool)
-        return min(sample, key=lambda o: (self.cost(o), o.price_nanoton))
+        return min(sample, key=lambda o: (self.cost(o), o.price.highest))
 
     def _sample(self, pool: list[WorkerOffer]) -> list[WorkerOffer]:
         """``choices`` distinct workers, each drawn with odds in proportion to its learned speed

@@ -17,13 +17,15 @@ import trio
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import LocalProtocolError
 from cocoon_p2p.core.identity import Identity
+from cocoon_p2p.core.pricing import FREE, Price
+from cocoon_p2p.execution.chat_options import ToolCall
 from cocoon_p2p.execution.engine import EngineError, Generation, GenerationStep
 from cocoon_p2p.execution.engine_runner import EngineHealth, EngineRunner
 from cocoon_p2p.execution.executor import Outcome, RunRequest
 from cocoon_p2p.execution.generation import TokenStream
 from cocoon_p2p.execution.limits import InputLimits
 from cocoon_p2p.execution.models import ModelSpec
-from cocoon_p2p.execution.sampling import GREEDY
+from cocoon_p2p.execution.sampling import GREEDY, FinishReason
 
 from . import frames as jf
 from .batching import Batcher
@@ -68,7 +70,7 @@ class Served:
 
     spec: ModelSpec
     executor: Runner
-    price_nanoton: int
+    price: Price
     batcher: Batcher[WorkerJob]
     wake: trio.Event = field(default_factory=trio.Event)
     avg_run_s: float = 0.01  # EWMA of one batch's run time; assume slow until measured
@@ -80,6 +82,15 @@ class Served:
 
     def observe_run(self, elapsed_s: float) -> None:
         self.avg_run_s += EWMA_ALPHA * (elapsed_s - self.avg_run_s)
+
+    def accepted(self, job_id: int) -> jf.JobAccepted:
+        """The frame that tells a client its job runs, and at what price."""
+        return jf.JobAccepted(
+            job_id=job_id,
+            price_nanoton=self.price.unit,
+            unit=self.spec.unit,
+            completion_price_nanoton=self.price.completion_wire,
+        )
 
     def quick_and_idle(self) -> bool:
         """A job may run inline now: the model is idle, nothing waits for it, and its runs are quick."""
@@ -94,6 +105,7 @@ def run_request(req: jf.JobRequest) -> RunRequest:
         max_tokens=req.max_tokens,
         verify_tokens=req.verify_tokens,
         sampling=req.sampling or GREEDY,
+        chat=req.chat,
     )
 
 
@@ -123,8 +135,17 @@ class _TokenGeneration:
     def close(self) -> None:
         pass  # the stream's generator goes with it
 
-    def units(self, chunks: int) -> int:
-        return self.prompt_tokens + chunks
+    def units(self, chunks: int) -> tuple[int, int]:
+        return self.prompt_tokens, chunks
+
+    def reason(self, chunks: int) -> FinishReason | None:
+        ids = self.stream.ids
+        if self.stream.stopped or (ids and ids[-1] in self.stream.eos):
+            return FinishReason.STOP
+        return FinishReason.LENGTH if len(ids) >= self.stream.max_new else None
+
+    def tool_calls(self) -> tuple[ToolCall, ...]:
+        return ()  # our models call no tools
 
 
 def open_generation(runner: Runner, run: RunRequest) -> Generation:
@@ -236,20 +257,21 @@ def last_frame(
     job: WorkerJob,
     *,
     outcome: Outcome | None = None,
-    price: int = 0,
+    price: Price = FREE,
     compute_us: int = 0,
     error: tuple[str, str] | None = None,
     signer: Identity | None = None,
     token_ids: tuple[int, ...] = (),
     text: str = "",
 ) -> jf.JobResult | jf.JobError:
-    """The frame that ends ``job``: its result (``outcome`` at ``price`` per unit; with
+    """The frame that ends ``job``: its result (``outcome`` at ``price``; with
     ``signer``, its receipt signed over the outputs and the ``token_ids`` streamed, or the
     ``text`` streamed when there are no token ids: an engine's), or ``error`` as (code,
     message). A result too large to send is a ``too-large`` error."""
     if outcome is not None:
         req = job.req
         receipt = b""
+        cost = price.cost(outcome.units, outcome.completion_units)
         if signer is not None:
             receipt = (
                 Receipt(
@@ -258,11 +280,11 @@ def last_frame(
                     job_id=req.job_id,
                     model_id=req.model_id,
                     inputs_digest=inputs_digest(
-                        req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens, req.sampling
+                        req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens, req.sampling, req.chat
                     ),
-                    outputs_digest=outputs_digest(outcome.outputs, token_ids, text),
+                    outputs_digest=outputs_digest(outcome.outputs, token_ids, text, outcome.tool_calls),
                     usage_units=outcome.units,
-                    cost_nanoton=outcome.units * price,
+                    cost_nanoton=cost,
                 )
                 .signed_by(signer)
                 .signature
@@ -271,9 +293,12 @@ def last_frame(
             job_id=req.job_id,
             outputs=outcome.outputs,
             usage_units=outcome.units,
-            cost_nanoton=outcome.units * price,
+            cost_nanoton=cost,
             compute_us=compute_us,
             receipt=receipt,
+            completion_units=outcome.completion_units,
+            finish_reason=outcome.finish_reason,
+            tool_calls=outcome.tool_calls,
         )
         if not _maybe_large(outcome):
             return frame

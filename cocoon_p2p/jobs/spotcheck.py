@@ -12,9 +12,9 @@ compares:
 * generated tokens: greedy decoding is deterministic, so the token ids must be equal
   (the first differing position is reported).
 
-A mismatch means one of the two lied; the reference is a worker the client picked at
-random among the others, so the first worker is blamed, and the receipt it signed over
-its outputs lets anyone who has the model check the blame (:mod:`.fraudproof`).
+A mismatch means one of the two lied, and either may be the liar: a third worker breaks
+the tie (without one nobody is blamed), and the receipt the worker found wrong signed
+over its outputs lets anyone who has the model check the blame (:mod:`.fraudproof`).
 """
 
 from __future__ import annotations

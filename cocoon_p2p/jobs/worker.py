@@ -26,6 +26,7 @@ from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import ConfigError, LocalProtocolError, ProtocolError
 from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.core.metrics import Metric
+from cocoon_p2p.core.pricing import FREE, Price
 from cocoon_p2p.execution.backends import Backend
 from cocoon_p2p.execution.engine import Generation
 from cocoon_p2p.execution.engine_runner import EngineRunner
@@ -106,17 +107,23 @@ class JobWorker:
         host.set_stream_handler(TProtocol(jf.JOB_PROTOCOL), self._handle_stream)
 
     def serve(
-        self, spec: ModelSpec, backend: Backend, *, price_nanoton: int, limits: InputLimits | None = None
+        self,
+        spec: ModelSpec,
+        backend: Backend,
+        *,
+        price_nanoton: int,
+        limits: InputLimits | None = None,
+        completion_price_nanoton: int | None = None,
     ) -> None:
-        """Serve ``spec`` (already hash-checked) on ``backend`` at ``price_nanoton`` per unit.
+        """Serve ``spec`` (already hash-checked) on ``backend`` at ``price_nanoton`` per unit
+        (and ``completion_price_nanoton`` per generated token; None: the same).
 
         ``limits``: what one job may ask of it (None: :meth:`InputLimits.for_model`,
         derived from the model); a job beyond them is refused (``too-large``) before
         any work starts. :meth:`limits` tells them, for the node to advertise."""
-        if price_nanoton < 0:
-            raise ConfigError(f"a price is not negative: {price_nanoton}")
+        price = Price.of(price_nanoton, completion_price_nanoton)
         batcher: Batcher[WorkerJob] = Batcher(max_batch=spec.max_batch, max_wait_s=self.max_wait_s)
-        served = Served(spec, Executor(spec, backend, limits=limits), price_nanoton, batcher)
+        served = Served(spec, Executor(spec, backend, limits=limits), price, batcher)
         self.models[spec.model_id] = served
         self.nursery.start_soon(self._model_loop, served)
 
@@ -128,20 +135,21 @@ class JobWorker:
         capacity: int,
         watch: EngineWatch | None = None,
         on_health: HealthHook | None = None,
+        completion_price_nanoton: int | None = None,
     ) -> None:
         """Serve the model an engine runs (``runner.spec``, its weights' id) at
-        ``price_nanoton`` per token: at most ``capacity`` of its jobs at once (more are
+        ``price_nanoton`` per prompt token (and ``completion_price_nanoton`` per generated
+        one; None: the same): at most ``capacity`` of its jobs at once (more are
         answered ``busy``), each a stream from the engine. ``watch`` (None: the defaults)
         probes the engine in this worker's nursery; when it goes down, its jobs are
         refused with ``backend`` and ``on_health(model_id, False)`` is told (then True
         when it is back)."""
-        if price_nanoton < 0:
-            raise ConfigError(f"a price is not negative: {price_nanoton}")
+        price = Price.of(price_nanoton, completion_price_nanoton)
         if capacity < 1:
             raise ConfigError(f"an engine runs at least one job at once, not {capacity}")
         spec = runner.spec
         batcher: Batcher[WorkerJob] = Batcher(max_batch=1, max_wait_s=0.0)  # never used: generations stream
-        served = Served(spec, runner, price_nanoton, batcher, limit=capacity, threads=trio.CapacityLimiter(capacity))
+        served = Served(spec, runner, price, batcher, limit=capacity, threads=trio.CapacityLimiter(capacity))
         self.models[spec.model_id] = served
         self.nursery.start_soon(watch_engine, served, runner, watch or EngineWatch(), on_health)
 
@@ -221,8 +229,8 @@ class JobWorker:
             return jf.SHUTTING_DOWN, "worker is shutting down"
         if served is None:
             return jf.UNKNOWN_MODEL, f"model {req.model_id.hex()[:16]} not served"
-        if served.price_nanoton > req.max_price_nanoton:
-            return jf.PRICE, f"price {served.price_nanoton} above cap"
+        if served.price.highest > req.max_price_nanoton:
+            return jf.PRICE, f"price {served.price.highest} above cap"
         if req.deadline_ms <= now_ms():
             return jf.DEADLINE, "deadline already passed"
         if not served.available:
@@ -270,7 +278,7 @@ class JobWorker:
         job = WorkerJob(req, run, link, key)
         if not self._accept(link, job):
             return
-        accepted = jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit)
+        accepted = served.accepted(req.job_id)
         if served.spec.kind == "generation":  # token by token, never batched
             await link.send(accepted)
             self.nursery.start_soon(self._run_verify if req.verify_tokens else self._run_generation, served, job)
@@ -306,7 +314,7 @@ class JobWorker:
         job = WorkerJob(req, run, link, key)
         if not self._accept(link, job, report=False):
             return False
-        link.send_later(jf.JobAccepted(job_id=req.job_id, price_nanoton=served.price_nanoton, unit=served.spec.unit))
+        link.send_later(served.accepted(req.job_id))
         frame = self._run_now(served, job)
         link.flush_now()
         self._close(job, frame, report=False)  # the books after the answer has gone
@@ -342,7 +350,7 @@ class JobWorker:
                 frame = last_frame(
                     job,
                     outcome=outcomes[0],
-                    price=served.price_nanoton,
+                    price=served.price,
                     compute_us=int(elapsed * 1e6),
                     signer=self.identity,
                 )
@@ -406,7 +414,7 @@ class JobWorker:
             if job.cancelled:  # stopped while running: no result, no charge
                 await self._finish(job, error=CLIENT_CANCELLED)
             else:
-                await self._finish(job, outcome=outcome, price=served.price_nanoton, compute_us=compute_us)
+                await self._finish(job, outcome=outcome, price=served.price, compute_us=compute_us)
 
     async def _run_verify(self, served: Served, job: WorkerJob) -> None:
         """A verify job: one teacher-forced pass over the prompt and the tokens, in a thread."""
@@ -419,7 +427,7 @@ class JobWorker:
             log.warning("verification failed on %s: %s", served.spec.name, exc)
             return await self._finish(job, error=(jf.BACKEND, str(exc)[:200]))
         compute_us = int((time.perf_counter() - t0) * 1e6)
-        await self._finish(job, outcome=outcome, price=served.price_nanoton, compute_us=compute_us)
+        await self._finish(job, outcome=outcome, price=served.price, compute_us=compute_us)
 
     async def _run_generation(self, served: Served, job: WorkerJob) -> None:
         """Stream a generation chunk by chunk; stop on cancel, deadline or a lost client.
@@ -442,8 +450,8 @@ class JobWorker:
             return await self._finish(job, error=ended.error)
         await self._finish(
             job,
-            outcome=Outcome((), gen.units(ended.chunks)),
-            price=served.price_nanoton,
+            outcome=Outcome.generated(*gen.units(ended.chunks), gen.reason(ended.chunks), gen.tool_calls()),
+            price=served.price,
             compute_us=int((time.perf_counter() - t0) * 1e6),
             tokens=ended.tokens,
             text=ended.text,
@@ -456,7 +464,7 @@ class JobWorker:
         job: WorkerJob,
         *,
         outcome: Outcome | None = None,
-        price: int = 0,
+        price: Price = FREE,
         compute_us: int = 0,
         error: tuple[str, str] | None = None,
         tokens: tuple[int, ...] = (),

@@ -52,6 +52,7 @@ class ModelCapability:
     capacity: int = 1
     limits: JobLimits | None = None  # what one job may ask; announced in gossip offers
     catalog: CatalogEntry | None = None  # the model's public name and variant; announced in gossip offers
+    completion_price_nanoton: int | None = None  # per generated token (None: price_nanoton)
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -132,6 +133,7 @@ class Advertiser:
                 free_capacity=max(0, min(c.capacity, self._free.get(c.model_id, c.capacity))),
                 limits=c.limits,
                 catalog=c.catalog,
+                completion_price_nanoton=c.completion_price_nanoton,
             )
             for c in self._capabilities
         )
@@ -186,6 +188,7 @@ class Advertiser:
                 capacity=c.capacity,
                 addrs=tuple(self.addrs()),
                 tee=self._tee,
+                completion_price_nanoton=c.completion_price_nanoton,
             )
             await self.dht.publish(rec)
 

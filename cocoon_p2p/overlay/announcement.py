@@ -3,11 +3,14 @@
 Wire format (version 1), a canonical msgpack array::
 
     [1, peer_id, addrs, offers, running_jobs, issued_at_ms, expires_at_ms(, tee), signature]
-    offer = [model_id, backend, gpu, price_nanoton, unit, capacity, free_capacity(, limits(, catalog))]
+    offer = [model_id, backend, gpu, price_nanoton, unit, capacity, free_capacity(, limits(, catalog(,
+             completion_price_nanoton)))]
 
 ``limits`` (:mod:`.joblimits`) is optional: an offer without it is read as one
 that says nothing of its limits (as every offer did before it existed); it is nil
-when a ``catalog`` entry (:mod:`.catalog`: the model's name and variant) follows. So is
+when a ``catalog`` entry (:mod:`.catalog`: the model's name and variant) follows, and the
+catalog is nil when a completion price (per generated token, when it differs from the
+price per unit: :class:`~cocoon_p2p.core.pricing.Price`) follows. So is
 ``tee`` (:mod:`.teeclaim`), the worker's claim to run in a TEE; absent, it claims none.
 
 ``issued_at_ms`` doubles as the origin's sequence number: a receiver keeps the
@@ -24,6 +27,7 @@ from typing import Any
 from cocoon_p2p.core import signed, wire
 from cocoon_p2p.core.errors import MalformedMessage
 from cocoon_p2p.core.identity import PEER_ID_BYTES, Identity, peer_id_to_str
+from cocoon_p2p.core.pricing import Price
 
 from .catalog import CatalogEntry
 from .joblimits import JobLimits
@@ -51,21 +55,31 @@ class Offer:
     free_capacity: int
     limits: JobLimits | None = None  # what one job may ask (None: not said)
     catalog: CatalogEntry | None = None  # the model's public name and variant (None: not said)
+    completion_price_nanoton: int | None = None  # per generated token (None: price_nanoton)
+
+    @property
+    def price(self) -> Price:
+        """What the offer charges per input unit and per generated token."""
+        return Price.of(self.price_nanoton, self.completion_price_nanoton)
 
     def _fields(self) -> list[Any]:
         fields = [self.model_id, self.backend, self.gpu, self.price_nanoton, self.unit, self.capacity,
                   self.free_capacity]  # fmt: skip
         limits = self.limits.fields() if self.limits is not None else None
-        if self.catalog is not None:
-            return fields + [limits, self.catalog.fields()]
+        catalog = self.catalog.fields() if self.catalog is not None else None
+        if self.completion_price_nanoton is not None:
+            return fields + [limits, catalog, self.completion_price_nanoton]
+        if catalog is not None:
+            return fields + [limits, catalog]
         return fields + [limits] if limits is not None else fields
 
     @classmethod
     def _parse(cls, obj: Any) -> Offer:
-        extra = min(max(len(obj) - _OFFER_FIELDS, 0), 2) if isinstance(obj, list) else 0  # limits, then catalog
+        # limits, then catalog, then the completion price: each optional, nil when a later one follows
+        extra = min(max(len(obj) - _OFFER_FIELDS, 0), 3) if isinstance(obj, list) else 0
         f = wire.expect_list(obj, _OFFER_FIELDS + extra, "offer")
-        if extra == 1 and f[7] is None:
-            raise MalformedMessage("offer: limits expected")
+        if (extra == 1 and f[7] is None) or (extra == 2 and f[8] is None):
+            raise MalformedMessage("offer: a trailing nil")
         capacity = wire.expect_int(f[5], "capacity", lo=1, hi=1 << 20)
         return cls(
             model_id=wire.expect_bytes(f[0], "model_id", min_len=32, max_len=32),
@@ -76,7 +90,8 @@ class Offer:
             capacity=capacity,
             free_capacity=wire.expect_int(f[6], "free_capacity", hi=capacity),
             limits=JobLimits.parse(f[7]) if extra and f[7] is not None else None,
-            catalog=CatalogEntry.parse(f[8]) if extra == 2 else None,
+            catalog=CatalogEntry.parse(f[8]) if extra >= 2 and f[8] is not None else None,
+            completion_price_nanoton=wire.expect_int(f[9], "completion_price_nanoton") if extra == 3 else None,
         )
 
 

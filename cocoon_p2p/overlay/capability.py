@@ -8,9 +8,10 @@ and verifies each worker's record. Pure data and codecs: no I/O.
 Wire format (version 1), a canonical msgpack array::
 
     [1, peer_id, model_id, backend, gpu, gpu_memory_mb, max_batch,
-     price_nanoton, unit, capacity, addrs, issued_at_ms, expires_at_ms(, tee), signature]
+     price_nanoton, unit, capacity, addrs, issued_at_ms, expires_at_ms(, tee(, completion_price)), signature]
 
-``tee`` (:mod:`.teeclaim`) is optional: the worker's claim to run in a TEE.
+``tee`` (:mod:`.teeclaim`) is optional: the worker's claim to run in a TEE; nil when a
+completion price (per generated token, when it differs from ``price_nanoton``) follows.
 
 The signature is Ed25519 by the PeerId's key over ``b"cocoon/capability/1\\0"``
 followed by the canonical encoding of every field before it.
@@ -25,6 +26,7 @@ from typing import Any
 from cocoon_p2p.core import signed, wire
 from cocoon_p2p.core.errors import ForeignKey, MalformedMessage
 from cocoon_p2p.core.identity import PEER_ID_BYTES, Identity, peer_id_from_str, peer_id_to_str
+from cocoon_p2p.core.pricing import Price
 
 from .teeclaim import TeeClaim
 
@@ -58,7 +60,13 @@ class CapabilityRecord:
     issued_at_ms: int  # also the record's sequence number: newer wins
     expires_at_ms: int
     tee: TeeClaim | None = None
+    completion_price_nanoton: int | None = None  # per generated token (None: price_nanoton)
     signature: bytes = b""
+
+    @property
+    def price(self) -> Price:
+        """What the worker charges per input unit and per generated token."""
+        return Price.of(self.price_nanoton, self.completion_price_nanoton)
 
     @classmethod
     def create(cls, ident: Identity, *, ttl_ms: int, now_ms: int, **fields: Any) -> CapabilityRecord:
@@ -87,7 +95,10 @@ class CapabilityRecord:
             self.issued_at_ms,
             self.expires_at_ms,
         ]
-        return fields + [self.tee.fields()] if self.tee is not None else fields
+        tee = self.tee.fields() if self.tee is not None else None
+        if self.completion_price_nanoton is not None:
+            return fields + [tee, self.completion_price_nanoton]
+        return fields + [tee] if tee is not None else fields
 
     def _check_fields(self) -> None:
         wire.expect_bytes(self.peer_id, "peer_id", min_len=PEER_ID_BYTES, max_len=PEER_ID_BYTES)
@@ -96,6 +107,8 @@ class CapabilityRecord:
             wire.expect_str(getattr(self, name), name, min_len=1, max_len=MAX_NAME_LEN)
         for name in ("gpu_memory_mb", "price_nanoton"):
             wire.expect_int(getattr(self, name), name)
+        if self.completion_price_nanoton is not None:
+            wire.expect_int(self.completion_price_nanoton, "completion_price_nanoton")
         for name in ("max_batch", "capacity"):
             wire.expect_int(getattr(self, name), name, lo=1, hi=1 << 20)
         if not isinstance(self.addrs, tuple):
@@ -115,8 +128,10 @@ class CapabilityRecord:
 def decode(data: bytes, *, now_ms: int) -> CapabilityRecord:
     """Parse and fully validate a record: size, shape, canonical form, signature, expiry."""
     raw = wire.unpack(data, max_size=MAX_RECORD_BYTES, what="capability record")
-    with_tee = isinstance(raw, list) and len(raw) == _FIELDS + 1
-    obj = wire.expect_list(raw, _FIELDS + with_tee, "capability record")
+    extra = min(max(len(raw) - _FIELDS, 0), 2) if isinstance(raw, list) else 0  # tee, then completion price
+    obj = wire.expect_list(raw, _FIELDS + extra, "capability record")
+    if extra == 1 and obj[13] is None:
+        raise MalformedMessage("capability record: a trailing nil")
     if obj[0] != VERSION:
         raise MalformedMessage(f"capability record: unknown version {obj[0]!r}", code="version")
     rec = CapabilityRecord(
@@ -132,7 +147,8 @@ def decode(data: bytes, *, now_ms: int) -> CapabilityRecord:
         addrs=wire.expect_str_list(obj[10], "addrs", max_items=MAX_ADDRS, max_len=MAX_ADDR_LEN),
         issued_at_ms=wire.expect_int(obj[11], "issued_at_ms"),
         expires_at_ms=wire.expect_int(obj[12], "expires_at_ms"),
-        tee=TeeClaim.parse(obj[13]) if with_tee else None,
+        tee=TeeClaim.parse(obj[13]) if extra and obj[13] is not None else None,
+        completion_price_nanoton=obj[14] if extra == 2 else None,
         signature=wire.expect_bytes(obj[-1], "signature", min_len=64, max_len=64),
     )
     rec._check_fields()

@@ -22,6 +22,7 @@ from cocoon_p2p.core.errors import LocalProtocolError, MalformedMessage
 
 MAX_NAME = 64
 MAX_VARIANT = 32
+KINDS = frozenset({"tensor", "embedding", "generation"})  # what a model does (execution.models' kinds)
 _NAME = re.compile(r"[a-z0-9][a-z0-9._-]*\Z")
 
 
@@ -33,25 +34,31 @@ def _check(value: str, what: str, max_len: int) -> str:
 
 @dataclass(frozen=True)
 class CatalogEntry:
-    """The public name and variant under which a worker offers a model id."""
+    """The public name and variant under which a worker offers a model id, and the model's
+    kind (``""``: not said, as older workers did not; on the wire a third, optional item)."""
 
     name: str
     variant: str
+    kind: str = ""
 
     def __post_init__(self) -> None:
         _check(self.name, "model name", MAX_NAME)
         _check(self.variant, "model variant", MAX_VARIANT)
+        if self.kind and self.kind not in KINDS:
+            raise MalformedMessage(f"model kind {self.kind!r}: one of {sorted(KINDS)}")
 
     def fields(self) -> list[str]:
-        return [self.name, self.variant]
+        return [self.name, self.variant, self.kind] if self.kind else [self.name, self.variant]
 
     @classmethod
     def parse(cls, obj: Any) -> CatalogEntry:
         """An entry from its wire form (MalformedMessage if it is not one)."""
-        name, variant = wire.expect_list(obj, 2, "catalog entry")
+        with_kind = isinstance(obj, list) and len(obj) == 3
+        name, variant, *kind = wire.expect_list(obj, 2 + with_kind, "catalog entry")
         return cls(
             wire.expect_str(name, "model name", max_len=MAX_NAME),
             wire.expect_str(variant, "variant", max_len=MAX_VARIANT),
+            wire.expect_str(kind[0], "model kind", min_len=1, max_len=16) if kind else "",
         )
 
     def __str__(self) -> str:

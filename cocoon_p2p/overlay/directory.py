@@ -12,6 +12,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from cocoon_p2p.core.errors import ForeignKey, RateLimited, ReplayedMessage
+from cocoon_p2p.core.pricing import Price
 
 from . import announcement as ann_mod
 from .announcement import Announcement
@@ -43,6 +44,12 @@ class WorkerOffer:
     limits: JobLimits | None = None  # what one job may ask (None: not advertised; only gossip says)
     tee: TeeClaim | None = None  # the worker's claim to run in a TEE (unverified)
     catalog: CatalogEntry | None = None  # the name and variant it offers the model under (only gossip says)
+    completion_price_nanoton: int | None = None  # per generated token (None: price_nanoton)
+
+    @property
+    def price(self) -> Price:
+        """What the worker charges per input unit and per generated token."""
+        return Price.of(self.price_nanoton, self.completion_price_nanoton)
 
 
 @dataclass(frozen=True)
@@ -55,6 +62,7 @@ class CatalogRow:
     workers: int
     min_price_nanoton: int
     backends: frozenset[str]
+    min_completion_price_nanoton: int = 0  # the lowest price per generated token
 
 
 MAX_CACHED_MODELS = 1024
@@ -91,6 +99,9 @@ class WorkerDirectory:
     # the answer is kept per model until the directory changes or an entry in it expires.
     _next_expiry_ms: int = 0  # no entry expires before this (0: unknown, scan)
     _offers: dict[bytes, _CachedOffers] = field(default_factory=dict)
+    # The newest announcement time of peers forgotten (banned, lost): a replay of an older
+    # one arriving later (gossip caches keep them) must not bring back their stale terms.
+    _forgotten: dict[bytes, int] = field(default_factory=dict)
 
     def receive_announcement(self, data: bytes, *, origin: bytes | None, now_ms: int) -> Announcement:
         """Verify and store a gossiped announcement.
@@ -110,6 +121,8 @@ class WorkerDirectory:
             raise ForeignKey("announcement published by a peer other than its signer")
         known = self._origins.get(ann.peer_id)
         credit = float(self.max_burst)
+        if known is None and ann.issued_at_ms <= self._forgotten.get(ann.peer_id, -1):
+            raise ReplayedMessage("announcement is not newer than one already held")
         if known is not None:
             if ann.issued_at_ms <= known.announcement.issued_at_ms:
                 raise ReplayedMessage("announcement is not newer than the one already held")
@@ -124,6 +137,7 @@ class WorkerDirectory:
                 oldest = min(self._origins, key=lambda p: self._origins[p].announcement.expires_at_ms)
                 del self._origins[oldest]
         self._origins[ann.peer_id] = _Origin(ann, now_ms, credit - 1.0)
+        self._forgotten.pop(ann.peer_id, None)
         self._changed(ann.expires_at_ms)
         return ann
 
@@ -155,8 +169,13 @@ class WorkerDirectory:
         self._changed()
 
     def forget(self, peer_id: bytes) -> None:
-        """Drop everything known about a peer (e.g. when it is banned)."""
-        self._origins.pop(peer_id, None)
+        """Drop everything known about a peer (e.g. when it is banned), but how new its
+        newest announcement was."""
+        origin = self._origins.pop(peer_id, None)
+        if origin is not None:
+            if len(self._forgotten) >= self.max_workers:
+                self._forgotten.pop(next(iter(self._forgotten)))  # the longest forgotten
+            self._forgotten[peer_id] = origin.announcement.issued_at_ms
         self._records = {k: r for k, r in self._records.items() if k[0] != peer_id}
         self._changed()
 
@@ -187,11 +206,15 @@ class WorkerDirectory:
                     continue
                 key = (o.catalog, o.model_id)
                 row = rows.get(key)
-                workers, price, backends = (
-                    (row.workers, row.min_price_nanoton, row.backends) if row else (0, o.price_nanoton, frozenset())
-                )
+                price = o.price
                 rows[key] = CatalogRow(
-                    o.catalog, o.model_id, o.unit, workers + 1, min(price, o.price_nanoton), backends | {o.backend}
+                    o.catalog,
+                    o.model_id,
+                    o.unit,
+                    (row.workers if row else 0) + 1,
+                    min(row.min_price_nanoton, price.unit) if row else price.unit,
+                    (row.backends if row else frozenset()) | {o.backend},
+                    min(row.min_completion_price_nanoton, price.completion) if row else price.completion,
                 )
         return sorted(rows.values(), key=lambda r: (-r.workers, r.entry.name, r.entry.variant, r.model_id))
 
@@ -241,6 +264,7 @@ class WorkerDirectory:
                         limits=o.limits,
                         tee=a.tee,
                         catalog=o.catalog,
+                        completion_price_nanoton=o.completion_price_nanoton,
                     )
         for (peer_id, mid), r in self._records.items():
             if mid != model_id or r.expires_at_ms <= now_ms:
@@ -268,6 +292,7 @@ class WorkerDirectory:
                 limits=have.limits if have else None,
                 tee=base.tee,
                 catalog=have.catalog if have else None,
+                completion_price_nanoton=base.completion_price_nanoton,
             )
         offers = sorted(rows.values(), key=lambda w: (-w.issued_at_ms, w.peer_id))
         if len(self._offers) >= MAX_CACHED_MODELS:

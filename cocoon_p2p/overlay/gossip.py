@@ -2,9 +2,11 @@
 
 Announcements are validated inside pubsub, before they are delivered or
 forwarded, by :class:`~.directory.WorkerDirectory` (pure): a rejected message
-goes no further through the mesh and its forwarder is reported to the
-:class:`~.guard.PeerGuard`, blamed as the message's origin or as a mere relay
-(:class:`~.peerscore.Blame`: honest relays replay stale gossip from their caches).
+goes no further through the mesh. A stale one (an origin's older announcement:
+gossipsub replays its cache to each new subscriber, the origin its own messages
+too) is dropped and held against nobody; for any other fault its forwarder is
+reported to the :class:`~.guard.PeerGuard`, blamed as the message's origin or as a
+mere relay (:func:`~.peerscore.gossip_blame`).
 
 py-libp2p 0.8.1 defects worked around here, each named:
 
@@ -42,7 +44,7 @@ from . import protocols
 from .directory import WorkerDirectory
 from .events import EventQueue, WorkerSeen
 from .guard import PeerGuard
-from .peerscore import Blame
+from .peerscore import gossip_blame
 from .peerset import PeerSet
 
 log = logging.getLogger(__name__)
@@ -190,9 +192,10 @@ class Gossip:
             self.stats.announcements_rejected += 1
             self.stats.rejected_by_code[err.code] = self.stats.rejected_by_code.get(err.code, 0) + 1
             sender = forwarder.to_bytes()
-            blame = Blame.ORIGIN if sender == origin else Blame.RELAY
-            log.debug("rejected announcement from %s (%s): %s", forwarder, blame.value, err)
-            self.guard.misbehaved(sender, err, blame=blame)
+            blame = gossip_blame(err.code, sender=sender, origin=origin)
+            log.debug("rejected announcement from %s (%s): %s", forwarder, blame.value if blame else "stale", err)
+            if blame is not None:
+                self.guard.misbehaved(sender, err, blame=blame)
             return False
         self.stats.announcements_accepted += 1
         self.peerset.add_candidate(ann.peer_id, ann.addrs)

@@ -2,15 +2,20 @@
 and banned for a while. Scores decay back towards zero, so honest peers that
 occasionally relay a stale message are never banned. Pure: time is passed in.
 
+**Stale gossip costs nobody.** An origin's older signed message (expired, or not
+newer than one already held) is what gossipsub delivers routinely: it replays its
+message cache, newest heartbeat first, to every peer that subscribes (the origin
+its own messages too), answers IWANT from it without validating again, and several
+mesh paths deliver one message at different times. :func:`gossip_blame` drops such
+messages without a score, whoever forwarded them.
+
 **Origin or relay.** A gossip message has an origin (its signer) and a forwarder
-(the peer that handed it to us). Stale gossip (expired, replayed, over its
-origin's rate) from a forwarder that is not its origin is the forwarder's bad
-luck, not malice: gossipsub replays its message cache to every new peer and
-answers IWANT from it without validating again, and delivery reorders messages.
-So each peer may relay some stale messages for free (``relay_allowance`` at once,
-``relay_refill_per_s`` after that); beyond that, a flood, they cost what they
-cost an origin. Forgeries cost a relay as much as an origin: honest relays
-validate before they forward.
+(the peer that handed it to us). What else goes wrong with it (over its origin's
+rate) may be bunched delivery, not malice: so each peer may forward some such
+messages for free (``relay_allowance`` at once, ``relay_refill_per_s`` after that);
+beyond that, a flood, they cost what they cost an origin. Forgeries (bad
+signatures, another peer's identity, malformed or oversized messages) cost a relay
+as much as an origin: honest relays validate before they forward.
 
 **Protected peers.** A node cannot do without its configured bootstrap peers:
 their bans last at most ``protected_ban_ms``, so a node never shuts itself out of
@@ -50,6 +55,11 @@ PENALTIES: dict[str, float] = {
 DEFAULT_PENALTY = 10.0
 # What an honest relay cannot help forwarding (see the module docstring).
 RELAY_EXCUSED = frozenset({"expired", "replayed", "rate-limited"})
+# Gossip that is merely old: dropped (not forwarded), held against nobody.
+STALE_GOSSIP = frozenset({"expired", "replayed"})
+# Gossip over its origin's rate: messages a cache replay or a slow link bunched, from the
+# origin as from a relay; free within the forwarder's allowance, like a relay's stale gossip.
+BUNCHED_GOSSIP = frozenset({"rate-limited"})
 
 
 class Blame(enum.Enum):
@@ -57,6 +67,18 @@ class Blame(enum.Enum):
 
     ORIGIN = "origin"  # the peer's own message (or its own protocol stream)
     RELAY = "relay"  # a message signed by someone else, that the peer forwarded
+
+
+def gossip_blame(code: str, *, sender: bytes, origin: bytes) -> Blame | None:
+    """Whom a gossip message that failed validation with error ``code`` is held against,
+    ``sender`` having handed us a message signed by ``origin``: nobody (None) when it is
+    merely stale; :attr:`Blame.RELAY` (free within the allowance) when it is over its
+    origin's rate; otherwise the origin when it sent it itself, else the relay."""
+    if code in STALE_GOSSIP:
+        return None
+    if code in BUNCHED_GOSSIP or sender != origin:
+        return Blame.RELAY
+    return Blame.ORIGIN
 
 
 @dataclass(frozen=True)

@@ -210,7 +210,7 @@ class NoiseSession(BaseSession):
         while not (n := self.try_send(data)):
             try:
                 await trio.lowlevel.wait_writable(sock.fileno())  # cancelled here: nothing was sent
-            except (OSError, trio.ClosedResourceError) as e:
+            except (OSError, ValueError, trio.ClosedResourceError) as e:  # ValueError: closed (fd -1)
                 raise ConnectionClosedError(f"connection closed: {e}") from None
             waited = True
         if not waited:  # one schedule point per call, as trio's own sockets: others run
@@ -264,9 +264,12 @@ class NoiseSession(BaseSession):
 
     @staticmethod
     async def _wait_readable(sock: socket.socket) -> bool:
+        """False when the socket is closed: by the peer, or by us while the reading task
+        was between two reads (its descriptor is then -1, which trio refuses with ValueError:
+        that went up through the muxer and the swarm, a traceback at every busy shutdown)."""
         try:
             await trio.lowlevel.wait_readable(sock.fileno())
-        except (OSError, trio.ClosedResourceError):
+        except (OSError, ValueError, trio.ClosedResourceError):
             return False
         return True
 
