@@ -99,6 +99,7 @@ def advertised(limits: InputLimits) -> JobLimits:
 
 
 LOOKUP_FALLBACK_TIMEOUT_S = 5.0  # the DHT, asked when gossip knows no worker for a model
+FLUSH_PAYMENTS_S = 10.0  # how long a leaving node waits for the vouchers still on their way
 CLOSE_TIMEOUT_S = 5.0
 
 
@@ -336,6 +337,10 @@ class Node:
     async def __aexit__(
         self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
     ) -> None:
+        if self.job_client is not None and exc_type is None:  # vouchers still on their way go first
+            with trio.move_on_after(FLUSH_PAYMENTS_S) as scope:
+                scope.shield = True
+                await self.job_client.flush_payments()
         stack, self._stack, self._nursery = self._stack, None, None
         if stack is not None:
             await stack.__aexit__(exc_type, exc, tb)
@@ -487,6 +492,11 @@ class Node:
         return self.job_worker
 
     # ---- jobs as a client -----------------------------------------------------------
+
+    async def flush_payments(self) -> None:
+        """Wait until every job's payment is sent (a job returns before its voucher goes,
+        and the vouchers of jobs finished together are coalesced): before settling."""
+        await self._client().flush_payments()
 
     def _client(self) -> JobClient:
         if self.job_client is None:

@@ -420,6 +420,7 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
             print()
             assert result is not None
             r = result
+        await node.flush_payments()  # its voucher is logged before the result is printed
         # the verdict that admitted the worker still stands: this asks nobody
         attested = attest.verdict_summary(await node.check_attestation(r.worker)) if cfg.require_tee else None
         if pay is not None and args.settle:

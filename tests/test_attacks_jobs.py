@@ -363,6 +363,7 @@ async def test_usage_beyond_what_the_request_holds_is_refused_unpaid_and_scored(
         client = JobClient(hosts, nursery, _listing(_offer(WORKER, mid, PRICE)), feedback=ports, payments=ports)
         if factor == 1:  # the most an honest worker can bill: paid
             r = await client.infer(mid, max_price=10, timeout_s=5, **job)
+            await client.flush_payments()
             assert ("pay", WORKER, r.cost_nanoton) in ports.calls and r.usage_units > 0
         else:
             with pytest.raises(JobFailed) as err:

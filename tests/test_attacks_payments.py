@@ -352,6 +352,7 @@ async def test_a_real_client_cannot_freeze_its_channel_with_seqno_2_64_minus_1(
             worker.serve_model(tiny_model, OnnxRuntimeBackend(tiny_model.path, threads=1), price_nanoton=PRICE)
             await wait_for(lambda: client.directory.workers_for(tiny_model.model_id, now_ms=now_ms()) != [])
             paid = (await client.infer(tiny_model.model_id, inputs=X, max_price_nanoton=PRICE)).cost_nanoton
+            await client.flush_payments()
             ch = c_pay.payer.open[worker.peer_id]
             honest = (ch.issuer.seqno, ch.issuer.sent, ch.last)
             ch.issuer.seqno = LAST_SEQNO - 1  # the attacker signs seqno 2^64-1, validly
@@ -363,6 +364,7 @@ async def test_a_real_client_cannot_freeze_its_channel_with_seqno_2_64_minus_1(
             ch.issuer.seqno, ch.issuer.sent, ch.last = honest  # back to honest vouchers: they are paid, not free
             for _ in range(3):
                 paid += (await client.infer(tiny_model.model_id, inputs=X, max_price_nanoton=PRICE)).cost_nanoton
+            await client.flush_payments()
             assert w_pay.payee.store.earned(cid) == paid == 4 * 2 * PRICE
 
 

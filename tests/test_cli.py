@@ -100,7 +100,7 @@ def test_demo_survives_a_killed_worker_on_a_testnet_like_chain() -> None:
     assert r["jobs_ok"] == 9 and r["jobs_failed"] == 0 and r["errors"] == []  # every job completed
     assert sum(w["earned_nanoton"] for w in r["per_worker"].values()) == r["paid_nanoton"]  # each paid once
     assert 0 < r["settled_nanoton"] <= r["paid_nanoton"]  # the restarted worker settled too
-    assert r["realistic_chain"] and r["ok"] and r["payments_pending"] == 0
+    assert r["realistic_chain"] and r["ok"]  # a voucher on its way to the killed worker is acknowledged late
     assert 0 < r["open_wait_s_p50"] <= r["open_wait_s_p99"] and 0 < r["settle_wait_s_p50"]  # waited for blocks
 
 
@@ -148,6 +148,10 @@ def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path)
                 emb = api.embeddings.create(model="minilm", input=text)
                 assert len(emb.data[0].embedding) == 384 and emb.usage.cost_nanoton == 3 * 1000  # type: ignore[attr-defined]
             m = _scrape(metrics_url)
+            while m["cocoon_channel_earned_unsettled_nanoton"] < 6000:  # the vouchers follow the answers
+                assert time.monotonic() < deadline + 30, "the second voucher never arrived"
+                time.sleep(0.1)
+                m = _scrape(metrics_url)
             assert m['cocoon_worker_jobs_total{outcome="ok"}'] == 2
             assert m["cocoon_channel_earned_unsettled_nanoton"] == 6000 and m['cocoon_channels{role="worker"}'] == 1
             assert m["cocoon_worker_job_seconds_count"] == 2
@@ -177,8 +181,12 @@ def test_operator_flow_gateway_metrics_status_and_worker_restart(tmp_path: Path)
                 except openai.APIStatusError:
                     assert time.monotonic() < deadline, "no job after the restart"
                     time.sleep(0.5)
-            status = _status(w_dir)
             earned = 6000 + emb.usage.cost_nanoton  # type: ignore[attr-defined]
+            status = _status(w_dir)
+            while status["earned_unsettled_nanoton"] < earned:  # type: ignore[operator]  # the voucher follows
+                assert time.monotonic() < deadline + 30, "the voucher never arrived"
+                time.sleep(0.1)
+                status = _status(w_dir)
             assert status["earned_unsettled_nanoton"] == earned and len(status["worker_channels"]) == 1
 
             # SIGTERM: the worker stops taking jobs and settles what it earned, cooperatively.

@@ -199,7 +199,7 @@ def test_demo_catches_bans_and_does_not_pay_a_cheating_worker() -> None:
         assert honest["cheated_runs"] == honest["cheated_jobs"] == 0
         assert honest["paid_nanoton"] == honest["billed_nanoton"]
     # Every channel settled on chain, the cheater's too: paid = settled + fees.
-    assert r["unsettled_channels"] == [] and r["payments_pending"] == 0
+    assert r["unsettled_channels"] == [] and r["payments_acknowledged_late"] == 0
     assert sum(w["paid_nanoton"] for w in r["per_worker"].values()) == r["paid_nanoton"]
     assert 0 < r["settled_nanoton"] <= r["paid_nanoton"]
     assert r["fees_nanoton"] == r["paid_nanoton"] - r["settled_nanoton"] < r["paid_nanoton"] // 10

@@ -35,9 +35,11 @@ def funded_wallet(chain: LocalChain) -> Wallet:
 
 
 @asynccontextmanager
-async def paid_pair(chain: LocalChain, model: ModelSpec, root: Path) -> AsyncIterator[tuple[Node, Node]]:
+async def paid_pair(
+    chain: LocalChain, model: ModelSpec, root: Path, *, credit_nanoton: int = 100_000_000
+) -> AsyncIterator[tuple[Node, Node]]:
     """A worker serving ``model`` at PRICE and a client that sees it, each with a funded wallet."""
-    w_cfg = PaymentConfig(chain, funded_wallet(chain), root / "worker")
+    w_cfg = PaymentConfig(chain, funded_wallet(chain), root / "worker", credit_nanoton=credit_nanoton)
     c_cfg = PaymentConfig(chain, funded_wallet(chain), root / "client")
     async with (
         Node(fast_config(payments=w_cfg)) as worker,
@@ -63,6 +65,7 @@ async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp
                 for _ in range(6):
                     nursery.start_soon(_infer, client, tiny_model, x)
             costs += [2 * PRICE] * 6
+            await client.flush_payments()  # the jobs returned before their vouchers went
             (channel,) = c_pay.payer.open.values()
             on_chain = read_channel(chain, channel.address)  # opened on chain by the client's first job
             assert on_chain.state == 1 and on_chain.balance_a == c_pay.config.policy.deposit_nanoton
@@ -79,6 +82,7 @@ async def test_every_job_is_paid_by_a_durable_voucher(tiny_model: ModelSpec, tmp
             assert sum(costs) - TON // 1000 < gained <= sum(costs)  # less the payout's forward fee
             # Work goes on: the next job opens a new channel.
             r = await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)
+            await client.flush_payments()
             (new_channel,) = c_pay.payer.open.values()
             assert new_channel.address != channel.address and c_pay.paid_to(worker.peer_id) == r.cost_nanoton
 
@@ -232,3 +236,37 @@ async def test_a_deposit_the_worker_never_confirms_is_refunded(
             assert read_channel(chain, ch.address).state == 0
             assert await payer.watch_once() == {ch.address: "closed"} and payer.channels == {}
             assert before - chain.balance(wallet) < TON // 10  # the deposit came back, less fees
+
+
+async def test_a_client_that_stops_paying_is_cut_off_at_its_credit(tiny_model: ModelSpec, tmp_path: Path) -> None:
+    """Results are handed on before their vouchers go: what a client then owes is the
+    worker's only exposure, and the credit limit bounds it exactly. A client whose vouchers
+    never arrive gets jobs while it owes no more than its credit (one job's cost beyond it at
+    most), then ``payment`` refusals; once it pays, the next job runs."""
+    cost = 2 * PRICE
+    with open_local_chain() as chain:
+        async with paid_pair(chain, tiny_model, tmp_path, credit_nanoton=3 * cost) as (worker, client):
+            w_pay, c_pay = worker.payments, client.payments
+            assert w_pay is not None and c_pay is not None
+            x = (from_numpy("x", np.ones((2, 4), np.float32)),)
+            await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)  # opens the channel, pays
+            await client.flush_payments()
+            honest_pay, released = c_pay.pay, trio.Event()
+
+            async def stalled(worker_id: bytes, amount: int) -> int:
+                await released.wait()  # the vouchers do not go: a client that stopped paying
+                return await honest_pay(worker_id, amount)
+
+            c_pay.pay = stalled  # type: ignore[method-assign]
+            served = 0
+            with pytest.raises(JobFailed) as err:
+                for _ in range(10):
+                    await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)
+                    served += 1
+            assert err.value.code == jf.PAYMENT
+            assert served == 4  # owed 0, 1, 2, 3 x cost <= the credit: admitted; owed 4 x cost: refused
+            assert w_pay.payee.owed(client.peer_id) == 4 * cost  # the most it risked: credit + one job
+            released.set()  # it pays at last: every voucher goes, coalesced
+            await client.flush_payments()
+            assert w_pay.payee.owed(client.peer_id) == 0
+            await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)

@@ -82,6 +82,7 @@ async def jobs(client: Node, model: ModelSpec, n: int) -> int:
     total = 0
     for _ in range(n):
         total += (await client.infer(model.model_id, inputs=X, max_price_nanoton=PRICE)).cost_nanoton
+        await client.flush_payments()  # one voucher a job, as these tests count them
     return total
 
 

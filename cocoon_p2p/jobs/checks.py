@@ -138,28 +138,28 @@ class ResultChecks:
             return CheckOutcome(keep=first, skipped=True)
         mismatch = self._mismatch(first, reference, request)
         if mismatch is None:
-            await self._pay(reference)
+            self._pay(reference)
             return CheckOutcome(keep=first)
         tie = await self._run_elsewhere(request, exclude={first.worker, reference.worker})
         if tie is None:
             # One word against another and nobody to break the tie: the reference is no more
             # likely right than the first (it may be the liar), so nobody is blamed.
             self.skipped += 1
-            await self._pay(reference)
+            self._pay(reference)
             return CheckOutcome(keep=first, skipped=True)
         if self._mismatch(first, tie, request) is None:
             wrong, keep = reference, first  # the reference was the odd one out
             mismatch = self._mismatch(reference, tie, request) or mismatch
-            await self._pay(tie)
+            self._pay(tie)
         elif self._mismatch(reference, tie, request) is not None:
             self.skipped += 1  # three different answers: nobody can be blamed on this evidence
-            await self._pay(reference)
-            await self._pay(tie)
+            self._pay(reference)
+            self._pay(tie)
             return CheckOutcome(keep=first, skipped=True)
         else:
             wrong, keep = first, tie
-            await self._pay(reference)
-            await self._pay(tie)
+            self._pay(reference)
+            self._pay(tie)
         await self._condemn(request, wrong, keep, mismatch)
         return CheckOutcome(keep=keep, wrong=wrong)
 
@@ -180,20 +180,20 @@ class ResultChecks:
             return CheckOutcome(keep=first, skipped=True)
         verifier, fault = verdict
         if fault is None:
-            await self._pay(verifier)
+            self._pay(verifier)
             return CheckOutcome(keep=first)
         asked = {first.worker, verifier.worker}
         second = await self._verify_elsewhere(request, first, exclude=asked)
         if second is not None:
-            await self._pay(second[0])
+            self._pay(second[0])
             if second[1] is None:  # the verifiers disagree: a third one decides
                 asked.add(second[0].worker)
                 third = await self._verify_elsewhere(request, first, exclude=asked)
                 if third is None:
-                    await self._pay(verifier)
+                    self._pay(verifier)
                     self.skipped += 1
                     return CheckOutcome(keep=first, skipped=True)
-                await self._pay(third[0])
+                self._pay(third[0])
                 if third[1] is None:  # two find it right: the first verifier lied, unpaid
                     lie = Mismatch("verify", f"verifier said {fault.reason}: {fault.detail}")
                     await self._condemn(request, verifier, second[0], lie)
@@ -201,13 +201,12 @@ class ResultChecks:
                 fault = third[1]  # two find it wrong (the second verifier's "right" was a lie too)
             else:
                 fault = second[1]
-        await self._pay(verifier)
+        self._pay(verifier)
         await self._condemn(request, first, verifier, fault)
         return CheckOutcome(keep=first, wrong=first)
 
-    async def _pay(self, run: Run) -> None:
-        await self.client._pay(run.worker, run.result.cost_nanoton)
-        self.client.stats.paid_nanoton += run.result.cost_nanoton
+    def _pay(self, run: Run) -> None:
+        self.client.pay_later(run.worker, run.result.cost_nanoton)
 
     async def _verify_elsewhere(
         self, request: Request, claimed: Run, *, exclude: set[bytes]

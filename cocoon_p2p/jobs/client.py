@@ -21,6 +21,7 @@ import random
 import time
 from collections.abc import AsyncGenerator, Callable
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import trio
@@ -55,6 +56,7 @@ __all__ = ["ClientStats", "InferenceResult", "JobClient", "JobFailed", "UnknownO
 
 log = logging.getLogger(__name__)
 CANCEL_SEND_S = 0.5  # how long a job that ends early may spend telling its worker to stop
+PAYMENTS_WAIT_S = 5.0  # how long a job refused for want of payment waits for our vouchers on their way
 
 
 class UnknownOutput(CocoonError, LookupError):
@@ -141,6 +143,8 @@ class JobClient:
         self._opening: dict[bytes, trio.Lock] = {}
         self._next_id = 1
         self.stats = ClientStats()
+        self._paying: dict[bytes, int] = {}  # per worker: payments started and not finished
+        self._paid: dict[bytes, trio.Event] = {}  # per worker with payments on their way: set when done
 
     async def _open_link(self, offer: WorkerOffer) -> ClientLink:
         """A job stream to this worker (opened once at a time: concurrent jobs wait for it)."""
@@ -368,7 +372,8 @@ class JobClient:
                 try:
                     await self._prepare(offer.peer_id)
                     sent = True
-                    result, price, receipt = await self.run_on(
+                    job = partial(
+                        self.run_on,
                         offer,
                         model_id=model_id,
                         inputs=inputs,
@@ -380,6 +385,17 @@ class JobClient:
                         sampling=sampling,
                         chat=chat,
                     )
+                    try:
+                        result, price, receipt = await job()
+                    except JobFailed as exc:
+                        if exc.code != jf.PAYMENT or worker not in self._paid:
+                            raise
+                        # Its credit is taken by our payments still on their way: once they are in, again.
+                        with trio.move_on_after(PAYMENTS_WAIT_S):
+                            await self._paid[worker].wait()
+                        if worker in self._paid:  # still not through: the refusal stands
+                            raise
+                        result, price, receipt = await job()
                 except JobFailed as exc:
                     if exc.code == jf.CHANNEL_ENDED:
                         await self._channel_ended(offer.peer_id)
@@ -420,8 +436,7 @@ class JobClient:
                 elif ours_wrong:  # a generation found wrong: kept (its tokens were streamed), never paid
                     paid = True
             if not paid:
-                await self._pay(worker, result.cost_nanoton)
-                self.stats.paid_nanoton += result.cost_nanoton
+                self.pay_later(worker, result.cost_nanoton)
             if receipt is not None and self.receipts is not None:
                 self.receipts.append(receipt)
             self.stats.jobs_ok += 1
@@ -478,9 +493,27 @@ class JobClient:
         except CocoonError as exc:
             log.warning("could not close the channel to %s: %s", ID(worker), exc)
 
-    async def _pay(self, worker: bytes, cost: int) -> None:
+    def pay_later(self, worker: bytes, cost: int) -> None:
+        """Pay ``worker`` ``cost`` for a result already handed on: the caller does not wait
+        for the voucher (its write-ahead, its round trip), and the results that arrive while
+        one is on its way share the next. The worker's exposure meanwhile is bounded by the
+        credit it grants (it refuses jobs beyond it). :meth:`flush_payments` waits for them."""
+        self.stats.paid_nanoton += cost
         if self.payments is None or not cost:
             return
+        if worker not in self._paid:
+            self._paid[worker] = trio.Event()
+        self._paying[worker] = self._paying.get(worker, 0) + 1
+        self.nursery.start_soon(self._pay, worker, cost)
+
+    async def flush_payments(self) -> None:
+        """Wait until every result paid for has its voucher sent (acknowledged, or logged to
+        go again when the worker is back): before settling, or leaving."""
+        while self._paid:
+            await next(iter(self._paid.values())).wait()
+
+    async def _pay(self, worker: bytes, cost: int) -> None:
+        assert self.payments is not None  # pay_later checked; for mypy
         try:
             await self.payments.pay(worker, cost)
         except CocoonError as exc:
@@ -489,6 +522,11 @@ class JobClient:
             # at settlement.
             self.stats.payments_pending += 1
             log.warning("payment to %s not acknowledged yet: %s", ID(worker), exc)
+        finally:
+            self._paying[worker] -= 1
+            if not self._paying[worker]:
+                del self._paying[worker]
+                self._paid.pop(worker).set()
 
     async def generate(
         self,

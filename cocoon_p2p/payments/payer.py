@@ -21,6 +21,7 @@ closed uncooperatively with our newest voucher and its opening state.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
@@ -270,17 +271,28 @@ class Payer:
         self._advance(ch, _E.OPEN_ABANDONED)
 
     async def pay(self, worker: bytes, cost: int) -> int:
-        """Pay ``worker`` for one job: the next voucher, logged, sent, acknowledged.
-        Returns the total the worker holds durably. Raises PaymentFailed."""
+        """Pay ``worker`` for one job: a voucher covering it, logged, sent, acknowledged.
+        Jobs paid while another voucher is on its way share the next one (one voucher, one
+        write and one round trip for all of them). Returns the total the worker holds
+        durably. Raises PaymentFailed."""
         ch = await self.ensure_channel(worker)
+        next_cost = ch.pending + cost
         if (
-            client_action(self.config.policy, deposit=ch.issuer.deposit_a, sent=ch.issuer.sent, next_cost=cost)
+            client_action(self.config.policy, deposit=ch.issuer.deposit_a, sent=ch.issuer.sent, next_cost=next_cost)
             is Action.ROLL_OVER
         ):
             await self.settle(worker)  # this job is paid from the next channel
             ch = await self.ensure_channel(worker)
+        ch.pending += cost
+        return await self._send_pending(worker, ch)
+
+    async def _send_pending(self, worker: bytes, ch: PayerChannel) -> int:
+        """One voucher for every cost waiting on ``ch`` (none: the total held)."""
         async with ch.lock:  # vouchers go out in seqno order, one at a time per channel
-            voucher = ch.issuer.next(cost)
+            if not ch.pending:  # the voucher sent while we waited covered ours
+                return ch.acked
+            amount, ch.pending = ch.pending, 0
+            voucher = ch.issuer.next(amount)
             crash_point(CrashPoint.PAYER_VOUCHER_SIGNED)
             await trio.to_thread.run_sync(self.issued.append, [voucher.to_record()])  # write-ahead
             crash_point(CrashPoint.PAYER_VOUCHER_LOGGED)
@@ -326,6 +338,9 @@ class Payer:
             ch = self._current.get(worker)
         if ch is None or ch.state is not ChannelState.OPEN:
             return 0
+        if ch.pending:  # jobs finished and not in a voucher yet: paid before we close
+            with contextlib.suppress(PaymentFailed):  # a voucher logged and unacknowledged still counts
+                await self._send_pending(worker, ch)
         request = self._our_close(ch)
         async with ch.lock:
             if ch.state is not ChannelState.OPEN:

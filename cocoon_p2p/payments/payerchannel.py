@@ -45,6 +45,9 @@ class PayerChannel:
     lock: trio.Lock = field(default_factory=trio.Lock)
     last: SignedSemiChannel | None = None  # the newest voucher signed
     acked: int = 0  # the total the worker confirmed holding durably
+    # Costs of jobs finished but in no voucher yet: the next voucher covers them all (while one
+    # voucher is on its way, the jobs that finish meanwhile gather for the next: a group commit).
+    pending: int = 0
     broken: bool = True  # no usable stream: (re)connect before the next request
     # The cooperative close was sent on chain, or is the worker's to send, by this process;
     # False for a channel restored CLOSING_COOPERATIVE: a crash may have kept it from the chain.
