@@ -9,9 +9,9 @@ from typing import Any
 
 import pytest
 
-from cocoon_p2p.core.errors import MalformedMessage
+from cocoon_p2p.core.errors import LocalProtocolError, MalformedMessage
 from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
-from cocoon_p2p.execution.chat_options import ChatOptions, ToolCall
+from cocoon_p2p.execution.chat_options import MAX_OPTIONS_BYTES, ChatOptions, ToolCall
 from cocoon_p2p.execution.engine import (
     EngineError,
     EngineFault,
@@ -431,3 +431,12 @@ def test_a_chat_job_asks_the_engines_chat_route_and_an_onnx_model_refuses_one(ti
 
 
 WEATHER_TOOL = {"type": "function", "function": {"name": "get_weather", "parameters": {"type": "object"}}}
+
+
+def test_chat_options_too_large_to_send_are_refused_before_sending() -> None:
+    huge = ChatOptions(tuple({"role": "user", "content": "x" * 30_000} for _ in range(10)))
+    with pytest.raises(LocalProtocolError) as err:
+        huge.to_wire()
+    assert err.value.code == "too-large"  # the client's own error: the job stream stays usable
+    with pytest.raises(MalformedMessage):
+        ChatOptions.from_wire(b"x" * (MAX_OPTIONS_BYTES + 1))

@@ -15,7 +15,7 @@ import json
 from dataclasses import dataclass
 from typing import Any
 
-from cocoon_p2p.core.errors import MalformedMessage
+from cocoon_p2p.core.errors import LocalProtocolError, MalformedMessage
 from cocoon_p2p.core.wire import expect_list, expect_str
 
 MAX_OPTIONS_BYTES = 256 * 1024  # a chat's messages and tool definitions, as JSON
@@ -27,6 +27,7 @@ MAX_CALL_NAME = 64
 MAX_ARGUMENTS = 32 * 1024  # characters of one call's JSON arguments
 _KEYS = frozenset({"messages", "response_format", "tools", "tool_choice"})
 BAD_OPTIONS = "bad-input"  # the job error code malformed options get (jobs.frames.BAD_INPUT)
+TOO_LARGE = "too-large"  # and options too large to send (jobs.frames.TOO_LARGE)
 
 
 @dataclass(frozen=True)
@@ -50,10 +51,11 @@ class ChatOptions:
         return out
 
     def to_wire(self) -> bytes:
-        """Canonical JSON: what a job carries (MalformedMessage above ``MAX_OPTIONS_BYTES``)."""
+        """Canonical JSON: what a job carries (LocalProtocolError ``too-large`` above
+        ``MAX_OPTIONS_BYTES``: the job is not sent, and its stream stays usable)."""
         data = json.dumps(self.fields(), sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
         if len(data) > MAX_OPTIONS_BYTES:
-            raise MalformedMessage(f"chat options of {len(data)} bytes: at most {MAX_OPTIONS_BYTES}", code=BAD_OPTIONS)
+            raise LocalProtocolError(f"chat options of {len(data)} bytes: at most {MAX_OPTIONS_BYTES}", code=TOO_LARGE)
         return data
 
     @classmethod
