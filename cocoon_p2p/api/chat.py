@@ -207,11 +207,7 @@ def chat_response(
 ) -> dict[str, Any]:
     """A whole chat completion."""
     return {
-        "id": completion_id,
-        "object": "chat.completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
+        **wire.envelope("chat.completion", completion_id, created, model, fingerprint),
         "choices": [
             {
                 "index": c.index,
@@ -251,13 +247,7 @@ def chat_chunk(
     """One server-sent event of a streamed chat completion: choice ``index``'s ``delta``,
     or (``delta`` None) the usage-only chunk with no choices. ``with_usage``: the stream
     asked for usage, so every chunk carries ``"usage": null`` until the last, as OpenAI's."""
-    chunk: dict[str, Any] = {
-        "id": completion_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-    }
+    chunk = wire.envelope("chat.completion.chunk", completion_id, created, model, fingerprint)
     if delta is None:
         chunk["choices"] = []
     else:

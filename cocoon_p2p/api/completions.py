@@ -84,11 +84,7 @@ def completion_response(
 ) -> dict[str, Any]:
     """A whole text completion."""
     return {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
+        **wire.envelope("text_completion", completion_id, created, model, fingerprint),
         "choices": [
             {
                 "index": c.index,
@@ -118,13 +114,7 @@ def completion_chunk(
 ) -> bytes:
     """One server-sent event of a streamed text completion: choice ``index``'s new ``text``
     (``offset``: where it begins in the choice's text), or (``text`` None) the usage chunk."""
-    chunk: dict[str, Any] = {
-        "id": completion_id,
-        "object": "text_completion",
-        "created": created,
-        "model": model,
-        "system_fingerprint": fingerprint,
-    }
+    chunk = wire.envelope("text_completion", completion_id, created, model, fingerprint)
     if text is None:
         chunk["choices"] = []
     else:

@@ -149,6 +149,17 @@ def finite_logprob(value: float) -> float:
 # ---- server-sent events ---------------------------------------------------------------------------
 
 
+def envelope(kind: str, completion_id: str, created: int, model: str, fingerprint: str | None) -> dict[str, Any]:
+    """The fields every completion and completion chunk opens with (``object``: ``kind``)."""
+    return {
+        "id": completion_id,
+        "object": kind,
+        "created": created,
+        "model": model,
+        "system_fingerprint": fingerprint,
+    }
+
+
 def sse_event(payload: Any) -> bytes:
     """``payload`` as one server-sent event, the framing OpenAI's streams use."""
     return b"data: " + json.dumps(payload, separators=(",", ":")).encode() + b"\n\n"
