@@ -44,6 +44,7 @@ if TYPE_CHECKING:
     from .client import JobClient
 
 log = logging.getLogger(__name__)
+CHECK_TRIES = 2  # runs a check job gets before it counts as not run
 
 
 @dataclass(frozen=True)
@@ -244,7 +245,9 @@ class ResultChecks:
         self, request: Request, *, exclude: set[bytes], verify: tuple[int, ...] = ()
     ) -> Run | None:
         """The request (a verify job of ``verify`` when given) on a random other worker of
-        the model (not paid yet), or None."""
+        the model (not paid yet), or None. A run that fails (a busy worker, a stream lost)
+        is tried once more, on another worker when there is one: a check that cannot run
+        lets a disputed result stand."""
         client = self.client
         offers = await client.offers(request.model_id)
         if request.require_tee and client.tee is not None:
@@ -252,9 +255,15 @@ class ResultChecks:
         others: list[WorkerOffer] = [
             o for o in offers if o.peer_id not in exclude and o.price.highest <= request.max_price
         ]
-        if not others:
-            return None
-        offer = self.rng.choice(others)
+        order = self.rng.sample(others, len(others))
+        for offer in (order * CHECK_TRIES)[:CHECK_TRIES]:
+            run = await self._run_on(request, offer, verify)
+            if run is not None:
+                return run
+        return None
+
+    async def _run_on(self, request: Request, offer: WorkerOffer, verify: tuple[int, ...]) -> Run | None:
+        client = self.client
         chunks: list[jf.JobChunk] = []
         try:
             await client._prepare(offer.peer_id)
@@ -270,7 +279,7 @@ class ResultChecks:
                 verify_tokens=verify,
             )
         except JobFailed as exc:
-            log.info("spot check on %s did not run: %s", peer_id_to_str(offer.peer_id), exc)
+            log.warning("spot check on %s did not run: %s", peer_id_to_str(offer.peer_id), exc)
             return None
         tokens = tuple(t for c in chunks for t in c.token_ids)
         return Run(offer.peer_id, result, price, tokens, "".join(c.text for c in chunks), receipt)
