@@ -248,7 +248,7 @@ async def run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[s
                     side.cancel_scope.cancel()
                 clients = [c.job_client for c in (client, s.attacker) if c is not None and c.job_client is not None]
                 paid = sum(c.stats.paid_nanoton for c in clients)
-                pending = sum(c.stats.payments_pending for c in clients)
+                pending = sum(c.payments_late for c in clients)
                 acked = {
                     ch.issuer.channel_id: ch.acked
                     for node in (client, s.attacker)

@@ -258,7 +258,7 @@ async def _run(args: argparse.Namespace, root: Path, chain: LocalChain) -> dict[
                 "killed_worker": worker_ids[1 % args.workers] if args.kill_worker else None,
                 # vouchers whose acknowledgement did not come at once (a killed worker's: resent
                 # when it is back, or at settlement; the audit of per_worker holds them all)
-                "payments_acknowledged_late": client_stats.payments_pending,
+                "payments_acknowledged_late": client.job_client.payments_late,
                 "onchain_ops": pay.onchain_ops,  # deploy + init, then one close, per channel
                 "realistic_chain": args.realistic_chain,
                 "open_wait_s_p50": _p(pay.payer.open_waits_s, 50),

@@ -45,7 +45,7 @@ IO_LIBRARIES = frozenset({"trio", "libp2p", "socket", "asyncio", "selectors", "u
 ADAPTERS = {
     "transport": {"host", "noise", "muxer", "muxed_stream", "sealed", "fastlock"},
     "overlay": {"dht", "events", "guard", "gossip", "dialer", "advertiser"},
-    "jobs": {"client", "client_link", "worker", "worker_link", "serving", "stream", "checks", "fraudwatch"},
+    "jobs": {"client", "client_link", "worker", "worker_link", "serving", "stream", "checks", "fraudwatch", "paying"},
     "payments": {
         "chain",
         "toncenter",

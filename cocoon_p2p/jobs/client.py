@@ -45,6 +45,7 @@ from .attempts import JobAttempts, JobFailed
 from .checks import CheatReport, ResultChecks, Run
 from .checks import Request as CheckedRequest
 from .client_link import ClientLink
+from .paying import BackgroundPayments
 from .ports import ClientPayments, OfferSource, PeerFeedback, TeeGate
 from .receiptlog import ReceiptLog
 from .receipts import Receipt, inputs_digest, outputs_digest
@@ -100,7 +101,6 @@ class ClientStats:
     jobs_failed: int = 0
     retries: int = 0
     paid_nanoton: int = 0
-    payments_pending: int = 0  # vouchers sent whose acknowledgement never came
     latency_s: Histogram = field(default_factory=Histogram)  # end to end, jobs that succeeded
 
 
@@ -143,8 +143,7 @@ class JobClient:
         self._opening: dict[bytes, trio.Lock] = {}
         self._next_id = 1
         self.stats = ClientStats()
-        self._paying: dict[bytes, int] = {}  # per worker: payments started and not finished
-        self._paid: dict[bytes, trio.Event] = {}  # per worker with payments on their way: set when done
+        self.paying = BackgroundPayments(payments, nursery) if payments is not None else None
 
     async def _open_link(self, offer: WorkerOffer) -> ClientLink:
         """A job stream to this worker (opened once at a time: concurrent jobs wait for it)."""
@@ -388,13 +387,11 @@ class JobClient:
                     try:
                         result, price, receipt = await job()
                     except JobFailed as exc:
-                        if exc.code != jf.PAYMENT or worker not in self._paid:
+                        if exc.code != jf.PAYMENT or self.paying is None or not self.paying.owing(worker):
                             raise
                         # Its credit is taken by our payments still on their way: once they are in, again.
-                        with trio.move_on_after(PAYMENTS_WAIT_S):
-                            await self._paid[worker].wait()
-                        if worker in self._paid:  # still not through: the refusal stands
-                            raise
+                        if not await self.paying.settled(worker, timeout_s=PAYMENTS_WAIT_S):
+                            raise  # still not through: the refusal stands
                         result, price, receipt = await job()
                 except JobFailed as exc:
                     if exc.code == jf.CHANNEL_ENDED:
@@ -499,34 +496,19 @@ class JobClient:
         one is on its way share the next. The worker's exposure meanwhile is bounded by the
         credit it grants (it refuses jobs beyond it). :meth:`flush_payments` waits for them."""
         self.stats.paid_nanoton += cost
-        if self.payments is None or not cost:
-            return
-        if worker not in self._paid:
-            self._paid[worker] = trio.Event()
-        self._paying[worker] = self._paying.get(worker, 0) + 1
-        self.nursery.start_soon(self._pay, worker, cost)
+        if self.paying is not None and cost:
+            self.paying.pay(worker, cost)
 
     async def flush_payments(self) -> None:
         """Wait until every result paid for has its voucher sent (acknowledged, or logged to
         go again when the worker is back): before settling, or leaving."""
-        while self._paid:
-            await next(iter(self._paid.values())).wait()
+        if self.paying is not None:
+            await self.paying.flush()
 
-    async def _pay(self, worker: bytes, cost: int) -> None:
-        assert self.payments is not None  # pay_later checked; for mypy
-        try:
-            await self.payments.pay(worker, cost)
-        except CocoonError as exc:
-            # The voucher is signed and logged; only its acknowledgement is missing (the
-            # worker went away, or did not answer in time). It goes again on reconnect or
-            # at settlement.
-            self.stats.payments_pending += 1
-            log.warning("payment to %s not acknowledged yet: %s", ID(worker), exc)
-        finally:
-            self._paying[worker] -= 1
-            if not self._paying[worker]:
-                del self._paying[worker]
-                self._paid.pop(worker).set()
+    @property
+    def payments_late(self) -> int:
+        """Vouchers whose acknowledgement did not come at once (logged; they go again)."""
+        return self.paying.late if self.paying is not None else 0
 
     async def generate(
         self,
