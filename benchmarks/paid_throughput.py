@@ -8,8 +8,8 @@ over 127.0.0.1:
 
 * ``unpaid``: neither side has payments.
 * ``paid``: both have a :class:`PaymentConfig` on the local chain (the worker's
-  credit at its default). ``infer`` returns before its voucher goes; the vouchers of
-  jobs finishing together are coalesced. Each phase ends with ``flush_payments()``,
+  credit at its default). ``infer`` returns before its voucher goes; the jobs finishing
+  within the client's ``pay_linger_s`` (0.2 s) are paid by one voucher. Each phase ends with ``flush_payments()``,
   so its time includes paying for all its jobs.
 * ``paid-serial``: the same paid pair, each job waiting for its own payment
   (``flush_payments()`` after every job): the old behaviour, the baseline.
@@ -17,6 +17,9 @@ over 127.0.0.1:
   flushed after its latency is taken, so no voucher is on its way while a job runs.
   Close to ``unpaid``: what ``paid`` adds is the background payment's competition for
   the CPU; close to ``paid``: it is in the job's own path.
+
+Besides jobs/s, latency and vouchers per job, each phase's CPU time per job is taken, of
+the client (this process) and of the worker process (``/proc``): where paying costs.
 
 Each round runs every variant at concurrency 1 and 32, in an order that rotates from
 round to round (this machine's speed drifts by 10-20% within a minute). Writes
@@ -106,8 +109,8 @@ async def serve_worker(paid: bool, endpoint: str, data_dir: Path) -> None:
 
 
 @asynccontextmanager
-async def _worker(paid: bool, endpoint: str, data_dir: Path) -> AsyncIterator[str]:
-    """A worker process; yields its multiaddr."""
+async def _worker(paid: bool, endpoint: str, data_dir: Path) -> AsyncIterator[tuple[str, int]]:
+    """A worker process; yields its multiaddr and process id."""
     argv = [sys.executable, "-m", "benchmarks.paid_throughput", "--worker", "paid" if paid else "unpaid"]
     proc = await trio.lowlevel.open_process(
         [*argv, endpoint, str(data_dir)], stdin=subprocess.PIPE, stdout=subprocess.PIPE
@@ -121,7 +124,7 @@ async def _worker(paid: bool, endpoint: str, data_dir: Path) -> AsyncIterator[st
                 if not chunk:
                     raise RuntimeError("the worker process exited")
                 line += chunk
-        yield line.decode().strip()
+        yield line.decode().strip(), proc.pid
         await proc.stdin.aclose()
         with trio.move_on_after(10):
             await proc.wait()
@@ -143,6 +146,14 @@ class Samples:
     p50_ms: list[float] = field(default_factory=list)  # one per round
     vouchers: int = 0
     jobs: int = 0
+    client_cpu_s: float = 0.0  # this process's CPU time over the phases (the client node)
+    worker_cpu_s: float = 0.0  # the worker process's
+
+
+def _cpu_s(pid: int) -> float:
+    """A process's CPU time so far (user + system), from /proc."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def _vouchers(client: Node) -> int:
@@ -188,8 +199,8 @@ async def _measure(settings: Settings) -> tuple[dict[str, dict[int, Samples]], l
     with open_local_chain() as chain, tempfile.TemporaryDirectory() as d:
         c_cfg = PaymentConfig(chain, chain.new_wallet(50 * TON), Path(d) / "c")
         async with (
-            _worker(False, chain.endpoint, Path(d)) as unpaid_addr,
-            _worker(True, chain.endpoint, Path(d)) as paid_addr,
+            _worker(False, chain.endpoint, Path(d)) as (unpaid_addr, unpaid_pid),
+            _worker(True, chain.endpoint, Path(d)) as (paid_addr, paid_pid),
             Node(NodeConfig(announce_interval_s=0.5, bootstrap=[unpaid_addr])) as unpaid,
             Node(NodeConfig(announce_interval_s=0.5, bootstrap=[paid_addr], payments=c_cfg)) as paid,
         ):
@@ -201,6 +212,7 @@ async def _measure(settings: Settings) -> tuple[dict[str, dict[int, Samples]], l
             if paid.payments is None or not paid.payments.payer.open:
                 raise RuntimeError("the paid client has no open channel after warming up")
             clients = {v: unpaid if v == "unpaid" else paid for v in VARIANTS}
+            pids = {v: unpaid_pid if v == "unpaid" else paid_pid for v in VARIANTS}
             for r in range(settings.rounds):
                 order = VARIANTS[r % len(VARIANTS) :] + VARIANTS[: r % len(VARIANTS)]
                 for conc in CONCURRENCY:
@@ -209,8 +221,11 @@ async def _measure(settings: Settings) -> tuple[dict[str, dict[int, Samples]], l
                         await trio.sleep(PAUSE_S)
                         before = _vouchers(client)
                         n = settings.jobs[conc]
+                        cpu = time.process_time(), _cpu_s(pids[variant])
                         elapsed, lat = await _phase(client, spec.model_id, n, conc, MODES[variant])
                         s = samples[variant][conc]
+                        s.client_cpu_s += time.process_time() - cpu[0]
+                        s.worker_cpu_s += _cpu_s(pids[variant]) - cpu[1]
                         s.jobs_per_s.append(n / elapsed)
                         s.latency_ms += lat
                         s.p50_ms.append(statistics.median(lat))
@@ -232,6 +247,8 @@ def _summary(s: Samples) -> dict[str, Any]:
         "latency_ms_p99": round(percentile(s.latency_ms, 99), 3),
         "latency_ms_p50_rounds": [round(x, 3) for x in s.p50_ms],
         "vouchers_per_job": round(s.vouchers / s.jobs, 4) if s.jobs else None,
+        "client_cpu_ms_per_job": round(s.client_cpu_s / s.jobs * 1000, 3) if s.jobs else None,
+        "worker_cpu_ms_per_job": round(s.worker_cpu_s / s.jobs * 1000, 3) if s.jobs else None,
         "jobs": s.jobs,
     }
 
@@ -279,8 +296,8 @@ def write_markdown(meta: dict[str, Any], checks: dict[str, Any], table: dict[str
         f"{s['jobs']['1']} / {s['jobs']['32']} jobs a phase at concurrency 1 / 32. Jobs/s: median of the "
         "rounds, each phase timed until its last voucher is acknowledged; latency: over every job.",
         "",
-        "| variant | concurrency | jobs/s | p50 ms | p99 ms | vouchers / job |",
-        "|---|---|---|---|---|---|",
+        "| variant | concurrency | jobs/s | p50 ms | p99 ms | vouchers / job | CPU ms / job: client | worker |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for variant in VARIANTS:
         for conc in RUNS[variant]:
@@ -288,7 +305,8 @@ def write_markdown(meta: dict[str, Any], checks: dict[str, Any], table: dict[str
             vpj = "-" if variant == "unpaid" else f"{row['vouchers_per_job']:.3f}"
             lines.append(
                 f"| {variant} | {conc} | {row['jobs_per_s_p50']:.0f} | {row['latency_ms_p50']:.2f} | "
-                f"{row['latency_ms_p99']:.2f} | {vpj} |"
+                f"{row['latency_ms_p99']:.2f} | {vpj} | {row['client_cpu_ms_per_job']:.2f} | "
+                f"{row['worker_cpu_ms_per_job']:.2f} |"
             )
     ok = {True: "met", False: "MISSED"}
     lines += [

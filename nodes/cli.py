@@ -99,6 +99,7 @@ def _payment_config(cfg: config_mod.RoleConfig, role: funding.Role) -> PaymentCo
         credit_nanoton=cfg.credit_nanoton,
         quarantine_s=cfg.quarantine_s,
         watch_interval_s=cfg.watch_interval_s,
+        pay_linger_s=cfg.pay_linger_s,
     )
 
 

@@ -54,6 +54,7 @@ class RoleConfig:
     settle_above_nanoton: int = 0  # worker: close a channel holding this much unsettled (0: no limit)
     idle_close_s: float = 86400.0  # worker: close a channel whose payer is silent this long
     quarantine_s: int = 3600  # client: the channels' uncooperative-close quarantine
+    pay_linger_s: float = 0.2  # client: finished jobs gather this long before one voucher pays them (0: one each)
     watch_interval_s: float = 10.0  # how often channels are checked on chain
     # Attestation (Intel TDX). Worker: where its quotes come from ("configfs-tsm", "dstack",
     # "file:<path>"; empty: it claims no TEE), how long one stands, and Intel's collateral to
@@ -127,8 +128,10 @@ def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
 
 
 def _check_range(cfg: RoleConfig) -> None:
-    """Shares within [0, 1] and a cosine within [-1, 1]: ConfigError naming the key if not."""
-    for key, low in (("spot_check_rate", 0.0), ("spot_check_cosine_min", -1.0), ("cheat_rate", 0.0)):
+    """Shares and the payment linger (s) within [0, 1], a cosine within [-1, 1]: ConfigError
+    naming the key if not."""
+    keys = (("spot_check_rate", 0.0), ("spot_check_cosine_min", -1.0), ("cheat_rate", 0.0), ("pay_linger_s", 0.0))
+    for key, low in keys:
         value = getattr(cfg, key)
         if isinstance(value, bool) or not isinstance(value, int | float) or not low <= value <= 1.0:
             raise ConfigError(f"{key} must be a number within [{low:g}, 1], not {value!r}")

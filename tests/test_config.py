@@ -33,3 +33,13 @@ def test_client_and_resource_limits_reach_the_node(tmp_path: Path) -> None:
     (tmp_path / "bad.toml").write_text("max_connections_per_peer = 0\n")
     with pytest.raises(ConfigError, match="max_connections_per_peer"):
         _node_config(config_mod.load(tmp_path / "bad.toml", {}))
+
+
+def test_the_payment_linger_is_a_short_delay(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text("pay_linger_s = 0.05\n")
+    assert config_mod.load(tmp_path / "c.toml", {}).pay_linger_s == 0.05
+    assert config_mod.load(None, {}).pay_linger_s == 0.2
+    for bad in ("-0.1", "5", '"soon"'):
+        (tmp_path / "bad.toml").write_text(f"pay_linger_s = {bad}\n")
+        with pytest.raises(ConfigError, match="pay_linger_s"):
+            config_mod.load(tmp_path / "bad.toml", {})

@@ -36,11 +36,11 @@ def funded_wallet(chain: LocalChain) -> Wallet:
 
 @asynccontextmanager
 async def paid_pair(
-    chain: LocalChain, model: ModelSpec, root: Path, *, credit_nanoton: int = 100_000_000
+    chain: LocalChain, model: ModelSpec, root: Path, *, credit_nanoton: int = 100_000_000, linger_s: float = 0.2
 ) -> AsyncIterator[tuple[Node, Node]]:
     """A worker serving ``model`` at PRICE and a client that sees it, each with a funded wallet."""
     w_cfg = PaymentConfig(chain, funded_wallet(chain), root / "worker", credit_nanoton=credit_nanoton)
-    c_cfg = PaymentConfig(chain, funded_wallet(chain), root / "client")
+    c_cfg = PaymentConfig(chain, funded_wallet(chain), root / "client", pay_linger_s=linger_s)
     async with (
         Node(fast_config(payments=w_cfg)) as worker,
         Node(fast_config(bootstrap=[worker.addrs[0]], payments=c_cfg)) as client,
@@ -236,6 +236,38 @@ async def test_a_deposit_the_worker_never_confirms_is_refunded(
             assert read_channel(chain, ch.address).state == 0
             assert await payer.watch_once() == {ch.address: "closed"} and payer.channels == {}
             assert before - chain.balance(wallet) < TON // 10  # the deposit came back, less fees
+
+
+async def test_jobs_finished_within_the_linger_share_one_voucher_and_a_refusal_cuts_it_short(
+    tiny_model: ModelSpec, tmp_path: Path
+) -> None:
+    """Finished jobs gather (here for up to a minute) before one voucher pays them all; a
+    flush, or the worker refusing a job for the credit they take, sends them at once."""
+    cost = 2 * PRICE
+    with open_local_chain() as chain:
+        async with paid_pair(chain, tiny_model, tmp_path, credit_nanoton=3 * cost, linger_s=60.0) as (worker, client):
+            w_pay, c_pay = worker.payments, client.payments
+            assert w_pay is not None and c_pay is not None
+            x = (from_numpy("x", np.ones((2, 4), np.float32)),)
+            await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)  # opens the channel
+            await client.flush_payments()
+            (channel,) = c_pay.payer.open.values()
+            first = channel.issuer.seqno
+            for _ in range(3):
+                await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)
+            assert channel.issuer.seqno == first  # lingering: no voucher yet
+            assert w_pay.payee.owed(client.peer_id) == 3 * cost
+            await client.flush_payments()
+            assert channel.issuer.seqno == first + 1  # one voucher for the three
+            assert w_pay.payee.owed(client.peer_id) == 0 and c_pay.paid_to(worker.peer_id) == 4 * cost
+
+            for _ in range(4):  # owed 0..3 x cost: admitted
+                await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)
+            with trio.fail_after(30):  # well short of the linger: the refusal sent the batch at once
+                await client.infer(tiny_model.model_id, inputs=x, max_price_nanoton=PRICE)
+            assert channel.issuer.seqno == first + 2 and w_pay.payee.owed(client.peer_id) == cost
+            await client.flush_payments()
+            assert c_pay.paid_to(worker.peer_id) == 9 * cost
 
 
 async def test_a_client_that_stops_paying_is_cut_off_at_its_credit(tiny_model: ModelSpec, tmp_path: Path) -> None:

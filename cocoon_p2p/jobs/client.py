@@ -143,7 +143,9 @@ class JobClient:
         self._opening: dict[bytes, trio.Lock] = {}
         self._next_id = 1
         self.stats = ClientStats()
-        self.paying = BackgroundPayments(payments, nursery) if payments is not None else None
+        self.paying = (
+            BackgroundPayments(payments, nursery, linger_s=payments.pay_linger_s) if payments is not None else None
+        )
 
     async def _open_link(self, offer: WorkerOffer) -> ClientLink:
         """A job stream to this worker (opened once at a time: concurrent jobs wait for it)."""

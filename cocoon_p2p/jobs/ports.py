@@ -22,6 +22,11 @@ OfferSource = Callable[[bytes], Awaitable[list[WorkerOffer]]]
 class ClientPayments(Protocol):
     """How a client pays for jobs (implemented by :class:`~cocoon_p2p.payments.service.PaymentService`)."""
 
+    @property
+    def pay_linger_s(self) -> float:
+        """How long finished jobs gather before one payment pays for them all."""
+        ...
+
     async def ensure_channel(self, worker: bytes) -> object:
         """Make sure a channel to ``worker`` is open before a job is sent; raise to skip the worker."""
         ...

@@ -37,6 +37,9 @@ class PaymentConfig:
     credit_nanoton: int = 100_000_000  # what a worker lets a client owe before refusing jobs
     quarantine_s: int = 3600  # set in the channels a client opens
     watch_interval_s: float = 10.0  # how often channels are checked on chain
+    # How long a client lets finished jobs gather before one voucher pays for them all
+    # (0: a voucher per job); the workers' credit covers them meanwhile.
+    pay_linger_s: float = 0.2
 
 
 async def exchange(stream: Any, conn: PayConnection, request: pf.PayFrame) -> pf.PayFrame:

@@ -88,6 +88,11 @@ class PaymentService:
         """Record ``cost`` nanoton owed by ``client`` for a job whose result was sent."""
         self.payee.bill(client, cost)
 
+    @property
+    def pay_linger_s(self) -> float:
+        """How long a client's finished jobs gather before one voucher pays for them all."""
+        return self.config.pay_linger_s
+
     async def ensure_channel(self, worker: bytes) -> PayerChannel:
         """The open channel to ``worker`` (opened on chain first if needed). Raises a CocoonError."""
         return await self.payer.ensure_channel(worker)
