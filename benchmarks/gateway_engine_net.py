@@ -202,7 +202,7 @@ def _litellm(exe: Path, engine: str, key: str, tmp: Path, stack: ExitStack) -> s
     return url
 
 
-def _wait_gateway_models(base_url: str, key: str, names: tuple[str, ...], timeout_s: float = 60) -> None:
+def wait_gateway_models(base_url: str, key: str, names: tuple[str, ...], timeout_s: float = 60) -> None:
     """Until the gateway lists each of ``names`` with at least one worker."""
     api = openai.OpenAI(base_url=base_url, api_key=key, max_retries=0, timeout=10)
     deadline = time.monotonic() + timeout_s
@@ -254,7 +254,7 @@ def open_stack(tmp: Path, litellm: Path | None, progress: Callable[[str], None] 
             stack,
         )  # fmt: skip
         gateway = next(line for line in gw.tail if line.startswith("gateway ")).split()[1]
-        _wait_gateway_models(gateway, key, (CHAT_MODEL, EMBED_MODEL))
+        wait_gateway_models(gateway, key, (CHAT_MODEL, EMBED_MODEL))
         progress(f"workers and gateway up at {gateway} ({time.perf_counter() - t0:.1f} s)")
         proxy = None
         if litellm is not None:

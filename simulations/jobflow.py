@@ -309,7 +309,10 @@ class JobFlow:
         job.record.code = code
         if not after.retry:
             return self._fail(job, code)
-        self._try(job)
+        if after.wait_s:
+            self.world.events.after(after.wait_s, self._try, job)
+        else:
+            self._try(job)
 
     def _deadline(self, job: SimJob) -> None:
         if job.done or job.held:  # a result under check is owed, past the deadline if need be

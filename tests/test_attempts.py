@@ -9,7 +9,15 @@ import pytest
 
 from cocoon_p2p.core.errors import LocalProtocolError
 from cocoon_p2p.jobs import frames as jf
-from cocoon_p2p.jobs.attempts import ATTEMPTS, JobAttempts, JobFailed, retryable
+from cocoon_p2p.jobs.attempts import (
+    ATTEMPTS,
+    BUSY_BACKOFF_S,
+    MAX_BUSY,
+    MAX_BUSY_BACKOFF_S,
+    JobAttempts,
+    JobFailed,
+    retryable,
+)
 from cocoon_p2p.jobs.routing import COOLDOWN_S, DEFAULT_JOB_S, EWMA_ALPHA, Router
 
 from .helpers import worker_offer as offer
@@ -47,12 +55,12 @@ def test_which_codes_go_to_another_worker(code: str, expected: bool) -> None:
 @pytest.mark.parametrize(
     ("code", "streamed", "retry", "forget", "then"),
     [
-        (jf.BUSY, False, True, False, None),  # another worker may take it
+        (jf.BACKEND, False, True, False, None),  # another worker may take it
         (jf.WORKER_LOST, False, True, True, None),  # and the lost one is forgotten
         (jf.PAYMENT_SETUP, False, True, False, None),
         (jf.BAD_INPUT, False, False, False, jf.BAD_INPUT),  # would fail anywhere: the job ends
         (jf.DEADLINE, False, False, False, jf.DEADLINE),
-        (jf.BUSY, True, False, False, jf.BUSY),  # the caller saw part of an answer: never retried
+        (jf.BACKEND, True, False, False, jf.BACKEND),  # the caller saw part of an answer: never retried
         (jf.WORKER_LOST, True, False, True, jf.WORKER_LOST),
     ],
 )
@@ -69,12 +77,13 @@ def test_what_a_failed_attempt_leads_to(code: str, streamed: bool, retry: bool, 
     ("max_attempts", "failures", "now", "deadline", "stop"),
     [
         (3, [], 0.0, math.inf, None),
-        (3, [jf.BUSY, jf.BUSY], 0.0, math.inf, None),
-        (3, [jf.BUSY, jf.BACKEND, jf.PRICE], 0.0, math.inf, jf.PRICE),  # out of attempts: the last code
+        (3, [jf.BACKEND, jf.BACKEND], 0.0, math.inf, None),
+        (3, [jf.SHUTTING_DOWN, jf.BACKEND, jf.PRICE], 0.0, math.inf, jf.PRICE),  # out of attempts: the last code
+        (1, [jf.BUSY, jf.BUSY, jf.BUSY], 0.0, math.inf, None),  # busy uses up no attempt
         (1, [jf.WORKER_LOST], 0.0, math.inf, jf.WORKER_LOST),
         (3, [], 5.0, 5.0, jf.DEADLINE),  # no attempt starts at the deadline
-        (3, [jf.BUSY], 6.0, 5.0, jf.DEADLINE),
-        (3, [jf.BUSY, jf.BAD_INPUT], 6.0, 5.0, jf.BAD_INPUT),  # a job already ended keeps its reason
+        (3, [jf.BUSY], 6.0, 5.0, jf.DEADLINE),  # nor does it outlive the deadline
+        (3, [jf.BACKEND, jf.BAD_INPUT], 6.0, 5.0, jf.BAD_INPUT),  # a job already ended keeps its reason
     ],
 )
 def test_when_to_stop(max_attempts: int, failures: list[str], now: float, deadline: float, stop: str | None) -> None:
@@ -92,9 +101,31 @@ def test_each_worker_is_tried_once_then_no_worker_is_left() -> None:
     while p.stop(0.0) is None and (o := p.choose([A, B, C], now=0.0)) is not None:
         p.started(o.peer_id)
         seen.append(o.peer_id)
-        p.failed(o.peer_id, jf.BUSY, now=0.0)
+        p.failed(o.peer_id, jf.BACKEND, now=0.0)
     assert sorted(seen) == sorted([A.peer_id, B.peer_id, C.peer_id]) and p.exclude == frozenset(seen)
     assert p.stop(0.0) is None and p.choose([A, B, C], now=0.0) is None  # the caller ends it: no-workers
+
+
+def test_busy_is_waited_out_with_a_growing_jittered_back_off_on_any_worker() -> None:
+    """Backpressure: the only worker refusing busy is asked again after a short wait, as
+    often as it takes (up to MAX_BUSY), using up no attempt; it is not cooled down for long."""
+    p = plan(max_attempts=1)
+    now, waits = 0.0, []
+    for k in range(MAX_BUSY):
+        o = p.choose([A], now=now)
+        assert o == A, f"busy refusal {k}: the worker is not eligible again after its back-off"
+        p.started(A.peer_id)
+        after = p.failed(A.peer_id, jf.BUSY, now=now)
+        assert after.retry and not after.forget_worker and p.stop(now) is None
+        base = min(MAX_BUSY_BACKOFF_S, BUSY_BACKOFF_S * 2**k)
+        assert base / 2 <= after.wait_s <= base
+        assert p.router.estimates[A.peer_id].avoid_until == now + after.wait_s
+        waits.append(after.wait_s)
+        now += after.wait_s
+    assert waits[0] < waits[3] < MAX_BUSY_BACKOFF_S and sum(waits) < 25
+    p.started(A.peer_id)  # the next busy counts as an ordinary failure: the job's one attempt is spent
+    after = p.failed(A.peer_id, jf.BUSY, now=now)
+    assert after.wait_s == 0 and p.stop(now) == jf.BUSY
 
 
 def test_choice_keeps_the_price_cap() -> None:

@@ -39,6 +39,7 @@ class Ports:
     admission_code: str | None = None
     channel_error: CocoonError | None = None
     pay_s: float = 0.0  # how long a payment takes
+    pay_linger_s: float = 0.0  # a payment per job: the calls below are counted one by one
 
     def misbehaved(self, peer: bytes, error: ProtocolError) -> None:
         self.calls.append(("misbehaved", peer, error.code))

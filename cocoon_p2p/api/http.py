@@ -207,20 +207,22 @@ async def _write(conn: h11.Connection, stream: trio.SocketStream, writer: Writer
 async def _respond(conn: h11.Connection, stream: trio.SocketStream, resp: Response) -> None:
     if resp.writer is not None:
         return await _write(conn, stream, resp.writer)
-    length = len(resp.body) if resp.stream is None else None
-    await _send(conn, stream, _head(resp.status, resp.content_type, resp.headers, length))
-    if resp.stream is None:
-        await _send(conn, stream, h11.Data(data=resp.body))
-    else:
-        try:
-            async with aclosing(resp.stream) as chunks:  # closed even when the client goes away
-                async for chunk in chunks:
-                    await _send(conn, stream, h11.Data(data=chunk))
-        except Exception as exc:
-            if _client_gone(exc):
-                raise
-            log.exception("HTTP response stream failed")
-            return  # cut short: the connection is closed (h11 refuses a next cycle)
+    if resp.stream is None:  # head, body and end in one write: one syscall, one segment when small
+        head = _head(resp.status, resp.content_type, resp.headers, len(resp.body))
+        await stream.send_all(
+            b"".join(conn.send(e) or b"" for e in (head, h11.Data(data=resp.body), h11.EndOfMessage()))
+        )
+        return
+    await _send(conn, stream, _head(resp.status, resp.content_type, resp.headers, None))
+    try:
+        async with aclosing(resp.stream) as chunks:  # closed even when the client goes away
+            async for chunk in chunks:
+                await _send(conn, stream, h11.Data(data=chunk))
+    except Exception as exc:
+        if _client_gone(exc):
+            raise
+        log.exception("HTTP response stream failed")
+        return  # cut short: the connection is closed (h11 refuses a next cycle)
     await _send(conn, stream, h11.EndOfMessage())
 
 

@@ -5,6 +5,9 @@
   ``other``, so a scanner cannot grow the label set);
 - ``cocoon_gateway_request_seconds{route}``: from the request to its whole answer (for a
   stream, to its last event);
+- ``cocoon_gateway_job_seconds{route}``: the part of a whole answer spent in the network's
+  job (embeddings: sending it, its run on a worker, its result back), the rest being the
+  gateway's own work (parsing, routing, encoding the answer);
 - ``cocoon_gateway_ttft_seconds{route}``: from the request to the first generated token
   (of any choice), whole or streamed; Prometheus' ``histogram_quantile`` gives p50/p99;
 - ``cocoon_gateway_completion_tokens_per_second{route}``: each choice's tokens over the
@@ -36,6 +39,7 @@ class GatewayStats:
 
     requests: Counter[tuple[str, int]] = field(default_factory=Counter)
     latency_s: dict[str, Histogram] = field(default_factory=dict)
+    job_s: dict[str, Histogram] = field(default_factory=dict)
     ttft_s: dict[str, Histogram] = field(default_factory=dict)
     tokens_per_s: dict[str, Histogram] = field(default_factory=dict)
     completion_tokens: Counter[str] = field(default_factory=Counter)
@@ -47,6 +51,10 @@ class GatewayStats:
     def took(self, route: str, seconds: float) -> None:
         """A request on ``route`` was answered whole (a stream: to its last event) in ``seconds``."""
         self.latency_s.setdefault(route, Histogram()).observe(seconds)
+
+    def job_took(self, route: str, seconds: float) -> None:
+        """A request on ``route`` spent ``seconds`` in its network job."""
+        self.job_s.setdefault(route, Histogram()).observe(seconds)
 
     def first_token(self, route: str, seconds: float) -> None:
         self.ttft_s.setdefault(route, Histogram()).observe(seconds)
@@ -66,6 +74,7 @@ class GatewayStats:
         ]  # fmt: skip
         families = (
             ("cocoon_gateway_request_seconds", "Time from a request to its whole answer", self.latency_s),
+            ("cocoon_gateway_job_seconds", "Time a whole answer spent in its network job", self.job_s),
             ("cocoon_gateway_ttft_seconds", "Time from a request to its first generated token", self.ttft_s),
             ("cocoon_gateway_completion_tokens_per_second", "Each choice's tokens per second of decoding",
              self.tokens_per_s),

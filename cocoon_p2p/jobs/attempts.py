@@ -12,6 +12,11 @@ when an attempt fails, :class:`JobAttempts` decides what happens next:
   has seen part of one answer;
 * each worker is tried at most once, at most ``max_attempts`` in all, and no
   attempt starts at or after the deadline;
+* ``busy`` is backpressure, not a fault: the job waits a short, growing, jittered
+  back-off (:data:`BUSY_BACKOFF_S` doubling to :data:`MAX_BUSY_BACKOFF_S`) and may go to
+  any worker again, that one included, without using up an attempt (at most
+  :data:`MAX_BUSY` times; the deadline bounds it too). Cooling a busy worker down for
+  seconds would turn a burst of jobs into ``no-workers`` for everyone;
 * a worker that refuses the job because it is closing our payment channel
   (``channel-ended``) is tried once more, on a new channel, without a cool-down;
 * every failure is reported to the router (the worker cools down); a worker
@@ -42,6 +47,9 @@ RETRYABLE = frozenset(
     {jf.BUSY, jf.BACKEND, jf.SHUTTING_DOWN, jf.UNKNOWN_MODEL, jf.PRICE, jf.WORKER_LOST, jf.PAYMENT_SETUP}
 )
 ATTEMPTS = "attempts"  # the attempts ran out without a failure code (none was made)
+BUSY_BACKOFF_S = 0.005  # the first wait after a busy refusal (a small job frees its slot in milliseconds)
+MAX_BUSY_BACKOFF_S = 0.2
+MAX_BUSY = 100  # busy refusals one job waits out: ~20 s of back-off at most
 
 
 def retryable(code: str) -> bool:
@@ -72,6 +80,7 @@ class AfterFailure:
 
     retry: bool
     forget_worker: bool
+    wait_s: float = 0.0  # before the next attempt (after ``busy``: the back-off)
 
 
 class JobAttempts:
@@ -92,6 +101,7 @@ class JobAttempts:
         self.deadline = deadline
         self.tried: set[bytes] = set()
         self.count = 0  # attempts started
+        self.busy = 0  # of them refused busy (they use up no attempt)
         self.last_code: str | None = None  # of the last failed attempt
         self._ended: str | None = None  # a failure that ends the job
         self._renewed: set[bytes] = set()  # workers retried after they ended our channel
@@ -107,7 +117,7 @@ class JobAttempts:
             return self._ended
         if now >= self.deadline:
             return jf.DEADLINE
-        if self.count >= self.max_attempts:
+        if self.count - self.busy >= self.max_attempts:
             return self.last_code or ATTEMPTS
         return None
 
@@ -137,6 +147,13 @@ class JobAttempts:
             self.tried.discard(peer)
             self.router.failed(peer, now, cooldown_s=0)
             return AfterFailure(retry=True, forget_worker=False)
+        if code == jf.BUSY and not streamed and self.busy < MAX_BUSY:
+            wait = min(MAX_BUSY_BACKOFF_S, BUSY_BACKOFF_S * 2.0 ** min(self.busy, 16))
+            wait *= self.router.rng.uniform(0.5, 1.0)  # jittered: refused together, not back together
+            self.busy += 1
+            self.tried.discard(peer)
+            self.router.failed(peer, now, cooldown_s=wait)
+            return AfterFailure(retry=True, forget_worker=False, wait_s=wait)
         self.router.failed(peer, now)
         retry = retryable(code) and not streamed
         if not retry:

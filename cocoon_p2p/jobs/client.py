@@ -404,6 +404,8 @@ class JobClient:
                     if after.retry:
                         self.stats.retries += 1
                     last = exc
+                    if after.wait_s:
+                        await trio.sleep(after.wait_s)  # within the job's deadline (its cancel scope)
                     continue
                 except BaseException:
                     now = trio.current_time()
