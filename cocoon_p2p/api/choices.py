@@ -258,8 +258,8 @@ class Generation:
         await sink.start(200, content_type="text/event-stream", headers=[("cache-control", "no-cache")])
         self.stats.answered(self.route, 200)
         if self.endpoint is Endpoint.CHAT:  # each choice opens with the role, as OpenAI's streams do
-            for c in self.choices:
-                await sink.send(self._chunk(c.index, delta={"role": "assistant", "content": ""}))
+            for c in self.choices:  # held: they go out with the first token, in one write
+                await sink.send(self._chunk(c.index, delta={"role": "assistant", "content": ""}), more=True)
         event: Event | None = first
         while event is not None:
             if isinstance(event, Failed):  # the head is sent: the error goes in the stream, as OpenAI does
@@ -273,7 +273,7 @@ class Generation:
             elif isinstance(event, Finished):
                 if event.result.tool_calls:  # whole calls, in one delta (a stream may split them; it need not)
                     calls = [c.as_openai(i) for i, c in enumerate(event.result.tool_calls)]
-                    await sink.send(self._chunk(event.index, delta={"tool_calls": calls}))
+                    await sink.send(self._chunk(event.index, delta={"tool_calls": calls}), more=True)
                 await sink.send(
                     self._chunk(event.index, delta={}, finish=self._finish_reason(self.choices[event.index]))
                 )
@@ -281,8 +281,8 @@ class Generation:
         else:
             if self.params.include_usage:
                 usage, _ = await self._usage(with_attestation=True)
-                await sink.send(self._chunk(None, usage=usage))
-        await sink.send(wire.SSE_DONE)
+                await sink.send(self._chunk(None, usage=usage), more=True)
+        await sink.send(wire.SSE_DONE, more=True)  # with the stream's end
         self.stats.took(self.route, time.perf_counter() - self.started_at)
 
     def _delta(self, event: Delta) -> bytes:

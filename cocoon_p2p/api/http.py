@@ -69,6 +69,7 @@ class ResponseSink:
         self._conn, self._stream = conn, stream
         self.status: int | None = None  # of the response begun, once begun
         self.streaming = False
+        self._held = bytearray()  # the head and pieces waiting to go out with the next piece
 
     async def respond(self, response: Response) -> None:
         """Answer with a whole response (only before anything was sent)."""
@@ -78,16 +79,31 @@ class ResponseSink:
     async def start(
         self, status: int = 200, *, content_type: str = "application/json", headers: list[tuple[str, str]] | None = None
     ) -> None:
-        """Send the head of a streamed (chunked) response."""
+        """Begin a streamed (chunked) response: its head goes out with the first piece
+        (one write, one segment: each write may cost a wake-up of the client on a loaded host)."""
         self._begin(status)
         self.streaming = True
-        await _send(self._conn, self._stream, _head(status, content_type, headers or [], None))
+        self._held += self._conn.send(_head(status, content_type, headers or [], None)) or b""
 
-    async def send(self, data: bytes) -> None:
-        """One piece of the body begun by :meth:`start`."""
+    async def send(self, data: bytes, *, more: bool = False) -> None:
+        """One piece of the body begun by :meth:`start`; ``more``: another follows at once,
+        so this one waits to go out with it."""
         if not self.streaming:
             raise RuntimeError("send() before start()")
-        await _send(self._conn, self._stream, h11.Data(data=data))
+        self._held += self._conn.send(h11.Data(data=data)) or b""
+        if not more:
+            await self.flush()
+
+    async def flush(self) -> None:
+        """Send what is held."""
+        if self._held:
+            data, self._held = bytes(self._held), bytearray()
+            await self._stream.send_all(data)
+
+    async def end(self) -> None:
+        """End a streamed response (what is held goes out with its end)."""
+        self._held += self._conn.send(h11.EndOfMessage()) or b""
+        await self.flush()
 
     def _begin(self, status: int) -> None:
         if self.status is not None:
@@ -201,7 +217,7 @@ async def _write(conn: h11.Connection, stream: trio.SocketStream, writer: Writer
     if sink.status is None:
         await _respond(conn, stream, error_response(500, "internal error: no response was written"))
     elif sink.streaming:
-        await _send(conn, stream, h11.EndOfMessage())
+        await sink.end()
 
 
 async def _respond(conn: h11.Connection, stream: trio.SocketStream, resp: Response) -> None:
