@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import tomllib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
     for key, value in overrides.items():
         if value not in (None, [], ()):
             values[key] = value
+    for key, value in values.items():
+        values[key] = _typed(key, value, RoleConfig.__dataclass_fields__[key].type)
     cfg = RoleConfig(**values)
     cfg.data_dir = Path(cfg.data_dir)
     if cfg.testnet and not cfg.chain:
@@ -125,6 +128,39 @@ def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
         cfg.tee_policy = str(cfg.tee_policy)
     _check_range(cfg)
     return cfg
+
+
+def _is_strings(v: Any) -> bool:
+    return isinstance(v, str) or (isinstance(v, list | tuple) and all(isinstance(x, str | Path) for x in v))
+
+
+# An annotation of RoleConfig -> (what a value must be, said in words; whether it is).
+_TYPES: dict[str, tuple[str, Callable[[Any], bool]]] = {
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, int | float) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "Path": ("a path (a string)", lambda v: isinstance(v, str | Path)),
+    "list[str]": ("a string or a list of strings", _is_strings),
+}
+
+
+def _typed(key: str, value: Any, annotation: object) -> Any:
+    """``value`` as the field ``key`` (annotated ``annotation``) takes it, or ConfigError
+    naming the key, the type expected and the value found: a wrong type caught at load,
+    not as a traceback later (``capacity = "8"``)."""
+    optional = str(annotation).endswith(" | None")
+    if value is None and optional:
+        return None
+    kind = str(annotation).removesuffix(" | None")
+    words, fits = _TYPES[kind]
+    if not fits(value):
+        raise ConfigError(f"{key} must be {words}, not {value!r} ({type(value).__name__})")
+    if kind == "float":
+        return float(value)
+    if kind == "list[str]":
+        return [str(value)] if isinstance(value, str) else [str(x) for x in value]
+    return value
 
 
 def _check_range(cfg: RoleConfig) -> None:

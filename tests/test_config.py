@@ -43,3 +43,31 @@ def test_the_payment_linger_is_a_short_delay(tmp_path: Path) -> None:
         (tmp_path / "bad.toml").write_text(f"pay_linger_s = {bad}\n")
         with pytest.raises(ConfigError, match="pay_linger_s"):
             config_mod.load(tmp_path / "bad.toml", {})
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ('capacity = "8"', "capacity must be an integer, not '8' (str)"),
+        ("capacity = 8.5", "capacity must be an integer"),
+        ("capacity = true", "capacity must be an integer"),  # TOML's booleans are not numbers here
+        ('announce_interval_s = "10"', "announce_interval_s must be a number"),
+        ("log_json = 1", "log_json must be true or false"),
+        ("bootstrap = [1, 2]", "bootstrap must be a string or a list of strings"),
+        ('chain = ["a"]', "chain must be a string"),
+        ("completion_price_nanoton = 1.5", "completion_price_nanoton must be an integer"),
+    ],
+)
+def test_a_value_of_the_wrong_type_is_refused_at_load_naming_its_key(tmp_path: Path, line: str, message: str) -> None:
+    (tmp_path / "c.toml").write_text(line + "\n")
+    with pytest.raises(ConfigError) as err:
+        config_mod.load(tmp_path / "c.toml", {})
+    assert message in str(err.value)
+
+
+def test_values_take_their_fields_types_at_load(tmp_path: Path) -> None:
+    (tmp_path / "c.toml").write_text('models = "minilm"\nidle_close_s = 60\ndata_dir = "d"\n')
+    cfg = config_mod.load(tmp_path / "c.toml", {})
+    assert cfg.models == ["minilm"]  # one name reads naturally as a string
+    assert cfg.idle_close_s == 60.0 and isinstance(cfg.idle_close_s, float)
+    assert cfg.data_dir == Path("d") and cfg.completion_price_nanoton is None
