@@ -430,7 +430,9 @@ class Payer:
 
     async def watch_once(self) -> dict[str, CloseOutcome]:
         """Follow channels being closed: forget the closed, finish quarantines that are over;
-        and settle openings left hanging past ``OPEN_WAIT_S`` (confirmed, abandoned, refunded)."""
+        settle openings left hanging past ``OPEN_WAIT_S`` (confirmed, abandoned, refunded);
+        and send again a newest voucher whose acknowledgement never came."""
+        await self._resend_unacknowledged()
         done: dict[str, CloseOutcome] = {}
         for ch in list(self.channels.values()):
             stale = ch.since and time.time() - ch.since > deposits.OPEN_WAIT_S
@@ -463,6 +465,21 @@ class Payer:
                 log.warning("channel %s: %s", address, exc)
                 done[address] = CloseOutcome.FAILED
         return done
+
+    async def _resend_unacknowledged(self) -> None:
+        """A voucher signed and logged but never acknowledged (the worker died as it came,
+        and was not back before our reconnects gave up) would otherwise wait for our next
+        job to that worker, or settlement; a worker back meanwhile and closing on its own
+        would close short of it. Each pass offers it again."""
+        for worker, ch in list(self.open.items()):
+            if ch.last is None or ch.acked >= ch.issuer.sent or ch.lock.locked():
+                continue  # acknowledged, or a payment is on its way and will do it
+            try:
+                async with ch.lock:
+                    if ch.acked < ch.issuer.sent:
+                        await connect(self.host, self.peer_addrs, worker, ch)
+            except CocoonError as exc:
+                log.info("channel %s: our newest voucher is still not acknowledged: %s", ch.address, exc)
 
     def close(self) -> None:
         """Close the voucher log (the payer is unusable after)."""
