@@ -29,15 +29,19 @@ def _spec(arg: Any) -> IOSpec:
 
 
 class OnnxRuntimeBackend:
-    """One onnxruntime InferenceSession. ``threads`` 0: onnxruntime's default (all cores)."""
+    """One onnxruntime InferenceSession. ``threads`` 0: onnxruntime's default (all cores).
+    ``spin``: its threads spin-wait between runs (onnxruntime's default; off here: in a node
+    they would spin on the cores its event loop needs to send the result and take the next
+    job, which costs more than the microseconds of wake-up they save)."""
 
     name = "onnxruntime"
 
-    def __init__(self, path: Path, *, threads: int = 0) -> None:
+    def __init__(self, path: Path, *, threads: int = 0, spin: bool = False) -> None:
         import onnxruntime as ort
 
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = threads
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "1" if spin else "0")
         opts.log_severity_level = 3
         providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in ort.get_available_providers()]
         try:
