@@ -476,8 +476,8 @@ class Payer:
                 continue  # acknowledged, or a payment is on its way and will do it
             try:
                 async with ch.lock:
-                    if ch.acked < ch.issuer.sent:
-                        await connect(self.host, self.peer_addrs, worker, ch)
+                    if ch.acked < ch.issuer.sent:  # one dial a pass: a worker gone for good stalls no pass
+                        await connect(self.host, self.peer_addrs, worker, ch, tries=1)
             except CocoonError as exc:
                 log.info("channel %s: our newest voucher is still not acknowledged: %s", ch.address, exc)
 

@@ -75,11 +75,18 @@ async def request(ch: PayerChannel, frame: pf.PayFrame) -> pf.PayFrame:
         raise
 
 
-async def connect(host: Any, peer_addrs: Callable[[bytes], list[str]], worker: bytes, ch: PayerChannel) -> None:
+async def connect(
+    host: Any,
+    peer_addrs: Callable[[bytes], list[str]],
+    worker: bytes,
+    ch: PayerChannel,
+    *,
+    tries: int = RECONNECT_TRIES,
+) -> None:
     """A fresh pay stream to the worker (same PeerId, maybe a new address after a restart:
     ``peer_addrs`` asks the directory), then the newest voucher again, since its
-    acknowledgement may be what was lost."""
-    for attempt in range(RECONNECT_TRIES):
+    acknowledgement may be what was lost. ``tries``: dials, with a growing pause between."""
+    for attempt in range(tries):
         addrs = [Multiaddr(a) for a in peer_addrs(worker)]
         if addrs:  # only what it announces now: its old address died with it
             host.get_peerstore().clear_addrs(ID(worker))
@@ -89,7 +96,7 @@ async def connect(host: Any, peer_addrs: Callable[[bytes], list[str]], worker: b
             ch.stream = await host.new_stream(ID(worker), [TProtocol(PAY_PROTOCOL)])
             break
         except Exception as exc:
-            if attempt == RECONNECT_TRIES - 1:
+            if attempt == tries - 1:
                 raise PaymentFailed(f"cannot reach the worker: {exc!r}") from exc
             await trio.sleep(0.5 * (attempt + 1))
     ch.conn, ch.broken = PayConnection(Side.REQUESTER), False
