@@ -40,7 +40,7 @@ from cocoon_p2p.testing.cheating import CheatingBackend
 from cocoon_p2p.testing.localchain import LocalChain
 from cocoon_p2p.transport.limits import ResourceLimits
 
-from . import attest, demo, enginecli, funding, gatewaycli, logs
+from . import attest, datadir, demo, enginecli, funding, gatewaycli, logs
 from . import config as config_mod
 from . import status as status_mod
 
@@ -542,6 +542,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {k: getattr(args, k, None) for k in config_mod.RoleConfig.__dataclass_fields__}
     cfg = config_mod.load(args.config, overrides)
     logs.setup(cfg.log_level, cfg.log_json)
+    with datadir.locked(cfg.data_dir):
+        return _run_role(args, cfg)
+
+
+def _run_role(args: argparse.Namespace, cfg: config_mod.RoleConfig) -> int:
     if args.command == "find":
         return trio.run(run_find, cfg, args.model, args.wait_s, args.json)
     if args.command == "client":
