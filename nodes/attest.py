@@ -185,7 +185,7 @@ def add_parser(sub: Any) -> None:
     v.add_argument("--json", action="store_true", help="print JSON")
 
     s = cmds.add_parser("show", help="this worker's PeerId, the REPORTDATA its quotes carry, and its claim")
-    s.add_argument("--data-dir", type=Path, default=Path("cocoon-data"))
+    s.add_argument("--data-dir", type=Path, default=config_mod.default_data_dir())
     s.add_argument("--tee", metavar="SOURCE", default="configfs-tsm", help=f"{_SOURCES} (default configfs-tsm)")
     s.add_argument("--json", action="store_true", help="print JSON")
 

@@ -60,7 +60,8 @@ FAUCET_NANOTON = 2_000_000_000  # what the local chain's faucet gives a node's w
 
 def _payments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chain", help="toncenter v2 endpoint for payments (default: no payments, or testnet's)")
-    p.add_argument("--chain-api-key", help="toncenter API key")
+    p.add_argument("--chain-api-key", help="toncenter API key (visible in ps: prefer $COCOON_CHAIN_API_KEY)")
+    p.add_argument("--chain-api-key-file", metavar="FILE", help="a file holding the toncenter API key")
     p.add_argument("--local-chain", action="store_true", default=None, help="the chain is the local test chain")
     p.add_argument(
         "--testnet",
@@ -105,7 +106,9 @@ def _payment_config(cfg: config_mod.RoleConfig, role: funding.Role) -> PaymentCo
 
 def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", type=Path, help="TOML file for this role (flags override it)")
-    p.add_argument("--data-dir", type=Path, help="keys, channel states and caches (default ./cocoon-data)")
+    p.add_argument(
+        "--data-dir", type=Path, help="keys, channel states and caches (default $COCOON_DATA_DIR, else ./cocoon-data)"
+    )
     p.add_argument("--listen", action="append", metavar="MULTIADDR", help="address to listen on (repeatable)")
     p.add_argument("--announce", action="append", metavar="MULTIADDR", help="address to advertise (repeatable)")
     p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="peer to join through (repeatable)")
@@ -136,7 +139,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("keygen", help="create (or show) this node's persistent identity")
-    p.add_argument("--data-dir", type=Path, default=Path("cocoon-data"))
+    p.add_argument("--data-dir", type=Path, default=config_mod.default_data_dir())
 
     p = sub.add_parser("bootstrap", help="run a bootstrap peer (DHT server, gossip relay)")
     _common(p)
@@ -196,7 +199,7 @@ def build_parser() -> argparse.ArgumentParser:
     attest.add_client_flags(p)
 
     p = sub.add_parser("status", help="show a node's identity, wallet, channels and earnings (and live metrics)")
-    p.add_argument("--data-dir", type=Path, default=Path("cocoon-data"))
+    p.add_argument("--data-dir", type=Path, default=config_mod.default_data_dir())
     p.add_argument(
         "--metrics",
         "--metrics-url",

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -12,6 +13,10 @@ from cocoon_p2p.core.errors import ConfigError
 from cocoon_p2p.jobs.spotcheck import DEFAULT_COSINE_MIN
 
 DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+DEFAULT_DATA_DIR = "cocoon-data"
+CONFIG_FILE = "config.toml"  # read from the data directory when no other file is named
+DATA_DIR_ENV, CONFIG_ENV = "COCOON_DATA_DIR", "COCOON_CONFIG"
+CHAIN_KEY_ENV, ENGINE_KEY_ENV = "COCOON_CHAIN_API_KEY", "COCOON_ENGINE_API_KEY"
 # toncenter's public testnet endpoint, whose v2 API is under /api/v2 (TonCenter adds that part).
 TESTNET_CHAIN = "https://testnet.toncenter.com"
 
@@ -20,7 +25,7 @@ TESTNET_CHAIN = "https://testnet.toncenter.com"
 class RoleConfig:
     """Settings common to every role, plus the worker's offer."""
 
-    data_dir: Path = Path("cocoon-data")
+    data_dir: Path = Path(DEFAULT_DATA_DIR)
     listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
     announce: list[str] = field(default_factory=list)
     bootstrap: list[str] = field(default_factory=list)
@@ -46,6 +51,7 @@ class RoleConfig:
     # is false: then the node waits to be funded, as on TON).
     chain: str = ""
     chain_api_key: str = ""
+    chain_api_key_file: str = ""  # the key in a file (first line), not on a command line where ps shows it
     local_chain: bool = False
     local_chain_faucet: bool = True
     testnet: bool = False  # TON testnet: its toncenter unless chain is set; testnet-flagged addresses
@@ -93,8 +99,25 @@ class RoleConfig:
     engine_health_failures: int = 3
 
 
-def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
-    """Read ``path`` (if given) and apply the non-empty ``overrides`` (flags)."""
+def default_data_dir(env: Mapping[str, str] = os.environ) -> Path:
+    """``$COCOON_DATA_DIR``, else ``./cocoon-data``."""
+    return Path(env.get(DATA_DIR_ENV) or DEFAULT_DATA_DIR)
+
+
+def load(path: Path | None, overrides: dict[str, Any], env: Mapping[str, str] = os.environ) -> RoleConfig:
+    """Read the config file and apply the non-empty ``overrides`` (flags).
+
+    The file: ``path`` (``--config``), else ``$COCOON_CONFIG``, else ``<data-dir>/config.toml``
+    when there is one. The data directory: the flag, else ``$COCOON_DATA_DIR``, else the
+    file's ``data_dir``, else ``./cocoon-data``. The chain's API key: the flag or file's
+    ``chain_api_key``, else ``$COCOON_CHAIN_API_KEY``, else the file ``chain_api_key_file``
+    names (a flag shows in ``ps``: prefer the other two); the engine's: ``engine_api_key``,
+    else ``$COCOON_ENGINE_API_KEY``."""
+    if path is None and env.get(CONFIG_ENV):
+        path = Path(env[CONFIG_ENV])
+    if path is None:
+        beside = Path(overrides.get("data_dir") or default_data_dir(env)) / CONFIG_FILE
+        path = beside if beside.is_file() else None
     values: dict[str, Any] = {}
     if path is not None:
         try:
@@ -105,6 +128,8 @@ def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
     unknown = set(values) - known
     if unknown:
         raise ConfigError(f"unknown config keys in {path}: {', '.join(sorted(unknown))}")
+    if env.get(DATA_DIR_ENV):
+        values["data_dir"] = env[DATA_DIR_ENV]
     for key, value in overrides.items():
         if value not in (None, [], ()):
             values[key] = value
@@ -127,7 +152,19 @@ def load(path: Path | None, overrides: dict[str, Any]) -> RoleConfig:
     if cfg.tee_policy:
         cfg.tee_policy = str(cfg.tee_policy)
     _check_range(cfg)
+    cfg.chain_api_key = cfg.chain_api_key or env.get(CHAIN_KEY_ENV, "") or _secret(cfg.chain_api_key_file)
+    cfg.engine_api_key = cfg.engine_api_key or env.get(ENGINE_KEY_ENV, "")
     return cfg
+
+
+def _secret(path: str) -> str:
+    """The first line of the file ``path`` (empty: no file); ConfigError if it cannot be read."""
+    if not path:
+        return ""
+    try:
+        return Path(path).read_text().strip().splitlines()[0].strip()
+    except (OSError, IndexError) as exc:
+        raise ConfigError(f"cannot read a key from {path}: {exc or 'it is empty'}") from exc
 
 
 def _is_strings(v: Any) -> bool:

@@ -71,3 +71,28 @@ def test_values_take_their_fields_types_at_load(tmp_path: Path) -> None:
     assert cfg.models == ["minilm"]  # one name reads naturally as a string
     assert cfg.idle_close_s == 60.0 and isinstance(cfg.idle_close_s, float)
     assert cfg.data_dir == Path("d") and cfg.completion_price_nanoton is None
+
+
+def test_the_environment_and_the_data_dirs_config_file(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``$COCOON_DATA_DIR`` and ``<data-dir>/config.toml`` stand in for flags; the API key
+    comes from the environment or a file, never only from a command line."""
+    d = tmp_path / "node"
+    d.mkdir()
+    (d / "config.toml").write_text("capacity = 3\nchain_api_key_file = 'key.txt'\n")
+    (tmp_path / "key.txt").write_text("secret-from-file\n")
+    env = {"COCOON_DATA_DIR": str(d)}
+    monkeypatch.chdir(tmp_path)  # the key file's relative path
+    cfg = config_mod.load(None, {}, env)
+    assert cfg.data_dir == d and cfg.capacity == 3 and cfg.chain_api_key == "secret-from-file"
+    cfg = config_mod.load(None, {}, {**env, "COCOON_CHAIN_API_KEY": "from-env"})
+    assert cfg.chain_api_key == "from-env"  # the environment before the file
+    cfg = config_mod.load(None, {"data_dir": tmp_path / "other", "chain_api_key": "flag"}, env)
+    assert cfg.data_dir == tmp_path / "other" and cfg.capacity == 8  # the flag's folder has no config.toml
+    assert cfg.chain_api_key == "flag"
+    (tmp_path / "c.toml").write_text("capacity = 5\n")
+    assert config_mod.load(None, {}, {**env, "COCOON_CONFIG": str(tmp_path / "c.toml")}).capacity == 5
+    (tmp_path / "key.txt").write_text("")
+    with pytest.raises(ConfigError, match="cannot read a key from key.txt"):
+        config_mod.load(None, {}, env)
+    assert config_mod.default_data_dir({}) == Path("cocoon-data")
+    assert config_mod.default_data_dir(env) == d
