@@ -53,8 +53,6 @@ BUILTIN_REFS = {
     "smollm2": "smollm2-135m-instruct:fp32",
     "smollm2-q4": "smollm2-135m-instruct:q4",
 }
-DRAIN_S = 10.0  # on SIGTERM, how long running jobs may take to finish
-SETTLE_S = 30.0  # then how long closing channels may take
 FAUCET_NANOTON = 2_000_000_000  # what the local chain's faucet gives a node's wallet
 
 
@@ -62,6 +60,13 @@ def _payments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--chain", help="toncenter v2 endpoint for payments (default: no payments, or testnet's)")
     p.add_argument("--chain-api-key", help="toncenter API key (visible in ps: prefer $COCOON_CHAIN_API_KEY)")
     p.add_argument("--chain-api-key-file", metavar="FILE", help="a file holding the toncenter API key")
+    p.add_argument(
+        "--settle-on-exit",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="worker: close channels holding earnings on chain when stopping (default: yes; "
+        "--no-settle-on-exit for a plain restart, which then pays no fees)",
+    )
     p.add_argument("--local-chain", action="store_true", default=None, help="the chain is the local test chain")
     p.add_argument(
         "--testnet",
@@ -91,6 +96,7 @@ def _payment_config(cfg: config_mod.RoleConfig, role: funding.Role) -> PaymentCo
         deposit_nanoton=cfg.deposit_nanoton,
         settle_above_nanoton=cfg.settle_above_nanoton or None,
         idle_close_s=cfg.idle_close_s,
+        close_on_shutdown=cfg.settle_on_exit,
     )
     return PaymentConfig(
         chain,
@@ -332,7 +338,8 @@ async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel], al
 
 async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
     """A bootstrap peer (no models) or a worker: serve until SIGINT/SIGTERM, then stop
-    taking jobs and let the running ones finish (up to ``DRAIN_S``)."""
+    taking jobs, let the running ones finish (up to ``drain_s``) and close the channels
+    holding earnings (``settle_on_exit``, up to ``settle_timeout_s``)."""
     engines = cfg.data_dir / "engines"
     backends: list[Backend] = [
         open_backend(cfg.backend, m.path, model_id=m.model_id, cache_dir=engines, max_batch=m.max_batch) for m in models
@@ -373,7 +380,7 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
         print("stopping", flush=True)
         node.stop_accepting_jobs()
         if node.job_worker is not None:
-            with trio.move_on_after(DRAIN_S):
+            with trio.move_on_after(cfg.drain_s):
                 while node.job_worker.running:
                     await trio.sleep(0.05)
             stats = node.job_worker.stats
@@ -382,7 +389,7 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
             cheated, runs = sum(b.cheated_runs for b in cheats), sum(b.runs for b in cheats)
             print(f"cheated {cheated} of {runs} model runs", flush=True)
         if node.payments is not None:  # settle what we earned before going away
-            with trio.move_on_after(SETTLE_S):
+            with trio.move_on_after(cfg.settle_timeout_s):
                 for channel, how in (await node.payments.shutdown()).items():
                     print(f"channel {channel}: {how}", flush=True)
         nursery.cancel_scope.cancel()

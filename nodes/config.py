@@ -63,6 +63,12 @@ class RoleConfig:
     quarantine_s: int = 3600  # client: the channels' uncooperative-close quarantine
     pay_linger_s: float = 0.2  # client: finished jobs gather this long before one voucher pays them (0: one each)
     watch_interval_s: float = 10.0  # how often channels are checked on chain
+    # Worker, on SIGINT/SIGTERM: how long running jobs may take to finish, whether channels
+    # holding earnings are then closed on chain (false: a plain restart pays no fees; the
+    # earnings stay safe in the data directory), and how long closing them may take.
+    drain_s: float = 10.0
+    settle_on_exit: bool = True
+    settle_timeout_s: float = 30.0
     # Attestation (Intel TDX). Worker: where its quotes come from ("configfs-tsm", "dstack",
     # "file:<path>"; empty: it claims no TEE), how long one stands, and Intel's collateral to
     # send along (one file, or a PCCS). Client, gateway: require_tee, the policy to judge
