@@ -1,6 +1,6 @@
 """``cocoon-node``: run cocoon peers from the command line.
 
-Subcommands: keygen, bootstrap, worker, client, gateway, find, status, attest, demo. Each long-running role
+Subcommands: keygen, bootstrap, worker, client, gateway, find, wallet, status, attest, demo. Each long-running role
 prints its full multiaddrs (``listening /ip4/.../p2p/<PeerId>``) as soon as it
 listens, and stops cleanly on SIGINT or SIGTERM.
 """
@@ -40,7 +40,7 @@ from cocoon_p2p.testing.cheating import CheatingBackend
 from cocoon_p2p.testing.localchain import LocalChain
 from cocoon_p2p.transport.limits import ResourceLimits
 
-from . import attest, datadir, demo, enginecli, funding, gatewaycli, logs
+from . import attest, datadir, demo, enginecli, funding, gatewaycli, logs, walletcli
 from . import config as config_mod
 from . import status as status_mod
 
@@ -203,6 +203,8 @@ def build_parser() -> argparse.ArgumentParser:
     _payments(p)
     _spot_checks(p)
     attest.add_client_flags(p)
+
+    walletcli.add_parser(sub, _payments)
 
     p = sub.add_parser("status", help="show a node's identity, wallet, channels and earnings (and live metrics)")
     p.add_argument("--data-dir", type=Path, default=config_mod.default_data_dir())
@@ -552,7 +554,11 @@ def _dispatch(args: argparse.Namespace) -> int:
     overrides: dict[str, Any] = {k: getattr(args, k, None) for k in config_mod.RoleConfig.__dataclass_fields__}
     cfg = config_mod.load(args.config, overrides)
     logs.setup(cfg.log_level, cfg.log_json)
+    if args.command == "wallet" and args.action == "show" and (cfg.data_dir / "wallet.json").is_file():
+        return walletcli.run(cfg, args.action, args.json)  # only reads: works beside a running node
     with datadir.locked(cfg.data_dir):
+        if args.command == "wallet":  # creates the wallet, or deploys it (its seqno is the node's too)
+            return walletcli.run(cfg, args.action, args.json)
         return _run_role(args, cfg)
 
 
