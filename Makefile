@@ -21,6 +21,12 @@ $(STAMP): pyproject.toml Makefile cocoon_p2p/testing/localchain/package-lock.jso
 	# (~10+ minutes on 2 cores), for any x86-64 CPU; pip's cache serves the wheel after that.
 	CMAKE_ARGS="-DGGML_NATIVE=OFF" $(BIN)/pip install -q -e '.[engine]'
 	cd cocoon_p2p/testing/localchain && npm ci --silent   # the local chain: @ton/sandbox, pinned by its lock file
+	# The NAT lab's tools (network namespaces, iptables NAT: tests/test_netlab.py), where we are
+	# root on Debian/Ubuntu; elsewhere those tests skip, saying what is missing.
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && ! command -v iptables >/dev/null; then \
+	  apt-get install -y -q iproute2 iptables procps >/dev/null 2>&1 || \
+	  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q iproute2 iptables procps >/dev/null 2>&1; } || \
+	  echo "could not install iproute2/iptables: the NAT lab tests will skip"; fi
 	touch $(STAMP)
 
 demo: $(STAMP)
