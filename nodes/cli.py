@@ -38,6 +38,7 @@ from cocoon_p2p.payments.service import PaymentConfig
 from cocoon_p2p.payments.settlement import SettlementPolicy
 from cocoon_p2p.testing.cheating import CheatingBackend
 from cocoon_p2p.testing.localchain import LocalChain
+from cocoon_p2p.transport.addresses import reachability_warning
 from cocoon_p2p.transport.limits import ResourceLimits
 
 from . import attest, datadir, demo, enginecli, funding, gatewaycli, logs, walletcli
@@ -357,6 +358,8 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
     async with Node(_node_config(cfg, payments)) as node, trio.open_nursery() as nursery:
         for addr in node.addrs:
             print(f"listening {addr}", flush=True)
+        if (warning := reachability_warning(node.addrs)) is not None:
+            print(f"warning: {warning}", file=sys.stderr, flush=True)
         if node.evidence is not None:
             attest.report_worker_tee(node.evidence, node.identity.peer_id, cfg.tee)
         if cfg.metrics:
