@@ -51,7 +51,7 @@ from cocoon_p2p.execution.backends.ort import OnnxRuntimeBackend
 from cocoon_p2p.execution.executor import Executor, RunRequest
 from cocoon_p2p.execution.export import ensure_minilm
 
-from .gateway_engine import PAUSE_S, SENTENCE, gateway_mean_ms, gateway_metrics
+from .gateway_engine import SENTENCE, alternating, gateway_mean_ms, gateway_metrics, warm
 from .gateway_engine_net import EMBED_MODEL, NODE_CLI, Child, Stack, wait_gateway_models
 
 OUT = Path(__file__).parent / "results" / "gateway_embeddings.json"
@@ -133,13 +133,6 @@ class RawClient:
         return vector
 
 
-def _timed(call: Callable[[], object]) -> float:
-    time.sleep(PAUSE_S)  # the previous request's stragglers (onnxruntime's spinning threads) settle
-    t = time.perf_counter()
-    call()
-    return (time.perf_counter() - t) * 1000
-
-
 def bench_latency(stack: Stack, s: Settings) -> dict[str, Any]:
     """Every path one request a round, alternating; the gateway's own split from its metrics."""
     spec = ensure_minilm()
@@ -165,19 +158,9 @@ def bench_latency(stack: Stack, s: Settings) -> dict[str, Any]:
         "openai": via_openai(openai.NOT_GIVEN),
         "openai-float": via_openai("float"),
     }
-    for _ in range(s.warmup):
-        for call in calls.values():
-            _timed(call)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    gw_before, loads = gateway_metrics(stack), [_load()]
-    for r in range(s.rounds):
-        order = PATHS[r % len(PATHS) :] + PATHS[: r % len(PATHS)]
-        for name in order:
-            times[name].append(_timed(calls[name]))
-        if (r + 1) % 50 == 0 or r + 1 == s.rounds:
-            loads.append(_load())
-            done = ", ".join(f"{n} {statistics.median(t):.2f}" for n, t in times.items())
-            _say(f"latency: {r + 1}/{s.rounds} rounds; medians ms: {done}; load {loads[-1]}")
+    warm(calls, s.warmup)
+    gw_before = gateway_metrics(stack)
+    times, loads = alternating(calls, s.rounds, label="latency", every=50)
     gw_after = gateway_metrics(stack)
     gateway = {
         "request_ms_mean": gateway_mean_ms(gw_before, gw_after, "request", ROUTE),

@@ -243,6 +243,32 @@ def _timed(call: Callable[[], object]) -> float:
     return (time.perf_counter() - t) * 1000
 
 
+def warm(calls: dict[str, Callable[[], object]], n: int) -> None:
+    """Each call ``n`` times, unmeasured."""
+    for _ in range(n):
+        for call in calls.values():
+            _timed(call)
+
+
+def alternating(
+    calls: dict[str, Callable[[], object]], rounds: int, *, label: str, every: int
+) -> tuple[dict[str, list[float]], list[float]]:
+    """Every call once a round (ms each), the order rotating from round to round (this
+    machine's speed drifts within a minute); progress and the load every ``every`` rounds.
+    Returns the times by call and the 1-minute loads seen."""
+    names = list(calls)
+    times: dict[str, list[float]] = {name: [] for name in names}
+    loads = [_load()]
+    for r in range(rounds):
+        for name in names[r % len(names) :] + names[: r % len(names)]:
+            times[name].append(_timed(calls[name]))
+        if (r + 1) % every == 0 or r + 1 == rounds:
+            loads.append(_load())
+            done = ", ".join(f"{n} {statistics.median(t):.2f}" for n, t in times.items())
+            _say(f"{label}: {r + 1}/{rounds} rounds; medians ms: {done}; load {loads[-1]}")
+    return times, loads
+
+
 def bench_embeddings(stack: Stack, s: Settings) -> dict[str, Any]:
     """One sentence: through the gateway vs a direct Executor call, alternating."""
     spec = ensure_minilm()
@@ -259,20 +285,10 @@ def bench_embeddings(stack: Stack, s: Settings) -> dict[str, Any]:
             raise RuntimeError(f"ours: {len(reply.data[0].embedding)} dimensions, not MiniLM's 384")
         return reply
 
-    calls = {"direct": direct, "ours": ours}
-    for _ in range(s.emb_warmup):
-        for call in calls.values():
-            _timed(call)
-    times: dict[str, list[float]] = {name: [] for name in calls}
-    loads, before = [_load()], gateway_metrics(stack)
-    for r in range(s.emb_rounds):
-        order = list(calls) if r % 2 == 0 else list(calls)[::-1]
-        for name in order:
-            times[name].append(_timed(calls[name]))
-        if (r + 1) % 100 == 0 or r + 1 == s.emb_rounds:
-            loads.append(_load())
-            done = ", ".join(f"{n} {statistics.median(t):.2f} ms" for n, t in times.items())
-            _say(f"embeddings: {r + 1}/{s.emb_rounds} rounds; medians {done}; load {loads[-1]}")
+    calls: dict[str, Callable[[], object]] = {"direct": direct, "ours": ours}
+    warm(calls, s.emb_warmup)
+    before = gateway_metrics(stack)
+    times, loads = alternating(calls, s.emb_rounds, label="embeddings", every=100)
     out: dict[str, Any] = {
         "load_1min": loads,
         **{name: {"latency_ms": summarize(t), "samples": {"latency_ms": t}} for name, t in times.items()},
