@@ -12,6 +12,7 @@ import random
 import shutil
 import socket
 import threading
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -243,7 +244,7 @@ def test_raw_address_refuses_garbage() -> None:
 
 
 def transfer_boc(wallet: Wallet, to: str, amount: int, seqno: int) -> bytes:
-    return bytes(wallet.contract.create_transfer_message(to, amount, seqno)["message"].to_boc(False))
+    return wallet.transfer_message(to, amount, seqno, bounce=False, valid_until=int(time.time()) + 60)
 
 
 @pytest.mark.slow
@@ -257,7 +258,7 @@ def test_send_boc_only_accepts_and_each_message_lands_a_block_after_its_parent()
         chain.produce_blocks(1)
         assert chain.balance(wallet.address) == TON
 
-        chain.send_boc(bytes(wallet.contract.create_init_external_message()["message"].to_boc(False)))
+        chain.send_boc(wallet.deploy_message())
         assert chain.state(wallet.address) == "uninitialized"  # accepted, not applied
         chain.produce_blocks(1)
         assert chain.state(wallet.address) == "active" and wallet.seqno(chain) == 1
