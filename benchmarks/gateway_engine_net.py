@@ -34,6 +34,7 @@ import openai
 
 from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.execution.export import wheel_folder
+from cocoon_p2p.testing.processes import local_env
 
 NODE_CLI = (sys.executable, "-m", "cocoon_p2p.nodes.cli")
 CHAT_MODEL = "smollm2-135m-instruct"  # the name the engine serves, the worker announces and LiteLLM routes
@@ -89,7 +90,7 @@ class Child:
         out: int | IO[bytes] = subprocess.PIPE if log is None else log.open("wb")
         self.log = log
         self.proc = subprocess.Popen(
-            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**os.environ, **(env or {})}
+            cmd, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env={**local_env(), **(env or {})}
         )
         if log is None:
             threading.Thread(target=self._read, daemon=True).start()

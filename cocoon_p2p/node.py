@@ -44,6 +44,7 @@ from cocoon_p2p.attestation.verifier import Verdict
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import ConfigError, NotRunning
 from cocoon_p2p.core.identity import Identity, load_or_create_identity
+from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.core.metrics import Metric, metric
 from cocoon_p2p.execution.backends import Backend
 from cocoon_p2p.execution.chat_options import ChatOptions
@@ -72,11 +73,14 @@ from cocoon_p2p.overlay.events import EventQueue, NodeEvent, PeerBanned, WorkerS
 from cocoon_p2p.overlay.gossip import Gossip, MeshParams, Subscription, build_pubsub
 from cocoon_p2p.overlay.guard import PeerGuard
 from cocoon_p2p.overlay.joblimits import JobLimits
+from cocoon_p2p.overlay.lan import LanDiscovery
 from cocoon_p2p.overlay.peerscore import PeerScores
 from cocoon_p2p.overlay.peerset import PeerSet, split_p2p_addr
 from cocoon_p2p.payments.service import PaymentConfig, PaymentService
 from cocoon_p2p.transport.host import build_host, close_connections, quiet_libp2p_logs
 from cocoon_p2p.transport.limits import Admission, ResourceLimits
+from cocoon_p2p.transport.nat import NatTraversal
+from cocoon_p2p.transport.relay import RelaySettings
 from cocoon_p2p.transport.yamux import YamuxStats
 
 __all__ = [
@@ -113,6 +117,8 @@ class NodeConfig:
     listen_addrs: list[str] = field(default_factory=lambda: ["/ip4/127.0.0.1/tcp/0"])
     announce_addrs: list[str] = field(default_factory=list)
     bootstrap: list[str] = field(default_factory=list)
+    relay: RelaySettings = field(default_factory=RelaySettings)  # NAT traversal (relays: the bootstrap peers)
+    mdns: bool = False  # find peers on the local network (mDNS), with or without a bootstrap peer
     dht_server: bool = True
     target_peers: int = 8
     announce_interval_s: float = 10.0
@@ -156,6 +162,8 @@ class Node:
         self.host: IHost = build_host(
             self.identity, announce_addrs=cfg.announce_addrs, muxer_stats=self.muxer_stats, admission=self.admission
         )
+        self.nat = NatTraversal(self.host, cfg.relay, announce=cfg.announce_addrs, relays=lambda: self.config.bootstrap)
+        self.lan = LanDiscovery(self.host, lambda: self.addrs) if cfg.mdns else None
         # Pure state, shared by the services below.
         self.directory = WorkerDirectory()
         self.scores = PeerScores()
@@ -252,8 +260,9 @@ class Node:
 
     @property
     def addrs(self) -> list[str]:
-        """Full multiaddrs, each ending in ``/p2p/<PeerId>``, that others can dial."""
-        return [str(a) for a in self.host.get_addrs()]
+        """Full multiaddrs, each ending in ``/p2p/<PeerId>``, that others can dial
+        (:meth:`~.transport.nat.NatTraversal.addrs`)."""
+        return self.nat.addrs()
 
     # ---- lifecycle ------------------------------------------------------------
 
@@ -293,6 +302,9 @@ class Node:
                 receipts=self._receipt_log(stack),
                 rng=random.Random(self.config.seed),
             )
+            await nursery.start(self.nat.run)
+            if self.lan is not None:
+                await nursery.start(self.lan.run)
             for task in (self.gossip.drain, self.guard.run, self.dialer.run, self.advertiser.run):
                 nursery.start_soon(task)
             if self.config.watch_fraud:
@@ -304,7 +316,7 @@ class Node:
             await stack.aclose()
             raise
         self._stack = stack
-        log.info("node %s listening on %s", self.peer_id_str, " ".join(self.addrs))
+        log.info("listening on %s", " ".join(self.addrs), extra=fields(peer=self.peer_id_str))
         return self
 
     async def _rerun_proof(self, proof: FraudProof) -> RerunResult | None:
@@ -589,7 +601,7 @@ class Node:
         ]
         out += self.dialer.metrics() + self.gossip.metrics() + self.advertiser.metrics()
         out += self.guard.metrics() + self.dht.metrics() + self.muxer_stats.metrics() + self.admission.metrics()
-        out += self.tee_gate.metrics() + self.fraud.metrics()
+        out += self.tee_gate.metrics() + self.fraud.metrics() + self.nat.metrics()
         for service in (self.job_worker, self.job_client, self.payments, self.evidence):
             if service is not None:
                 out += service.metrics()

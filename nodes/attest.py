@@ -20,6 +20,7 @@ import json
 import math
 import sys
 from datetime import UTC, datetime
+from logging import WARNING
 from pathlib import Path
 from typing import Any
 
@@ -36,9 +37,11 @@ from cocoon_p2p.attestation.sources import SOURCE_NAMES, TsmReportSource, source
 from cocoon_p2p.attestation.verifier import Verdict, quote_fmspc, quote_registers, verify_quote
 from cocoon_p2p.core.errors import CocoonError, ConfigError
 from cocoon_p2p.core.identity import load_or_create_identity, peer_id_from_str
+from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.overlay.teeclaim import TeeClaim
 
 from . import config as config_mod
+from . import logs
 
 KEY_FILE = "node.key"  # as nodes.cli names it
 BINDING_CONSTRUCTION = 'SHA-512("cocoon/attest/1\\0" || 08011220 || Ed25519 public key)'
@@ -135,14 +138,17 @@ def report_worker_tee(keeper: EvidenceKeeper, peer_id: bytes, source: str) -> No
     (served only under a test-only setting): clients refuse it as forged."""
     if keeper.claim is None:
         why = keeper.last_error or "no evidence yet"
-        print(f"warning: --tee {source}: no evidence ({why}); serving unattested", file=sys.stderr, flush=True)
+        logs.say_err(
+            f"warning: --tee {source}: no evidence ({why}); serving unattested", fields(peer=peer_id), level=WARNING
+        )
         return
-    print(f"tee {claim_summary(keeper.claim, keeper.evidence)}", flush=True)
+    logs.say(f"tee {claim_summary(keeper.claim, keeper.evidence)}", fields(peer=peer_id))
     if keeper.evidence is not None and quote_report_data(keeper.evidence.quote) != report_data_for_peer(peer_id):
-        print(
+        logs.say_err(
             "warning: the quote's REPORTDATA is not this node's binding: clients will refuse it "
             "as not bound (see cocoon-node attest show)",
-            file=sys.stderr,
+            fields(peer=peer_id),
+            level=WARNING,
         )
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import signal
 import sys
 from collections.abc import Callable
@@ -21,9 +22,11 @@ import trio
 from cocoon_p2p import __version__
 from cocoon_p2p.api.gateway import GatewayModel
 from cocoon_p2p.api.http import Request, Response, error_response, serve_http
+from cocoon_p2p.api.prometheus import CONTENT_TYPE, exposition, node_registry
 from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.identity import load_or_create_identity
-from cocoon_p2p.core.metrics import CONTENT_TYPE, Metric, metric, render
+from cocoon_p2p.core.logfields import fields
+from cocoon_p2p.core.metrics import Metric, metric
 from cocoon_p2p.core.pricing import Price
 from cocoon_p2p.execution.backends import BACKENDS, Backend, open_backend
 from cocoon_p2p.execution.export import ensure_minilm, ensure_smollm2, ensure_smollm2_q4
@@ -36,10 +39,12 @@ from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.payments.chain import TonCenter, Wallet
 from cocoon_p2p.payments.service import PaymentConfig
 from cocoon_p2p.payments.settlement import SettlementPolicy
+from cocoon_p2p.payments.wallet import WalletVersion
 from cocoon_p2p.testing.cheating import CheatingBackend
 from cocoon_p2p.testing.localchain import LocalChain
 from cocoon_p2p.transport.addresses import reachability_warning
 from cocoon_p2p.transport.limits import ResourceLimits
+from cocoon_p2p.transport.relay import RelaySettings, ReserveMode
 
 from . import attest, datadir, demo, enginecli, funding, gatewaycli, logs, walletcli
 from . import config as config_mod
@@ -88,7 +93,9 @@ def _payment_config(cfg: config_mod.RoleConfig, role: funding.Role) -> PaymentCo
         return None
     key = cfg.chain_api_key or None
     chain: TonCenter = LocalChain(cfg.chain, api_key=key) if cfg.local_chain else TonCenter(cfg.chain, api_key=key)
-    wallet = Wallet.load_or_create(cfg.data_dir / "wallet.json")
+    wallet = Wallet.load_or_create(
+        cfg.data_dir / "wallet.json", version=WalletVersion(cfg.wallet_version), testnet=cfg.testnet
+    )
     if isinstance(chain, LocalChain) and cfg.local_chain_faucet:
         # top_up refills below half of what it gives: give twice the need, so it is always met
         need = funding.required_nanoton(role, cfg.deposit_nanoton)
@@ -119,6 +126,37 @@ def _common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--listen", action="append", metavar="MULTIADDR", help="address to listen on (repeatable)")
     p.add_argument("--announce", action="append", metavar="MULTIADDR", help="address to advertise (repeatable)")
     p.add_argument("--bootstrap", action="append", metavar="MULTIADDR", help="peer to join through (repeatable)")
+    p.add_argument(
+        "--mdns",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="find peers on the local network with mDNS (default on, unless listening on loopback only)",
+    )
+    p.add_argument(
+        "--relay-service",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="relay connections for peers behind NATs (Circuit Relay v2; default: bootstrap peers do)",
+    )
+    p.add_argument(
+        "--reserve-relay",
+        choices=config_mod.RESERVE_MODES,
+        help="hold relay slots and announce relayed addresses (default auto for a worker: when "
+        "AutoNAT finds it not reachable directly; never for other roles)",
+    )
+    p.add_argument(
+        "--relay",
+        action="append",
+        dest="relays",
+        metavar="MULTIADDR",
+        help="a relay to reserve slots with (repeatable; default: the bootstrap peers)",
+    )
+    p.add_argument(
+        "--hole-punch",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="upgrade relayed connections to direct ones (DCUtR; default on)",
+    )
     p.add_argument("--log-json", action="store_true", default=None, help="JSON log lines")
     p.add_argument("--log-level", help="DEBUG, INFO, WARNING (default INFO)")
     p.add_argument("--metrics", metavar="HOST:PORT", help="serve Prometheus /metrics there (e.g. 127.0.0.1:9100)")
@@ -241,6 +279,16 @@ def _node_config(cfg: config_mod.RoleConfig, payments: PaymentConfig | None = No
         listen_addrs=cfg.listen,
         announce_addrs=cfg.announce,
         bootstrap=cfg.bootstrap,
+        mdns=bool(cfg.mdns),
+        relay=RelaySettings(
+            serve=bool(cfg.relay_service),
+            reserve=ReserveMode(cfg.reserve_relay or "never"),
+            relays=tuple(cfg.relays),
+            hole_punch=cfg.hole_punch,
+            max_reservations=cfg.relay_max_reservations,
+            circuit_s=cfg.relay_circuit_s,
+            circuit_bytes=cfg.relay_circuit_bytes,
+        ),
         announce_interval_s=cfg.announce_interval_s,
         announce_ttl_s=max(5 * cfg.announce_interval_s, 15.0),  # outlives a busy machine's delays
         job_capacity=cfg.capacity,
@@ -277,7 +325,7 @@ def resolve_model(name: str) -> ModelSpec:
     """A built-in model (exported on first use) or an ONNX file (kind ``tensor``), hash-checked."""
     builder = BUILTIN_MODELS.get(name)
     if builder is not None:
-        return builder(progress=lambda m: print(m, file=sys.stderr, flush=True))
+        return builder(progress=lambda m: logs.say(m, fields(model=name), to=logs.To.STDERR))
     return load_model(Path(name))
 
 
@@ -304,17 +352,20 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 async def _serve_metrics(metrics: Callable[[], list[Metric]], where: str, nursery: trio.Nursery) -> None:
-    """Prometheus /metrics, what ``metrics()`` returns when scraped, on ``where`` (HOST:PORT;
+    """Prometheus /metrics, what ``metrics()`` returns when scraped (with process metrics and
+    build info, :func:`~cocoon_p2p.api.prometheus.node_registry`), on ``where`` (HOST:PORT;
     port 0 picks one)."""
     host, port = _host_port(where)
+    registry = node_registry(metrics)
 
     async def handler(req: Request) -> Response:
         if req.method == "GET" and req.path == "/metrics":
-            return Response(200, render(metrics()).encode(), CONTENT_TYPE)
+            return Response(200, exposition(registry), CONTENT_TYPE)
         return error_response(404, "only /metrics is served here")
 
     bound = await nursery.start(serve_http, handler, host, port)
-    print(f"metrics http://{host}:{bound}/metrics", flush=True)
+    url = f"http://{host}:{bound}/metrics"
+    logs.say(f"metrics {url}", fields(addr=url))
 
 
 async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel], aliases: dict[str, str]) -> None:
@@ -322,10 +373,12 @@ async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel], al
     payments = await trio.to_thread.run_sync(_payment_config, cfg, funding.Role.GATEWAY)
     host, port = _host_port(cfg.http)
     async with Node(_node_config(cfg, payments)) as node, trio.open_nursery() as nursery:
+        me = node.peer_id_str
+        logs.bind(fields(node=me))
         for addr in node.addrs:
-            print(f"listening {addr}", flush=True)
+            logs.say(f"listening {addr}", fields(peer=me, addr=addr))
         if payments is not None and not await funding.fund_wallet(cfg, payments, funding.Role.GATEWAY):
-            print("stopping", flush=True)
+            logs.say("stopping", fields(peer=me))
             return
         if cfg.metrics:  # also under the API's own /metrics
             await _serve_metrics(node.metrics, cfg.metrics, nursery)
@@ -333,9 +386,10 @@ async def run_gateway(cfg: config_mod.RoleConfig, models: list[GatewayModel], al
         bound = await nursery.start(gateway.serve, host, port)
         tee = " (attested TEE workers only)" if cfg.require_tee else ""
         named = ", ".join([m.name for m in models] + list(aliases))
-        print(f"gateway http://{host}:{bound}/v1 models: {named} (and any the network names){tee}", flush=True)
+        url = f"http://{host}:{bound}/v1"
+        logs.say(f"gateway {url} models: {named} (and any the network names){tee}", fields(peer=me, addr=url))
         await _until_signalled()
-        print("stopping", flush=True)
+        logs.say("stopping", fields(peer=me))
         nursery.cancel_scope.cancel()
 
 
@@ -356,10 +410,12 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
         await trio.to_thread.run_sync(_payment_config, cfg, funding.Role.WORKER) if models or cfg.engine else None
     )
     async with Node(_node_config(cfg, payments)) as node, trio.open_nursery() as nursery:
+        me = node.peer_id_str
+        logs.bind(fields(node=me))
         for addr in node.addrs:
-            print(f"listening {addr}", flush=True)
+            logs.say(f"listening {addr}", fields(peer=me, addr=addr))
         if (warning := reachability_warning(node.addrs)) is not None:
-            print(f"warning: {warning}", file=sys.stderr, flush=True)
+            logs.say(f"warning: {warning}", fields(peer=me), to=logs.To.STDERR, level=logging.WARNING)
         if node.evidence is not None:
             attest.report_worker_tee(node.evidence, node.identity.peer_id, cfg.tee)
         if cfg.metrics:
@@ -367,36 +423,43 @@ async def run_peer(cfg: config_mod.RoleConfig, models: list[ModelSpec]) -> None:
                 lambda: node.metrics() + (cheating_metrics(cheats) if cheats else []), cfg.metrics, nursery
             )
         if payments is not None and not await funding.fund_wallet(cfg, payments, funding.Role.WORKER):
-            print("stopping", flush=True)  # signalled before it was funded: nothing served, nothing to settle
+            logs.say("stopping", fields(peer=me))  # signalled before it was funded: nothing served, nothing to settle
             nursery.cancel_scope.cancel()
             return
-        if cheats:
-            print(f"cheating {cfg.cheat_rate:g}", flush=True)
-        for spec, backend in zip(models, backends, strict=True):
-            completion = cfg.completion_price_nanoton if spec.kind == "generation" else None
-            node.serve_model(spec, backend, price_nanoton=cfg.price_nanoton, completion_price_nanoton=completion)
-            print(
-                f"serving {spec.id_hex} {spec.name} {backend.name}/{backend.device} "
-                f"price={Price.of(cfg.price_nanoton, completion).label(spec.unit)}",
-                flush=True,
-            )
-        await enginecli.serve_engines(node, cfg)
-        await _until_signalled()
-        print("stopping", flush=True)
+        # Signals are caught from before the "serving" lines: a SIGTERM right after them
+        # (a supervisor that saw the node up) drains and stops like any other.
+        with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            if cheats:
+                logs.say(f"cheating {cfg.cheat_rate:g}", fields(peer=me))
+            for spec, backend in zip(models, backends, strict=True):
+                completion = cfg.completion_price_nanoton if spec.kind == "generation" else None
+                node.serve_model(spec, backend, price_nanoton=cfg.price_nanoton, completion_price_nanoton=completion)
+                logs.say(
+                    f"serving {spec.id_hex} {spec.name} {backend.name}/{backend.device} "
+                    f"price={Price.of(cfg.price_nanoton, completion).label(spec.unit)}",
+                    fields(peer=me, model=spec.name),
+                )
+            await enginecli.serve_engines(node, cfg)
+            async for _ in signals:
+                break
+        logs.say("stopping", fields(peer=me))
         node.stop_accepting_jobs()
         if node.job_worker is not None:
             with trio.move_on_after(cfg.drain_s):
                 while node.job_worker.running:
                     await trio.sleep(0.05)
             stats = node.job_worker.stats
-            print(f"served {stats.jobs_ok} jobs, earned {stats.earned_nanoton} nanoton", flush=True)
+            logs.say(
+                f"served {stats.jobs_ok} jobs, earned {stats.earned_nanoton} nanoton",
+                fields(peer=me, nanoton=stats.earned_nanoton),
+            )
         if cheats:
             cheated, runs = sum(b.cheated_runs for b in cheats), sum(b.runs for b in cheats)
-            print(f"cheated {cheated} of {runs} model runs", flush=True)
+            logs.say(f"cheated {cheated} of {runs} model runs", fields(peer=me))
         if node.payments is not None:  # settle what we earned before going away
             with trio.move_on_after(cfg.settle_timeout_s):
                 for channel, how in (await node.payments.shutdown()).items():
-                    print(f"channel {channel}: {how}", flush=True)
+                    logs.say(f"channel {channel}: {how}", fields(channel=channel))
         nursery.cancel_scope.cancel()
 
 
@@ -441,16 +504,18 @@ async def run_client(cfg: config_mod.RoleConfig, args: argparse.Namespace) -> in
         attested = attest.verdict_summary(await node.check_attestation(r.worker)) if cfg.require_tee else None
         if pay is not None and args.settle:
             settled = await pay.settle(r.worker)
-            print(f"channel closed on chain: {settled} nanoton to the worker", file=sys.stderr)
+            logs.say_err(
+                f"channel closed on chain: {settled} nanoton to the worker", fields(peer=r.worker, nanoton=settled)
+            )
             for channel, how in (await pay.watch_once()).items():  # closes a restart left unfinished
-                print(f"channel {channel}: {how}", file=sys.stderr)
-    print(
+                logs.say_err(f"channel {channel}: {how}", fields(channel=channel))
+    logs.say_err(
         f"served by {_pid(r.worker)}: {_bill(r)} = {r.cost_nanoton} nanoton, "
         f"{r.latency_s * 1000:.0f} ms, {r.attempts} attempt(s)",
-        file=sys.stderr,
+        fields(peer=r.worker, nanoton=r.cost_nanoton),
     )
     if attested is not None:
-        print(f"attested {attested}", file=sys.stderr)
+        logs.say_err(f"attested {attested}", fields(peer=r.worker))
     return 0
 
 
@@ -463,7 +528,7 @@ async def run_find(cfg: config_mod.RoleConfig, model: str, wait_s: float, as_jso
             try:
                 model_id = await node.resolve_model(BUILTIN_REFS.get(model, model))
             except JobFailed:
-                print(f"no worker announces {model!r}", file=sys.stderr)
+                logs.say_err(f"no worker announces {model!r}", fields(model=model), level=logging.WARNING)
                 return 1
         workers = await node.find_workers(model_id)
     if as_json:
@@ -512,14 +577,14 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return _dispatch(args)
     except CocoonError as exc:
-        print(f"cocoon-node: {exc}", file=sys.stderr)
+        logs.say_err(f"cocoon-node: {exc}", level=logging.ERROR)
         return 2
     except BaseExceptionGroup as group:
         errors = _cocoon_errors(group)
         if errors is None:
             raise
         for error in errors:
-            print(f"cocoon-node: {error}", file=sys.stderr)
+            logs.say_err(f"cocoon-node: {error}", level=logging.ERROR)
         return 2
     except KeyboardInterrupt:
         return 130
@@ -555,7 +620,7 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(json.dumps(info, indent=2)) if args.json else status_mod.print_status(info)
         return 0
     overrides: dict[str, Any] = {k: getattr(args, k, None) for k in config_mod.RoleConfig.__dataclass_fields__}
-    cfg = config_mod.load(args.config, overrides)
+    cfg = config_mod.role_defaults(config_mod.load(args.config, overrides), args.command)
     logs.setup(cfg.log_level, cfg.log_json)
     if args.command == "wallet" and args.action == "show" and (cfg.data_dir / "wallet.json").is_file():
         return walletcli.run(cfg, args.action, args.json)  # only reads: works beside a running node

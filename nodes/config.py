@@ -12,7 +12,12 @@ from typing import Any
 from cocoon_p2p.core.errors import ConfigError
 from cocoon_p2p.jobs.spotcheck import DEFAULT_COSINE_MIN
 
-DEFAULT_LISTEN = "/ip4/127.0.0.1/tcp/0"
+# Workers and bootstrap peers wait to be dialed: a fixed port on every interface (kubo's
+# 4001), so a router can forward it and a NAT keeps it; other roles dial out: any port.
+PUBLIC_PORT = 4001
+LISTEN_ENV = "COCOON_LISTEN"  # listen addresses (space-separated) when neither flag nor file names one
+RESERVE_MODES = ("auto", "always", "never")
+WALLET_VERSIONS = ("v4r2", "v5r1")
 DEFAULT_DATA_DIR = "cocoon-data"
 CONFIG_FILE = "config.toml"  # read from the data directory when no other file is named
 DATA_DIR_ENV, CONFIG_ENV = "COCOON_DATA_DIR", "COCOON_CONFIG"
@@ -26,12 +31,25 @@ class RoleConfig:
     """Settings common to every role, plus the worker's offer."""
 
     data_dir: Path = Path(DEFAULT_DATA_DIR)
-    listen: list[str] = field(default_factory=lambda: [DEFAULT_LISTEN])
+    listen: list[str] = field(default_factory=list)  # empty: the role's default (role_defaults)
     announce: list[str] = field(default_factory=list)
     bootstrap: list[str] = field(default_factory=list)
     log_json: bool = False
     log_level: str = "INFO"
     metrics: str = ""  # HOST:PORT for a Prometheus /metrics endpoint (empty: none)
+    # NAT traversal. relay_service: relay for others (None: bootstrap peers do); reserve_relay:
+    # hold relay slots and announce relayed addresses ("auto": a worker does when AutoNAT does
+    # not find it reachable; empty: the role's default); relays: whom to ask (empty: the
+    # bootstrap peers); hole_punch: upgrade relayed connections with DCUtR. A relay's limits:
+    # slots it keeps, and how long and how much one circuit may carry.
+    relay_service: bool | None = None
+    mdns: bool | None = None  # find peers on the LAN (None: yes, unless every listen address is loopback)
+    reserve_relay: str = ""
+    relays: list[str] = field(default_factory=list)
+    hole_punch: bool = True
+    relay_max_reservations: int = 128
+    relay_circuit_s: int = 3600
+    relay_circuit_bytes: int = 256 << 20
     http: str = "127.0.0.1:8080"  # gateway: where the OpenAI-compatible API listens
     max_price_nanoton: int = 10_000  # client, gateway: the most paid per unit of work
     announce_interval_s: float = 10.0
@@ -43,7 +61,7 @@ class RoleConfig:
     # What one peer or address may hold open (cocoon_p2p.transport.limits.ResourceLimits).
     max_pending_handshakes: int = 128
     max_connections_per_ip: int = 64
-    max_connections_per_peer: int = 2
+    max_connections_per_peer: int = 3
     max_inbound_streams_per_peer: int = 256
     backend: str = "auto"
     # Payments: a toncenter v2 endpoint (empty: no payments, unless testnet). local_chain: it
@@ -55,6 +73,7 @@ class RoleConfig:
     local_chain: bool = False
     local_chain_faucet: bool = True
     testnet: bool = False  # TON testnet: its toncenter unless chain is set; testnet-flagged addresses
+    wallet_version: str = "v4r2"  # a new wallet's contract ("v4r2" or "v5r1"); an existing one keeps its own
     funding_timeout_s: float = 0.0  # how long to wait for the wallet to be funded (0: no limit)
     deposit_nanoton: int = 500_000_000  # client: each channel's deposit
     credit_nanoton: int = 100_000_000  # worker: what a client may owe before its jobs are refused
@@ -160,6 +179,29 @@ def load(path: Path | None, overrides: dict[str, Any], env: Mapping[str, str] = 
     _check_range(cfg)
     cfg.chain_api_key = cfg.chain_api_key or env.get(CHAIN_KEY_ENV, "") or _secret(cfg.chain_api_key_file)
     cfg.engine_api_key = cfg.engine_api_key or env.get(ENGINE_KEY_ENV, "")
+    return cfg
+
+
+def role_defaults(cfg: RoleConfig, role: str, env: Mapping[str, str] = os.environ) -> RoleConfig:
+    """Fill in what depends on the role (``worker``, ``bootstrap``, ``gateway``...): the
+    listen addresses (``$COCOON_LISTEN`` when neither flag nor file names one), whether
+    it relays for others (bootstrap peers do) and whether it reserves relay slots
+    (workers do when not reachable directly)."""
+    if not cfg.listen:
+        waits = role in ("worker", "bootstrap")
+        cfg.listen = (
+            env[LISTEN_ENV].split() if env.get(LISTEN_ENV) else [f"/ip4/0.0.0.0/tcp/{PUBLIC_PORT if waits else 0}"]
+        )
+    if cfg.relay_service is None:
+        cfg.relay_service = role == "bootstrap"
+    if cfg.mdns is None:
+        cfg.mdns = not all("/127.0.0.1/" in a or "/::1/" in a for a in cfg.listen)
+    if not cfg.reserve_relay:
+        cfg.reserve_relay = "auto" if role == "worker" else "never"
+    if cfg.wallet_version not in WALLET_VERSIONS:
+        raise ConfigError(f"wallet_version must be one of {', '.join(WALLET_VERSIONS)}, not {cfg.wallet_version!r}")
+    if cfg.reserve_relay not in RESERVE_MODES:
+        raise ConfigError(f"reserve_relay must be one of {', '.join(RESERVE_MODES)}, not {cfg.reserve_relay!r}")
     return cfg
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 import trio
 
 from cocoon_p2p.core.errors import ConfigError
+from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.core.pricing import Price
 from cocoon_p2p.execution.engine import EngineError, EngineKind, offer_backend
 from cocoon_p2p.execution.engine_http import HttpEngine
@@ -28,6 +29,7 @@ from cocoon_p2p.jobs.worker import EngineWatch
 from cocoon_p2p.node import ModelCapability, Node, advertised, default_catalog
 
 from . import config as config_mod
+from . import logs
 
 DEFAULT_CONTEXT = 2048  # tokens, when the engine does not say (llama.cpp's default n_ctx)
 WEIGHTS_CACHE = "weights-ids.json"  # under the data dir: digests by (path, size, mtime, inode, ctime)
@@ -152,9 +154,9 @@ async def serve_engines(node: Node, cfg: config_mod.RoleConfig) -> None:
     for offer in offers:
         serve(node, offer, cfg)
         cap, spec = offer.capability, offer.runner.spec
-        print(
+        logs.say(
             f"serving {spec.id_hex} {spec.name} {cap.backend} "
             f"price={Price.of(cap.price_nanoton, cap.completion_price_nanoton).label(spec.unit)} "
             f"capacity={cap.capacity}",
-            flush=True,
+            fields(peer=node.peer_id_str, model=spec.name),
         )

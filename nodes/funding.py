@@ -26,10 +26,12 @@ from typing import Any, TextIO, TypeVar
 import trio
 
 from cocoon_p2p.core.errors import CocoonError
+from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.payments.addresses import friendly
 from cocoon_p2p.payments.chain import ChainError, TonCenter, Wallet
 from cocoon_p2p.payments.channelops import CONTROL_FEE, PaymentConfig
 
+from . import logs
 from .config import RoleConfig
 
 log = logging.getLogger(__name__)
@@ -119,7 +121,9 @@ async def ensure_funded(
                 try:
                     balance = await _in_thread(partial(chain.balance, wallet.address))
                 except ChainError as exc:
-                    log.warning("reading the wallet's balance failed (will retry): %s", exc)
+                    log.warning(
+                        "reading the wallet's balance failed (will retry): %s", exc, extra=fields(wallet=shown_address)
+                    )
                     continue
                 if balance >= need_nanoton:
                     break
@@ -135,12 +139,14 @@ async def ensure_funded(
 
 async def fund_wallet(cfg: RoleConfig, payments: PaymentConfig, role: Role, out: TextIO | None = None) -> bool:
     """Print ``wallet <address>`` (user-friendly, non-bounceable, testnet-flagged on
-    testnet) to ``out`` (stdout), then wait until the wallet holds what ``role`` needs
+    testnet) on stdout, or on stderr when ``out`` is ``sys.stderr`` (there a JSON record
+    under --log-json: see :func:`.logs.say`), then wait until the wallet holds what ``role`` needs
     and is deployed (:func:`ensure_funded`). False if SIGINT/SIGTERM came first."""
     shown = friendly(payments.wallet.address, testnet=cfg.testnet)
 
-    def say(line: str) -> None:
-        print(line, file=out or sys.stdout, flush=True)
+    def say(line: str) -> None:  # stdout is read by tools; a client's stdout is the job's output
+        level = logging.WARNING if line.startswith("fund ") else logging.INFO  # waits for the operator
+        logs.say(line, fields(wallet=shown), to=logs.To.STDERR if out is sys.stderr else logs.To.STDOUT, level=level)
 
     say(f"wallet {shown}")
     return await unless_signalled(

@@ -10,7 +10,7 @@ and ``insecure_no_auth``.
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,8 +18,10 @@ from typing import TYPE_CHECKING, Any
 
 from cocoon_p2p.api.gateway import Gateway, GatewayModel
 from cocoon_p2p.api.keys import ENV_VAR, ApiKeys, check_exposure, is_loopback
+from cocoon_p2p.core.logfields import fields
 
 from . import config as config_mod
+from . import logs
 
 if TYPE_CHECKING:
     from cocoon_p2p.node import Node
@@ -65,8 +67,8 @@ def build_gateway(
     host = cfg.http.rpartition(":")[0]
     check_exposure(host, options.api_keys, insecure_no_auth=options.insecure_no_auth)
     if not options.api_keys and not is_loopback(host):
-        print(f"WARNING: --insecure-no-auth: the gateway on {host} takes requests from anyone who reaches it, "
-              "paid with this node's money", file=sys.stderr, flush=True)  # fmt: skip
+        logs.say_err(f"WARNING: --insecure-no-auth: the gateway on {host} takes requests from anyone who reaches "
+                     "it, paid with this node's money", fields(addr=cfg.http), level=logging.WARNING)  # fmt: skip
     return Gateway(
         node,
         models,

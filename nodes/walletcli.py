@@ -17,6 +17,7 @@ from typing import Any
 from cocoon_p2p.payments.addresses import friendly
 from cocoon_p2p.payments.chain import Wallet
 from cocoon_p2p.payments.toncenter import TonCenter
+from cocoon_p2p.payments.wallet import WalletVersion
 from cocoon_p2p.testing.localchain import LocalChain
 
 from . import config as config_mod
@@ -37,7 +38,9 @@ def add_parser(sub: Any, common: Any) -> None:
 
 def run(cfg: config_mod.RoleConfig, action: str, as_json: bool) -> int:
     """Show or deploy the wallet; 0, or 2 when ``deploy`` finds it unfunded."""
-    wallet = Wallet.load_or_create(cfg.data_dir / "wallet.json")
+    wallet = Wallet.load_or_create(
+        cfg.data_dir / "wallet.json", version=WalletVersion(cfg.wallet_version), testnet=cfg.testnet
+    )
     out: dict[str, Any] = {
         "address_to_fund": friendly(wallet.address, testnet=cfg.testnet),
         "address_raw": wallet.address,

@@ -8,6 +8,7 @@ opts in with ``@pytest.mark.slow``. ``make test`` (and CI) runs both tiers.
 
 from __future__ import annotations
 
+import os
 import traceback
 from typing import Any
 
@@ -15,6 +16,11 @@ import pytest
 
 from cocoon_p2p.execution.models import ModelSpec, load_model
 from cocoon_p2p.testing.tinymodel import build_tiny_model
+
+# Node programs started by tests (and their children) listen on loopback at any port,
+# not at the workers' default 0.0.0.0:4001: many run at once on one machine. Tests
+# that mean an address pass --listen (the NAT lab does).
+os.environ.setdefault("COCOON_LISTEN", "/ip4/127.0.0.1/tcp/0")
 
 
 @pytest.fixture(scope="session")

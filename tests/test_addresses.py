@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from cocoon_p2p.transport.addresses import Scope, reachability_warning, scope
+from cocoon_p2p.transport.addresses import Scope, announceable, is_relayed, reachability_warning, scope, tcp_port
 
 P = "/tcp/4001/p2p/12D3KooWExample"
 
@@ -40,6 +40,34 @@ def test_the_warning_says_who_can_reach_the_node() -> None:
     loopback = reachability_warning(["/ip4/127.0.0.1" + P])
     assert loopback is not None and "only this machine" in loopback
     private = reachability_warning(["/ip4/10.0.1.2" + P, "/ip4/127.0.0.1" + P, "/ip4/0.0.0.0/tcp/4001"])
-    assert private is not None and "peers outside its network cannot reach it" in private and "10.0.1.2" in private
+    assert private is not None and "peers outside its network cannot dial them" in private and "10.0.1.2" in private
+    assert "relay" in private
     assert reachability_warning([]) is not None
     assert reachability_warning(["/unix/tmp/sock", "/ip4/8.8.8.8" + P]) is None  # what it cannot judge is left out
+
+
+@pytest.mark.parametrize(
+    ("listening", "local_ips", "expected"),
+    [
+        # a wildcard listener becomes this machine's addresses (loopback and link-local left out)
+        (["/ip4/0.0.0.0/tcp/4001"], ["127.0.0.1", "10.0.1.2", "fe80::1"], ["/ip4/10.0.1.2/tcp/4001"]),
+        (["/ip6/::/tcp/4001"], ["10.0.1.2", "2001:db8::5"], ["/ip6/2001:db8::5/tcp/4001"]),
+        # loopback is told only when it is all there is (a network on one machine)
+        (["/ip4/127.0.0.1/tcp/5"], [], ["/ip4/127.0.0.1/tcp/5"]),
+        (["/ip4/127.0.0.1/tcp/5", "/ip4/1.2.3.4/tcp/9"], [], ["/ip4/1.2.3.4/tcp/9"]),
+        (["/ip4/0.0.0.0/tcp/4001"], ["127.0.0.1"], ["/ip4/127.0.0.1/tcp/4001"]),
+        # relayed addresses are not the host's to list; duplicates go
+        (
+            ["/ip4/1.2.3.4/tcp/9", "/ip4/1.2.3.4/tcp/9", "/ip4/5.6.7.8/tcp/1/p2p/R/p2p-circuit"],
+            [],
+            ["/ip4/1.2.3.4/tcp/9"],
+        ),
+    ],
+)
+def test_announceable(listening: list[str], local_ips: list[str], expected: list[str]) -> None:
+    assert announceable(listening, local_ips=local_ips) == expected
+
+
+def test_relayed_and_ports() -> None:
+    assert is_relayed("/ip4/1.2.3.4/tcp/4001/p2p/R/p2p-circuit/p2p/W") and not is_relayed("/ip4/1.2.3.4/tcp/4001")
+    assert tcp_port("/ip4/1.2.3.4/tcp/4001/p2p/X") == 4001 and tcp_port("/ip4/1.2.3.4/udp/53") is None

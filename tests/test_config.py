@@ -28,7 +28,7 @@ def test_client_and_resource_limits_reach_the_node(tmp_path: Path) -> None:
     overrides = {k: getattr(args, k, None) for k in config_mod.RoleConfig.__dataclass_fields__}
     node = _node_config(config_mod.load(args.config, overrides))
     assert node.jobs_per_client == 3  # the flag wins over the file
-    assert node.limits.max_connections_per_ip == 4 and node.limits.max_connections_per_peer == 2
+    assert node.limits.max_connections_per_ip == 4 and node.limits.max_connections_per_peer == 3
     assert _node_config(config_mod.load(None, {})).jobs_per_client is None  # 0: up to capacity
     (tmp_path / "bad.toml").write_text("max_connections_per_peer = 0\n")
     with pytest.raises(ConfigError, match="max_connections_per_peer"):
@@ -96,3 +96,35 @@ def test_the_environment_and_the_data_dirs_config_file(tmp_path: Path, monkeypat
         config_mod.load(None, {}, env)
     assert config_mod.default_data_dir({}) == Path("cocoon-data")
     assert config_mod.default_data_dir(env) == d
+
+
+@pytest.mark.parametrize(
+    ("role", "env", "listen", "relays_for_others", "reserves", "mdns"),
+    [
+        ("worker", {}, ["/ip4/0.0.0.0/tcp/4001"], False, "auto", True),
+        ("bootstrap", {}, ["/ip4/0.0.0.0/tcp/4001"], True, "never", True),
+        ("gateway", {}, ["/ip4/0.0.0.0/tcp/0"], False, "never", True),
+        ("client", {}, ["/ip4/0.0.0.0/tcp/0"], False, "never", True),
+        # a network on one machine: loopback from the environment, and no mDNS on it
+        ("worker", {"COCOON_LISTEN": "/ip4/127.0.0.1/tcp/0"}, ["/ip4/127.0.0.1/tcp/0"], False, "auto", False),
+    ],
+)
+def test_role_defaults(
+    role: str, env: dict[str, str], listen: list[str], relays_for_others: bool, reserves: str, mdns: bool
+) -> None:
+    cfg = config_mod.role_defaults(config_mod.load(None, {}, env=env), role, env=env)
+    assert (cfg.listen, cfg.relay_service, cfg.reserve_relay, cfg.mdns) == (listen, relays_for_others, reserves, mdns)
+
+
+def test_role_defaults_keep_what_was_said_and_refuse_what_is_wrong(tmp_path: Path) -> None:
+    (tmp_path / "w.toml").write_text('listen = "/ip4/10.0.0.5/tcp/4002"\nrelay_service = true\nmdns = false\n')
+    env = {"COCOON_LISTEN": "/ip4/127.0.0.1/tcp/0"}
+    cfg = config_mod.role_defaults(config_mod.load(tmp_path / "w.toml", {}, env=env), "worker", env=env)
+    assert (cfg.listen, cfg.relay_service, cfg.mdns) == (["/ip4/10.0.0.5/tcp/4002"], True, False)
+    for text, key in (
+        ('reserve_relay = "sometimes"\n', "reserve_relay"),
+        ('wallet_version = "v3"\n', "wallet_version"),
+    ):
+        (tmp_path / "bad.toml").write_text(text)
+        with pytest.raises(ConfigError, match=key):
+            config_mod.role_defaults(config_mod.load(tmp_path / "bad.toml", {}, env={}), "worker", env={})

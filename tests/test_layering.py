@@ -43,8 +43,8 @@ FACADE = "__init__"  # cocoon_p2p/__init__.py re-exports from every layer
 IO_LIBRARIES = frozenset({"trio", "libp2p", "socket", "asyncio", "selectors", "urllib", "http", "subprocess"})
 # The trio adapters (and programs). Everything else in cocoon_p2p must be pure.
 ADAPTERS = {
-    "transport": {"host", "noise", "muxer", "muxed_stream", "sealed", "fastlock"},
-    "overlay": {"dht", "events", "guard", "gossip", "dialer", "advertiser"},
+    "transport": {"host", "noise", "muxer", "muxed_stream", "sealed", "fastlock", "relay", "autonat", "nat"},
+    "overlay": {"dht", "events", "guard", "gossip", "dialer", "advertiser", "lan"},
     "jobs": {"client", "client_link", "worker", "worker_link", "serving", "stream", "checks", "fraudwatch", "paying"},
     "payments": {
         "chain",

@@ -3,7 +3,8 @@
 Skipped, with the reason printed, where namespaces or iptables cannot be used (not root,
 no ``ip``/``iptables``). The NAT tests prove the lab translates and filters as a home
 router does; the node tests show a worker behind a NAT joining through a public bootstrap
-peer, what works over the connection it opened, and (xfail) what needs a relay.
+peer, what works over the connection it opened, and a fresh public client reaching it through the
+relay (the paid layouts, hole punching and mDNS: ``tests/test_nat_jobs.py``).
 """
 
 from __future__ import annotations
@@ -365,13 +366,9 @@ def test_gateway_runs_a_job_over_the_connection_the_worker_opened(natnet: NatNet
     print(f"job over the worker's own connection: {reply['ms']:.0f} ms")
 
 
-@pytest.mark.xfail(
-    strict=True,
-    reason="needs issue 21's relay: the worker announces only its private address and nothing can dial in",
-)
 def test_a_fresh_public_client_runs_a_job_on_the_natted_worker(natnet: NatNetwork) -> None:
-    # Listening on its default (loopback) address, the client cannot be dialed back by
-    # the worker either: it must open the connection itself.
+    # Nothing can dial the worker's own address: it announces a relayed one (a slot on the
+    # bootstrap peer), which the client dials through the relay.
     out = natnet.lab.run(
         natnet.client,
         [sys.executable, *CLI, "client", "embed", "hello", "--wait-s", "10", "--data-dir", str(natnet.data / "c")]

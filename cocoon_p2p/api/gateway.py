@@ -37,7 +37,7 @@ import trio
 
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import LocalProtocolError
-from cocoon_p2p.core.metrics import CONTENT_TYPE, Metric, render
+from cocoon_p2p.core.metrics import Metric
 from cocoon_p2p.execution.tensors import to_numpy
 from cocoon_p2p.jobs import JobFailed
 from cocoon_p2p.overlay.catalog import parse_ref
@@ -51,6 +51,7 @@ from .keys import ApiKeys, check_exposure, is_loopback
 from .metrics import GatewayStats, route_of
 from .models import GatewayModel, check_kind, find_model, from_catalog, not_found
 from .params import Endpoint
+from .prometheus import CONTENT_TYPE, exposition, node_registry
 
 if TYPE_CHECKING:  # no import cycle at run time
     from cocoon_p2p.node import Node
@@ -94,6 +95,7 @@ class Gateway:
         self.api_keys = api_keys or ApiKeys(())
         self.insecure_no_auth = insecure_no_auth
         self.stats = GatewayStats()
+        self._registry = node_registry(self.metrics)  # read at each scrape, with process metrics and build info
         self._resolved: dict[tuple[str, str], tuple[float, GatewayModel]] = {}  # (name, kind) -> (until, model)
 
     async def serve(
@@ -134,7 +136,7 @@ class Gateway:
                                code="invalid_api_key")  # fmt: skip
         if req.method == "GET":
             if req.path == "/metrics":
-                return Response(200, render(self.metrics()).encode(), CONTENT_TYPE)
+                return Response(200, exposition(self._registry), CONTENT_TYPE)
             if req.path == "/v1/models":
                 return Response.of_json(await self._models())
             if req.path.startswith("/v1/models/"):

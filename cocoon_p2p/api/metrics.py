@@ -20,9 +20,10 @@ from __future__ import annotations
 from collections import Counter
 from dataclasses import dataclass, field
 
-from cocoon_p2p.core.metrics import Histogram, Metric, metric
+from cocoon_p2p.core.metrics import Histogram, Metric
 
 ROUTES = frozenset({"/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/models", "/health", "/metrics"})
+Sample = tuple[dict[str, str], float | Histogram]
 RATE_BUCKETS = (1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0, 200.0, 500.0, 1000.0, 2000.0, 5000.0)
 
 
@@ -66,24 +67,24 @@ class GatewayStats:
             self.tokens_per_s.setdefault(route, Histogram(bounds=RATE_BUCKETS)).observe(tokens / decode_s)
 
     def metrics(self) -> list[Metric]:
-        """The series for ``/metrics``."""
-        out = [
-            metric("cocoon_gateway_requests_total", "counter", "Requests answered, by route and HTTP status", n,
-                   route=route, status=str(status))
-            for (route, status), n in sorted(self.requests.items())
-        ]  # fmt: skip
-        families = (
+        """The series for ``/metrics``; every family is declared before its first sample (a
+        dashboard's query names a metric that exists from the start)."""
+        requests: list[Sample] = [
+            ({"route": route, "status": str(status)}, n) for (route, status), n in sorted(self.requests.items())
+        ]
+        out = [Metric("cocoon_gateway_requests_total", "counter", "Requests answered, by route and HTTP status",
+                      tuple(requests))]  # fmt: skip
+        histograms = (
             ("cocoon_gateway_request_seconds", "Time from a request to its whole answer", self.latency_s),
             ("cocoon_gateway_job_seconds", "Time a whole answer spent in its network job", self.job_s),
             ("cocoon_gateway_ttft_seconds", "Time from a request to its first generated token", self.ttft_s),
             ("cocoon_gateway_completion_tokens_per_second", "Each choice's tokens per second of decoding",
              self.tokens_per_s),
         )  # fmt: skip
-        for name, help_text, by_route in families:
-            out += [metric(name, "histogram", help_text, h, route=r) for r, h in sorted(by_route.items())]
-        out += [
-            metric("cocoon_gateway_completion_tokens_total", "counter", "Tokens generated for the gateway's clients",
-                   n, route=route)
-            for route, n in sorted(self.completion_tokens.items())
-        ]  # fmt: skip
+        for name, help_text, by_route in histograms:
+            per_route: list[Sample] = [({"route": r}, h) for r, h in sorted(by_route.items())]
+            out.append(Metric(name, "histogram", help_text, tuple(per_route)))
+        tokens: list[Sample] = [({"route": route}, n) for route, n in sorted(self.completion_tokens.items())]
+        out.append(Metric("cocoon_gateway_completion_tokens_total", "counter",
+                          "Tokens generated for the gateway's clients", tuple(tokens)))  # fmt: skip
         return out

@@ -1,16 +1,20 @@
-"""Prometheus text exposition (format 0.0.4), sans-IO: histograms and a renderer.
+"""Metrics, sans-IO: the :class:`Metric` families every service reports, histograms, and
+reading an exposition back.
 
 Counters and gauges are read from the node's own statistics when scraped (no
 second bookkeeping to drift from the first); latencies are observed into
-:class:`Histogram` objects as they happen. :func:`render` turns samples into the
-text a Prometheus server scrapes from ``/metrics``.
+:class:`Histogram` objects as they happen. Each service's ``metrics()`` returns
+:class:`Metric` families; :mod:`cocoon_p2p.api.prometheus` turns them into what a
+Prometheus server scrapes (through ``prometheus_client``, with process metrics and build
+info beside). :func:`render` is the plain text exposition (format 0.0.4) without them.
+:func:`parse` and :func:`total` read an exposition back (``cocoon-node status``, tests).
 """
 
 from __future__ import annotations
 
 import bisect
 import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 
@@ -26,8 +30,12 @@ def percentile(values: Iterable[float], q: float) -> float:
 
 CONTENT_TYPE = "text/plain; version=0.0.4"  # of the text exposition, on a /metrics response
 
-# Seconds: from a loopback embedding (~1 ms) to a long generation (~1 min).
-LATENCY_BUCKETS_S = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+# Seconds: from a loopback embedding (~1 ms) to a long generation (minutes). The top buckets
+# reach past the gateway's request timeout (120 s by default, api.gateway), so requests that
+# ran into it (a little over 120 s) are told apart from slow ones that made it.
+LATENCY_BUCKETS_S = (
+    0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 180.0, 300.0,
+)  # fmt: skip
 
 
 @dataclass
@@ -48,6 +56,24 @@ class Histogram:
             self.counts[i] += 1
         self.count += 1
         self.total += value
+
+    def minus(self, other: Histogram) -> Histogram:
+        """What was observed here and not in ``other`` (same bounds; ``other`` a part of this one)."""
+        if tuple(other.bounds) != tuple(self.bounds):
+            raise ValueError("histograms with different buckets")
+        rest = Histogram(self.bounds)
+        rest.counts = [a - b for a, b in zip(self.counts, other.counts, strict=True)]
+        rest.count, rest.total = self.count - other.count, self.total - other.total
+        return rest
+
+    def merged(self, other: Histogram) -> Histogram:
+        """Both histograms' observations in one (same bounds)."""
+        if tuple(other.bounds) != tuple(self.bounds):
+            raise ValueError("histograms with different buckets")
+        both = Histogram(self.bounds)
+        both.counts = [a + b for a, b in zip(self.counts, other.counts, strict=True)]
+        both.count, both.total = self.count + other.count, self.total + other.total
+        return both
 
     def quantile(self, q: float) -> float:
         """An estimate (the bucket's upper bound), for status displays."""
@@ -72,6 +98,7 @@ class Metric:
 
 
 def metric(name: str, kind: str, help_text: str, value: float | Histogram, **labels: str) -> Metric:
+    """A family of one sample."""
     return Metric(name, kind, help_text, ((labels, value),))
 
 
@@ -90,7 +117,10 @@ def _num(v: float) -> str:
 
 
 def render(metrics: Iterable[Metric]) -> str:
-    """The text exposition of ``metrics``; families with the same name are merged."""
+    """The plain text exposition of ``metrics``; families with the same name are merged.
+
+    A node's ``/metrics`` is :func:`cocoon_p2p.api.prometheus.exposition` (process metrics and
+    build info beside); this one stays for pure code and tests that need no more."""
     families: dict[str, list[Metric]] = {}
     for m in metrics:
         families.setdefault(m.name, []).append(m)
@@ -114,10 +144,55 @@ def render(metrics: Iterable[Metric]) -> str:
 
 
 def parse(text: str) -> dict[str, float]:
-    """Samples of a text exposition by name and labels (``name{a="b"}``), comments skipped."""
+    """Samples of a text exposition by name and labels as written (``name{a="b"}``), comments
+    skipped. Exporters differ in label order and number format: :func:`total` reads past both."""
     samples: dict[str, float] = {}
     for line in text.splitlines():
         if line and not line.startswith("#"):
             name, _, value = line.rpartition(" ")
             samples[name] = float(value)
     return samples
+
+
+_UNESCAPE = {"\\": "\\", '"': '"', "n": "\n"}
+
+
+def split_key(key: str) -> tuple[str, dict[str, str]]:
+    """A :func:`parse` key's metric name and labels: ``a{b="c"}`` -> ``("a", {"b": "c"})``;
+    ValueError if the labels are malformed."""
+    name, brace, rest = key.partition("{")
+    labels: dict[str, str] = {}
+    i = 0
+    try:
+        while brace and rest[i] != "}":
+            eq = rest.index("=", i)
+            label, i, chars = rest[i:eq].strip(), eq + 2, []  # past '="'
+            while rest[i] != '"':
+                if rest[i] == "\\":
+                    i += 1
+                    chars.append(_UNESCAPE.get(rest[i], rest[i]))
+                else:
+                    chars.append(rest[i])
+                i += 1
+            labels[label] = "".join(chars)
+            i += 2 if rest[i + 1] == "," else 1  # past the closing quote (and a comma)
+    except IndexError:
+        raise ValueError(f"malformed labels in {key!r}") from None
+    return name, labels
+
+
+def total(samples: Mapping[str, float], name: str, **labels: str) -> float:
+    """The sum of the :func:`parse` samples of ``name`` whose labels include ``labels``
+    (others, such as ``model``, summed over); 0 when there are none. Bucket bounds compare
+    as numbers (``le="1"`` finds ``le="1.0"``)."""
+    want = {k: _canonical(k, v) for k, v in labels.items()}
+    out = 0.0
+    for key, value in samples.items():
+        got_name, got = split_key(key)
+        if got_name == name and all(k in got and _canonical(k, got[k]) == v for k, v in want.items()):
+            out += value
+    return out
+
+
+def _canonical(label: str, value: str) -> str:
+    return repr(float(value)) if label == "le" else value

@@ -29,7 +29,7 @@ from dataclasses import dataclass, replace
 from typing import TYPE_CHECKING, Protocol
 
 from cocoon_p2p.core.clock import now_ms
-from cocoon_p2p.core.identity import peer_id_to_str
+from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.core.metrics import Metric, metric
 from cocoon_p2p.core.pricing import Price
 from cocoon_p2p.execution.tensors import Tensor, to_numpy
@@ -266,7 +266,7 @@ class ResultChecks:
         client = self.client
         chunks: list[jf.JobChunk] = []
         try:
-            await client._prepare(offer.peer_id)
+            await client._prepare(offer)
             result, price, receipt = await client.run_on(
                 offer,
                 model_id=request.model_id,
@@ -279,7 +279,7 @@ class ResultChecks:
                 verify_tokens=verify,
             )
         except JobFailed as exc:
-            log.warning("spot check on %s did not run: %s", peer_id_to_str(offer.peer_id), exc)
+            log.warning("spot check did not run: %s", exc, extra=fields(peer=offer.peer_id))
             return None
         tokens = tuple(t for c in chunks for t in c.token_ids)
         return Run(offer.peer_id, result, price, tokens, "".join(c.text for c in chunks), receipt)
@@ -287,8 +287,9 @@ class ResultChecks:
     async def _condemn(self, request: Request, wrong: Run, keep: Run, mismatch: Mismatch) -> None:
         self.failed += 1
         self.withheld_nanoton += wrong.result.cost_nanoton
-        who = peer_id_to_str(wrong.worker)
-        log.warning("spot check: %s returned a wrong result (%s: %s)", who, mismatch.reason, mismatch.detail)
+        log.warning(
+            "spot check: a wrong result (%s: %s)", mismatch.reason, mismatch.detail, extra=fields(peer=wrong.worker)
+        )
         self.client.feedback.misbehaved(wrong.worker, WrongResult(f"{mismatch.reason}: {mismatch.detail}"))
         self.client.nursery.start_soon(self.client._close_channel, wrong.worker)  # chain work: off this job
         if self.report is not None:

@@ -20,7 +20,7 @@ import math
 import random
 import time
 from collections.abc import AsyncGenerator, Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import partial
 from typing import Any
 
@@ -31,14 +31,16 @@ from multiaddr import Multiaddr
 
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import BadSignature, CocoonError, LocalProtocolError, MalformedMessage
-from cocoon_p2p.core.metrics import Histogram, Metric, metric
+from cocoon_p2p.core.logfields import fields
+from cocoon_p2p.core.metrics import Metric, metric
 from cocoon_p2p.core.pricing import FREE, Price
 from cocoon_p2p.execution.chat_options import ChatOptions, ToolCall
 from cocoon_p2p.execution.sampling import GREEDY, FinishReason, Sampling, TokenLogprob
 from cocoon_p2p.execution.tensors import Tensor
 from cocoon_p2p.overlay.directory import WorkerOffer
 from cocoon_p2p.overlay.joblimits import JobSize
-from cocoon_p2p.transport.host import unblock_peer
+from cocoon_p2p.transport.host import close_quietly, unblock_peer
+from cocoon_p2p.transport.relay import has_direct, stream_is_relayed
 
 from . import frames as jf
 from .attempts import JobAttempts, JobFailed
@@ -52,12 +54,14 @@ from .receipts import Receipt, inputs_digest, outputs_digest
 from .routing import Router
 from .spotcheck import SpotCheckPolicy
 from .stream import Inbox
+from .worker_stats import JobCounts
 
 __all__ = ["ClientStats", "InferenceResult", "JobClient", "JobFailed", "UnknownOutput"]
 
 log = logging.getLogger(__name__)
 CANCEL_SEND_S = 0.5  # how long a job that ends early may spend telling its worker to stop
 PAYMENTS_WAIT_S = 5.0  # how long a job refused for want of payment waits for our vouchers on their way
+RETIRE_WAIT_S = 600.0  # a link superseded by a direct connection closes once its jobs end, or after this
 
 
 class UnknownOutput(CocoonError, LookupError):
@@ -94,14 +98,12 @@ class InferenceResult:
 
 
 @dataclass
-class ClientStats:
-    """What a client's jobs came to (exported by :meth:`JobClient.metrics`)."""
+class ClientStats(JobCounts):
+    """What a client's jobs came to (exported by :meth:`JobClient.metrics`); ``latency_s``:
+    end to end; ``by_model``: by the first 8 bytes of the model id, in hex."""
 
-    jobs_ok: int = 0
-    jobs_failed: int = 0
     retries: int = 0
     paid_nanoton: int = 0
-    latency_s: Histogram = field(default_factory=Histogram)  # end to end, jobs that succeeded
 
 
 class JobClient:
@@ -147,20 +149,39 @@ class JobClient:
             BackgroundPayments(payments, nursery, linger_s=payments.pay_linger_s) if payments is not None else None
         )
 
+    def _usable(self, link: ClientLink) -> bool:
+        """Not broken, and not on a relay while the worker is now reachable directly
+        (hole punching succeeded): jobs go the direct way then."""
+        return link.broken is None and not (link.relayed and has_direct(self.host, link.peer_id))
+
+    async def _retire(self, link: ClientLink) -> None:
+        """Close a superseded link once the jobs still on it are done."""
+        with trio.move_on_after(RETIRE_WAIT_S):
+            while link.waiters and link.broken is None:
+                await trio.sleep(0.1)
+        await close_quietly(link.stream)
+
+    def _know_addrs(self, offer: WorkerOffer) -> None:
+        """Where the offer says its worker is, for the next dial."""
+        addrs = [Multiaddr(a) for a in offer.addrs]
+        if addrs:
+            self.host.get_peerstore().add_addrs(ID(offer.peer_id), addrs, 3600)
+            unblock_peer(self.host, offer.peer_id)
+
     async def _open_link(self, offer: WorkerOffer) -> ClientLink:
         """A job stream to this worker (opened once at a time: concurrent jobs wait for it)."""
         lock = self._opening.setdefault(offer.peer_id, trio.Lock())
         async with lock:
             link = self.links.get(offer.peer_id)
-            if link is not None and link.broken is None:
+            if link is not None and self._usable(link):
                 return link
+            if link is not None and link.broken is None:  # superseded by a direct connection
+                self.nursery.start_soon(self._retire, link)
             pid = ID(offer.peer_id)
-            addrs = [Multiaddr(a) for a in offer.addrs]
-            if addrs:
-                self.host.get_peerstore().add_addrs(pid, addrs, 3600)
-                unblock_peer(self.host, offer.peer_id)
+            self._know_addrs(offer)
             stream = await self.host.new_stream(pid, [TProtocol(jf.JOB_PROTOCOL)])
             link = ClientLink(offer.peer_id, stream, self.feedback)
+            link.relayed = stream_is_relayed(self.host, offer.peer_id, stream)
             self.links[offer.peer_id] = link
             link.start(self.nursery)
             return link
@@ -189,7 +210,7 @@ class JobClient:
         """
         link = self.links.get(offer.peer_id)
         try:
-            if link is None or link.broken is not None:
+            if link is None or not self._usable(link):
                 link = await self._open_link(offer)
         except Exception as exc:
             raise JobFailed(jf.WORKER_LOST, f"cannot open a job stream: {exc!r}", worker=offer.peer_id) from exc
@@ -371,7 +392,7 @@ class JobClient:
                 t_job = time.perf_counter()
                 sent = False  # the job reached the worker (its payment set-up is done)
                 try:
-                    await self._prepare(offer.peer_id)
+                    await self._prepare(offer)
                     sent = True
                     job = partial(
                         self.run_on,
@@ -440,8 +461,7 @@ class JobClient:
                 self.pay_later(worker, result.cost_nanoton)
             if receipt is not None and self.receipts is not None:
                 self.receipts.append(receipt)
-            self.stats.jobs_ok += 1
-            self.stats.latency_s.observe(time.perf_counter() - t0)
+            self.stats.job_done(model_id.hex()[:16], time.perf_counter() - t0)
             return InferenceResult(
                 outputs=result.outputs,
                 worker=worker,
@@ -460,17 +480,21 @@ class JobClient:
                 finish_reason=result.finish_reason,
                 tool_calls=result.tool_calls,
             )
-        self.stats.jobs_failed += 1
+        # Labelled only when a worker offered the model: ids nobody serves must not grow the label set.
+        self.stats.job_failed(model_id.hex()[:16] if worker is not None else None)
         if scope.cancelled_caught or why == jf.DEADLINE:
             raise JobFailed(jf.DEADLINE, f"no result within {timeout_s} s", worker=worker)
         if last is not None:
             raise last
         raise JobFailed(jf.NO_WORKERS, f"no eligible worker for model {model_id.hex()[:16]}")
 
-    async def _prepare(self, worker: bytes) -> None:
-        """Payments made ready for a job on ``worker`` (a channel); JobFailed if they cannot be."""
+    async def _prepare(self, offer: WorkerOffer) -> None:
+        """Payments made ready for a job on the offer's worker (a channel); JobFailed if they
+        cannot be."""
         if self.payments is None:
             return
+        worker = offer.peer_id
+        self._know_addrs(offer)  # the channel's stream may be the first dial (a relayed address, from the DHT)
         try:
             await self.payments.ensure_channel(worker)
         except CocoonError as exc:
@@ -482,7 +506,7 @@ class JobClient:
         try:
             await self.payments.channel_ended(worker)
         except CocoonError as exc:  # the next job's payment set-up tries again
-            log.warning("could not replace the channel %s is closing: %s", ID(worker), exc)
+            log.warning("could not replace the channel the worker is closing: %s", exc, extra=fields(peer=worker))
 
     async def _close_channel(self, worker: bytes) -> None:
         """Close our channel to a worker we banned: cooperatively if it still answers, else
@@ -492,7 +516,7 @@ class JobClient:
         try:
             await self.payments.settle(worker, uncooperative_if_gone=True)
         except CocoonError as exc:
-            log.warning("could not close the channel to %s: %s", ID(worker), exc)
+            log.warning("could not close the channel to the worker: %s", exc, extra=fields(peer=worker))
 
     def pay_later(self, worker: bytes, cost: int) -> None:
         """Pay ``worker`` ``cost`` for a result already handed on: the caller does not wait
@@ -569,9 +593,7 @@ class JobClient:
         """The client's series for ``/metrics``: jobs sent, retries, payments, latency."""
         cs = self.stats
         return [
-            metric("cocoon_client_jobs_total", "counter", "Jobs this client sent", cs.jobs_ok, outcome="ok"),
-            metric("cocoon_client_jobs_total", "counter", "Jobs this client sent", cs.jobs_failed, outcome="failed"),
+            *cs.series("cocoon_client", "Jobs this client sent", "End-to-end latency, successful jobs"),
             metric("cocoon_client_retries_total", "counter", "Jobs retried on another worker", cs.retries),
             metric("cocoon_client_paid_nanoton_total", "counter", "Nanoton paid for jobs", cs.paid_nanoton),
-            metric("cocoon_client_job_seconds", "histogram", "End-to-end latency, successful jobs", cs.latency_s),
         ] + (self.checks.metrics() if self.checks is not None else [])

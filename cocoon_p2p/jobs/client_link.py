@@ -36,6 +36,7 @@ class ClientLink:
         self.lock = FastLock()
         self.waiters: dict[int, Inbox[jf.Frame | JobFailed]] = {}
         self.broken: JobFailed | None = None
+        self.relayed = False  # on a relayed connection (replaced once a direct one exists)
 
     def start(self, nursery: trio.Nursery) -> None:
         """Begin delivering frames: from our multiplexer's reading task, or a task of its own."""

@@ -42,6 +42,7 @@ from libp2p.pubsub.pb import rpc_pb2
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import CocoonError, ExpiredMessage, LocalProtocolError, ProtocolError, RateLimited
 from cocoon_p2p.core.identity import Identity, peer_id_to_str
+from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.core.metrics import Metric, metric
 from cocoon_p2p.execution.tensors import Tensor
 from cocoon_p2p.overlay.events import EventQueue, FraudJudged
@@ -144,7 +145,7 @@ class FraudWatch:
             )
             await self.report(proof)
         except LocalProtocolError as exc:
-            log.warning("fraud proof against %s not published: %s", peer_id_to_str(receipt.worker), exc)
+            log.warning("fraud proof not published: %s", exc, extra=fields(peer=receipt.worker, job=receipt.job_id))
 
     async def report(self, proof: FraudProof) -> None:
         """Publish our own ``proof``. LocalProtocolError if another peer signed it (receivers
@@ -158,7 +159,7 @@ class FraudWatch:
             )
         await self.gossip.publish(FRAUD_TOPIC, data)
         self.stats.sent += 1
-        log.warning("reported %s for a wrong result", peer_id_to_str(proof.accused))
+        log.warning("reported a wrong result", extra=fields(peer=proof.accused, job=proof.receipt.job_id))
 
     # ---- everyone else's ----------------------------------------------------------
 
@@ -191,7 +192,7 @@ class FraudWatch:
             proof = self.screen.screen(bytes(msg.data), origin=origin, now_ms=now)
         except ProtocolError as err:
             outcome = ProofOutcome.RATE_LIMITED if isinstance(err, RateLimited) else ProofOutcome.MALFORMED
-            log.info("refused a fraud proof from %s: %s", peer_id_to_str(origin), err)
+            log.info("refused a fraud proof: %s", err, extra=fields(peer=origin))
             self._blame(sender, origin, err)
             self._record(FraudRecord(outcome=outcome, reporter=origin, detail=f"{err.code}: {err}", at_ms=now))
             return False
@@ -227,12 +228,20 @@ class FraudWatch:
             mismatch = judge(proof, *rerun, cosine_min=self.cosine_min)
             if mismatch is not None:
                 detail = f"{mismatch.reason}: {mismatch.detail}"
-                log.warning("fraud by %s confirmed by our re-run (%s)", accused, detail)
+                log.warning(
+                    "fraud confirmed by our re-run (%s)",
+                    detail,
+                    extra=fields(peer=proof.accused, job=proof.receipt.job_id),
+                )
                 self._penalize(proof.accused, WrongResult(f"fraud proof by {reporter}, confirmed: {detail}"))
                 outcome = ProofOutcome.CONFIRMED
             else:
                 detail = "our re-run agrees with the accused's outputs"
-                log.warning("fraud proof by %s against %s refuted", reporter, accused)
+                log.warning(  # the reporter is the one penalized
+                    "fraud proof against %s refuted",
+                    accused,
+                    extra=fields(peer=proof.reporter, job=proof.receipt.job_id),
+                )
                 self._penalize(proof.reporter, FalseAccusation(f"accused {accused} of a right result"))
                 outcome = ProofOutcome.REFUTED
         elif proof.reporter in self.trusted_reporters:
@@ -250,9 +259,9 @@ class FraudWatch:
             try:
                 return await self.rerun(proof)
             except CocoonError as exc:  # our run failed: no verdict, nobody blamed
-                log.info("re-run of job %d failed: %s", proof.receipt.job_id, exc)
+                log.info("re-run failed: %s", exc, extra=fields(peer=proof.accused, job=proof.receipt.job_id))
                 return None
-        log.info("re-run of job %d timed out", proof.receipt.job_id)
+        log.info("re-run timed out", extra=fields(peer=proof.accused, job=proof.receipt.job_id))
         return None
 
     def _penalize(self, peer: bytes, err: ProtocolError) -> None:

@@ -16,9 +16,9 @@ import logging
 from dataclasses import dataclass, field
 
 import trio
-from libp2p.peer.id import ID
 
 from cocoon_p2p.core.errors import CocoonError
+from cocoon_p2p.core.logfields import fields
 
 from .ports import ClientPayments
 
@@ -108,7 +108,7 @@ class BackgroundPayments:
             # worker went away, or did not answer in time). It goes again on reconnect or
             # at settlement.
             self.late += 1
-            log.warning("payment to %s not acknowledged yet: %s", ID(worker), exc)
+            log.warning("payment not acknowledged yet: %s", exc, extra=fields(peer=worker, nanoton=batch.cost))
         finally:
             if self._gathering.get(worker) is batch:  # cancelled while lingering
                 del self._gathering[worker]

@@ -17,6 +17,7 @@ import trio
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import LocalProtocolError
 from cocoon_p2p.core.identity import Identity
+from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.core.pricing import FREE, Price
 from cocoon_p2p.execution.chat_options import ToolCall
 from cocoon_p2p.execution.engine import EngineError, Generation, GenerationStep
@@ -202,7 +203,11 @@ async def stream_generation(served: Served, job: WorkerJob, gen: Generation) -> 
             if job.cancelled:  # our own close() woke it
                 return Streamed(seq, error=CLIENT_CANCELLED)
             code = exc.code if isinstance(exc, EngineError) and exc.code in _STREAM_CODES else jf.BACKEND
-            log.warning("generation failed on %s: %s", served.spec.name, exc)
+            log.warning(
+                "generation failed: %s",
+                exc,
+                extra=fields(model=served.spec.name, peer=job.link.peer, job=job.req.job_id),
+            )
             return Streamed(seq, error=(code, str(exc)[:200]))
         if step is None:
             return Streamed(seq, tuple(tokens), "".join(texts))
@@ -241,7 +246,7 @@ async def watch_engine(served: Served, runner: EngineRunner, watch: EngineWatch,
         if changed is None:
             continue
         served.available = changed
-        log.warning("engine of %s is %s", served.spec.name, "back up" if changed else "down")
+        log.warning("engine is %s", "back up" if changed else "down", extra=fields(model=served.spec.name))
         if on_health is not None:
             on_health(served.spec.model_id, changed)
 

@@ -25,6 +25,7 @@ from libp2p.custom_types import TProtocol
 from cocoon_p2p.core.clock import now_ms
 from cocoon_p2p.core.errors import ConfigError, LocalProtocolError, ProtocolError
 from cocoon_p2p.core.identity import Identity
+from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.core.metrics import Metric
 from cocoon_p2p.core.pricing import FREE, Price
 from cocoon_p2p.execution.backends import Backend
@@ -54,7 +55,7 @@ from .serving import (
 )
 from .slots import Slots
 from .worker_link import Flush, WorkerJob, WorkerLink
-from .worker_stats import WorkerStats, worker_metrics
+from .worker_stats import WorkerStats, model_label, worker_metrics
 
 __all__ = ["EngineWatch", "HealthHook", "JobWorker", "WorkerStats"]
 
@@ -195,10 +196,10 @@ class JobWorker:
                 elif isinstance(item, Flush):
                     await link.flush()
         except Exception as exc:  # the stream broke: its jobs are abandoned
-            log.debug("job stream ended: %r", exc)
+            log.debug("job stream ended: %r", exc, extra=fields(peer=link.peer))
         finally:
             if (broken := link.conn.errored) is not None:  # whichever path ran into it first
-                log.info("client broke the job protocol: %s", broken)
+                log.info("client broke the job protocol: %s", broken, extra=fields(peer=link.peer))
                 self.feedback.misbehaved(link.peer, broken)
             self._abandon(link)
             await close_quietly(stream)
@@ -215,12 +216,13 @@ class JobWorker:
             job.cancelled = True  # a generation still running stops (unanswered)
             if (stream := self._streams.get(job)) is not None and stream.interruptible:
                 stream.close()  # nobody to stream to: the engine stops now
-            self.stats.jobs_failed += 1
+            self.stats.job_failed(model_label(served.spec) if served is not None else None)
         if abandoned:
             self._report_load()
 
     async def _refuse(self, link: WorkerLink, req: jf.JobRequest, code: str, message: str) -> None:
-        self.stats.refused[code] = self.stats.refused.get(code, 0) + 1
+        served = self.models.get(req.model_id)  # a model it serves, else no label (unbounded ids)
+        self.stats.job_refused(code, model_label(served.spec) if served is not None else None)
         await link.send(jf.JobError(job_id=req.job_id, code=code, message=message))
 
     def _refusal(self, link: WorkerLink, req: jf.JobRequest, served: Served | None) -> tuple[str, str] | None:
@@ -289,7 +291,7 @@ class JobWorker:
             try:
                 await link.flush()
             except Exception as exc:  # the client went away; the job is over either way
-                log.debug("could not deliver job %d: %r", req.job_id, exc)
+                log.debug("could not deliver the job: %r", exc, extra=fields(peer=link.peer, job=req.job_id))
             self._close(job, frame)
             return
         served.batcher.add(key, job, trio.current_time())
@@ -343,7 +345,11 @@ class JobWorker:
             try:
                 outcomes, elapsed = timed_run(served, [job.run])
             except Exception as exc:  # a backend failure fails this job, not the worker
-                log.warning("backend failed on %s: %s", served.spec.name, exc)
+                log.warning(
+                    "backend failed: %s",
+                    exc,
+                    extra=fields(model=served.spec.name, peer=job.link.peer, job=job.req.job_id),
+                )
                 frame = last_frame(job, error=(jf.BACKEND, str(exc)[:200]))
             else:
                 served.observe_run(elapsed)
@@ -404,7 +410,7 @@ class JobWorker:
             else:
                 outcomes, elapsed = await trio.to_thread.run_sync(timed_run, served, runs)
         except Exception as exc:  # a backend failure fails these jobs, not the worker
-            log.warning("backend failed on %s: %s", served.spec.name, exc)
+            log.warning("backend failed on a batch of %d: %s", len(live), exc, extra=fields(model=served.spec.name))
             for job in live:
                 await self._finish(job, error=(jf.BACKEND, str(exc)[:200]))
             return
@@ -424,7 +430,11 @@ class JobWorker:
         except ProtocolError as exc:
             return await self._finish(job, error=(_input_code(exc), str(exc)))
         except Exception as exc:  # a backend failure fails this job, not the worker
-            log.warning("verification failed on %s: %s", served.spec.name, exc)
+            log.warning(
+                "verification failed: %s",
+                exc,
+                extra=fields(model=served.spec.name, peer=job.link.peer, job=job.req.job_id),
+            )
             return await self._finish(job, error=(jf.BACKEND, str(exc)[:200]))
         compute_us = int((time.perf_counter() - t0) * 1e6)
         await self._finish(job, outcome=outcome, price=served.price, compute_us=compute_us)
@@ -485,22 +495,22 @@ class JobWorker:
         try:
             await job.link.send(frame)
         except Exception as exc:  # the client went away; the job is over either way
-            log.debug("could not deliver job %d: %r", job.req.job_id, exc)
+            log.debug("could not deliver the job: %r", exc, extra=fields(peer=job.link.peer, job=job.req.job_id))
 
     def _close(self, job: WorkerJob, frame: jf.Frame, *, report: bool = True) -> bool:
         """Close the books on ``job``, ended by ``frame``: counts, load, the bill.
         False if it had ended already (nothing to send)."""
         if job.link.jobs.release(job.req.job_id) is None:
             return False
-        self.models[job.req.model_id].running -= 1
+        served = self.models[job.req.model_id]
+        served.running -= 1
         if report:
             self._report_load()
         if isinstance(frame, jf.JobResult):
-            self.stats.jobs_ok += 1
-            self.stats.latency_s.observe(time.perf_counter() - job.admitted_at)
+            self.stats.job_done(model_label(served.spec), time.perf_counter() - job.admitted_at)
             self.stats.earned_nanoton += frame.cost_nanoton
             if self.payments is not None:
                 self.payments.bill(job.link.peer, frame.cost_nanoton)
         else:
-            self.stats.jobs_failed += 1
+            self.stats.job_failed(model_label(served.spec))
         return True

@@ -152,7 +152,9 @@ class Advertiser:
     async def run(self) -> None:
         """Announce on every change and interval; refresh DHT records (run in the node's nursery)."""
         next_publish = 0.0
-        published: tuple[tuple[ModelCapability, ...], TeeClaim | None] | None = None
+        # Records are republished when what they say changes: the offer, the TEE claim,
+        # or the addresses (a relay slot gained or lost, an address AutoNAT confirmed).
+        published: tuple[tuple[ModelCapability, ...], TeeClaim | None, tuple[str, ...]] | None = None
         while True:
             with trio.move_on_after(self.times.announce_interval_s):
                 await self._changed.wait()
@@ -161,8 +163,9 @@ class Advertiser:
                 continue
             await self.gossip.publish(protocols.ANNOUNCE_TOPIC, self.announcement(now_ms()).encode())
             self.announcements_sent += 1
-            if published != (self._capabilities, self._tee) or trio.current_time() >= next_publish:
-                published = (self._capabilities, self._tee)
+            now_says = (self._capabilities, self._tee, tuple(self.addrs()))
+            if published != now_says or trio.current_time() >= next_publish:
+                published = now_says
                 next_publish = trio.current_time() + self.times.record_ttl_s / 2
                 await self._publish_records()
             # Load changes come in bursts (every job start and end): announce at most

@@ -32,6 +32,7 @@ from cocoon_p2p.core.crashpoints import CrashPoint, crash_point
 from cocoon_p2p.core.durable import StateFileDamaged, read_json, write_atomic
 from cocoon_p2p.core.errors import CocoonError, ProtocolError, ReplayedMessage
 from cocoon_p2p.core.identity import public_key_from_peer_id
+from cocoon_p2p.core.logfields import fields
 
 from . import frames as pf
 from . import messages as m
@@ -309,7 +310,11 @@ class Payee:
                 self._closing_since[cid] = trio.current_time()
                 return CloseOutcome.COOPERATIVE
             except CocoonError as exc:
-                log.info("cooperative close of channel %x failed (%s): closing it uncooperatively", cid, exc)
+                log.info(
+                    "cooperative close failed (%s): closing it uncooperatively",
+                    exc,
+                    extra=fields(channel=cid, peer=client),
+                )
         self.store.advance(cid, _E.UNCOOPERATIVE_CLOSE_STARTED)
         crash_point(CrashPoint.PAYEE_UNCOOPERATIVE_WRITTEN)
         mine = b_state(self.key, cid, newest.state.body)
@@ -339,7 +344,7 @@ class Payee:
                     continue
                 done[cid] = await self._act(cid, action, ask)
             except CocoonError as exc:
-                log.warning("channel %x: %s", cid, exc)
+                log.warning("watching the channel: %s", exc, extra=fields(channel=cid))
                 done[cid] = CloseOutcome.FAILED
         return done
 

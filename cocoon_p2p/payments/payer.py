@@ -39,6 +39,7 @@ from cocoon_p2p.core.crashpoints import CrashPoint, crash_point
 from cocoon_p2p.core.durable import write_atomic
 from cocoon_p2p.core.errors import CocoonError
 from cocoon_p2p.core.identity import public_key_from_peer_id
+from cocoon_p2p.core.logfields import fields
 
 from . import deposits
 from . import frames as pf
@@ -180,7 +181,7 @@ class Payer:
                 try:
                     await self._close_again(old)
                 except CocoonError as exc:  # watch_once asks again; the worker may close it itself
-                    log.warning("channel %s: could not finish its close: %s", old.address, exc)
+                    log.warning("could not finish its close: %s", exc, extra=fields(channel=old.address, peer=worker))
 
     async def _open(self, worker: bytes) -> PayerChannel:
         try:
@@ -219,7 +220,7 @@ class Payer:
         await self.deposits.wait_until_open(ch.address, channel_id)
         await self._confirm(worker, ch)
         self.open_waits_s.append(time.monotonic() - t0)
-        log.info("channel %s to %s open with %d nanoton", ch.address, ID(worker), deposit)
+        log.info("channel open", extra=fields(channel=ch.address, peer=worker, nanoton=deposit))
         return ch
 
     async def _confirm(self, worker: bytes, ch: PayerChannel) -> None:
@@ -251,7 +252,10 @@ class Payer:
         cid, seen = ch.issuer.channel_id, await self.deposits.look(ch.address)
         ours = seen.ours(cid)
         if ours is not None and ours.state == UNINITED:
-            log.warning("channel %s holds our deposit but was never initialised: initialising it", ch.address)
+            log.warning(
+                "it holds our deposit but was never initialised: initialising it",
+                extra=fields(channel=ch.address, peer=worker),
+            )
             await trio.to_thread.run_sync(self.deposits.initialise, ch.address, cid, ch.issuer.deposit_a)
             await self.deposits.wait_until_open(ch.address, cid)
             ours = (await self.deposits.look(ch.address)).ours(cid)
@@ -262,12 +266,16 @@ class Payer:
             except PaymentFailed as exc:
                 if ch.b_state is None or time.time() - ch.since < deposits.OPEN_WAIT_S:
                     raise
-                log.warning("channel %s: the worker never confirmed it (%s): refunding our deposit", ch.address, exc)
+                log.warning(
+                    "the worker never confirmed it (%s): refunding our deposit",
+                    exc,
+                    extra=fields(channel=ch.address, peer=worker),
+                )
                 await self._refund(ch)
                 raise PaymentFailed(f"channel {ch.address} never confirmed by the worker: refunding it") from exc
         if seen.active or seen.balance > 0 or (ch.since and time.time() - ch.since < deposits.OPEN_WAIT_S):
             raise PaymentFailed(f"channel {ch.address} is still opening (its deposit may not have landed yet)")
-        log.warning("channel %s to %s never opened on chain: abandoned", ch.address, ID(worker))
+        log.warning("never opened on chain: abandoned", extra=fields(channel=ch.address, peer=worker))
         self._advance(ch, _E.OPEN_ABANDONED)
 
     async def pay(self, worker: bytes, cost: int) -> int:
@@ -400,13 +408,17 @@ class Payer:
             return
         try:
             await self.settle(worker)
-            log.info("channel %s: the worker was closing it; closed cooperatively", ch.address)
+            log.info("the worker was closing it; closed cooperatively", extra=fields(channel=ch.address, peer=worker))
         except PaymentFailed as exc:
             async with ch.lock:
                 if ch.state is ChannelState.OPEN:
                     self._advance(ch, _E.CLOSE_PROPOSED)  # no more vouchers on it
                 ch.close_in_hand = True  # the worker is closing it: not ours to ask again
-            log.warning("channel %s: the worker is closing it (%s); following its close on chain", ch.address, exc)
+            log.warning(
+                "the worker is closing it (%s); following its close on chain",
+                exc,
+                extra=fields(channel=ch.address, peer=worker),
+            )
 
     async def agree_close(self, worker: bytes, proposal: pf.CloseProposal) -> pf.PayFrame:
         """The worker asks to close: sign if it claims no more than our vouchers gave it."""
@@ -441,7 +453,7 @@ class Payer:
                     async with self._opening.setdefault(ch.worker, trio.Lock()):
                         await self._resume_opening(ch.worker, ch)
                 except CocoonError as exc:
-                    log.warning("channel %s: opening: %s", ch.address, exc)
+                    log.warning("opening: %s", exc, extra=fields(channel=ch.address, peer=ch.worker))
         now = 0  # the chain's clock, asked once per pass and only for a quarantine
         for address, ch in self.closing.items():
             try:
@@ -462,7 +474,7 @@ class Payer:
                         await self._send(address, m.finish_uncooperative_close())
                         done[address] = CloseOutcome.FINISHED
             except CocoonError as exc:
-                log.warning("channel %s: %s", address, exc)
+                log.warning("watching the channel: %s", exc, extra=fields(channel=address, peer=ch.worker))
                 done[address] = CloseOutcome.FAILED
         return done
 
@@ -479,7 +491,11 @@ class Payer:
                     if ch.acked < ch.issuer.sent:  # one dial a pass: a worker gone for good stalls no pass
                         await connect(self.host, self.peer_addrs, worker, ch, tries=1)
             except CocoonError as exc:
-                log.info("channel %s: our newest voucher is still not acknowledged: %s", ch.address, exc)
+                log.info(
+                    "our newest voucher is still not acknowledged: %s",
+                    exc,
+                    extra=fields(channel=ch.address, peer=worker),
+                )
 
     def close(self) -> None:
         """Close the voucher log (the payer is unusable after)."""

@@ -31,6 +31,7 @@ from nacl.signing import SigningKey
 from cocoon_p2p.core.errors import ProtocolError
 from cocoon_p2p.core.framing import NeedData
 from cocoon_p2p.core.identity import Identity
+from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.core.metrics import Metric, metric
 from cocoon_p2p.transport.host import close_quietly
 
@@ -134,14 +135,14 @@ class PaymentService:
                         reply = await self.payee.answer(peer, frame)
                     await stream.write(conn.send(reply))
         except ProtocolError as exc:
-            log.info("peer broke the pay protocol: %s", exc)
+            log.info("peer broke the pay protocol: %s", exc, extra=fields(peer=peer))
             if conn.errored is exc:  # theirs: say why before hanging up
                 try:
                     await stream.write(conn.send(pf.PayError(exc.code, str(exc))))
                 except Exception as write_exc:
-                    log.debug("pay stream: the error reply was not sent: %r", write_exc)
+                    log.debug("pay stream: the error reply was not sent: %r", write_exc, extra=fields(peer=peer))
         except Exception as exc:
-            log.debug("pay stream ended: %r", exc)
+            log.debug("pay stream ended: %r", exc, extra=fields(peer=peer))
         finally:
             await close_quietly(stream)
 
@@ -187,7 +188,7 @@ class PaymentService:
                 log.warning("settlement pass failed: %r", exc)
                 continue
             for channel, how in done.items():
-                log.info("channel %s: %s", channel, how)
+                log.info("settled: %s", how, extra=fields(channel=channel))
 
     async def shutdown(self) -> dict[str, CloseOutcome]:
         """Before the node stops: close what the policy says to close (a worker's earnings)."""

@@ -279,20 +279,33 @@ class Lab:
     # -- running --------------------------------------------------------------
 
     def popen(
-        self, host: Host, argv: list[str], *, stdout: int | IO[Any] | None = None, stderr: int | IO[Any] | None = None
+        self,
+        host: Host,
+        argv: list[str],
+        *,
+        stdout: int | IO[Any] | None = None,
+        stderr: int | IO[Any] | None = None,
+        stdin: int | IO[Any] | None = subprocess.DEVNULL,
+        cwd: Path | None = None,
     ) -> subprocess.Popen[bytes]:
-        """Start ``argv`` inside ``host``'s namespace; the lab ends it on exit."""
-        proc = subprocess.Popen(host.argv(argv), stdout=stdout, stderr=stderr, stdin=subprocess.DEVNULL)
+        """Start ``argv`` inside ``host``'s namespace; the lab ends it on exit. It gets this
+        process's environment less ``$COCOON_LISTEN`` (a host of its own: node programs
+        take their usual listen addresses there)."""
+        env = {k: v for k, v in os.environ.items() if k != "COCOON_LISTEN"}
+        proc = subprocess.Popen(host.argv(argv), stdout=stdout, stderr=stderr, stdin=stdin, env=env, cwd=cwd)
         self._procs.append(proc)
         return proc
 
-    def python(self, host: Host, args: list[str], **streams: int | IO[Any] | None) -> subprocess.Popen[bytes]:
+    def python(
+        self, host: Host, args: list[str], *, stdout: int | IO[Any] | None = None, stderr: int | IO[Any] | None = None
+    ) -> subprocess.Popen[bytes]:
         """This interpreter (the project's venv) with ``args``, inside ``host``."""
-        return self.popen(host, [sys.executable, *args], **streams)
+        return self.popen(host, [sys.executable, *args], stdout=stdout, stderr=stderr)
 
     def run(self, host: Host, argv: list[str], *, timeout_s: float = 30.0) -> subprocess.CompletedProcess[str]:
         """Run ``argv`` inside ``host`` to the end and return what it printed."""
-        return subprocess.run(host.argv(argv), capture_output=True, text=True, timeout=timeout_s)
+        env = {k: v for k, v in os.environ.items() if k != "COCOON_LISTEN"}
+        return subprocess.run(host.argv(argv), capture_output=True, text=True, timeout=timeout_s, env=env)
 
     def close(self) -> None:
         """End every process in the lab's namespaces (those it started, and any they left

@@ -6,6 +6,7 @@ under the running interpreter) and waits until it serves, keeping what it said.
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -21,6 +22,16 @@ class ProcessFailed(CocoonError):
     """A node process exited before it was ready."""
 
 
+LOOPBACK_LISTEN = "/ip4/127.0.0.1/tcp/0"
+
+
+def local_env() -> dict[str, str]:
+    """The environment for the node processes of a network on this one machine: they
+    listen on loopback at free ports (not at a worker's default ``0.0.0.0:4001``, which
+    only one process can hold), unless ``$COCOON_LISTEN`` says otherwise."""
+    return {**os.environ, "COCOON_LISTEN": os.environ.get("COCOON_LISTEN", LOOPBACK_LISTEN)}
+
+
 @dataclass
 class Started:
     """A node process that is ready: its listen addresses and, by first word, the first
@@ -34,7 +45,7 @@ class Started:
 async def start_node(cmd: list[str], nursery: trio.Nursery, wallets: list[str] | None = None) -> Started:
     """Start a node process and return once it serves (a bootstrap peer: once it listens).
     The wallet address it prints goes to ``wallets``."""
-    proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE)
+    proc = await trio.lowlevel.open_process(cmd, stdout=subprocess.PIPE, env=local_env())
     assert proc.stdout is not None
     buf, started = b"", Started(proc, [])
     while True:

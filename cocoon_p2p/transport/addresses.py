@@ -56,6 +56,59 @@ def reachability_warning(addrs: Sequence[str]) -> str | None:
     if scopes and all(s is Scope.LOOPBACK for s in scopes):
         return f"this node's addresses are loopback only ({shown}): only this machine can reach it"
     return (
-        f"this node's addresses are all private ({shown}): peers outside its network cannot reach it; "
+        f"this node's addresses are all private ({shown}): peers outside its network cannot dial them; "
+        "a worker reserves a relay slot on its bootstrap peers unless AutoNAT finds it reachable, or "
         "announce a public address (--announce) after forwarding a port to it"
     )
+
+
+def is_relayed(multiaddr: str) -> bool:
+    """Whether ``multiaddr`` goes through a relay (``.../p2p-circuit/...``)."""
+    return "/p2p-circuit" in multiaddr
+
+
+def tcp_port(multiaddr: str) -> int | None:
+    """The TCP port of an ``/ip4|ip6|dns*/HOST/tcp/PORT...`` address (None: none)."""
+    parts = multiaddr.split("/")
+    if len(parts) >= 5 and parts[3] == "tcp" and parts[4].isdigit():
+        return int(parts[4])
+    return None
+
+
+def announceable(transport_addrs: Sequence[str], *, local_ips: Sequence[str] = ()) -> list[str]:
+    """The addresses worth telling other peers, from what the host listens on.
+
+    A wildcard listener (``0.0.0.0``, ``::``) becomes one address per ``local_ips``
+    of its family (no one can dial a wildcard); loopback addresses are told only when
+    nothing else is (a node on one machine, as in tests), since a remote peer that
+    dials them reaches itself. Order is kept; duplicates and relayed addresses go."""
+    out: list[str] = []
+    for addr in transport_addrs:
+        if is_relayed(addr):
+            continue
+        try:
+            where = scope(addr)
+        except ValueError:
+            continue
+        if where is Scope.UNSPECIFIED:
+            kind, _, rest = addr.split("/", 3)[1:]
+            v6 = kind == "ip6"
+            out += [
+                f"/{kind}/{ip}/{rest}"
+                for ip in local_ips
+                if (":" in ip) == v6 and not ipaddress.ip_address(ip).is_loopback
+            ]
+        else:
+            out.append(addr)
+    unique = list(dict.fromkeys(out))
+    remote = [a for a in unique if scope(a) is not Scope.LOOPBACK]
+    if remote:
+        return remote
+    if unique:
+        return unique
+    # Only wildcards and no other interface: this machine, then.
+    return [
+        a.replace("/0.0.0.0/", "/127.0.0.1/").replace("/::/", "/::1/")
+        for a in transport_addrs
+        if scope(a) is Scope.UNSPECIFIED
+    ]

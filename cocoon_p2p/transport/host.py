@@ -84,6 +84,9 @@ _NOISY_LOGGERS = {
     "libp2p.transport.tcp": logging.CRITICAL,
     "async_service": logging.CRITICAL,
     "multiaddr": logging.ERROR,
+    # Circuit relay logs every peer that hangs up mid-circuit, and every failed hole punch
+    # (a symmetric NAT fails them all), at ERROR: routine on the internet.
+    "libp2p.relay": logging.CRITICAL,
 }
 
 

@@ -43,7 +43,7 @@ class ResourceLimits:
 
     max_pending_handshakes: int = 128
     max_connections_per_ip: int = 64
-    max_connections_per_peer: int = 2  # simultaneous dials from both sides make two, briefly
+    max_connections_per_peer: int = 3  # both sides dialing make two, briefly; a hole punch beside a relayed one, three
     max_inbound_streams_per_peer: int = 256
 
     def __post_init__(self) -> None:

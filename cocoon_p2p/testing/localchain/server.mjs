@@ -392,6 +392,9 @@ const server = http.createServer((req, res) => {
     res.end(JSON.stringify(payload));
   });
 });
-server.listen(opts.port, "127.0.0.1", () => console.log(`listening http://127.0.0.1:${server.address().port}`));
+// --host: where to listen (127.0.0.1; the NAT lab gives its public host's address).
+const hostIndex = process.argv.indexOf("--host");
+const listenHost = hostIndex > 0 ? process.argv[hostIndex + 1] : "127.0.0.1";
+server.listen(opts.port, listenHost, () => console.log(`listening http://${listenHost}:${server.address().port}`));
 process.stdin.on("end", () => process.exit(0)); // stops with its parent
 process.stdin.resume();
