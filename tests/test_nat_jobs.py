@@ -31,7 +31,7 @@ import pytest
 from cocoon_p2p.testing.localchain import localchain_dir
 from cocoon_p2p.testing.netlab import Host, Lab, NatKind, unavailable_reason
 
-from .test_netlab import Printed
+from .test_netlab import Printed, start
 
 pytestmark = pytest.mark.slow
 
@@ -40,7 +40,7 @@ JOBS = 6
 UPGRADE_WAIT_S = 20.0
 
 
-class Path_(enum.Enum):
+class Route(enum.Enum):
     DIRECT = "direct"
     RELAYED = "relayed"
 
@@ -49,13 +49,13 @@ class Path_(enum.Enum):
 class Layout:
     name: str
     client_nat: NatKind | None  # None: the gateway is on the internet
-    path: Path_
+    path: Route
 
 
 LAYOUTS = [
-    Layout("public-gateway", None, Path_.DIRECT),
-    Layout("cone-cone", NatKind.ENDPOINT_INDEPENDENT, Path_.DIRECT),
-    Layout("cone-symmetric", NatKind.SYMMETRIC, Path_.RELAYED),
+    Layout("public-gateway", None, Route.DIRECT),
+    Layout("cone-cone", NatKind.ENDPOINT_INDEPENDENT, Route.DIRECT),
+    Layout("cone-symmetric", NatKind.SYMMETRIC, Route.RELAYED),
 ]
 
 
@@ -84,10 +84,6 @@ def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
         chain_url = chain.stdout.readline().decode().split()[1]
         b = start(lab, boot, ["bootstrap", "--data-dir", str(data / "boot"), "--listen", f"/ip4/{boot.ip}/tcp/4001"])
         yield Internet(lab, data, b.wait_for("listening").split()[1], boot.ip, chain_url)
-
-
-def start(lab: Lab, host: Host, args: list[str]) -> Printed:
-    return Printed(lab.python(host, [*CLI, *args, "--log-level", "WARNING"], stdout=subprocess.PIPE))
 
 
 GET = """
@@ -189,20 +185,20 @@ def run_layout(internet: Internet, layout: Layout, started: list[Printed]) -> No
         time.sleep(0.5)
 
     [first_ms] = embed(lab, client, 1)  # finds the worker, dials it (through the relay), pays
-    started = time.monotonic()
-    while sent_to(lab, worker, client.public_ip) is None and time.monotonic() - started < UPGRADE_WAIT_S:
+    t0 = time.monotonic()
+    while sent_to(lab, worker, client.public_ip) is None and time.monotonic() - t0 < UPGRADE_WAIT_S:
         time.sleep(0.2)
-    upgrade_s = time.monotonic() - started
+    upgrade_s = time.monotonic() - t0
     direct_before, relay_before = sent_to(lab, worker, client.public_ip), sent_to(lab, worker, internet.relay_ip)
     times = embed(lab, client, JOBS)
     direct_after, relay_after = sent_to(lab, worker, client.public_ip), sent_to(lab, worker, internet.relay_ip)
     # Each result is ~1.5 kB (384 floats): the path that carried them grew by about that much.
     results = JOBS * 1000
     if direct_before is not None and direct_after is not None and direct_after - direct_before > results:
-        path = Path_.DIRECT
+        path = Route.DIRECT
     else:
         assert relay_before is not None and relay_after is not None and relay_after - relay_before > results
-        path = Path_.RELAYED
+        path = Route.RELAYED
     deadline = time.monotonic() + 20  # the vouchers follow the results
     earned_key = "cocoon_channel_earned_unsettled_nanoton"
     while (earned := metrics(lab, worker, "http://127.0.0.1:9100/metrics")[earned_key]) <= 0:
@@ -210,7 +206,7 @@ def run_layout(internet: Internet, layout: Layout, started: list[Printed]) -> No
         time.sleep(0.5)
     print(
         f"{layout.name}: {path.value}"
-        + (f" after {upgrade_s:.1f} s" if path is Path_.DIRECT else "")
+        + (f" after {upgrade_s:.1f} s" if path is Route.DIRECT else "")
         + f"; first request (relayed dial + job) {first_ms:.0f} ms, then median {statistics.median(times):.0f} ms"
         + f" over {JOBS}; worker earned {earned:.0f} nanoton"
     )

@@ -167,7 +167,7 @@ async def test_a_4bit_model_served_under_the_fp32_id_is_caught_by_a_verify_job()
         cheater = workers[2]
         await wait_for(lambda: len(client.directory.workers_for(fp32.model_id, now_ms=now_ms())) == 3)
         verdicts = {}
-        for i in range(8):
+        for i in range(24):  # until the cheater served one (the router picks among three)
             prompt = chatml_prompt([{"role": "user", "content": f"Count from {i} to {i + 5}, then name a colour."}])
             assert client.job_client is not None
             r = await client.job_client.infer(fp32.model_id, texts=(prompt,), max_tokens=12, max_price=10, timeout_s=60)
