@@ -26,11 +26,14 @@ class Announcing:
         self.world = world
         self._delay_cache: dict[bytes, tuple[Any, list[int], dict[int, Any], float]] = {}
         self.visible: list[float] = []  # a new worker: from its start until half the clients know it
+        self.announcers: dict[bytes, list[SimWorker]] = {}  # model -> workers that ever announced it
 
     def snapshot(self, w: SimWorker, *, force: bool = False) -> None:
         """The worker announces its load (periodically, and on change at most every 0.5 s)."""
         now = self.world.events.now
         if force or now - w.last_snapshot >= self.world.sc.gossip.load_announce_gap_s:
+            if w.last_snapshot < 0:
+                self.announcers.setdefault(w.model_id, []).append(w)
             w.snapshots.append([now, w.running, None])
             w.last_snapshot = now
 
@@ -43,7 +46,10 @@ class Announcing:
         world.events.after(world.sc.gossip.announce_interval_s, self._announce_tick, w, session)
         if world.events.now >= world.sc.warmup_s / 2 or joined < 1.0:  # sampled: a Dijkstra per join
             if len(self.visible) < 200:
-                d = world.mesh.delays_from([w.idx], world.events.now)[w.idx]
+                if world.sampled:  # the delays its messages take (a Dijkstra a join is too dear at 100,000 peers)
+                    d = world.mesh.proxy_row(w.idx, world.events.now, world.sc.scale.delay_sources)
+                else:
+                    d = world.mesh.delays_from([w.idx], world.events.now)[w.idx]
                 reach = sorted(d[c.idx] for c in world.clients if world.online[c.idx] and c.model_id == w.model_id)
                 if reach and math.isfinite(reach[len(reach) // 2]):
                     self.visible.append(float(world.events.now - joined + reach[len(reach) // 2]))
@@ -79,33 +85,35 @@ class Announcing:
         now_ms = world.now_ms()
         col = c.idx
         for w_idx in sources:
-            w = world.workers[w_idx]
             d = delays[w_idx][col]
-            if d == math.inf:
+            if d != math.inf:
+                self.deliver_one(c, world.workers[w_idx], float(d), now, now_ms, ttl_ms)
+
+    def deliver_one(self, c: SimClient, w: SimWorker, d: float, now: float, now_ms: int, ttl_ms: int) -> None:
+        """Feed ``c``'s directory ``w``'s newest announcement that reached it (``d``: its delay)."""
+        held = c.directory.announcement_of(w.ident.peer_id)
+        for snap in reversed(w.snapshots):
+            issued = snap[0]
+            if issued + d > now:
                 continue
-            held = c.directory.announcement_of(w.ident.peer_id)
-            for snap in reversed(w.snapshots):
-                issued = snap[0]
-                if issued + d > now:
-                    continue
-                if issued < c.joined_at:  # gossipsub does not replay: it was in flight before the client joined
-                    break
-                issued_ms = EPOCH_MS + int(issued * 1000)
-                if (held is not None and held.issued_at_ms >= issued_ms) or issued_ms + ttl_ms <= now_ms:
-                    break
-                if snap[2] is None:  # one announcement object per message, shared by its receivers
-                    g = w.group
-                    free = max(0, g.capacity - snap[1])
-                    offer = Offer(model_id=w.model_id, backend="tensorrt", gpu=g.gpu, price_nanoton=g.price_nanoton,
-                                  unit="item", capacity=g.capacity, free_capacity=free)  # fmt: skip
-                    snap[2] = Announcement(peer_id=w.ident.peer_id, addrs=(f"/sim/{w_idx}",), offers=(offer,),
-                                           running_jobs=snap[1], issued_at_ms=issued_ms,
-                                           expires_at_ms=issued_ms + ttl_ms)  # fmt: skip
-                try:
-                    c.directory.accept(snap[2], origin=w.ident.peer_id, now_ms=int(EPOCH_MS + (issued + d) * 1000))
-                except Exception:
-                    pass  # rate-limited or replayed: as a node would, keep what is held
+            if issued < c.joined_at:  # gossipsub does not replay: it was in flight before the client joined
                 break
+            issued_ms = EPOCH_MS + int(issued * 1000)
+            if (held is not None and held.issued_at_ms >= issued_ms) or issued_ms + ttl_ms <= now_ms:
+                break
+            if snap[2] is None:  # one announcement object per message, shared by its receivers
+                g = w.group
+                free = max(0, g.capacity - snap[1])
+                offer = Offer(model_id=w.model_id, backend="tensorrt", gpu=g.gpu, price_nanoton=g.price_nanoton,
+                              unit="item", capacity=g.capacity, free_capacity=free)  # fmt: skip
+                snap[2] = Announcement(peer_id=w.ident.peer_id, addrs=(f"/sim/{w.idx}",), offers=(offer,),
+                                       running_jobs=snap[1], issued_at_ms=issued_ms,
+                                       expires_at_ms=issued_ms + ttl_ms)  # fmt: skip
+            try:
+                c.directory.accept(snap[2], origin=w.ident.peer_id, now_ms=int(EPOCH_MS + (issued + d) * 1000))
+            except Exception:
+                pass  # rate-limited or replayed: as a node would, keep what is held
+            break
 
     def _delays_for(self, model_id: bytes, now: float) -> tuple[list[int], dict[int, Any]]:
         """The announcing workers of a model and their mesh delays (cached per mesh epoch)."""
@@ -129,8 +137,22 @@ class Announcing:
         self.world.kad.lookup(c.idx, c.dht_key, lambda res: self._lookup_done(c, res, then), key=c.dht_key)
 
     def _lookup_done(self, c: SimClient, res: LookupResult, then: Callable[[], None] | None) -> None:
-        self.world.results.add_lookup(res, self.world.sc.peers)
-        for rec in res.records.values():
-            c.directory.add_record(rec)
+        world = self.world
+        world.results.add_lookup(res, world.sc.peers)
+        if world.sampled:  # a sample of what it found (the router samples two): memory stays O(clients)
+            recs = list(res.records.values())
+            keep = world.sc.scale.lookup_records
+            if len(recs) > keep:
+                recs = c.router.rng.sample(recs, keep)
+            for rec in recs:
+                held = c.records.get(rec.peer_id)
+                if held is None or rec.issued_at_ms > held.issued_at_ms:
+                    c.records[rec.peer_id] = rec
+            now_ms = world.now_ms()
+            if len(c.records) > 2 * keep:  # expired ones go first
+                c.records = {p: r for p, r in c.records.items() if r.expires_at_ms > now_ms}
+        else:
+            for rec in res.records.values():
+                c.directory.add_record(rec)
         if then is not None:
             then()

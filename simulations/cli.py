@@ -1,7 +1,8 @@
 """``cocoon-sim``: run scenarios in virtual time (model) or with real nodes (emulation).
 
     cocoon-sim run SCENARIO [--fidelity model|emulation] [--out DIR] [--param key=value ...]
-    cocoon-sim sweep SCENARIO --param key=v1,v2,... [--param ...] [--processes N] [--out DIR]
+    cocoon-sim sweep SCENARIO --param key=v1,v2,... [--param ...] [--seeds K] [--out DIR]
+        [--scheduler tcp://HOST:8786 | --workers N [--executor dask|process] | --processes N] [--fresh]
     cocoon-sim calibrate SCENARIO [--out DIR]    # the same scenario in both fidelities, side by side
 
 Each run writes summary.json, CSVs (jobs, time series, lookups, workers) and PNG plots.
@@ -10,22 +11,20 @@ Each run writes summary.json, CSVs (jobs, time series, lookups, workers) and PNG
 from __future__ import annotations
 
 import argparse
-import concurrent.futures
 import csv
 import importlib
-import itertools
-import json
 import math
-import os
 import sys
-import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 from cocoon_p2p import __version__
 
-from .results import Results
+from .cluster import ClusterError, choose
+from .results import CHEAT_FIGURES, KEY_FIGURES, Results, dumps
 from .scenario import Scenario, ScenarioError, load
+from .sweep import SweepSpec, execute, run_scenario, save_run
 
 # Imported on first use (by the model and the plots): an install without the
 # [sim] extra still answers --help and --version, and says what is missing.
@@ -42,65 +41,6 @@ def missing_sim_extra() -> str | None:
     return None
 
 
-class Progress:
-    """A one-line progress bar on stderr (virtual time done, wall time spent)."""
-
-    def __init__(self, total_s: float, label: str, *, enabled: bool = True) -> None:
-        self.total, self.label, self.enabled = total_s, label, enabled
-        self.t0 = time.perf_counter()
-
-    def __call__(self, now: float) -> None:
-        if not self.enabled:
-            return
-        share = min(1.0, now / self.total)
-        bar = "#" * int(share * 30)
-        print(f"\r{self.label} [{bar:<30}] {share:4.0%} virtual {now:,.0f}/{self.total:,.0f} s, "
-              f"wall {time.perf_counter() - self.t0:,.1f} s", end="", file=sys.stderr, flush=True)  # fmt: skip
-
-    def done(self) -> None:
-        if self.enabled:
-            self(self.total)
-            print(file=sys.stderr)
-
-
-def run_scenario(sc: Scenario, fidelity: str, *, show_progress: bool = True) -> Results:
-    t0 = time.perf_counter()
-    progress = Progress(sc.duration_s, sc.name, enabled=show_progress)
-    if fidelity == "model":
-        from .model import ModelSim
-
-        results = ModelSim(sc, progress=progress).run()
-    else:
-        from .emulation import run_emulation
-
-        results = run_emulation(sc, progress=progress)
-    progress.done()
-    results.wall_s = time.perf_counter() - t0
-    return results
-
-
-def _save(results: Results, out: Path, *, plots: bool = True) -> dict[str, Any]:
-    summary = results.write(out)
-    if plots:  # a fifth of a short run's time: experiments that draw their own figures skip them
-        from . import plots as figures
-
-        summary["plots"] = figures.write_all(results, out)
-    else:
-        summary["plots"] = []
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
-    return summary
-
-
-KEY_FIGURES = ("jobs_issued", "success", "latency_s_p50", "latency_s_p99", "attempts_mean", "lookup_s_p50",
-               "lookup_hops_mean", "onchain_ops", "onchain_ops_per_10k_jobs", "wall_s")  # fmt: skip
-
-
-# With a [cheat] section in use: the figures of its block that a run prints and a sweep tabulates.
-CHEAT_FIGURES = ("cheaters", "cheaters_detected", "wrong_delivered", "wrong_caught", "wrong_paid_share",
-                 "jobs_to_detection_p50", "jobs_to_detection_p90", "network_ban_s_max", "checks",
-                 "added_compute_share", "false_alarms")  # fmt: skip
-
-
 def _print_summary(s: dict[str, Any]) -> None:
     for k in KEY_FIGURES:
         v = s.get(k)
@@ -111,50 +51,6 @@ def _print_summary(s: dict[str, Any]) -> None:
     for k in CHEAT_FIGURES if "cheat" in s else ():
         v = s["cheat"].get(k)
         print(f"{'cheat.' + k:28} {v:.4g}" if isinstance(v, float) else f"{'cheat.' + k:28} {v}")
-
-
-def _one(args: tuple[str, list[str], str, str, bool]) -> dict[str, Any]:
-    """A sweep point, in its own process."""
-    path, overrides, fidelity, out, plots = args
-    sc = load(Path(path), overrides)
-    summary = _save(run_scenario(sc, fidelity, show_progress=False), Path(out), plots=plots)
-    summary["params"] = dict(o.split("=", 1) for o in overrides)
-    return summary
-
-
-def sweep(
-    path: Path, grid: list[str], fidelity: str, out: Path, processes: int, base: list[str], *, plots: bool = True
-) -> list[dict[str, Any]]:
-    """Every point of ``grid`` (``key=v1,v2`` axes) over ``base`` overrides, in parallel
-    processes; each point's files (its plots only with ``plots``) under ``out``, and
-    ``sweep.csv`` / ``sweep.json`` of them all."""
-    axes = []
-    for g in grid:
-        key, _, values = g.partition("=")
-        axes.append([f"{key}={v}" for v in values.split(",")])
-    points = [base + list(combo) for combo in itertools.product(*axes)]
-    jobs = [(str(path), p, fidelity, str(out / "_".join(o.replace("=", "-") for o in p[len(base) :])), plots)
-            for p in points]  # fmt: skip
-    results: list[dict[str, Any]] = []
-    with concurrent.futures.ProcessPoolExecutor(max_workers=processes) as pool:
-        futures = {pool.submit(_one, j): j for j in jobs}
-        for i, fut in enumerate(concurrent.futures.as_completed(futures), 1):
-            s = fut.result()
-            results.append(s)
-            print(f"[{i}/{len(jobs)}] {s['params']}: success {s['success']:.4f}, p99 {s['latency_s_p99']:.3f} s",
-                  file=sys.stderr, flush=True)  # fmt: skip
-    results.sort(key=lambda s: [s["params"][k] for k in sorted(s["params"])])
-    out.mkdir(parents=True, exist_ok=True)
-    with (out / "sweep.csv").open("w", newline="") as f:
-        keys = sorted(results[0]["params"]) if results else []
-        cheat = CHEAT_FIGURES if any("cheat" in s for s in results) else ()
-        w = csv.writer(f)
-        w.writerow([*keys, *KEY_FIGURES, *(f"cheat.{k}" for k in cheat)])
-        for s in results:
-            w.writerow([s["params"][k] for k in keys] + [s.get(k) for k in KEY_FIGURES]
-                       + [s.get("cheat", {}).get(k) for k in cheat])  # fmt: skip
-    (out / "sweep.json").write_text(json.dumps(results, indent=2, default=str) + "\n")
-    return results
 
 
 CALIBRATED = ("success", "latency_s_p50", "latency_s_p90", "latency_s_p99", "lookup_s_p50", "announce_visible_s_p50")
@@ -168,11 +64,11 @@ def calibrate(path: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
     emulation's median latency (less the scenario's round trip), so the median agrees
     by construction and the other figures are the test."""
     sc = load(path, overrides)
-    report: dict[str, Any] = {"emulation": _save(run_scenario(sc, "emulation"), out / "emulation")}
+    report: dict[str, Any] = {"emulation": save_run(run_scenario(sc, "emulation"), out / "emulation")}
     job_s = max(1e-4, report["emulation"]["latency_s_p50"] - sc.network.rtt_ms_median / 1000)
     report["fitted"] = {"workers.job_s": job_s}
     sc = load(path, [*overrides, f"workers.job_s={job_s}"])
-    report["model"] = _save(run_scenario(sc, "model"), out / "model")
+    report["model"] = save_run(run_scenario(sc, "model"), out / "model")
     rows = []
     for key in CALIBRATED:
         e, m = report["emulation"].get(key), report["model"].get(key)
@@ -181,7 +77,7 @@ def calibrate(path: Path, out: Path, overrides: list[str]) -> dict[str, Any]:
             agree = bool(abs(e - m) <= 0.005 if key == "success" else abs(e - m) <= 0.25 * max(abs(e), 1e-9))
         rows.append({"figure": key, "emulation": e, "model": m, "agree": agree})
     report["comparison"] = rows
-    (out / "calibration.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
+    (out / "calibration.json").write_text(dumps(report))
     from . import plots
 
     plots.latency_cdf({"emulation": _reload(out / "emulation", sc), "model": _reload(out / "model", sc)},
@@ -209,12 +105,19 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--fidelity", choices=["model", "emulation"], default="model")
     p.add_argument("--out", type=Path, help="output folder (default sim-out/<name>)")
     p.add_argument("--param", action="append", default=[], help="override: section.key=value (repeatable)")
-    p = sub.add_parser("sweep", help="run a grid of parameter values in parallel processes")
+    p = sub.add_parser("sweep", help="run a grid of parameter values (x seeds) in parallel, locally or on Dask")
     p.add_argument("scenario", type=Path)
     p.add_argument("--param", action="append", required=True, help="section.key=v1,v2,... (repeatable: a grid)")
     p.add_argument("--set", action="append", default=[], help="fixed override for every point: section.key=value")
     p.add_argument("--fidelity", choices=["model", "emulation"], default="model")
-    p.add_argument("--processes", type=int, default=os.cpu_count() or 2)
+    p.add_argument("--seeds", type=int, default=1, help="replicates per grid point (mean and 95%% CI in sweep.csv)")
+    p.add_argument("--scheduler", help="run the points on the Dask cluster at this address (tcp://HOST:8786)")
+    p.add_argument("--workers", type=int, help="start a local Dask cluster of N worker processes")
+    p.add_argument("--executor", choices=["auto", "dask", "process"], default="auto",
+                   help="process: a local process pool (with --workers N: of N) instead of Dask")  # fmt: skip
+    p.add_argument("--processes", type=int, help="a local process pool of N (the default: one per CPU)")
+    p.add_argument("--fresh", action="store_true", help="run every point again (default: skip those done in --out)")
+    p.add_argument("--no-point-plots", action="store_true", help="skip each point's own figures (faster)")
     p.add_argument("--out", type=Path)
     p = sub.add_parser("calibrate", help="the scenario in both fidelities, side by side")
     p.add_argument("scenario", type=Path)
@@ -230,15 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "run":
             sc = load(args.scenario, args.param)
             out = args.out or Path("sim-out") / sc.name
-            summary = _save(run_scenario(sc, args.fidelity), out)
+            summary = save_run(run_scenario(sc, args.fidelity), out)
             _print_summary(summary)
             print(f"wrote {out}/ (summary.json, CSVs, {len(summary['plots'])} plots)")
         elif args.command == "sweep":
-            name = args.scenario.stem
-            out = args.out or Path("sim-out") / f"{name}-sweep"
-            procs = 1 if args.fidelity == "emulation" else args.processes
-            sweep(args.scenario, args.param, args.fidelity, out, procs, args.set)
-            print(f"wrote {out}/sweep.csv")
+            return _sweep(args)
         else:
             out = args.out or Path("sim-out") / f"{args.scenario.stem}-calibration"
             report = calibrate(args.scenario, out, args.param)
@@ -246,10 +145,26 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{row['figure']:24} emulation {row['emulation']!s:>12.12} model {row['model']!s:>12.12} "
                       f"{'agree' if row['agree'] else 'DIFFER' if row['agree'] is False else 'n/a'}")  # fmt: skip
             print(f"wrote {out}/calibration.json")
-    except ScenarioError as exc:
+    except (ScenarioError, ClusterError) as exc:
         print(f"cocoon-sim: {exc}", file=sys.stderr)
         return 2
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    """The sweep command: 0 when every point is done, 1 when some failed (the files are written either way)."""
+    out = args.out or Path("sim-out") / f"{args.scenario.stem}-sweep"
+    ex = choose(executor=args.executor, scheduler=args.scheduler, workers=args.workers, processes=args.processes)
+    if args.fidelity == "emulation" and ex.scheduler is None:
+        ex = replace(ex, workers=1)  # real nodes and a local chain each: one at a time on this machine
+    spec = SweepSpec(scenario=args.scenario, grid=tuple(args.param), base=tuple(args.set), fidelity=args.fidelity,
+                     seeds=args.seeds, plots=not args.no_point_plots)  # fmt: skip
+    report = execute(spec, out, ex, fresh=args.fresh)
+    failed = len(report.points) - len(report.records)
+    print(f"wrote {out}/sweep.csv and summary.json: {len(report.records)} of {len(report.points)} points done "
+          f"({report.computed} run now, {report.skipped} before)"
+          + (f", {failed} FAILED (see {out}/points/*.error.json)" if failed else ""))  # fmt: skip
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":

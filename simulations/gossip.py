@@ -8,10 +8,19 @@ Those delays are computed for every announcing peer at once (scipy's Dijkstra,
 in C) and kept for an epoch; joins and leaves start a new epoch lazily.
 Lazy gossip (IHAVE/IWANT) and flood-publishing are not modelled: they only add
 paths, so the model's spread is an upper bound on delay.
+
+The sparse graph is rebuilt only when links changed since it was last built. In a
+large network (the sampled view, :mod:`.views`) a Dijkstra from every announcing
+peer each epoch is out of reach (~0.1 s each at 100,000 peers): :meth:`Mesh.delay`
+answers from ``sources`` exact rows computed from random online peers each epoch,
+a publisher taking the row of its proxy (``publisher % sources``). Every receiver
+keeps its own exact distances from those proxies, so the spread of delays, and a
+far peer's lateness, are kept; what a publisher's own position adds is not.
 """
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import numpy as np
@@ -35,6 +44,15 @@ class Mesh:
         self.dirty = True  # links changed since the delays were computed
         self.recomputes = 0
         self.version = 0  # bumped when the delays are recomputed
+        self.links_version = 0  # bumped when a link is added or dropped
+        self._graph: csr_matrix | None = None
+        self._graph_version = -1
+        self._graph_epoch = -1
+        # The sampled view's Dijkstras within an epoch share the graph of its first one (a rebuild
+        # is ~0.3 s at 100,000 peers); joins since still reach the cached rows through graft().
+        self.graph_per_epoch = False
+        self._proxies: list[int] = []  # the sampled view's sources this epoch (see delay())
+        self._proxy_version = -1
 
     def build(self) -> None:
         order = [p for p in range(self.n) if self.online[p]]
@@ -46,7 +64,7 @@ class Mesh:
         """Add mesh links until ``p`` has D (peers with D_hi links refuse)."""
         if not self.online[p]:
             return
-        tries = 0
+        tries, before = 0, len(self.adj[p])
         while len(self.adj[p]) < self.cfg.D and tries < 8 * self.cfg.D:
             tries += 1
             q = self.rng.randrange(self.n)
@@ -54,6 +72,8 @@ class Mesh:
                 continue
             d = self.latency.pair_rtt(p, q) / 2 + self.cfg.hop_delay_ms / 1000
             self.adj[p][q] = self.adj[q][p] = d
+        if len(self.adj[p]) != before:
+            self.links_version += 1
         self.dirty = True
         self._delays.pop(p, None)  # a peer that just joined gets its own delays at once
         # ...and is reachable from the cached sources through its new links at once (exact for p; paths
@@ -73,6 +93,8 @@ class Mesh:
         for q in lost:
             del self.adj[q][p]
         self.adj[p].clear()
+        if lost:
+            self.links_version += 1
         self.dirty = True
         return lost
 
@@ -83,24 +105,58 @@ class Mesh:
     def delays_from(self, sources: list[int], now: float) -> dict[int, np.ndarray]:
         """Arrival delay (seconds) at every peer of a message published by each source
         (recomputed when links changed and an epoch has passed, or for a new source)."""
-        if self.dirty and now - self.epoch_started >= self.cfg.epoch_s:
-            self._delays.clear()
-            self.epoch_started, self.dirty = now, False
-            self.version += 1
+        self._roll(now)
         missing = [s for s in sources if s not in self._delays]
         if missing:
-            rows, cols, vals = [], [], []
-            for p in range(self.n):
-                for q, d in self.adj[p].items():
-                    rows.append(p)
-                    cols.append(q)
-                    vals.append(d)
-            graph = csr_matrix((vals, (rows, cols)), shape=(self.n, self.n))
-            dist = dijkstra(graph, directed=True, indices=missing)
+            dist = dijkstra(self.graph(), directed=True, indices=missing)
             for i, s in enumerate(missing):
                 self._delays[s] = dist[i]
             self.recomputes += 1
         return {s: self._delays[s] for s in sources}
+
+    def _roll(self, now: float) -> None:
+        """A new epoch when links changed and the last one is over: cached delays go."""
+        if self.dirty and now - self.epoch_started >= self.cfg.epoch_s:
+            self._delays.clear()
+            self.epoch_started, self.dirty = now, False
+            self.version += 1
+
+    def graph(self) -> csr_matrix:
+        """The mesh as a sparse matrix of one-way delays (rebuilt only after links changed)."""
+        if self._graph is None or (
+            self._graph_version != self.links_version
+            and not (self.graph_per_epoch and self._graph_epoch == self.version)
+        ):
+            degrees = np.fromiter((len(a) for a in self.adj), dtype=np.int64, count=self.n)
+            indptr = np.zeros(self.n + 1, dtype=np.int64)
+            np.cumsum(degrees, out=indptr[1:])
+            total = int(indptr[-1])
+            cols = np.fromiter(itertools.chain.from_iterable(self.adj), dtype=np.int64, count=total)
+            vals = np.fromiter(itertools.chain.from_iterable(a.values() for a in self.adj), dtype=float, count=total)
+            self._graph = csr_matrix((vals, cols, indptr), shape=(self.n, self.n))
+            self._graph_version, self._graph_epoch = self.links_version, self.version
+        return self._graph
+
+    def delay(self, publisher: int, receiver: int, now: float, sources: int) -> float:
+        """The sampled view's arrival delay at ``receiver`` of a message from ``publisher``:
+        the exact delay from the publisher's proxy, one of ``sources`` online peers drawn
+        each epoch (their rows follow joins as every cached row does)."""
+        return float(self.proxy_row(publisher, now, sources)[receiver])
+
+    def proxy_row(self, publisher: int, now: float, sources: int) -> np.ndarray:
+        """The delays at every peer that :meth:`delay` gives ``publisher``'s messages."""
+        self._roll(now)
+        if self._proxy_version != self.version or not self._proxies:
+            online = [p for p in range(self.n) if self.online[p]] or [0]
+            pick = random.Random(self.version * 7919 + self.n)  # its own stream: grafting draws stay as they were
+            self._proxies = pick.sample(online, min(sources, len(online)))
+            self._proxy_version = self.version
+            self.delays_from(self._proxies, now)  # all at once: one multi-source Dijkstra
+        proxy = self._proxies[publisher % len(self._proxies)]
+        row = self._delays.get(proxy)
+        if row is None:
+            row = self.delays_from([proxy], now)[proxy]
+        return row
 
     def coverage(self, source: int, within_s: float, now: float) -> float:
         """Share of online peers a message from ``source`` reaches within ``within_s``."""

@@ -36,6 +36,7 @@ from .results import JobRecord
 from .settling import Settlement
 from .spotchecks import Check, Verdict
 from .tee import NO_ATTESTED_WORKERS, Attestation
+from .views import SampledView, with_reported_load
 from .world import DEAD_DETECT_S, EPOCH_MS, Attempt, JobLink, SimClient, SimJob, SimWorker, World
 
 
@@ -52,6 +53,8 @@ class JobFlow:
         self.cheating = cheating
         cheating.bind(self)
         self.open_jobs: dict[SimJob, None] = {}  # insertion-ordered: runs must not depend on addresses
+        self.open_by_client: dict[int, dict[SimJob, None]] = {}  # the same, per client (who leaves ends its own)
+        self.view = SampledView(world, announcing) if world.sampled else None
 
     # ---- clients ------------------------------------------------------------------------------
 
@@ -69,10 +72,13 @@ class JobFlow:
         )
         job = SimJob(rec, c, deadline, attempts)
         self.open_jobs[job] = None
+        self.open_by_client.setdefault(c.idx, {})[job] = None
         world.events.at(job.deadline, self._deadline, job)
         self._try(job)
 
     def _offers(self, c: SimClient) -> list[WorkerOffer]:
+        if self.view is not None:  # every offer in view: the sampled view's scan
+            return self.cheating.unbanned(c, self.view.full(c))
         self.announcing.deliver(c)
         return self.cheating.unbanned(c, c.directory.workers_for(c.model_id, now_ms=self.world.now_ms()))
 
@@ -88,6 +94,8 @@ class JobFlow:
         c, now = job.client, world.events.now
         if (why := job.attempts.stop(now)) is not None:
             return self._fail(job, why)
+        if self.view is not None and self._try_sampled(job):
+            return
         offers = self._offers(c)
         if not offers and now - c.looked_up_at > 5.0:  # nothing heard yet: ask the DHT
             self.announcing.lookup(c, lambda: self._try(job))
@@ -99,6 +107,29 @@ class JobFlow:
         job.attempts.started(w.ident.peer_id)
         job.record.attempts = job.attempts.count
         self._dispatch(job, w)
+
+    def _try_sampled(self, job: SimJob) -> bool:
+        """Route ``job`` from the router's sample alone (:mod:`.views`); False: the sample could
+        not be drawn, route from the whole view instead."""
+        assert self.view is not None
+        c, rule = job.client, self.world.sc.routing.rule
+        if rule not in ("cocoon", "random"):
+            return False
+        c.directory.expire(self.world.now_ms())  # the view is rebuilt per job: keep only the live
+        candidates = self.view.candidates(c, job, weighted=rule == "cocoon")
+        if candidates is None:
+            return False
+        if rule == "random":
+            chosen: WorkerOffer | None = candidates[0]
+        else:
+            chosen = job.attempts.choose(with_reported_load(self.world, c, candidates), self.world.events.now)
+        if chosen is None:
+            return False
+        w = self.world.by_peer[chosen.peer_id]
+        job.attempts.started(w.ident.peer_id)
+        job.record.attempts = job.attempts.count
+        self._dispatch(job, w)
+        return True
 
     def run_check(self, check: Check, w: SimWorker) -> None:
         """A run of ``check`` on ``w``: one attempt with a deadline of its own (the client's
@@ -169,7 +200,7 @@ class JobFlow:
         if rule == "random":
             pool_offers = c.router.eligible(offers, max_price=cap, now=now, exclude=job.attempts.exclude)
             return world.by_peer[world.rng.choice(pool_offers).peer_id] if pool_offers else None
-        chosen = job.attempts.choose(offers, now)  # the library's rule
+        chosen = job.attempts.choose(with_reported_load(self.world, c, offers), now)  # the library's rule
         return world.by_peer[chosen.peer_id] if chosen is not None else None
 
     def _oracle_pool(self, c: SimClient, exclude: frozenset[bytes], *, tee: bool) -> list[SimWorker]:
@@ -234,6 +265,7 @@ class JobFlow:
         units, price = c.group.units, w.group.price_nanoton
         cost = units * price * (2 if w.behaviour == "overcharge" else 1)
         att.answer = self.cheating.answer(w)
+        att.queue_at_accept = (self.world.now_ms(), w.running)  # what a JobAccepted with a queue length says
         # As the worker does for a quick job: JobAccepted goes out with the result, in one write.
         data = att.link.worker.send(JobAccepted(job_id=att.job_id, price_nanoton=price, unit="item"))
         data += att.link.worker.send(JobResult(job_id=att.job_id, usage_units=units, cost_nanoton=cost,
@@ -268,6 +300,8 @@ class JobFlow:
         assert isinstance(first, JobAccepted)
         result = att.link.client.next_event()
         assert isinstance(result, JobResult)
+        if att.queue_at_accept is not None and self.world.sc.routing.job_path_load:
+            c.load_reports[w.ident.peer_id] = att.queue_at_accept
         if job.done:
             return
         price = first.price
@@ -278,6 +312,8 @@ class JobFlow:
             job.done = True
             return self.cheating.run_answered(att, cost)
         job.attempts.succeeded(w.ident.peer_id, self.world.events.now - att.sent_at, compute_us=result.compute_us)
+        if self.view is not None:
+            self.view.learned(c, w.ident.peer_id)
         if self.cheating.result(att, cost):  # drawn for a spot check: it ends the job
             return
         self.complete(job, w, cost, pay=True, verdict=Verdict.UNCHECKED, wrong=att.answer != 0)
@@ -290,7 +326,7 @@ class JobFlow:
         if pay:
             self.settlement.pay(job.client, w, cost)
         job.done = True
-        self.open_jobs.pop(job, None)
+        self._close(job)
         r = job.record
         r.ok, r.latency_s, r.worker, r.cost = True, self.world.events.now - r.issued, w.idx, cost
         r.verdict, r.wrong = verdict, wrong
@@ -306,6 +342,7 @@ class JobFlow:
         after = job.attempts.failed(att.worker.ident.peer_id, code, self.world.events.now)
         if after.forget_worker:  # as the node's PeerFeedback.worker_lost: until it announces again
             c.directory.forget(att.worker.ident.peer_id)
+            c.records.pop(att.worker.ident.peer_id, None)
         job.record.code = code
         if not after.retry:
             return self._fail(job, code)
@@ -334,17 +371,23 @@ class JobFlow:
         if job.done:
             return
         job.done = True
-        self.open_jobs.pop(job, None)
+        self._close(job)
         job.record.code = code
         self.world.results.add_job(job.record)
 
     def client_left(self, c: SimClient) -> None:
         """``c`` went down: its open jobs end, counted as abandoned."""
-        for job in [j for j in self.open_jobs if j.client is c]:
+        for job in list(self.open_by_client.pop(c.idx, {})):  # in the order they arrived, as open_jobs
             job.done = True
             job.record.code = "client-left"
             self.open_jobs.pop(job, None)
             self.world.results.add_job(job.record)
+
+    def _close(self, job: SimJob) -> None:
+        self.open_jobs.pop(job, None)
+        mine = self.open_by_client.get(job.client.idx)
+        if mine is not None:
+            mine.pop(job, None)
 
     def end_of_run(self) -> None:
         """Jobs still open when the run ends are counted as unfinished."""
@@ -353,3 +396,4 @@ class JobFlow:
             job.record.code = "unfinished"
             self.world.results.add_job(job.record)
         self.open_jobs.clear()
+        self.open_by_client.clear()

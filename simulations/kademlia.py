@@ -17,6 +17,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
+
 from .events import EventQueue
 from .latency import Latency
 from .scenario import Dht
@@ -50,6 +52,7 @@ class _Lookup:
     timeouts: int = 0
     records: dict[int, Any] = field(default_factory=dict)
     finished: bool = False
+    known: set[int] = field(default_factory=set)  # the peers in best (kept with it: a set per answer costs)
 
 
 class Kademlia:
@@ -61,11 +64,15 @@ class Kademlia:
         self.events = events
         self.online = online
         self.ids = [rng.getrandbits(cfg.id_bits) for _ in range(n)]
-        self._tables: dict[int, tuple[float, list[int]]] = {}
+        # node -> (built at, contacts, their ids): ids as an array, so the closest are found in C
+        self._tables: dict[int, tuple[float, list[int], np.ndarray, np.ndarray]] = {}
         pairs = sorted((self.ids[p], p) for p in range(n) if online[p])
         self._ids_sorted = [i for i, _ in pairs]  # the online peers, by id (kept up to date)
         self._peers_sorted = [p for _, p in pairs]
         self.stores: dict[int, dict[int, dict[int, tuple[float, Any]]]] = {}  # node -> key -> provider -> (exp, rec)
+        # At most this many providers a key in one answer (None: all). A lookup of a model that
+        # 3,000 workers provide would otherwise copy 3,000 records from each of the k closest.
+        self.provider_cap: int | None = None
 
     # ---- routing tables -----------------------------------------------------------
 
@@ -83,9 +90,12 @@ class Kademlia:
 
     def table(self, node: int) -> list[int]:
         """Up to k contacts per bucket, sampled when built; rebuilt after ``refresh_s``."""
+        return self._table(node)[1]
+
+    def _table(self, node: int) -> tuple[float, list[int], np.ndarray, np.ndarray]:
         held = self._tables.get(node)
         if held is not None and self.events.now - held[0] < self.cfg.refresh_s:
-            return held[1]
+            return held
         ids, peers = self._ids_sorted, self._peers_sorted
         me, k, contacts = self.ids[node], self.cfg.k, []
         for b in range(self.cfg.id_bits):
@@ -95,8 +105,10 @@ class Kademlia:
                 contacts.extend(peers[lo:hi])
             else:
                 contacts.extend(peers[i] for i in self.rng.sample(range(lo, hi), k))
-        self._tables[node] = (self.events.now, contacts)
-        return contacts
+        held = (self.events.now, contacts, np.array([self.ids[p] for p in contacts], dtype=np.uint64),
+                np.array(contacts, dtype=np.int64))  # fmt: skip
+        self._tables[node] = held
+        return held
 
     def forget(self, node: int) -> None:
         """A node restarts: empty table and store."""
@@ -104,8 +116,15 @@ class Kademlia:
         self.stores.pop(node, None)
 
     def closest(self, node: int, target: int, n: int) -> list[int]:
-        ids = self.ids
-        return sorted(self.table(node), key=lambda p: ids[p] ^ target)[:n]
+        _, contacts, ids, peers = self._table(node)
+        d = ids ^ np.uint64(target)  # distinct ids, distinct distances: the order a full sort gives
+        if len(contacts) > n:
+            near = np.argpartition(d, n)[:n]
+            order = near[np.argsort(d[near])]
+        else:
+            order = np.argsort(d)
+        out: list[int] = peers[order].tolist()
+        return out
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -114,6 +133,7 @@ class Kademlia:
         lk = _Lookup(start, target, key, done, self.events.now)
         for p in self.closest(start, target, self.cfg.k):
             lk.best.append((self.ids[p] ^ target, p))
+            lk.known.add(p)
             lk.depth[p] = 1
         self._step(lk)
 
@@ -148,16 +168,27 @@ class Kademlia:
         lk.answered.add(p)
         if lk.key is not None:
             now = self.events.now
-            for provider, (exp, rec) in self.stores.get(p, {}).get(lk.key, {}).items():
-                if exp > now:
-                    lk.records[provider] = rec
-        known = {q for _, q in lk.best}
+            store = self.stores.get(p, {}).get(lk.key, {})
+            cap = self.provider_cap
+            if cap is not None and len(store) > cap:  # a random share of them: O(cap), not O(providers)
+                for provider in self.rng.sample(list(store), cap):
+                    exp, rec = store[provider]
+                    if exp > now:
+                        lk.records[provider] = rec
+            else:
+                for provider, (exp, rec) in store.items():
+                    if exp > now:
+                        lk.records[provider] = rec
+        known = lk.known
         depth = lk.depth[p] + 1
         for q in self.closest(p, lk.target, self.cfg.k):
             if q not in known and q != lk.start:
                 lk.best.append((self.ids[q] ^ lk.target, q))
+                known.add(q)
                 lk.depth[q] = depth
         lk.best.sort()
+        for _, q in lk.best[self.cfg.k * 2 :]:
+            known.discard(q)
         del lk.best[self.cfg.k * 2 :]
         self._step(lk)
 
@@ -165,6 +196,7 @@ class Kademlia:
         if not counted:
             lk.pending -= 1
         lk.best = [(d, q) for d, q in lk.best if q != p]
+        lk.known.discard(p)
         self._step(lk)
 
     # ---- records ------------------------------------------------------------------------

@@ -126,7 +126,14 @@ class ModelSim:
         mesh.build()
         self.churning = {p for p in range(idx) if rng.random() < sc.churn.fraction}
         results = Results(sc)
-        return World(sc, rng, events, latency, policy, results, online, mesh, kad, workers, clients, by_peer)
+        per_model: dict[bytes, int] = {}
+        for w in workers:
+            per_model[w.model_id] = per_model.get(w.model_id, 0) + 1
+        sampled = sc.scale.sampled(max(per_model.values(), default=0))
+        results.extra["view"] = "sampled" if sampled else "full"
+        mesh.graph_per_epoch = sampled
+        kad.provider_cap = sc.dht.k if sampled else None  # k a key in an answer, as libp2p's stores keep
+        return World(sc, rng, events, latency, policy, results, online, mesh, kad, workers, clients, by_peer, sampled)
 
     def _router_args(self) -> dict[str, int]:
         return {"choices": self.sc.routing.choices} if self.sc.routing.choices > 0 else {}

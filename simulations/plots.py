@@ -1,8 +1,10 @@
-"""PNG figures of a run (matplotlib, no display needed)."""
+"""PNG figures of a run, and of a sweep with its confidence intervals (matplotlib, no display needed)."""
 
 from __future__ import annotations
 
+import itertools
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -11,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .results import Results  # noqa: E402
+from .results import PointStats, Results  # noqa: E402
 
 COVERAGE_AT_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
 
@@ -99,3 +101,61 @@ def write_all(r: Results, out: Path) -> list[str]:
         _save(fig, out / "success_over_time.png")
         names.append("success_over_time.png")
     return names
+
+
+# A sweep's figures drawn against its first axis (the others: one line each), when measured.
+SWEEP_PLOTTED = ("success", "latency_s_p50", "latency_s_p99", "lookup_s_p50", "onchain_ops_per_10k_jobs",
+                 "cheat.wrong_paid_share", "cheat.jobs_to_detection_p50")  # fmt: skip
+
+
+def _number(v: str) -> float | None:
+    try:
+        return float(v)
+    except ValueError:
+        return None
+
+
+def sweep_intervals(
+    stats: Sequence[PointStats], axes: Sequence[tuple[str, list[str]]], names: Sequence[str], out: Path, *, seeds: int
+) -> list[str]:
+    """One PNG per figure of ``SWEEP_PLOTTED`` (among ``names``): its mean at each grid point
+    against the first axis whose values are all numbers (else the first axis, as categories),
+    one line per combination of the other axes, error bars the 95% confidence interval over
+    the replicates (none with one seed). Returns the file names."""
+    if not axes:  # a single grid point: nothing to draw against
+        return []
+    x_at = next((i for i, (_, vs) in enumerate(axes) if all(_number(v) is not None for v in vs)), None)
+    numeric = x_at is not None
+    x_key, x_values = axes[x_at or 0]
+    others = [a for a in axes if a[0] != x_key]
+    pos = {v: float(v) if numeric else float(i) for i, v in enumerate(x_values)}
+    names_drawn = []
+    for name in (n for n in SWEEP_PLOTTED if n in names):
+        if not any(math.isfinite(st.figures[name].mean) for st in stats):
+            continue
+        fig, ax = plt.subplots(figsize=(6.4, 4))
+        for combo in itertools.product(*(vs for _, vs in others)):
+            want = dict(zip((k for k, _ in others), combo, strict=True))
+            mine = [st for st in stats if all(st.params[k] == v for k, v in want.items())]
+            pts = [(pos[st.params[x_key]], st.figures[name]) for st in mine if math.isfinite(st.figures[name].mean)]
+            if not pts:
+                continue
+            pts.sort(key=lambda p: p[0])
+            xs, ests = [p[0] for p in pts], [p[1] for p in pts]
+            low = [e.mean - e.lo if math.isfinite(e.lo) else 0.0 for e in ests]
+            high = [e.hi - e.mean if math.isfinite(e.hi) else 0.0 for e in ests]
+            label = ", ".join(f"{k}={v}" for k, v in want.items()) or None
+            ax.errorbar(xs, [e.mean for e in ests], yerr=[low, high], marker="o", capsize=3, label=label)
+        if not numeric:
+            ax.set_xticks(range(len(x_values)), x_values)
+        ax.set_xlabel(x_key)
+        ax.set_ylabel(name)
+        what = f"mean and 95% CI over {seeds} seeds" if seeds > 1 else "one seed a point (no interval)"
+        ax.set_title(f"{name}: {what}", fontsize=10)
+        ax.grid(True, alpha=0.3)
+        if others:
+            ax.legend(fontsize=7)
+        file = f"sweep_{name.replace('.', '_')}.png"
+        _save(fig, out / file)
+        names_drawn.append(file)
+    return names_drawn

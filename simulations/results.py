@@ -2,7 +2,9 @@
 
 :meth:`Results.summary` gives the figures; :meth:`Results.write` saves
 ``summary.json``, ``jobs.csv``, ``timeseries.csv``, ``lookups.csv`` and
-``workers.csv`` into an output folder.
+``workers.csv`` into an output folder. :func:`strict_json` is what every JSON file of the
+simulator goes through (no bare NaN); :class:`Estimate` is a mean with its 95% confidence
+interval over a sweep point's replicates.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -154,7 +157,7 @@ class Results:
     def write(self, out: Path) -> dict[str, Any]:
         out.mkdir(parents=True, exist_ok=True)
         summary = self.summary()
-        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str) + "\n")
+        (out / "summary.json").write_text(dumps(summary))
         (out / "scenario.json").write_text(json.dumps(self.scenario.to_dict(), indent=2) + "\n")
         _csv(out / "jobs.csv", [asdict(j) for j in self.jobs])
         _csv(out / "lookups.csv", self.lookups)
@@ -182,3 +185,97 @@ def _csv(path: Path, rows: list[dict[str, Any]]) -> None:
         w = csv.DictWriter(f, fieldnames=list(rows[0]))
         w.writeheader()
         w.writerows(rows)
+
+
+def strict_json(value: Any) -> Any:
+    """``value`` with every NaN or infinity (no job to measure, never detected) as None, so the
+    JSON written is strict (``json.dumps`` would write bare ``NaN``, which most parsers refuse)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [strict_json(v) for v in value]
+    return value
+
+
+def dumps(value: Any) -> str:
+    """Strict, indented JSON (NaN and infinities as null; unknown objects as their str) and a newline."""
+    return json.dumps(strict_json(value), indent=2, default=str, allow_nan=False) + "\n"
+
+
+@dataclass(frozen=True)
+class Estimate:
+    """A figure over replicates: mean and 95% confidence interval (Student's t, n - 1 degrees of
+    freedom). ``lo`` and ``hi`` are NaN below two values, every field NaN (``n`` 0) with none."""
+
+    mean: float
+    lo: float
+    hi: float
+    n: int
+
+    @classmethod
+    def of(cls, values: Sequence[float]) -> Estimate:
+        """The estimate over ``values`` (only the finite ones count: NaN means "nothing measured")."""
+        xs = [float(v) for v in values if math.isfinite(v)]
+        n = len(xs)
+        if n == 0:
+            return cls(math.nan, math.nan, math.nan, 0)
+        mean = sum(xs) / n
+        if n == 1:
+            return cls(mean, math.nan, math.nan, 1)
+        from scipy.stats import t  # the [sim] extra, imported on first use as the model's numerics
+
+        sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
+        half = float(t.ppf(0.975, n - 1)) * sd / math.sqrt(n)
+        return cls(mean, mean - half, mean + half, n)
+
+
+KEY_FIGURES = ("jobs_issued", "success", "latency_s_p50", "latency_s_p99", "attempts_mean", "lookup_s_p50",
+               "lookup_hops_mean", "onchain_ops", "onchain_ops_per_10k_jobs", "wall_s")  # fmt: skip
+
+# With a [cheat] section in use: the figures of its block that a run prints and a sweep tabulates.
+CHEAT_FIGURES = ("cheaters", "cheaters_detected", "wrong_delivered", "wrong_caught", "wrong_paid_share",
+                 "jobs_to_detection_p50", "jobs_to_detection_p90", "network_ban_s_max", "checks",
+                 "added_compute_share", "false_alarms")  # fmt: skip
+
+
+@dataclass(frozen=True)
+class PointStats:
+    """A sweep's grid point over its replicates: each figure's :class:`Estimate`."""
+
+    label: str
+    params: dict[str, str]
+    replicates: int  # runs that succeeded
+    failed: int  # runs that failed
+    figures: dict[str, Estimate]  # "success", "cheat.checks", ...
+
+
+def sweep_figures(runs: Sequence[dict[str, Any]]) -> tuple[str, ...]:
+    """The figures a sweep tabulates: the key figures, and the cheat block's where one is in use."""
+    cheat = CHEAT_FIGURES if any("cheat" in s for s in runs) else ()
+    return (*KEY_FIGURES, *(f"cheat.{k}" for k in cheat))
+
+
+def figure(summary: dict[str, Any], name: str) -> float:
+    """A figure of a run's summary by its sweep name (``cheat.x``: in the cheat block); NaN when
+    it has none (absent, null, or not a number)."""
+    v = summary.get("cheat", {}).get(name[6:]) if name.startswith("cheat.") else summary.get(name)
+    return float(v) if isinstance(v, (int, float)) and not isinstance(v, bool) else math.nan
+
+
+def write_sweep_csv(path: Path, stats: Sequence[PointStats], names: Sequence[str]) -> None:
+    """One row per grid point: its parameters, replicates and failures, then each figure's
+    mean and 95% interval (``X``, ``X_ci95_lo``, ``X_ci95_hi``; empty where undefined)."""
+    keys = sorted(stats[0].params) if stats else []
+    cols = [c for n in names for c in (n, f"{n}_ci95_lo", f"{n}_ci95_hi")]
+
+    def cell(v: float) -> str | float:
+        return "" if math.isnan(v) else v
+
+    with path.open("w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow([*keys, "replicates", "failed", *cols])
+        for st in stats:
+            vals = [cell(x) for n in names for x in (st.figures[n].mean, st.figures[n].lo, st.figures[n].hi)]
+            w.writerow([st.params[k] for k in keys] + [st.replicates, st.failed] + vals)

@@ -104,6 +104,9 @@ class Routing:
     choices: int = 2  # the cocoon rule's sample size (power of d choices); 0: the library's default
     attempts: int = 3
     timeout_s: float = 30.0  # for a job, all attempts together (as JobClient)
+    # The worker's queue length rides on each JobAccepted; the client routes on it where it is
+    # fresher than the last announcement it holds (a proposal, modelled only: EXPERIMENTS.md).
+    job_path_load: bool = False
 
 
 @dataclass
@@ -153,6 +156,20 @@ class Cheat:
 
 
 @dataclass
+class Scale:
+    """How the model fidelity keeps a large run affordable (simulations/views.py)."""
+
+    view: str = "auto"  # full | sampled | auto (sampled when a model has more than sampled_above workers)
+    sampled_above: int = 100
+    delay_sources: int = 8  # sampled view: exact mesh delays from this many peers an epoch (Mesh.delay)
+    lookup_records: int = 64  # sampled view: a DHT lookup leaves at most this many records with its client
+
+    def sampled(self, workers_per_model: int) -> bool:
+        """Whether a run with this many workers of one model uses the sampled view."""
+        return self.view == "sampled" or (self.view == "auto" and workers_per_model > self.sampled_above)
+
+
+@dataclass
 class Emulation:
     duration_cap_s: float = 120.0  # an emulation never runs longer than this
     job_model: str = "tiny"  # the ONNX model the emulated workers serve
@@ -177,6 +194,7 @@ class Scenario:
     settlement: Settlement = field(default_factory=Settlement)
     tee: Tee = field(default_factory=Tee)
     cheat: Cheat = field(default_factory=Cheat)
+    scale: Scale = field(default_factory=Scale)
     emulation: Emulation = field(default_factory=Emulation)
 
     @property
@@ -198,6 +216,7 @@ _SECTIONS: dict[str, type] = {
     "settlement": Settlement,
     "tee": Tee,
     "cheat": Cheat,
+    "scale": Scale,
     "emulation": Emulation,
 }
 _LISTS: dict[str, type] = {"workers": WorkerGroup, "clients": ClientGroup}
@@ -284,6 +303,10 @@ def validate(sc: Scenario) -> None:
     if t.verify_ms < 0 or t.evidence_kb < 0 or t.verdict_ttl_s <= 0:
         raise ScenarioError("need tee.verify_ms >= 0, tee.evidence_kb >= 0 and tee.verdict_ttl_s > 0")
     _validate_cheat(sc.cheat)
+    if sc.scale.view not in ("auto", "full", "sampled"):
+        raise ScenarioError(f"scale.view must be auto, full or sampled, not {sc.scale.view!r}")
+    if sc.scale.delay_sources < 1 or sc.scale.lookup_records < 1 or sc.scale.sampled_above < 0:
+        raise ScenarioError("need scale.delay_sources >= 1, scale.lookup_records >= 1 and scale.sampled_above >= 0")
     g = sc.gossip
     if not 1 <= g.D_lo <= g.D <= g.D_hi:
         raise ScenarioError("need 1 <= D_lo <= D <= D_hi")

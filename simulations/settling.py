@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from cocoon_p2p.payments.settlement import Action, client_action, worker_action
 from cocoon_p2p.payments.vouchers import VoucherBook, VoucherIssuer
 
@@ -14,6 +16,7 @@ class Settlement:
     def __init__(self, world: World) -> None:
         self.world = world
         self.paid_total = 0
+        self.paid_floor: dict[int, float] = {}  # worker -> no payer of it paid last before this
 
     def pay(self, c: SimClient, w: SimWorker, cost: int) -> None:
         """The client pays ``cost`` for a result: on its channel to ``w``, opened (or rolled over) as needed."""
@@ -57,6 +60,12 @@ class Settlement:
         if session != w.session:
             return
         now = world.events.now
+        policy = world.policy
+        # Nothing can close while every payer paid within idle_close_s (and no amount limit is
+        # set): the oldest last payment of the previous pass bounds them all (they only grow).
+        if policy.settle_above_nanoton is None and now - self.paid_floor.get(w.idx, -math.inf) < policy.idle_close_s:
+            world.events.after(world.sc.settlement.watch_s, self.watch, w, session)
+            return
         for c_idx in list(w.payers):
             c = world.client_at(c_idx)
             ch = c.channels.get(w.idx)
@@ -65,6 +74,7 @@ class Settlement:
             silent = now - w.last_paid.get(c_idx, now)
             if worker_action(world.policy, received=ch.sent, payer_silent_s=silent) is Action.CLOSE:
                 self.close(c, w, cooperative=world.online[c.idx])
+        self.paid_floor[w.idx] = min((w.last_paid.get(i, now) for i in w.payers), default=now)
         world.events.after(world.sc.settlement.watch_s, self.watch, w, session)
 
     def held_for(self, w: SimWorker) -> int:

@@ -14,6 +14,7 @@ from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.jobs.attempts import JobAttempts
 from cocoon_p2p.jobs.connection import JobConnection
 from cocoon_p2p.jobs.routing import Router
+from cocoon_p2p.overlay.capability import CapabilityRecord
 from cocoon_p2p.overlay.directory import WorkerDirectory
 from cocoon_p2p.payments.settlement import SettlementPolicy
 from cocoon_p2p.payments.vouchers import VoucherBook, VoucherIssuer
@@ -102,6 +103,8 @@ class SimClient:
     requires_tee: bool = False  # its jobs go to attested workers only
     trusts_proofs: bool = False  # bans a worker on a fraud proof gossiped by another client
     banned: set[bytes] = field(default_factory=set)  # workers it caught, or heard proofs against: never used again
+    records: dict[bytes, CapabilityRecord] = field(default_factory=dict)  # sampled view: its DHT records (.views)
+    load_reports: dict[bytes, tuple[int, int]] = field(default_factory=dict)  # worker -> (at ms, queue): job path
 
 
 @dataclass(eq=False)
@@ -127,6 +130,7 @@ class Attempt:
     wire: bytes = b""  # the request's bytes, as the worker will read them
     service_s: float = 0.0  # the worker's compute time, reported in its result
     answer: int = 0  # what the worker returned: 0 the right result, n > 0 a wrong one (no two alike)
+    queue_at_accept: tuple[int, int] | None = None  # (ms, jobs running) the worker put in its JobAccepted
 
 
 @dataclass
@@ -145,6 +149,7 @@ class World:
     workers: list[SimWorker]
     clients: list[SimClient]
     by_peer: dict[bytes, SimWorker]
+    sampled: bool = False  # clients route from a sample of their view (.views), not a scan of it
 
     def now_ms(self) -> int:
         return EPOCH_MS + int(self.events.now * 1000)
