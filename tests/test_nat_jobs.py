@@ -37,7 +37,7 @@ pytestmark = pytest.mark.slow
 
 CLI = ["-m", "cocoon_p2p.nodes.cli"]
 JOBS = 6
-UPGRADE_WAIT_S = 20.0
+UPGRADE_WAIT_S = 40.0  # three hole-punch rounds of 5 s each, a second apart, and their dials
 
 
 class Route(enum.Enum):
