@@ -29,8 +29,6 @@ import argparse
 import base64
 import http.client
 import json
-import os
-import platform
 import secrets
 import statistics
 import sys
@@ -53,6 +51,7 @@ from cocoon_p2p.execution.export import ensure_minilm
 
 from .gateway_engine import SENTENCE, alternating, gateway_mean_ms, gateway_metrics, warm
 from .gateway_engine_net import EMBED_MODEL, NODE_CLI, Child, Stack, wait_gateway_models
+from .runmeta import RunMeta, load_1min
 
 OUT = Path(__file__).parent / "results" / "gateway_embeddings.json"
 ROUTE = "/v1/embeddings"
@@ -248,7 +247,7 @@ async def _level(stack: Stack, n: int, seconds: float) -> dict[str, Any]:
         "p99_ms": round(percentile(lat, 99), 3) if lat else None,
         "errors": len(errors),
         "first_error": errors[0] if errors else None,
-        "load_1min": _load(),
+        "load_1min": load_1min(),
     }
 
 
@@ -275,10 +274,6 @@ def model_batch16_texts_per_s() -> float:
 
 
 # ---- the report -------------------------------------------------------------------------------
-
-
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def _summary(values: list[float]) -> dict[str, float]:
@@ -383,7 +378,7 @@ def main(argv: list[str] | None = None) -> int:
     )  # fmt: skip
     args = ap.parse_args(argv)
     s = QUICK if args.quick else Settings()
-    start = _load()
+    runmeta = RunMeta.start()
     with (
         tempfile.TemporaryDirectory(prefix="gateway-emb-") as tmp,
         open_stack(Path(tmp), args.worker_capacity, args.profile_gateway) as st,
@@ -393,12 +388,8 @@ def main(argv: list[str] | None = None) -> int:
         curve = bench_curve(st, s)
     out: dict[str, Any] = {
         "meta": {
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
-            "python": platform.python_version(),
-            "cpus": os.cpu_count(),
+            **runmeta.finish(one_minute=True),
             "quick": args.quick,
-            "load_avg_at_start": start,
-            "load_avg_at_end": _load(),
             "settings": {
                 "rounds": s.rounds,
                 "levels": list(s.levels),

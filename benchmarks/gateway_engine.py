@@ -44,8 +44,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -66,6 +64,7 @@ from cocoon_p2p.execution.export import ensure_minilm
 
 from .gateway_engine_net import CHAT_MODEL, EMBED_MODEL, Stack, find_litellm, open_stack
 from .gateway_engine_report import goals, summarize, write_markdown, write_plot
+from .runmeta import RunMeta, load_1min
 
 OUT = Path(__file__).parent / "results" / "gateway_engine.json"
 MESSAGES: list[ChatCompletionMessageParam] = [
@@ -122,10 +121,6 @@ class ChatSample:
 
 def _say(msg: str) -> None:
     print(f"[{time.perf_counter() - STARTED:5.0f} s] {msg}", file=sys.stderr, flush=True)
-
-
-def _load() -> float:
-    return round(os.getloadavg()[0], 2)
 
 
 def chat_once(path: ChatPath, max_tokens: int) -> ChatSample:
@@ -189,8 +184,8 @@ def bench_chat(stack: Stack, s: Settings) -> dict[str, Any]:
         for _ in range(s.chat_warmup):
             time.sleep(PAUSE_S)
             checked(path, chat_once(path, s.max_tokens))
-    _say(f"chat: warm ({s.chat_warmup} per path), {reference.chunks} tokens per answer; load {_load()}")
-    loads, before = [_load()], gateway_metrics(stack)
+    _say(f"chat: warm ({s.chat_warmup} per path), {reference.chunks} tokens per answer; load {load_1min()}")
+    loads, before = [load_1min()], gateway_metrics(stack)
     for r in range(s.chat_rounds):
         k = r % len(paths)
         for path in paths[k:] + paths[:k]:
@@ -198,7 +193,7 @@ def bench_chat(stack: Stack, s: Settings) -> dict[str, Any]:
             sample = chat_once(path, s.max_tokens)
             record(path, sample, tokens_of.get(sample.text, sample.usage_tokens or sample.chunks))
         if (r + 1) % 10 == 0 or r + 1 == s.chat_rounds:
-            loads.append(_load())
+            loads.append(load_1min())
             done = ", ".join(f"{p.name} {statistics.median(p.ttft_ms):.1f} ms" for p in paths)
             _say(f"chat: {r + 1}/{s.chat_rounds} rounds; TTFT medians {done}; load {loads[-1]}")
     out: dict[str, Any] = {"tokens": reference.usage_tokens or reference.chunks, "load_1min": loads}
@@ -258,12 +253,12 @@ def alternating(
     Returns the times by call and the 1-minute loads seen."""
     names = list(calls)
     times: dict[str, list[float]] = {name: [] for name in names}
-    loads = [_load()]
+    loads = [load_1min()]
     for r in range(rounds):
         for name in names[r % len(names) :] + names[: r % len(names)]:
             times[name].append(_timed(calls[name]))
         if (r + 1) % every == 0 or r + 1 == rounds:
-            loads.append(_load())
+            loads.append(load_1min())
             done = ", ".join(f"{n} {statistics.median(t):.2f}" for n, t in times.items())
             _say(f"{label}: {r + 1}/{rounds} rounds; medians ms: {done}; load {loads[-1]}")
     return times, loads
@@ -329,19 +324,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds:
         s = Settings(**{**asdict(s), "chat_rounds": args.rounds, "emb_rounds": round(args.rounds * 7.5)})
     litellm = None if args.no_litellm else find_litellm(args.litellm)
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    runmeta = RunMeta.start()
     results = run(s, litellm, _litellm_version(litellm, args.no_litellm))
     meta = {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_avg_at_start": load_start,
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        **runmeta.finish(),
         "quick": args.quick,
         "settings": asdict(s),
         "openai_client": openai.__version__,
         "litellm": _litellm_version(litellm, args.no_litellm),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.perf_counter() - STARTED, 1),
     }
     checks = goals(results)

@@ -33,7 +33,6 @@ import argparse
 import enum
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -55,6 +54,8 @@ from cocoon_p2p.node import Node, NodeConfig
 from cocoon_p2p.payments.service import PaymentConfig
 from cocoon_p2p.testing.localchain import LocalChain, open_local_chain
 from cocoon_p2p.transport.host import quiet_libp2p_logs
+
+from .runmeta import RunMeta, load_avg
 
 SENTENCE = "Decentralized inference spreads jobs over the GPUs that are free at that moment."
 TON = 1_000_000_000
@@ -231,7 +232,7 @@ async def _measure(settings: Settings) -> tuple[dict[str, dict[int, Samples]], l
                         s.p50_ms.append(statistics.median(lat))
                         s.vouchers += _vouchers(client) - before
                         s.jobs += n
-                loads.append([round(x, 2) for x in os.getloadavg()])
+                loads.append(load_avg())
                 print(f"round {r + 1}/{settings.rounds} done, load {loads[-1][0]}", file=sys.stderr, flush=True)
     return samples, loads
 
@@ -334,15 +335,11 @@ def write_markdown(meta: dict[str, Any], checks: dict[str, Any], table: dict[str
 async def run(quick: bool) -> dict[str, Any]:
     """Measure, check and write the results; returns the JSON written."""
     settings = QUICK if quick else FULL
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    runmeta = RunMeta.start()
     t = time.perf_counter()
     samples, loads = await _measure(settings)
     meta = {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_avg_at_start": load_start,
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        **runmeta.finish(),
         "load_avg_rounds": loads,
         "quick": quick,
         "settings": {
@@ -351,7 +348,6 @@ async def run(quick: bool) -> dict[str, Any]:
             "warmup": settings.warmup,
             "price_nanoton": PRICE,
         },
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.perf_counter() - t, 1),
     }
     table = {v: {str(c): _summary(samples[v][c]) for c in RUNS[v]} for v in VARIANTS}

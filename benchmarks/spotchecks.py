@@ -28,8 +28,6 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import random
 import statistics
 import sys
@@ -52,6 +50,7 @@ from cocoon_p2p.execution.verification import cosine_agreement
 from cocoon_p2p.jobs.spotcheck import SpotCheckPolicy
 from cocoon_p2p.transport.host import quiet_libp2p_logs
 
+from .runmeta import run_meta
 from .spotcheck_net import PRICE, LoopLag, Network, check_counters, open_client, open_network, warm_verifiers
 from .verification import OBJECTS, PROMPTS, SUBJECTS, TAILS, VERBS, _sentences
 
@@ -433,13 +432,9 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     results = trio.run(run, s)
     meta = {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        **run_meta(),
         "quick": args.quick,
         "settings": asdict(s),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.perf_counter() - started, 1),
     }
     _table(results)

@@ -23,8 +23,6 @@ import argparse
 import concurrent.futures
 import io
 import json
-import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -36,6 +34,8 @@ from typing import Any
 
 from cocoon_p2p.simulations.cluster import ExecutorKind, ExecutorSpec, open_executor
 from cocoon_p2p.simulations.sweep import Point, expand, run_sweep
+
+from .runmeta import RunMeta
 
 ROOT = Path(__file__).resolve().parent.parent
 SCENARIO = ROOT / "simulations" / "scenarios" / "small.toml"
@@ -141,18 +141,13 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     settings = QUICK if args.quick else FULL
-    load_start = [round(x, 2) for x in os.getloadavg()]
+    runmeta = RunMeta.start()
     t = time.perf_counter()
     res = summarize(measure(settings), settings)
     meta = {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_avg_at_start": load_start,
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        **runmeta.finish(),
         "quick": args.quick,
         "settings": asdict(settings),
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.perf_counter() - t, 1),
     }
     print(table(res))

@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import platform
 import random
 import resource
 import shutil
@@ -41,6 +39,8 @@ from cocoon_p2p.execution.generation import chatml_prompt, greedy_tokens
 from cocoon_p2p.execution.models import ModelSpec, load_model
 from cocoon_p2p.execution.tensors import to_numpy
 from cocoon_p2p.execution.verification import TIE_GAP, GreedyVerifier, cosine_agreement
+
+from .runmeta import run_meta
 
 OUT = Path(__file__).parent / "results" / "verification.json"
 MAX_NEW = 128
@@ -324,12 +324,8 @@ def main(argv: list[str] | None = None) -> int:
     emb = bench_embeddings(minilm, 64 if args.quick else 340)
     results = {"generation": gen, "q4_cheat": cheat, "embeddings": emb}
     meta = {
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-        "cpus": os.cpu_count(),
-        "load_avg_at_end": [round(x, 2) for x in os.getloadavg()],
+        **run_meta(),
         "quick": args.quick,
-        "when": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "seconds": round(time.perf_counter() - started, 1),
         "tie_gap": TIE_GAP,
     }
