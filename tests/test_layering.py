@@ -45,7 +45,18 @@ IO_LIBRARIES = frozenset({"trio", "libp2p", "socket", "asyncio", "selectors", "u
 ADAPTERS = {
     "transport": {"host", "noise", "muxer", "muxed_stream", "sealed", "fastlock", "relay", "autonat", "nat"},
     "overlay": {"dht", "events", "guard", "gossip", "dialer", "advertiser", "lan"},
-    "jobs": {"client", "client_link", "worker", "worker_link", "serving", "stream", "checks", "fraudwatch", "paying"},
+    "jobs": {
+        "client",
+        "client_link",
+        "links",
+        "worker",
+        "worker_link",
+        "serving",
+        "stream",
+        "checks",
+        "fraudwatch",
+        "paying",
+    },
     "payments": {
         "chain",
         "toncenter",

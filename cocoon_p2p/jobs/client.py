@@ -2,6 +2,7 @@
 
 One long-lived stream per worker carries every job to it (no per-job stream or
 protocol negotiation), through a :class:`~.client_link.ClientLink`;
+:class:`~.links.JobLinks` opens, replaces and retires the links and runs each attempt;
 :meth:`JobClient.infer` drives the retry policy of :mod:`.attempts` (worker
 choice by :class:`~.routing.Router`, retries elsewhere on refusal, error or a
 worker lost mid-job; a worker that let a job's deadline run out cools down for
@@ -25,43 +26,36 @@ from functools import partial
 from typing import Any
 
 import trio
-from libp2p.custom_types import TProtocol
-from libp2p.peer.id import ID
-from multiaddr import Multiaddr
 
 from cocoon_p2p.core.clock import now_ms
-from cocoon_p2p.core.errors import BadSignature, CocoonError, LocalProtocolError, MalformedMessage
+from cocoon_p2p.core.errors import CocoonError, LocalProtocolError
 from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.core.metrics import Metric, metric
-from cocoon_p2p.core.pricing import FREE, Price
+from cocoon_p2p.core.pricing import Price
 from cocoon_p2p.execution.chat_options import ChatOptions, ToolCall
 from cocoon_p2p.execution.sampling import GREEDY, FinishReason, Sampling, TokenLogprob
 from cocoon_p2p.execution.tensors import Tensor
 from cocoon_p2p.overlay.directory import WorkerOffer
 from cocoon_p2p.overlay.joblimits import JobSize
-from cocoon_p2p.transport.host import close_quietly, unblock_peer
-from cocoon_p2p.transport.relay import has_direct, stream_is_relayed
 
 from . import frames as jf
 from .attempts import JobAttempts, JobFailed
 from .checks import CheatReport, ResultChecks, Run
 from .checks import Request as CheckedRequest
 from .client_link import ClientLink
+from .links import JobLinks
 from .paying import BackgroundPayments
 from .ports import ClientPayments, OfferSource, PeerFeedback, TeeGate
 from .receiptlog import ReceiptLog
-from .receipts import Receipt, inputs_digest, outputs_digest
+from .receipts import Receipt
 from .routing import Router
 from .spotcheck import SpotCheckPolicy
-from .stream import Inbox
 from .worker_stats import JobCounts
 
 __all__ = ["ClientStats", "InferenceResult", "JobClient", "JobFailed", "UnknownOutput"]
 
 log = logging.getLogger(__name__)
-CANCEL_SEND_S = 0.5  # how long a job that ends early may spend telling its worker to stop
 PAYMENTS_WAIT_S = 5.0  # how long a job refused for want of payment waits for our vouchers on their way
-RETIRE_WAIT_S = 600.0  # a link superseded by a direct connection closes once its jobs end, or after this
 
 
 class UnknownOutput(CocoonError, LookupError):
@@ -140,51 +134,16 @@ class JobClient:
         self.router = Router(rng=rng or random.Random())
         self.receipts = receipts  # the receipts of paid jobs (None: not kept)
         self.checks = ResultChecks(self, checks, report=cheats, rng=self.router.rng) if checks else None
-        self.local_peer: bytes = host.get_id().to_bytes()  # receipts name the client
-        self.links: dict[bytes, ClientLink] = {}
-        self._opening: dict[bytes, trio.Lock] = {}
-        self._next_id = 1
+        self.job_links = JobLinks(host, nursery, feedback)
         self.stats = ClientStats()
         self.paying = (
             BackgroundPayments(payments, nursery, linger_s=payments.pay_linger_s) if payments is not None else None
         )
 
-    def _usable(self, link: ClientLink) -> bool:
-        """Not broken, and not on a relay while the worker is now reachable directly
-        (hole punching succeeded): jobs go the direct way then."""
-        return link.broken is None and not (link.relayed and has_direct(self.host, link.peer_id))
-
-    async def _retire(self, link: ClientLink) -> None:
-        """Close a superseded link once the jobs still on it are done."""
-        with trio.move_on_after(RETIRE_WAIT_S):
-            while link.waiters and link.broken is None:
-                await trio.sleep(0.1)
-        await close_quietly(link.stream)
-
-    def _know_addrs(self, offer: WorkerOffer) -> None:
-        """Where the offer says its worker is, for the next dial."""
-        addrs = [Multiaddr(a) for a in offer.addrs]
-        if addrs:
-            self.host.get_peerstore().add_addrs(ID(offer.peer_id), addrs, 3600)
-            unblock_peer(self.host, offer.peer_id)
-
-    async def _open_link(self, offer: WorkerOffer) -> ClientLink:
-        """A job stream to this worker (opened once at a time: concurrent jobs wait for it)."""
-        lock = self._opening.setdefault(offer.peer_id, trio.Lock())
-        async with lock:
-            link = self.links.get(offer.peer_id)
-            if link is not None and self._usable(link):
-                return link
-            if link is not None and link.broken is None:  # superseded by a direct connection
-                self.nursery.start_soon(self._retire, link)
-            pid = ID(offer.peer_id)
-            self._know_addrs(offer)
-            stream = await self.host.new_stream(pid, [TProtocol(jf.JOB_PROTOCOL)])
-            link = ClientLink(offer.peer_id, stream, self.feedback)
-            link.relayed = stream_is_relayed(self.host, offer.peer_id, stream)
-            self.links[offer.peer_id] = link
-            link.start(self.nursery)
-            return link
+    @property
+    def links(self) -> dict[bytes, ClientLink]:
+        """The job links open now, by worker (:attr:`.links.JobLinks.links`)."""
+        return self.job_links.links
 
     async def run_on(
         self,
@@ -201,115 +160,20 @@ class JobClient:
         sampling: Sampling | None = None,
         chat: ChatOptions | None = None,
     ) -> tuple[jf.JobResult, Price, Receipt | None]:
-        """One attempt on one worker: (result, agreed price, its verified receipt
-        or None when the worker sent none). Raises JobFailed; a receipt whose signature
-        fails is the worker's fault (``worker-lost``, scored down).
-
-        Streamed chunks go to ``on_chunk`` as they arrive. Cancelled, or failed
-        before its last frame, the job is cancelled on the worker (best effort).
-        """
-        link = self.links.get(offer.peer_id)
-        try:
-            if link is None or not self._usable(link):
-                link = await self._open_link(offer)
-        except Exception as exc:
-            raise JobFailed(jf.WORKER_LOST, f"cannot open a job stream: {exc!r}", worker=offer.peer_id) from exc
-        job_id = self._next_id
-        self._next_id += 1
-        inbox: Inbox[jf.Frame | JobFailed] = Inbox()  # not Inbox[...](): that builds the alias per job
-        link.waiters[job_id] = inbox
-        req = jf.JobRequest(
-            job_id=job_id,
+        """One attempt on one worker, over its link: see :meth:`.links.JobLinks.run_on`."""
+        return await self.job_links.run_on(
+            offer,
             model_id=model_id,
             inputs=inputs,
             texts=texts,
             max_tokens=max_tokens,
+            max_price=max_price,
             deadline_ms=deadline_ms,
-            max_price_nanoton=max_price,
+            on_chunk=on_chunk,
             verify_tokens=verify_tokens,
             sampling=sampling,
             chat=chat,
         )
-        price = FREE
-        tokens = 0
-        streamed: list[int] = []
-        streamed_text: list[str] = []  # an engine streams text without token ids: its receipt binds the text
-        done = False
-        try:
-            try:
-                await link.send(req)
-            except LocalProtocolError as exc:  # e.g. too large to send: this job only, no retry
-                done = True
-                raise JobFailed(exc.code, str(exc), worker=offer.peer_id) from exc
-            except Exception as exc:
-                lost = JobFailed(jf.WORKER_LOST, repr(exc), worker=offer.peer_id)
-                link.fail(lost)  # the stream is broken for every job on it
-                raise lost from exc
-            while True:
-                item = await inbox.get()
-                if isinstance(item, JobFailed):
-                    raise item
-                if isinstance(item, jf.JobAccepted):
-                    price = item.price
-                    if why := jf.price_refusal(price.highest, max_price):  # the protocol lets us check, so we do
-                        raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
-                elif isinstance(item, jf.JobChunk):
-                    tokens += len(item.token_ids) or 1
-                    streamed.extend(item.token_ids)
-                    streamed_text.append(item.text)
-                    if tokens > max_tokens:  # what a worker streams is bounded by what we asked for
-                        err = MalformedMessage(f"job {job_id}: more chunks than the {max_tokens} tokens asked for")
-                        self.feedback.misbehaved(offer.peer_id, err)
-                        raise JobFailed(jf.WORKER_LOST, str(err), worker=offer.peer_id)
-                    if on_chunk is not None:
-                        on_chunk(item)
-                elif isinstance(item, jf.JobError):
-                    done = True
-                    raise JobFailed(item.code, item.message, worker=offer.peer_id)
-                elif isinstance(item, jf.JobResult):
-                    done = True
-                    if why := jf.usage_refusal(req, item, streamed_tokens=tokens):
-                        # More units than we sent: a bill we can check, and a broken rule.
-                        self.feedback.misbehaved(offer.peer_id, MalformedMessage(why))
-                        raise JobFailed(jf.WORKER_LOST, why, worker=offer.peer_id)
-                    if why := jf.charge_refusal(price, item):
-                        raise JobFailed(jf.PRICE, why, worker=offer.peer_id)
-                    return item, price, self._receipt(offer.peer_id, req, item, tuple(streamed), "".join(streamed_text))
-        finally:
-            link.waiters.pop(job_id, None)
-            if not done and link.broken is None and job_id in link.conn.jobs:
-                with trio.move_on_after(CANCEL_SEND_S) as scope:  # tell the worker to stop
-                    scope.shield = True
-                    try:
-                        await link.send(jf.JobCancel(job_id=job_id))
-                    except Exception:
-                        pass
-
-    def _receipt(
-        self, worker: bytes, req: jf.JobRequest, result: jf.JobResult, streamed: tuple[int, ...], text: str = ""
-    ) -> Receipt | None:
-        """The receipt the worker signed for ``result``, rebuilt from what we hold and checked."""
-        if not result.receipt:
-            return None
-        receipt = Receipt(
-            worker=worker,
-            client=self.local_peer,
-            job_id=req.job_id,
-            model_id=req.model_id,
-            inputs_digest=inputs_digest(
-                req.model_id, req.inputs, req.texts, req.max_tokens, req.verify_tokens, req.sampling, req.chat
-            ),
-            outputs_digest=outputs_digest(result.outputs, streamed, text, result.tool_calls),
-            usage_units=result.usage_units,
-            cost_nanoton=result.cost_nanoton,
-            signature=result.receipt,
-        )
-        try:
-            receipt.verify()
-        except BadSignature as exc:
-            self.feedback.misbehaved(worker, exc)
-            raise JobFailed(jf.WORKER_LOST, f"job {req.job_id}: its receipt does not verify", worker=worker) from exc
-        return receipt
 
     async def infer(
         self,
@@ -494,7 +358,7 @@ class JobClient:
         if self.payments is None:
             return
         worker = offer.peer_id
-        self._know_addrs(offer)  # the channel's stream may be the first dial (a relayed address, from the DHT)
+        self.job_links.know_addrs(offer)  # the channel's stream may be the first dial (a relayed address, from the DHT)
         try:
             await self.payments.ensure_channel(worker)
         except CocoonError as exc:
