@@ -17,19 +17,23 @@ from .sweep import sweep  # noqa: E402
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
 LOADS = (0.5, 0.8, 0.95)
 DURATION = ["duration_s=300"]  # 5 minutes a point (routing.toml's 15 make 15 points take 40 min on 2 cores)
-VARIANTS = {  # label -> overrides of routing.toml
-    "cocoon (gossiped load)": ["routing.rule=cocoon", "routing.job_path_load=false"],
-    "cocoon + queue length in JobAccepted": ["routing.rule=cocoon", "routing.job_path_load=true"],
-    "oracle-wait": ["routing.rule=oracle-wait"],
-}
+VARIANTS = {  # label -> (run folder, overrides of routing.toml)
+    "cocoon (gossiped load)": ("cocoon", ["routing.rule=cocoon", "routing.job_path_load=false"]),
+    "cocoon + queue length in JobAccepted": ("cocoon-jobpath", ["routing.rule=cocoon", "routing.job_path_load=true"]),
+    "cocoon + JobAccepted + busy past 0.5 s": (
+        "cocoon-maxwait", ["routing.rule=cocoon", "routing.job_path_load=true", "workers.max_wait_s=0.5"]),
+    "cocoon + JobAccepted + busy past 1 s": (
+        "cocoon-maxwait1", ["routing.rule=cocoon", "routing.job_path_load=true", "workers.max_wait_s=1.0"]),
+    "oracle-wait": ("oracle-wait", ["routing.rule=oracle-wait"]),
+}  # fmt: skip
 
 
 def fresher(out: Path, procs: int) -> dict[str, Any]:
-    """The COCOON rule with and without the worker's queue length on the job path, against the
-    expected-wait oracle, at 50-95% load (routing.toml)."""
+    """The COCOON rule with and without the worker's queue length on the job path, and with
+    workers that answer busy past an expected wait, against the expected-wait oracle, at
+    50-95% load (routing.toml)."""
     table: dict[str, dict[str, float]] = {}
-    for label, fixed in VARIANTS.items():
-        slug = label.split(" ")[0] + ("-jobpath" if "JobAccepted" in label else "")
+    for label, (slug, fixed) in VARIANTS.items():
         res = sweep(SCENARIOS / "routing.toml", [f"load.target={','.join(map(str, LOADS))}"], "model",
                     out / "runs" / f"fresher-{slug}", procs, [*fixed, *DURATION])  # fmt: skip
         table[label] = {s["params"]["load.target"]: s["latency_s_p99"] for s in res}
@@ -50,7 +54,7 @@ def fresher(out: Path, procs: int) -> dict[str, Any]:
         ax.set_xlabel("load (share of total service rate)")
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=8)
-    fig.suptitle("Routing with the queue length on the job path (routing.toml, mixed GPUs)")
+    fig.suptitle("Routing on fresher load: the queue on the job path, busy past an expected wait (routing.toml)")
     fig.tight_layout()
     fig.savefig(out / "fresher_load.png", dpi=110)
     plt.close(fig)

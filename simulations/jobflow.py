@@ -226,7 +226,7 @@ class JobFlow:
         att.link.worker.receive_data(att.wire)
         request = att.link.worker.next_event()
         assert isinstance(request, JobRequest) and request.job_id == att.job_id
-        if w.running >= w.group.capacity:
+        if w.running >= w.group.capacity or self._wait_too_long(w, c.group.units):
             refusal = att.link.worker.send(JobError(job_id=att.job_id, code=BUSY, message="at capacity"))
             return self._to_client(att, back, refusal)
         if w.behaviour == "drop":
@@ -235,6 +235,13 @@ class JobFlow:
         self.announcing.snapshot(w)
         if w.serving is None:
             self._serve_next(w)
+
+    @staticmethod
+    def _wait_too_long(w: SimWorker, units: int) -> bool:
+        """``workers.max_wait_s``: one more job would finish later than that (an idle worker
+        always admits one, so a slow GPU still serves when nothing else is free)."""
+        g = w.group
+        return g.max_wait_s > 0 and w.running > 0 and (w.running + 1) * g.job_s * units / g.speed > g.max_wait_s
 
     def _service_s(self, w: SimWorker, units: int) -> float:
         mean = w.group.job_s * units / w.group.speed

@@ -17,8 +17,6 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import numpy as np
-
 from .events import EventQueue
 from .latency import Latency
 from .scenario import Dht
@@ -55,6 +53,25 @@ class _Lookup:
     known: set[int] = field(default_factory=set)  # the peers in best (kept with it: a set per answer costs)
 
 
+@dataclass
+class _Table:
+    """A peer's routing table: when built, bucket -> its contacts in the order they were
+    drawn, and the non-empty buckets in ascending order."""
+
+    built: float
+    buckets: dict[int, list[int]]
+    order: list[int]
+
+
+@dataclass
+class _Providers:
+    """The provider records one peer stores under one key; ``order`` lists the providers as
+    first stored (the dict's own order), so a random share is drawn without copying them all."""
+
+    records: dict[int, tuple[float, Any]] = field(default_factory=dict)  # provider -> (expires, record)
+    order: list[int] = field(default_factory=list)
+
+
 class Kademlia:
     def __init__(self, n: int, cfg: Dht, rng: random.Random, latency: Latency, events: EventQueue,
                  online: list[bool]) -> None:  # fmt: skip
@@ -64,12 +81,11 @@ class Kademlia:
         self.events = events
         self.online = online
         self.ids = [rng.getrandbits(cfg.id_bits) for _ in range(n)]
-        # node -> (built at, contacts, their ids): ids as an array, so the closest are found in C
-        self._tables: dict[int, tuple[float, list[int], np.ndarray, np.ndarray]] = {}
+        self._tables: dict[int, _Table] = {}
         pairs = sorted((self.ids[p], p) for p in range(n) if online[p])
         self._ids_sorted = [i for i, _ in pairs]  # the online peers, by id (kept up to date)
         self._peers_sorted = [p for _, p in pairs]
-        self.stores: dict[int, dict[int, dict[int, tuple[float, Any]]]] = {}  # node -> key -> provider -> (exp, rec)
+        self.stores: dict[int, dict[int, _Providers]] = {}  # node -> key -> the providers it stores
         # At most this many providers a key in one answer (None: all). A lookup of a model that
         # 3,000 workers provide would otherwise copy 3,000 records from each of the k closest.
         self.provider_cap: int | None = None
@@ -90,25 +106,34 @@ class Kademlia:
 
     def table(self, node: int) -> list[int]:
         """Up to k contacts per bucket, sampled when built; rebuilt after ``refresh_s``."""
-        return self._table(node)[1]
+        t = self._table(node)
+        return [p for b in t.order for p in t.buckets[b]]
 
-    def _table(self, node: int) -> tuple[float, list[int], np.ndarray, np.ndarray]:
+    def _table(self, node: int) -> _Table:
         held = self._tables.get(node)
-        if held is not None and self.events.now - held[0] < self.cfg.refresh_s:
+        if held is not None and self.events.now - held.built < self.cfg.refresh_s:
             return held
         ids, peers = self._ids_sorted, self._peers_sorted
-        me, k, contacts = self.ids[node], self.cfg.k, []
-        for b in range(self.cfg.id_bits):
+        me, k, buckets = self.ids[node], self.cfg.k, {}
+        for b in range(self._lowest_bucket(me), self.cfg.id_bits):
             base = ((me >> (b + 1)) << (b + 1)) | ((((me >> b) & 1) ^ 1) << b)
             lo, hi = bisect.bisect_left(ids, base), bisect.bisect_left(ids, base + (1 << b))
             if hi - lo <= k:
-                contacts.extend(peers[lo:hi])
+                if hi > lo:
+                    buckets[b] = peers[lo:hi]
             else:
-                contacts.extend(peers[i] for i in self.rng.sample(range(lo, hi), k))
-        held = (self.events.now, contacts, np.array([self.ids[p] for p in contacts], dtype=np.uint64),
-                np.array(contacts, dtype=np.int64))  # fmt: skip
-        self._tables[node] = held
-        return held
+                buckets[b] = [peers[i] for i in self.rng.sample(range(lo, hi), k)]
+        table = self._tables[node] = _Table(self.events.now, buckets, sorted(buckets))
+        return table
+
+    def _lowest_bucket(self, me: int) -> int:
+        """No bucket below this one holds a peer: the closest peer by XOR is a neighbour of
+        ``me`` in id order, and it decides the lowest bucket (the scan starts there, with the
+        same draws as from bucket 0)."""
+        ids = self._ids_sorted
+        i = bisect.bisect_left(ids, me)
+        near = [ids[j] for j in (i - 1, i, i + 1) if 0 <= j < len(ids) and ids[j] != me]
+        return min(((me ^ x).bit_length() - 1 for x in near), default=self.cfg.id_bits)
 
     def forget(self, node: int) -> None:
         """A node restarts: empty table and store."""
@@ -116,15 +141,31 @@ class Kademlia:
         self.stores.pop(node, None)
 
     def closest(self, node: int, target: int, n: int) -> list[int]:
-        _, contacts, ids, peers = self._table(node)
-        d = ids ^ np.uint64(target)  # distinct ids, distinct distances: the order a full sort gives
-        if len(contacts) > n:
-            near = np.argpartition(d, n)[:n]
-            order = near[np.argsort(d[near])]
-        else:
-            order = np.argsort(d)
-        out: list[int] = peers[order].tolist()
-        return out
+        """The ``n`` contacts of ``node``'s table closest to ``target``, closest first.
+
+        XOR distance orders whole buckets: with b* the highest bit where ``node`` and
+        ``target`` differ, bucket b*'s contacts are closer than any other's, then those of
+        all buckets below b* (one range of distances), then buckets b*+1, b*+2, ... So only
+        the buckets that fill the answer are sorted (distinct ids: the order is unique)."""
+        table, ids = self._table(node), self.ids
+        buckets, order = table.buckets, table.order
+        top = (ids[node] ^ target).bit_length() - 1  # -1: the target is the node itself
+
+        def by_distance(group: list[int]) -> list[int]:
+            return sorted(group, key=lambda p: ids[p] ^ target)
+
+        out: list[int] = []
+        at = bisect.bisect_left(order, top)  # order[at:] are the buckets from b* up
+        if at < len(order) and order[at] == top:
+            out = by_distance(buckets[top])
+            at += 1
+        if len(out) < n and order and order[0] < top:
+            out += by_distance([p for b in order if b < top for p in buckets[b]])
+        for b in order[at:]:
+            if len(out) >= n:
+                break
+            out += by_distance(buckets[b])
+        return out[:n]
 
     # ---- lookups ------------------------------------------------------------------------
 
@@ -168,17 +209,18 @@ class Kademlia:
         lk.answered.add(p)
         if lk.key is not None:
             now = self.events.now
-            store = self.stores.get(p, {}).get(lk.key, {})
-            cap = self.provider_cap
-            if cap is not None and len(store) > cap:  # a random share of them: O(cap), not O(providers)
-                for provider in self.rng.sample(list(store), cap):
-                    exp, rec = store[provider]
-                    if exp > now:
-                        lk.records[provider] = rec
-            else:
-                for provider, (exp, rec) in store.items():
-                    if exp > now:
-                        lk.records[provider] = rec
+            held = self.stores.get(p, {}).get(lk.key)
+            if held is not None:
+                store, cap = held.records, self.provider_cap
+                if cap is not None and len(store) > cap:  # a random share of them: O(cap), not O(providers)
+                    for provider in self.rng.sample(held.order, cap):
+                        exp, rec = store[provider]
+                        if exp > now:
+                            lk.records[provider] = rec
+                else:
+                    for provider, (exp, rec) in store.items():
+                        if exp > now:
+                            lk.records[provider] = rec
         known = lk.known
         depth = lk.depth[p] + 1
         for q in self.closest(p, lk.target, self.cfg.k):
@@ -214,4 +256,9 @@ class Kademlia:
 
     def _store(self, p: int, key: int, provider: int, expires_at: float, record: Any) -> None:
         if self.online[p]:
-            self.stores.setdefault(p, {}).setdefault(key, {})[provider] = (expires_at, record)
+            held = self.stores.setdefault(p, {}).get(key)
+            if held is None:
+                held = self.stores[p][key] = _Providers()
+            if provider not in held.records:
+                held.order.append(provider)
+            held.records[provider] = (expires_at, record)

@@ -64,6 +64,9 @@ class WorkerGroup:
     speed: float = 1.0
     service_cv: float = 0.0  # coefficient of variation of service times (0: deterministic)
     capacity: int = 8  # jobs admitted at once; more are refused as busy
+    # Also busy while a job runs and one more would wait longer than this (0: off). Modelled
+    # only (experiment (g)): a worker that knows its own speed turns the herd away early.
+    max_wait_s: float = 0.0
     price_nanoton: int = 1000
 
 
@@ -310,6 +313,9 @@ def validate(sc: Scenario) -> None:
     g = sc.gossip
     if not 1 <= g.D_lo <= g.D <= g.D_hi:
         raise ScenarioError("need 1 <= D_lo <= D <= D_hi")
+    for w in sc.workers:
+        if w.capacity < 1 or w.max_wait_s < 0:
+            raise ScenarioError(f"workers: need capacity >= 1 and max_wait_s >= 0, not {w.capacity}, {w.max_wait_s}")
     served = {w.model for w in sc.workers}
     for c in sc.clients:
         if c.model not in served:

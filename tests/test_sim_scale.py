@@ -129,3 +129,42 @@ def test_a_sampled_run_is_deterministic_and_agrees_with_the_full_view() -> None:
 def test_scale_settings_are_checked(scale: dict[str, Any], problem: str) -> None:
     with pytest.raises(ScenarioError, match=problem):
         from_dict({"scale": scale})
+
+
+def test_the_k_closest_contacts_are_those_a_full_sort_of_the_table_gives() -> None:
+    from cocoon_p2p.simulations.events import EventQueue
+    from cocoon_p2p.simulations.kademlia import Kademlia
+    from cocoon_p2p.simulations.scenario import Dht
+
+    rng = random.Random(5)
+    online = [rng.random() < 0.9 for _ in range(3000)]
+    cfg = Dht(k=8)
+    kad = Kademlia(len(online), cfg, random.Random(6), Latency(Network(), random.Random(7)), EventQueue(), online)
+    for node in rng.sample(range(len(online)), 60):
+        table = kad.table(node)
+        assert node not in table and len(table) == len(set(table))
+        assert all(len([p for p in table if (kad.ids[p] ^ kad.ids[node]).bit_length() == b + 1]) <= cfg.k
+                   for b in range(cfg.id_bits))  # fmt: skip
+        targets = [rng.getrandbits(cfg.id_bits), kad.ids[node], kad.ids[rng.choice(table)] ^ 1, kad.ids[node] ^ 3]
+        for target, n in itertools.product(targets, (1, cfg.k, 3 * cfg.k)):
+            want = sorted(table, key=lambda p: kad.ids[p] ^ target)[:n]
+            assert kad.closest(node, target, n) == want
+
+
+@pytest.mark.parametrize(("bad", "problem"), [({"capacity": 0}, "capacity"), ({"max_wait_s": -1}, "max_wait_s")])
+def test_worker_admission_settings_are_checked(bad: dict[str, Any], problem: str) -> None:
+    with pytest.raises(ScenarioError, match=problem):
+        from_dict({"workers": [bad], "clients": [{}]})
+
+
+def test_workers_that_refuse_a_long_wait_turn_the_herd_to_free_ones() -> None:
+    """Experiment (g): with ``workers.max_wait_s`` a worker answers busy while one more job
+    would wait past it; the client retries elsewhere, and the slow GPUs' queues stop setting
+    the tail (a fixed seed: the same runs every time)."""
+    routing = SCALE.parent / "routing.toml"
+    over = ["duration_s=60", "warmup_s=10", "load.target=0.8"]
+    plain = ModelSim(load(routing, over)).run().summary()
+    bounded = ModelSim(load(routing, [*over, "workers.max_wait_s=0.5"])).run().summary()
+    assert plain["attempts_mean"] == 1.0 and bounded["attempts_mean"] > 1.05  # refusals, retried
+    assert bounded["success"] == plain["success"] == 1.0
+    assert bounded["latency_s_p99"] < 0.75 * plain["latency_s_p99"]
