@@ -17,6 +17,8 @@ import pytest
 from cocoon_p2p.execution.models import ModelSpec, load_model
 from cocoon_p2p.testing.tinymodel import build_tiny_model
 
+pytest_plugins = ["tests.netlab_fixtures"]
+
 # Node programs started by tests (and their children) listen on loopback at any port,
 # not at the workers' default 0.0.0.0:4001: many run at once on one machine. Tests
 # that mean an address pass --listen (the NAT lab does).

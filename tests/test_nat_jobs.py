@@ -29,7 +29,7 @@ from pathlib import Path
 import pytest
 
 from cocoon_p2p.testing.localchain import localchain_dir
-from cocoon_p2p.testing.netlab import Host, Lab, NatKind, unavailable_reason
+from cocoon_p2p.testing.netlab import Host, Lab, NatKind
 
 from .test_netlab import Printed, start
 
@@ -69,12 +69,9 @@ class Internet:
 
 
 @pytest.fixture(scope="module")
-def internet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+def internet(netlab: type[Lab], tmp_path_factory: pytest.TempPathFactory) -> Iterator[Internet]:
     data = tmp_path_factory.mktemp("natjobs")
-    with Lab() as lab:
+    with netlab() as lab:
         boot = lab.public_host("bootstrap")
         chain = lab.popen(
             boot, ["node", "server.mjs", "--host", boot.ip], stdout=subprocess.PIPE, stdin=subprocess.PIPE,

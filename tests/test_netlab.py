@@ -21,7 +21,7 @@ from pathlib import Path
 import pytest
 
 from cocoon_p2p.core.identity import load_or_create_identity
-from cocoon_p2p.testing.netlab import Host, Lab, NatKind, NetlabUnavailable, remove_stale_labs, unavailable_reason
+from cocoon_p2p.testing.netlab import Host, Lab, NatKind, NetlabUnavailable, remove_stale_labs
 
 pytestmark = pytest.mark.slow
 
@@ -59,15 +59,8 @@ for target in sys.argv[2:]:
 
 
 @pytest.fixture
-def available() -> None:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
-
-
-@pytest.fixture
-def lab(available: None) -> Iterator[Lab]:
-    with Lab() as built:
+def lab(netlab: type[Lab]) -> Iterator[Lab]:
+    with netlab() as built:
         yield built
 
 
@@ -93,9 +86,9 @@ def running() -> str:
     return subprocess.run(["ps", "-eo", "args"], capture_output=True, text=True, check=True).stdout
 
 
-def test_a_failure_inside_the_lab_leaves_nothing_behind(available: None) -> None:
+def test_a_failure_inside_the_lab_leaves_nothing_behind(netlab: type[Lab]) -> None:
     built: set[str] = set()
-    with pytest.raises(RuntimeError), Lab() as lab:
+    with pytest.raises(RuntimeError), netlab() as lab:
         home = lab.home("home", NatKind.SYMMETRIC)
         # a stray: a grandchild the lab never saw, in a home host
         lab.popen(lab.home_host(home, "laptop"), ["sh", "-c", "sleep 600 & sleep 600"])
@@ -115,7 +108,8 @@ sys.stdin.read()
 """
 
 
-def test_the_next_lab_removes_what_a_killed_run_left(available: None) -> None:
+@pytest.mark.usefixtures("netlab")
+def test_the_next_lab_removes_what_a_killed_run_left() -> None:
     run = subprocess.Popen([sys.executable, "-c", BUILD_AND_HANG], stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert run.stdout is not None
     left = set(run.stdout.readline().decode().split())
@@ -291,12 +285,9 @@ def established(lab: Lab, host: Host) -> list[tuple[str, str]]:
 
 
 @pytest.fixture(scope="module")
-def natnet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatNetwork]:
-    reason = unavailable_reason()
-    if reason is not None:
-        pytest.skip(reason)
+def natnet(netlab: type[Lab], tmp_path_factory: pytest.TempPathFactory) -> Iterator[NatNetwork]:
     data = tmp_path_factory.mktemp("netlab")
-    with Lab() as lab:
+    with netlab() as lab:
         bootstrap, gateway, client = lab.public_host("bootstrap"), lab.public_host("gateway"), lab.public_host("client")
         home = lab.home("home", NatKind.ENDPOINT_INDEPENDENT)
         worker = lab.home_host(home, "worker")
