@@ -1,12 +1,17 @@
-"""AutoNAT's verdicts (pure), the addresses a node proposes for dial-back, and the honest
-dial-back itself (a real libp2p listener answers; a closed port does not)."""
+"""AutoNAT's verdicts (pure), the addresses a node proposes for dial-back, the honest
+dial-back itself (a real libp2p listener answers; a closed port does not), and the
+addresses identify tells peers (the announced ones, never a wildcard)."""
 
 from __future__ import annotations
 
 import pytest
 import trio
+from libp2p.peer.peerinfo import info_from_p2p_addr
+from multiaddr import Multiaddr
 
+from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.node import Node, NodeConfig
+from cocoon_p2p.transport.addresses import Scope, scope
 from cocoon_p2p.transport.autonat import listener_answers
 from cocoon_p2p.transport.reachability import Reachability, Status, candidates
 
@@ -59,3 +64,37 @@ async def test_a_dial_back_reaches_only_a_listening_libp2p_node() -> None:
         await s.bind(("127.0.0.1", 0))
         s.listen()
         assert not await listener_answers("127.0.0.1", s.getsockname()[1], timeout_s=0.5)
+
+
+async def test_identify_tells_a_peer_the_announced_addresses_not_the_wildcard() -> None:
+    # py-libp2p's identify sends the host's get_addrs(): for a wildcard listener that was
+    # /ip4/0.0.0.0/tcp/P, which a peer stored and then dialed (its own machine) to hole-punch.
+    async with Node(NodeConfig(listen_addrs=["/ip4/0.0.0.0/tcp/0"])) as a, Node(NodeConfig()) as b:
+        announced = a.addrs
+        if all(scope(addr) is Scope.LOOPBACK for addr in announced):
+            pytest.skip("this machine has no interface address but loopback")
+        assert [str(addr) for addr in a.host.get_addrs()] == announced
+        # B dials A at loopback, which A does not announce (it has another address): the
+        # identify answer replaces B's addresses for A, so when it is gone, identify is done.
+        port = announced[0].split("/")[4]
+        dialed = f"/ip4/127.0.0.1/tcp/{port}"
+        await b.host.connect(info_from_p2p_addr(Multiaddr(f"{dialed}/p2p/{a.peer_id_str}")))
+        store, suffix = b.host.get_peerstore(), f"/p2p/{a.peer_id_str}"
+
+        def learned() -> set[str]:
+            return {str(addr).removesuffix(suffix) for addr in store.addrs(a.host.get_id())}
+
+        with trio.fail_after(10):
+            while dialed in learned():
+                await trio.sleep(0.05)
+        assert not any(scope(addr) is Scope.UNSPECIFIED for addr in learned())
+        assert learned() == {addr.removesuffix(suffix) for addr in announced}
+
+
+def test_the_host_advertises_relayed_addresses_whole() -> None:
+    # py-libp2p's own hook (addrs_factory) cuts one back to the relay's transport address.
+    me, relay = Identity.generate(), Identity.generate()
+    relayed = f"/ip4/203.0.113.5/tcp/4001/p2p/{relay.peer_id_str}/p2p-circuit/p2p/{me.peer_id_str}"
+    node = Node(NodeConfig(identity=me, announce_addrs=["/ip4/198.51.100.7/tcp/4001", relayed]))
+    expected = [f"/ip4/198.51.100.7/tcp/4001/p2p/{me.peer_id_str}", relayed]
+    assert [str(addr) for addr in node.host.get_addrs()] == node.addrs == expected

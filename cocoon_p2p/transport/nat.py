@@ -12,6 +12,11 @@ The addresses a node announces (:meth:`NatTraversal.addrs`), in order:
    forwarded or preserved port);
 4. relayed addresses, while this node holds relay slots (it is not reachable directly,
    or was told to reserve always).
+
+They are also what the host itself advertises (:func:`advertise`): py-libp2p 0.8.1's
+``get_addrs()``, which identify, the signed peer record, the DHT, DCUtR and a relay's
+reservations send, is otherwise the raw listen addresses: a peer stored a wildcard
+listener's ``/ip4/0.0.0.0/tcp/4001`` and, hole punching, dialed its own machine.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Any
 
 import trio
 from libp2p.abc import IHost
+from multiaddr import Multiaddr
 
 from cocoon_p2p.core.metrics import Metric, metric
 
@@ -49,8 +55,23 @@ def local_ips() -> list[str]:
         return []
 
 
+def advertise(host: IHost, addrs: Callable[[], Sequence[str]]) -> None:
+    """Make ``host.get_addrs()`` return ``addrs()`` (full multiaddrs, ``.../p2p/<PeerId>``),
+    asked afresh at each call (instance attribute: this host only).
+
+    Overridden whole rather than through py-libp2p's ``addrs_factory``: that path strips
+    each address's first ``/p2p/`` part and everything after it before appending ours, which
+    turns ``<relay>/p2p/<relay-id>/p2p-circuit/p2p/<us>`` into ``<relay>/p2p/<us>``."""
+
+    def get_addrs() -> list[Multiaddr]:
+        return [Multiaddr(a) for a in addrs()]
+
+    host.get_addrs = get_addrs  # type: ignore[method-assign]
+
+
 class NatTraversal:
-    """AutoNAT, relaying and the announced addresses of one host."""
+    """AutoNAT, relaying and the announced addresses of one host (which the host
+    advertises from then on: :func:`advertise`)."""
 
     def __init__(
         self,
@@ -72,6 +93,7 @@ class NatTraversal:
             wants_relay=lambda: self.prober.status() is not Status.PUBLIC,
         )
         self._local_ips: list[str] | None = None
+        advertise(host, self.addrs)
 
     async def run(self, *, task_status: Any = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
