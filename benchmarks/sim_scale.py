@@ -27,6 +27,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cocoon_p2p.simulations.experiments_scale import peers_overrides
 from cocoon_p2p.simulations.results import dumps
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,9 +40,8 @@ GOAL_S, GOAL_GIB = 600.0, 8.0  # 100,000 peers x 1 h on one core
 
 def overrides(peers: int, duration_s: float, view: str) -> list[str]:
     """scale.toml at ``peers`` peers: 3% workers, 20% clients, the rest relays."""
-    workers, clients = max(1, round(peers * 0.03)), max(1, round(peers * 0.2))
-    return [f"workers.count={workers}", f"clients.count={clients}", f"network.relays={peers - workers - clients}",
-            f"duration_s={duration_s}", f"warmup_s={min(60.0, duration_s / 10)}", f"scale.view={view}"]  # fmt: skip
+    return [*peers_overrides(peers), f"duration_s={duration_s}", f"warmup_s={min(60.0, duration_s / 10)}",
+            f"scale.view={view}"]  # fmt: skip
 
 
 def run_point(peers: int, duration_s: float, view: str) -> dict[str, Any]:

@@ -1,6 +1,6 @@
 """Re-run the experiments of simulations/EXPERIMENTS.md and redraw their figures.
 
-    python -m cocoon_p2p.simulations.experiments [--only routing|churn|dht|settlement|scale|tee|cheat|fresher] \
+    python -m cocoon_p2p.simulations.experiments [--only routing|churn|dht|settlement|scale|tee|cheat|fresher|large] \
         [--out simulations/results]
 
 Each experiment is a sweep of a committed scenario (model fidelity); the figures
@@ -26,7 +26,7 @@ from matplotlib.lines import Line2D  # noqa: E402
 
 from cocoon_p2p.core.metrics import percentile  # noqa: E402
 
-from .experiments_scale import fresher  # noqa: E402
+from .experiments_scale import fresher, large  # noqa: E402
 from .sweep import sweep  # noqa: E402
 
 SCENARIOS = Path(__file__).resolve().parent / "scenarios"
@@ -366,7 +366,7 @@ def _no_nan(value: Any) -> Any:
 
 
 EXPERIMENTS = {"routing": routing, "churn": churn, "dht": dht, "settlement": settlement, "scale": scale, "tee": tee,
-               "cheat": cheat, "fresher": fresher}  # fmt: skip
+               "cheat": cheat, "fresher": fresher, "large": large}  # fmt: skip
 
 
 def main() -> int:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import itertools
 import random
+from collections.abc import Sequence
 
 import numpy as np
 from scipy.sparse import csr_matrix
@@ -41,6 +42,7 @@ class Mesh:
         self.adj: list[dict[int, float]] = [{} for _ in range(n)]  # neighbour -> one-way seconds
         self._delays: dict[int, np.ndarray] = {}  # source -> arrival delay at every peer (inf: never)
         self.epoch_started = 0.0
+        self.epoch_s = cfg.epoch_s  # the sampled view's may be longer (Scale.epoch_s)
         self.dirty = True  # links changed since the delays were computed
         self.recomputes = 0
         self.version = 0  # bumped when the delays are recomputed
@@ -116,7 +118,7 @@ class Mesh:
 
     def _roll(self, now: float) -> None:
         """A new epoch when links changed and the last one is over: cached delays go."""
-        if self.dirty and now - self.epoch_started >= self.cfg.epoch_s:
+        if self.dirty and now - self.epoch_started >= self.epoch_s:
             self._delays.clear()
             self.epoch_started, self.dirty = now, False
             self.version += 1
@@ -158,9 +160,10 @@ class Mesh:
             row = self.delays_from([proxy], now)[proxy]
         return row
 
-    def coverage(self, source: int, within_s: float, now: float) -> float:
-        """Share of online peers a message from ``source`` reaches within ``within_s``."""
-        d = self.delays_from([source], now)[source]
-        online = np.fromiter((self.online[p] for p in range(self.n)), dtype=bool, count=self.n)
-        reached, alive = int(np.count_nonzero((d <= within_s) & online)), int(np.count_nonzero(online))
-        return reached / max(1, alive)
+    def coverage(self, delays: np.ndarray, within: Sequence[float]) -> list[float]:
+        """Share of online peers a message with arrival ``delays`` (a row of
+        :meth:`delays_from` or :meth:`proxy_row`) reaches within each of ``within`` seconds."""
+        online = np.fromiter(self.online, dtype=bool, count=self.n)
+        alive = max(1, int(np.count_nonzero(online)))
+        reach = delays[online]
+        return [int(np.count_nonzero(reach <= t)) / alive for t in within]

@@ -51,7 +51,9 @@ from .settling import Settlement
 from .tee import Attestation, assign_roles
 from .world import EPOCH_MS, SimClient, SimWorker, World, model_id_of
 
-__all__ = ["EPOCH_MS", "ModelSim", "model_id_of"]
+__all__ = ["COVERAGE_WITHIN_S", "EPOCH_MS", "ModelSim", "model_id_of"]
+
+COVERAGE_WITHIN_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # each sample: the share of peers an announcement reached by then
 
 
 class ModelSim:
@@ -133,6 +135,8 @@ class ModelSim:
         sampled = sc.scale.sampled(max(per_model.values(), default=0))
         results.extra["view"] = "sampled" if sampled else "full"
         mesh.graph_per_epoch = sampled
+        if sampled:
+            mesh.epoch_s = sc.scale.epoch_s
         kad.provider_cap = sc.dht.k if sampled else None  # k a key in an answer, as libp2p's stores keep
         return World(sc, rng, events, latency, policy, results, online, mesh, kad, workers, clients, by_peer, sampled)
 
@@ -297,7 +301,13 @@ class ModelSim:
         coverage = None
         sources = [w for w in world.workers if world.online[w.idx]]
         if sources:
-            src = world.rng.choice(sources).idx
-            coverage = [world.mesh.coverage(src, t, now) for t in (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)]
+            src, mesh = world.rng.choice(sources).idx, world.mesh
+            # The sampled view delivers a worker's announcements along its proxy's row: measure that.
+            row = (
+                mesh.proxy_row(src, now, self.sc.scale.delay_sources)
+                if world.sampled
+                else mesh.delays_from([src], now)[src]
+            )
+            coverage = mesh.coverage(row, COVERAGE_WITHIN_S)
         world.results.add_sample(now, online_workers, running, coverage)
         world.events.after(self.sc.sample_s, self._sample)

@@ -165,6 +165,9 @@ class Scale:
     view: str = "auto"  # full | sampled | auto (sampled when a model has more than sampled_above workers)
     sampled_above: int = 100
     delay_sources: int = 8  # sampled view: exact mesh delays from this many peers an epoch (Mesh.delay)
+    # sampled view: the mesh's delays are recomputed at most this often (the full view's: gossip.epoch_s);
+    # rows follow joins in between (Mesh.graft), departures wait for the next epoch
+    epoch_s: float = 300.0
     lookup_records: int = 64  # sampled view: a DHT lookup leaves at most this many records with its client
 
     def sampled(self, workers_per_model: int) -> bool:
@@ -310,6 +313,8 @@ def validate(sc: Scenario) -> None:
         raise ScenarioError(f"scale.view must be auto, full or sampled, not {sc.scale.view!r}")
     if sc.scale.delay_sources < 1 or sc.scale.lookup_records < 1 or sc.scale.sampled_above < 0:
         raise ScenarioError("need scale.delay_sources >= 1, scale.lookup_records >= 1 and scale.sampled_above >= 0")
+    if sc.scale.epoch_s <= 0:
+        raise ScenarioError("need scale.epoch_s > 0")
     g = sc.gossip
     if not 1 <= g.D_lo <= g.D <= g.D_hi:
         raise ScenarioError("need 1 <= D_lo <= D <= D_hi")

@@ -124,7 +124,8 @@ def test_a_sampled_run_is_deterministic_and_agrees_with_the_full_view() -> None:
 
 @pytest.mark.parametrize(
     ("scale", "problem"),
-    [({"view": "some"}, "scale.view"), ({"delay_sources": 0}, "delay_sources"), ({"lookup_records": 0}, "lookup")],
+    [({"view": "some"}, "scale.view"), ({"delay_sources": 0}, "delay_sources"), ({"lookup_records": 0}, "lookup"),
+     ({"epoch_s": 0}, "epoch_s")],  # fmt: skip
 )
 def test_scale_settings_are_checked(scale: dict[str, Any], problem: str) -> None:
     with pytest.raises(ScenarioError, match=problem):
@@ -168,3 +169,19 @@ def test_workers_that_refuse_a_long_wait_turn_the_herd_to_free_ones() -> None:
     assert plain["attempts_mean"] == 1.0 and bounded["attempts_mean"] > 1.05  # refusals, retried
     assert bounded["success"] == plain["success"] == 1.0
     assert bounded["latency_s_p99"] < 0.75 * plain["latency_s_p99"]
+
+
+def test_the_large_network_experiment_reports_each_size_and_draws_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cocoon_p2p.simulations import experiments_scale
+
+    monkeypatch.setattr(experiments_scale, "LARGE_PEERS", (300, 600))
+    rows = experiments_scale.large(tmp_path, 2)
+    assert sorted(rows) == ["300 cocoon", "300 oracle-wait", "600 cocoon", "600 oracle-wait"]
+    for row in rows.values():
+        assert row["jobs"] > 100 and row["success"] > 0.95 and row["lookup_hops_mean"] >= 1
+        assert row["latency_s_p99"] > row["latency_s_p50"] > 5  # 10 s jobs at 80% load
+        cov = row["announcement_coverage"]
+        assert 0 < cov["0.05s"] <= cov["2.0s"] <= 1
+    assert (tmp_path / "large_network.png").stat().st_size > 10_000
