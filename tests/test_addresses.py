@@ -3,8 +3,17 @@
 from __future__ import annotations
 
 import pytest
+from multiaddr import Multiaddr
 
-from cocoon_p2p.transport.addresses import Scope, announceable, is_relayed, reachability_warning, scope, tcp_port
+from cocoon_p2p.transport.addresses import (
+    Scope,
+    announceable,
+    is_lan,
+    is_relayed,
+    reachability_warning,
+    scope,
+    tcp_port,
+)
 
 P = "/tcp/4001/p2p/12D3KooWExample"
 
@@ -71,3 +80,56 @@ def test_announceable(listening: list[str], local_ips: list[str], expected: list
 def test_relayed_and_ports() -> None:
     assert is_relayed("/ip4/1.2.3.4/tcp/4001/p2p/R/p2p-circuit/p2p/W") and not is_relayed("/ip4/1.2.3.4/tcp/4001")
     assert tcp_port("/ip4/1.2.3.4/tcp/4001/p2p/X") == 4001 and tcp_port("/ip4/1.2.3.4/udp/53") is None
+
+
+@pytest.mark.parametrize(
+    ("addr", "lan"),
+    [
+        # IPv4: private networks, carrier-grade NAT, link-local, loopback, wildcards
+        ("/ip4/10.0.1.2" + P, True),
+        ("/ip4/172.16.0.1/tcp/4001", True),
+        ("/ip4/172.31.255.254/tcp/4001", True),
+        ("/ip4/172.32.0.1/tcp/4001", False),  # just past 172.16.0.0/12
+        ("/ip4/192.168.1.20/tcp/4001", True),
+        ("/ip4/100.64.0.7/tcp/4001", True),
+        ("/ip4/100.128.0.1/tcp/4001", False),  # just past 100.64.0.0/10
+        ("/ip4/169.254.3.4/tcp/4001", True),
+        ("/ip4/127.0.0.1" + P, True),
+        ("/ip4/127.1.2.3/udp/4001/quic-v1", True),
+        ("/ip4/0.0.0.0/tcp/4001", True),
+        ("/ip4/8.8.8.8" + P, False),
+        # the lab's "internet": documentation ranges that is_global calls private (scope() too)
+        ("/ip4/203.0.113.10/tcp/4001", False),
+        ("/ip4/198.51.100.7/tcp/4001", False),
+        # IPv6
+        ("/ip6/::/tcp/4001", True),
+        ("/ip6/::1/tcp/4001", True),
+        ("/ip6/fd00::1/tcp/4001", True),
+        ("/ip6/fc12:3456::1/tcp/4001", True),
+        ("/ip6/fe80::1/tcp/4001", True),
+        ("/ip6zone/eth0/ip6/fe80::1/tcp/4001", True),
+        ("/ip6/::ffff:192.168.1.2/tcp/4001", True),  # an IPv4-mapped private address
+        ("/ip6/2001:4860::8888/tcp/4001", False),
+        ("/ip6/2001:db8::5/tcp/4001", False),
+        # names and hostless addresses: nothing to judge
+        ("/dns4/boot.example.org/tcp/4001", False),
+        ("/dns6/localhost/tcp/4001", False),
+        ("/dns/10.0.0.1.example/tcp/4001", False),
+        ("/unix/tmp/sock", False),
+        ("", False),
+        ("ip4/10.0.0.1", False),
+        # relayed addresses: judged by the relay's host
+        ("/ip4/203.0.113.5/tcp/4001/p2p/R/p2p-circuit/p2p/W", False),
+        ("/ip4/192.168.1.1/tcp/4001/p2p/R/p2p-circuit/p2p/W", True),
+    ],
+)
+def test_is_lan(addr: str, lan: bool) -> None:
+    assert is_lan(addr) is lan
+
+
+@pytest.mark.parametrize(
+    ("addr", "lan"),
+    [("/ip4/10.0.0.3/tcp/4001", True), ("/ip4/203.0.113.10/tcp/4001", False), ("/ip6/fe80::1/tcp/1", True)],
+)
+def test_is_lan_takes_a_multiaddr(addr: str, lan: bool) -> None:
+    assert is_lan(Multiaddr(addr)) is lan

@@ -43,7 +43,18 @@ FACADE = "__init__"  # cocoon_p2p/__init__.py re-exports from every layer
 IO_LIBRARIES = frozenset({"trio", "libp2p", "socket", "asyncio", "selectors", "urllib", "http", "subprocess"})
 # The trio adapters (and programs). Everything else in cocoon_p2p must be pure.
 ADAPTERS = {
-    "transport": {"host", "noise", "muxer", "muxed_stream", "sealed", "fastlock", "relay", "autonat", "nat"},
+    "transport": {
+        "host",
+        "noise",
+        "muxer",
+        "muxed_stream",
+        "sealed",
+        "fastlock",
+        "relay",
+        "autonat",
+        "nat",
+        "dcutr_upgrade",
+    },
     "overlay": {"dht", "events", "guard", "gossip", "dialer", "advertiser", "lan"},
     "jobs": {
         "client",

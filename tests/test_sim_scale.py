@@ -124,8 +124,12 @@ def test_a_sampled_run_is_deterministic_and_agrees_with_the_full_view() -> None:
 
 @pytest.mark.parametrize(
     ("scale", "problem"),
-    [({"view": "some"}, "scale.view"), ({"delay_sources": 0}, "delay_sources"), ({"lookup_records": 0}, "lookup"),
-     ({"epoch_s": 0}, "epoch_s")],  # fmt: skip
+    [
+        ({"view": "some"}, "scale.view"),
+        ({"delay_sources": 0}, "delay_sources"),
+        ({"lookup_records": 0}, "lookup"),
+        ({"epoch_s": 0}, "epoch_s"),
+    ],  # fmt: skip
 )
 def test_scale_settings_are_checked(scale: dict[str, Any], problem: str) -> None:
     with pytest.raises(ScenarioError, match=problem):

@@ -11,6 +11,10 @@ from __future__ import annotations
 import enum
 import ipaddress
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from multiaddr import Multiaddr
 
 
 class Scope(enum.Enum):
@@ -60,6 +64,49 @@ def reachability_warning(addrs: Sequence[str]) -> str | None:
         "a worker reserves a relay slot on its bootstrap peers unless AutoNAT finds it reachable, or "
         "announce a public address (--announce) after forwarding a port to it"
     )
+
+
+# Where no peer outside the network can dial (go-libp2p's private ranges, plus loopback and
+# wildcards). Not "not is_global": that also takes in the documentation ranges
+# (203.0.113.0/24...), which the NAT lab uses as its public internet.
+_LAN_NETWORKS = tuple(
+    ipaddress.ip_network(net)
+    for net in (
+        "10.0.0.0/8",
+        "172.16.0.0/12",
+        "192.168.0.0/16",
+        "100.64.0.0/10",  # carrier-grade NAT
+        "169.254.0.0/16",  # link-local
+        "127.0.0.0/8",
+        "0.0.0.0/8",
+        "::/128",
+        "::1/128",
+        "fc00::/7",  # unique local
+        "fe80::/10",  # link-local
+    )
+)
+
+
+def is_lan(addr: str | Multiaddr) -> bool:
+    """Whether ``addr``'s host is an IP of a private network, loopback, link-local or a
+    wildcard: an address only peers on that network (or machine) can dial.
+
+    The first component is judged, so a relayed address is judged by its relay's host.
+    Names (``/dns*/``) and addresses without an IP are not LAN: nothing to judge."""
+    parts = str(addr).split("/")
+    if len(parts) < 3 or parts[0] != "":
+        return False
+    if parts[1] == "ip6zone":  # a zone only ever qualifies a link-local address
+        return True
+    if parts[1] not in ("ip4", "ip6"):
+        return False
+    try:
+        ip = ipaddress.ip_address(parts[2])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address) and ip.ipv4_mapped is not None:
+        ip = ip.ipv4_mapped
+    return any(ip in net for net in _LAN_NETWORKS)
 
 
 def is_relayed(multiaddr: str) -> bool:

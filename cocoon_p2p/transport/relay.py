@@ -50,14 +50,15 @@ from cocoon_p2p.core.logfields import fields
 from cocoon_p2p.core.metrics import Metric, metric
 
 from .addresses import is_relayed
+from .dcutr_upgrade import dial_public_first
 
 log = logging.getLogger(__name__)
 
 DIRECT_HEAD_START_S = 0.25  # a peer's direct addresses are dialed this long before its relayed ones
 RESERVE_EVERY_S = 5.0  # how often reservations are checked and made again
 RELAY_DIAL_TIMEOUT_S = 10.0
-# py-libp2p first dials the peer's direct addresses for 10 s (its dial timeout) before it
-# punches; a NATed peer's private address never answers, so that wait was the upgrade's time.
+# DCUtR's dial timeout (py-libp2p's: 10 s): each hole-punch dial, and the direct dial before a
+# punch (to public addresses only: dcutr_upgrade), which is all the punch waits for.
 HOLE_PUNCH_DIAL_S = 2
 HOLE_PUNCH_POLL_S = 1.0
 MAX_HOLE_PUNCHES = 3  # py-libp2p's budget per peer (reset when the peer reconnects)
@@ -135,6 +136,7 @@ class Relaying:
         if settings.hole_punch:
             self.dcutr = DCUtRProtocol(host, dial_timeout=HOLE_PUNCH_DIAL_S)
             self.dcutr._auto_drive_loop = self._drive_hole_punches  # type: ignore[method-assign]
+            dial_public_first(self.dcutr)
         self.stats = RelayStats()
         self._held: dict[ID, _Held] = {}
         self._refused: dict[str, float] = {}  # relay address -> when it last failed us
