@@ -17,8 +17,11 @@ from libp2p.peer.id import ID
 from libp2p.peer.peerinfo import info_from_p2p_addr
 from multiaddr import Multiaddr
 
+from cocoon_p2p.core.identity import Identity
 from cocoon_p2p.core.metrics import percentile
 from cocoon_p2p.node import ModelCapability, Node, NodeConfig
+from cocoon_p2p.overlay.announcement import Announcement, Offer
+from cocoon_p2p.overlay.directory import WorkerDirectory
 
 from . import noise_baseline
 
@@ -219,7 +222,46 @@ async def bench_gossip(n_peers: int, rate: float, seconds: float) -> dict[str, f
     }
 
 
+async def bench_directory(workers: int, rounds: int) -> dict[str, float]:
+    """A gateway's view of ``workers`` workers of one model, a load announcement arriving
+    between two jobs' lookups (``workers_for``): ours patches that worker's row; the
+    baseline, the directory before (every row rebuilt after any change), is the same
+    directory with its cache dropped. Alternating rounds, the same announcements."""
+    model = hashlib.sha256(b"bench-model").digest()
+    idents = [Identity(hashlib.sha256(i.to_bytes(4, "big")).digest()) for i in range(workers)]
+    offer = Offer(model_id=model, backend="onnxruntime", gpu="cpu", price_nanoton=1000, unit="item", capacity=8,
+                  free_capacity=8)  # fmt: skip
+    now = 1_790_000_000_000
+
+    def ann(i: int, t: int, running: int) -> Announcement:
+        addr = f"/ip4/10.0.0.1/tcp/4001/p2p/{idents[i].peer_id_str}"
+        return Announcement.create(idents[i], now_ms=t, ttl_ms=60_000, addrs=(addr,), offers=(offer,),
+                                   running_jobs=running)  # fmt: skip
+
+    d = WorkerDirectory(min_interval_ms=0, max_workers=2 * workers)
+    for i in range(workers):
+        d.accept(ann(i, now, 0), origin=None, now_ms=now)
+    loads = [ann(i % workers, now + 1 + i, i % 8) for i in range(2 * rounds)]
+    ours: list[float] = []
+    rebuilt: list[float] = []
+    for r, load in enumerate(loads):
+        t_ms = load.issued_at_ms
+        t = time.perf_counter()
+        d.accept(load, origin=None, now_ms=t_ms)
+        if r % 2:
+            d._offers.clear()  # the baseline: nothing kept across a change
+        offers = d.workers_for(model, now_ms=t_ms)
+        (rebuilt if r % 2 else ours).append((time.perf_counter() - t) * 1e6)
+        assert len(offers) == workers
+    return {
+        f"directory_{workers}_us_p50": statistics.median(ours),
+        f"directory_{workers}_us_p50_rebuilt": statistics.median(rebuilt),
+        f"directory_{workers}_speedup": statistics.median(rebuilt) / statistics.median(ours),
+    }
+
+
 BENCHES: list[tuple[str, Callable[[bool], Any]]] = [
+    ("directory_3000", lambda quick: bench_directory(3000, 50 if quick else 300)),
     ("connect", lambda quick: bench_connect(10 if quick else 40)),
     ("stream_rpc", lambda quick: bench_stream_rpc(100 if quick else 500)),
     ("throughput", lambda quick: bench_throughput(16 << 20, 3 if quick else 15)),

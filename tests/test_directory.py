@@ -174,11 +174,12 @@ def _signed(who: int, model: int, now: int, ttl: int, kind: str) -> Any:
 
 
 @settings(max_examples=150, deadline=None)
-@given(_OPS)
-def test_cached_offers_always_equal_a_fresh_scan(ops: list[tuple[str, int, int, int, int]]) -> None:
-    """A client asks for offers on every job, so they are cached: whatever happens
-    in between (announcements, records, bans, expiry, time), the answer is the scan's."""
-    d = WorkerDirectory(min_interval_ms=0)
+@given(_OPS, st.sampled_from([10_000, 2]))
+def test_cached_offers_always_equal_a_fresh_scan(ops: list[tuple[str, int, int, int, int]], room: int) -> None:
+    """A client asks for offers on every job, so they are cached and patched one worker at a
+    time: whatever happens in between (announcements, records, bans, expiry, time, workers
+    pushed out of a full directory), the answer is the scan's."""
+    d = WorkerDirectory(min_interval_ms=0, max_workers=room)
     now = NOW
     for kind, who, model, ttl, wait in ops:
         now += wait
@@ -196,6 +197,28 @@ def test_cached_offers_always_equal_a_fresh_scan(ops: list[tuple[str, int, int, 
         for m in (MODEL, MODEL_B):
             fresh = dataclasses.replace(d, _offers={}).workers_for(m, now_ms=now)
             assert d.workers_for(m, now_ms=now) == fresh
+
+
+def test_a_worker_pushed_out_of_a_full_directory_leaves_the_cached_offers() -> None:
+    d = WorkerDirectory(min_interval_ms=0, max_workers=2)
+    d.accept(announcement(ident(1), ttl=10_000), origin=None, now_ms=NOW)
+    d.accept(announcement(ident(2), ttl=20_000), origin=None, now_ms=NOW)
+    d.expire(NOW)  # the next expiry is known: the eviction below runs no expiry pass
+    assert {w.peer_id for w in d.workers_for(MODEL, now_ms=NOW)} == {ident(1).peer_id, ident(2).peer_id}
+    d.accept(announcement(ident(3), ttl=30_000), origin=None, now_ms=NOW + 1)  # ident(1), first to expire, goes
+    assert {w.peer_id for w in d.workers_for(MODEL, now_ms=NOW + 1)} == {ident(2).peer_id, ident(3).peer_id}
+
+
+def test_a_new_announcement_patches_the_cached_offers_freshest_first() -> None:
+    d = WorkerDirectory(min_interval_ms=0)
+    for n in (1, 2, 3):
+        d.accept(announcement(ident(n), now=NOW + n, running_jobs=0), origin=None, now_ms=NOW + 3)
+    before = d.workers_for(MODEL, now_ms=NOW + 3)
+    assert [w.peer_id for w in before] == [ident(n).peer_id for n in (3, 2, 1)]
+    d.accept(announcement(ident(1), now=NOW + 4, running_jobs=5), origin=None, now_ms=NOW + 4)
+    after = d.workers_for(MODEL, now_ms=NOW + 4)
+    assert [w.peer_id for w in after] == [ident(n).peer_id for n in (1, 3, 2)]
+    assert after[0].running_jobs == 5 and after[1] is before[0]  # the other rows kept, not rebuilt
 
 
 def test_offers_carry_a_completion_price_through_gossip_and_the_dht() -> None:

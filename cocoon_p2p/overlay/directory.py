@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass, field
+from operator import attrgetter
 
 from cocoon_p2p.core.errors import ForeignKey, RateLimited, ReplayedMessage
 from cocoon_p2p.core.pricing import Price
@@ -78,9 +79,10 @@ class _Origin:
 
 @dataclass
 class _CachedOffers:
-    built_ms: int
+    built_ms: int  # entries are judged live or expired at this time
     valid_until_ms: int  # the first expiry among the entries it was built from
-    offers: list[WorkerOffer]
+    rows: dict[bytes, WorkerOffer]  # by worker
+    offers: list[WorkerOffer] | None = None  # the rows, freshest first (None: sort again)
 
 
 @dataclass
@@ -136,15 +138,37 @@ class WorkerDirectory:
             if len(self._origins) >= self.max_workers:
                 oldest = min(self._origins, key=lambda p: self._origins[p].announcement.expires_at_ms)
                 del self._origins[oldest]
+                self._changed()  # the cached answers hold its rows
         self._origins[ann.peer_id] = _Origin(ann, now_ms, credit - 1.0)
         self._forgotten.pop(ann.peer_id, None)
-        self._changed(ann.expires_at_ms)
+        models = {o.model_id for o in ann.offers}
+        if known is not None:
+            models.update(o.model_id for o in known.announcement.offers)
+        self._patch(ann.peer_id, models, ann.expires_at_ms)
         return ann
 
     def _changed(self, expires_at_ms: int | None = None) -> None:
         self._offers.clear()
         if expires_at_ms is not None and self._next_expiry_ms:
             self._next_expiry_ms = min(self._next_expiry_ms, expires_at_ms)
+
+    def _patch(self, peer_id: bytes, models: set[bytes], expires_at_ms: int) -> None:
+        """One worker's entries changed for ``models``: its row in each cached answer is
+        built again, the rest kept (a gateway hears thousands of load announcements between
+        two jobs; rebuilding every row after each cost O(workers) a job)."""
+        if self._next_expiry_ms:
+            self._next_expiry_ms = min(self._next_expiry_ms, expires_at_ms)
+        for model_id in models:
+            cached = self._offers.get(model_id)
+            if cached is None:
+                continue
+            row, first_expiry = self._row(peer_id, model_id, cached.built_ms)
+            if row is None:
+                cached.rows.pop(peer_id, None)
+            else:
+                cached.rows[peer_id] = row
+            cached.valid_until_ms = min(cached.valid_until_ms, first_expiry)
+            cached.offers = None
 
     def add_record(self, rec: CapabilityRecord) -> None:
         """Store a verified DHT capability record, keeping the newest per key."""
@@ -154,8 +178,9 @@ class WorkerDirectory:
             if held is None and len(self._records) >= self.max_workers * 4:
                 oldest = min(self._records, key=lambda k: self._records[k].expires_at_ms)
                 del self._records[oldest]
+                self._changed()  # the cached answers hold its rows
             self._records[key] = rec
-            self._changed(rec.expires_at_ms)
+            self._patch(rec.peer_id, {rec.model_id}, rec.expires_at_ms)
 
     def expire(self, now_ms: int) -> None:
         """Forget whatever has expired."""
@@ -236,18 +261,37 @@ class WorkerDirectory:
         for rec in extra:
             self.add_record(rec)
         cached = self._offers.get(model_id)
-        if cached is not None and cached.built_ms <= now_ms < cached.valid_until_ms:
-            return list(cached.offers)
-        valid_until = 2**63
-        rows: dict[bytes, WorkerOffer] = {}
-        for origin in self._origins.values():
+        if cached is None or not cached.built_ms <= now_ms < cached.valid_until_ms:
+            peers = {a.peer_id for o in self._origins.values() for a in (o.announcement,)
+                     if a.expires_at_ms > now_ms and any(x.model_id == model_id for x in a.offers)}  # fmt: skip
+            peers.update(p for (p, m), r in self._records.items() if m == model_id and r.expires_at_ms > now_ms)
+            valid_until, rows = 2**63, {}
+            for peer_id in peers:
+                row, first_expiry = self._row(peer_id, model_id, now_ms)
+                if row is not None:
+                    rows[peer_id] = row
+                    valid_until = min(valid_until, first_expiry)
+            if len(self._offers) >= MAX_CACHED_MODELS:
+                self._offers.clear()
+            cached = self._offers[model_id] = _CachedOffers(now_ms, valid_until, rows)
+        if cached.offers is None:  # freshest first, then by PeerId: two stable sorts in C
+            cached.offers = sorted(cached.rows.values(), key=attrgetter("peer_id"))
+            cached.offers.sort(key=attrgetter("issued_at_ms"), reverse=True)
+        return list(cached.offers)
+
+    def _row(self, peer_id: bytes, model_id: bytes, now_ms: int) -> tuple[WorkerOffer | None, int]:
+        """``peer_id``'s offer of ``model_id`` live at ``now_ms``, gossip and DHT merged (the
+        fresher source gives the terms, gossip alone the load), or None; and the first
+        expiry among the entries it was built from."""
+        have: WorkerOffer | None = None
+        first_expiry = 2**63
+        origin = self._origins.get(peer_id)
+        if origin is not None and origin.announcement.expires_at_ms > now_ms:
             a = origin.announcement
-            if a.expires_at_ms <= now_ms:
-                continue
             for o in a.offers:
                 if o.model_id == model_id:
-                    valid_until = min(valid_until, a.expires_at_ms)
-                    rows[a.peer_id] = WorkerOffer(
+                    first_expiry = min(first_expiry, a.expires_at_ms)
+                    have = WorkerOffer(
                         peer_id=a.peer_id,
                         model_id=model_id,
                         addrs=a.addrs,
@@ -266,36 +310,29 @@ class WorkerDirectory:
                         catalog=o.catalog,
                         completion_price_nanoton=o.completion_price_nanoton,
                     )
-        for (peer_id, mid), r in self._records.items():
-            if mid != model_id or r.expires_at_ms <= now_ms:
-                continue
-            valid_until = min(valid_until, r.expires_at_ms)
-            have = rows.get(peer_id)
-            # One row per worker, built once (this runs for every job a client routes).
-            base = have if have is not None and have.issued_at_ms >= r.issued_at_ms else r
-            rows[peer_id] = WorkerOffer(
-                peer_id=peer_id,
-                model_id=model_id,
-                addrs=base.addrs,
-                backend=base.backend,
-                gpu=base.gpu,
-                price_nanoton=base.price_nanoton,
-                unit=base.unit,
-                capacity=base.capacity,
-                free_capacity=have.free_capacity if have else None,
-                running_jobs=have.running_jobs if have else None,
-                issued_at_ms=base.issued_at_ms,
-                expires_at_ms=base.expires_at_ms,
-                sources=_BOTH if have else _DHT,
-                gpu_memory_mb=r.gpu_memory_mb,
-                max_batch=r.max_batch,
-                limits=have.limits if have else None,
-                tee=base.tee,
-                catalog=have.catalog if have else None,
-                completion_price_nanoton=base.completion_price_nanoton,
-            )
-        offers = sorted(rows.values(), key=lambda w: (-w.issued_at_ms, w.peer_id))
-        if len(self._offers) >= MAX_CACHED_MODELS:
-            self._offers.clear()
-        self._offers[model_id] = _CachedOffers(now_ms, valid_until, offers)
-        return list(offers)
+        r = self._records.get((peer_id, model_id))
+        if r is None or r.expires_at_ms <= now_ms:
+            return have, first_expiry
+        base = have if have is not None and have.issued_at_ms >= r.issued_at_ms else r
+        merged = WorkerOffer(
+            peer_id=peer_id,
+            model_id=model_id,
+            addrs=base.addrs,
+            backend=base.backend,
+            gpu=base.gpu,
+            price_nanoton=base.price_nanoton,
+            unit=base.unit,
+            capacity=base.capacity,
+            free_capacity=have.free_capacity if have else None,
+            running_jobs=have.running_jobs if have else None,
+            issued_at_ms=base.issued_at_ms,
+            expires_at_ms=base.expires_at_ms,
+            sources=_BOTH if have else _DHT,
+            gpu_memory_mb=r.gpu_memory_mb,
+            max_batch=r.max_batch,
+            limits=have.limits if have else None,
+            tee=base.tee,
+            catalog=have.catalog if have else None,
+            completion_price_nanoton=base.completion_price_nanoton,
+        )
+        return merged, min(first_expiry, r.expires_at_ms)
