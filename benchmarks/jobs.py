@@ -211,7 +211,44 @@ async def bench_generation(tokens: int) -> dict[str, float]:
     }
 
 
+async def bench_router(workers: int, rounds: int) -> dict[str, float]:
+    """The router's choice among ``workers`` offers (a gateway's every job), two thirds of
+    them with learned job times: ours draws the sample by rejection above DRAW_ABOVE
+    offers; the baseline weighs every offer (the router below DRAW_ABOVE, and before).
+    Alternating rounds of 50 choices."""
+    import random
+
+    from cocoon_p2p.jobs import routing
+    from cocoon_p2p.overlay.directory import WorkerOffer
+
+    offers = [WorkerOffer(peer_id=i.to_bytes(38, "big"), model_id=bytes(32), addrs=(), backend="onnxruntime", gpu="cpu",
+                          price_nanoton=1, unit="item", capacity=8, free_capacity=8, running_jobs=i % 8, issued_at_ms=0,
+                          expires_at_ms=2**62, sources=frozenset({"gossip"})) for i in range(workers)]  # fmt: skip
+    router = routing.Router(rng=random.Random(1))
+    rng = random.Random(2)
+    for o in offers[: 2 * workers // 3]:
+        router.finished(o.peer_id, 0.1 + rng.random())
+    drawn: list[float] = []
+    weighed: list[float] = []
+    above = routing.DRAW_ABOVE
+    try:
+        for r in range(2 * rounds):
+            routing.DRAW_ABOVE = 10**9 if r % 2 else above
+            t = time.perf_counter()
+            for _ in range(50):
+                router.choose(offers, max_price=10, now=0.0)
+            (weighed if r % 2 else drawn).append((time.perf_counter() - t) / 50 * 1e6)
+    finally:
+        routing.DRAW_ABOVE = above
+    return {
+        f"router_{workers}_us_p50": statistics.median(drawn),
+        f"router_{workers}_us_p50_weigh_all": statistics.median(weighed),
+        f"router_{workers}_speedup": statistics.median(weighed) / statistics.median(drawn),
+    }
+
+
 BENCHES: list[tuple[str, Callable[[bool], Any]]] = [
+    ("router_3000", lambda quick: bench_router(3000, 5 if quick else 20)),
     ("job_dispatch", lambda quick: bench_dispatch(100 if quick else 500)),
     ("job_minilm", lambda quick: bench_minilm(30 if quick else 1000, rounds=2 if quick else 10)),
     ("job_batching", lambda quick: bench_batching(128 if quick else 512)),

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+import math
 import random
 from collections import Counter
 
@@ -76,3 +78,38 @@ def test_learns_compute_time_and_samples_slow_workers_less() -> None:
 def test_a_router_samples_at_least_one_worker(choices: int) -> None:
     with pytest.raises(ConfigError):
         Router(rng=random.Random(1), choices=choices)
+
+
+def test_a_large_pool_is_sampled_by_rejection_with_the_weighing_odds() -> None:
+    """Above DRAW_ABOVE offers the router draws its sample by rejection instead of weighing
+    every offer; the odds of each worker (choices=1: the sample is the choice) are those of
+    the weighing, within 5 sigma over 6,000 choices; cooling down and priced-out workers never come."""
+    from cocoon_p2p.jobs.routing import DRAW_ABOVE, WorkerEstimate
+
+    n = DRAW_ABOVE + 50
+    offers = [offer(i % 250 + 1, price=1 if i % 10 else 99) for i in range(n)]
+    offers = [dataclasses.replace(o, peer_id=i.to_bytes(38, "big")) for i, o in enumerate(offers)]
+    router = Router(rng=random.Random(7), choices=1)
+    for i, o in enumerate(offers[: n // 2]):  # learned: 0.05 .. 1 s a job; the rest unknown
+        router.estimates[o.peer_id] = WorkerEstimate(avg_job_s=0.05 + 0.95 * (i % 7) / 6)
+    cooling = offers[3].peer_id
+    router.estimates[cooling].avoid_until = 100.0
+    eligible = [o for o in offers if o.price.highest <= 10 and o.peer_id != cooling]
+    weight = {o.peer_id: 1 / router.estimates[o.peer_id].avg_job_s if o.peer_id in router.estimates else 20.0
+              for o in eligible}  # fmt: skip
+    total = sum(weight.values())
+    draws = 6000
+    seen = Counter(router.choose(offers, max_price=10, now=1.0).peer_id for _ in range(draws))  # type: ignore[union-attr]
+    assert set(seen) <= set(weight)
+    for peer, w in weight.items():
+        p = w / total
+        assert abs(seen[peer] - draws * p) <= 5 * math.sqrt(draws * p * (1 - p)) + 1
+
+
+def test_a_large_pool_with_one_eligible_worker_still_finds_it() -> None:
+    from cocoon_p2p.jobs.routing import DRAW_ABOVE
+
+    offers = [dataclasses.replace(offer(1, price=99), peer_id=i.to_bytes(38, "big")) for i in range(DRAW_ABOVE * 3)]
+    offers[-1] = dataclasses.replace(offers[-1], price_nanoton=1)
+    router = Router(rng=random.Random(3))
+    assert router.choose(offers, max_price=10, now=0.0) is offers[-1]
