@@ -51,3 +51,32 @@ async def test_small_reads_are_served_from_one_receive() -> None:
     assert conn.is_initiator is False and conn.get_connection_type() == ConnectionType.DIRECT
     await left.aclose()
     assert await conn.read(5) == b""  # end of stream passes through
+
+
+async def test_a_stream_to_a_peer_whose_connection_is_closing_dials_it_again() -> None:
+    """The window between a connection's close beginning (``is_closed``) and the swarm
+    dropping it from its list: py-libp2p's new_stream failed there with "No valid
+    connections available" instead of dialing (a CI run lost a job to it)."""
+    from libp2p.custom_types import TProtocol
+    from libp2p.peer.peerinfo import info_from_p2p_addr
+    from multiaddr import Multiaddr
+
+    from cocoon_p2p.node import Node, NodeConfig
+
+    echo = TProtocol("/cocoon/test-echo/1")
+
+    async def handler(stream: object) -> None:
+        await stream.write(await stream.read(4))  # type: ignore[attr-defined]
+        await stream.close()  # type: ignore[attr-defined]
+
+    async with Node(NodeConfig()) as a, Node(NodeConfig()) as b:
+        b.host.set_stream_handler(echo, handler)
+        await a.host.connect(info_from_p2p_addr(Multiaddr(b.addrs[0])))
+        swarm = a.host.get_network()
+        (conn,) = swarm.get_connections(b.host.get_id())
+        conn.event_closed.set()  # type: ignore[attr-defined]  # its close has begun: still listed
+        with trio.fail_after(10):
+            stream = await a.host.new_stream(b.host.get_id(), [echo])
+            await stream.write(b"ping")
+            assert await stream.read(4) == b"ping"
+        assert conn not in swarm.get_connections(b.host.get_id())

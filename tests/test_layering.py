@@ -54,6 +54,7 @@ ADAPTERS = {
         "autonat",
         "nat",
         "dcutr_upgrade",
+        "redial",
     },
     "overlay": {"dht", "events", "guard", "gossip", "dialer", "advertiser", "lan"},
     "jobs": {

@@ -66,6 +66,7 @@ from .limits import Admission
 from .muxer import PROTOCOL_ID as MUXER_PROTOCOL_ID
 from .muxer import WRITE_TIMEOUT_S, YamuxMuxer
 from .noise import NoiseCipher, NoiseSession
+from .redial import redial_past_closed
 from .yamux import YamuxStats
 
 log = logging.getLogger(__name__)
@@ -223,6 +224,7 @@ def build_host(
     enforce_limits(host, admission)
     use_own_yamux(host, stats=muxer_stats, admit_stream=stream_admission(host, admission))
     contain_stream_errors(host)
+    redial_past_closed(host)
     host.get_network().register_notifee(StreamLockNotifee())
     return host
 
