@@ -262,8 +262,8 @@ class WorkerDirectory:
             self.add_record(rec)
         cached = self._offers.get(model_id)
         if cached is None or not cached.built_ms <= now_ms < cached.valid_until_ms:
-            peers = {a.peer_id for o in self._origins.values() for a in (o.announcement,)
-                     if a.expires_at_ms > now_ms and any(x.model_id == model_id for x in a.offers)}  # fmt: skip
+            live = (o.announcement for o in self._origins.values() if o.announcement.expires_at_ms > now_ms)
+            peers = {a.peer_id for a in live if any(x.model_id == model_id for x in a.offers)}
             peers.update(p for (p, m), r in self._records.items() if m == model_id and r.expires_at_ms > now_ms)
             valid_until, rows = 2**63, {}
             for peer_id in peers:
