@@ -45,15 +45,13 @@ from .gossip import Mesh
 from .jobflow import JobFlow
 from .kademlia import Kademlia
 from .latency import Latency
-from .results import Results
+from .results import COVERAGE_AT_S, Results
 from .scenario import Scenario
 from .settling import Settlement
 from .tee import Attestation, assign_roles
 from .world import EPOCH_MS, SimClient, SimWorker, World, model_id_of
 
-__all__ = ["COVERAGE_WITHIN_S", "EPOCH_MS", "ModelSim", "model_id_of"]
-
-COVERAGE_WITHIN_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)  # each sample: the share of peers an announcement reached by then
+__all__ = ["EPOCH_MS", "ModelSim", "model_id_of"]
 
 
 class ModelSim:
@@ -308,6 +306,6 @@ class ModelSim:
                 if world.sampled
                 else mesh.delays_from([src], now)[src]
             )
-            coverage = mesh.coverage(row, COVERAGE_WITHIN_S)
+            coverage = mesh.coverage(row, COVERAGE_AT_S)
         world.results.add_sample(now, online_workers, running, coverage)
         world.events.after(self.sc.sample_s, self._sample)

@@ -13,9 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from .results import PointStats, Results  # noqa: E402
-
-COVERAGE_AT_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+from .results import COVERAGE_AT_S, PointStats, Results  # noqa: E402
 
 
 def _save(fig: Any, path: Path) -> None:

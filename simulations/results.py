@@ -23,6 +23,10 @@ from .scenario import Scenario
 from .spotchecks import Verdict
 from .tee import NO_ATTESTED_WORKERS
 
+# A sample's announcement reach: the share of online peers a worker's announcement reached by each of these
+# seconds after it was published.
+COVERAGE_AT_S = (0.05, 0.1, 0.2, 0.5, 1.0, 2.0)
+
 
 @dataclass
 class JobRecord:
@@ -138,7 +142,7 @@ class Results:
         cov = [s["coverage"] for s in self.samples if s["coverage"]]
         if cov:
             out["announcement_coverage"] = {
-                f"{t}s": sum(c[i] for c in cov) / len(cov) for i, t in enumerate((0.05, 0.1, 0.2, 0.5, 1.0, 2.0))
+                f"{t}s": sum(c[i] for c in cov) / len(cov) for i, t in enumerate(COVERAGE_AT_S)
             }
         if self.scenario.tee.in_use:
             out["tee"] = {
